@@ -1,0 +1,5 @@
+"""``python -m edgefuse`` runs the CLI."""
+
+from edgefuse.cli import main
+
+raise SystemExit(main())

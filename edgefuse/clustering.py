@@ -1,0 +1,244 @@
+"""The fusion math, as pure functions on tensors: no nn.Module, no I/O.
+
+An MLP ``f(x) = W2 act(W1 x + b1) + b2`` (or, gated, ``W2 (act(G x) * (U x))``) is a sum of ``p`` width-1
+sub-MLPs ``theta_i = [g_i ; u_i ; b1_i ; w2_i]`` (method.md 1.1). Every function here maps the weights of one
+MLP to a smaller one at a target width ``k``; ``b2`` is never touched.
+
+Example:
+    >>> import torch
+    >>> w = MlpWeights(up=torch.randn(8, 4), up_bias=torch.randn(8), down=torch.randn(4, 8))
+    >>> out = compress_mlp(w, "fusion", k=3, seed=0)
+    >>> out.weights.width, out.scale.sum().item()
+    (3, 8.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from edgefuse.errors import ConfigError, FusionError
+
+
+@dataclass(frozen=True)
+class MlpWeights:
+    """The weights of one MLP in a canonical layout.
+
+    ``up``/``gate`` are ``[p, d]`` (row i belongs to unit i), ``up_bias``/``gate_bias`` are ``[p]`` and ``down``
+    is ``[d_out, p]`` (column i belongs to unit i), whatever the module layout was.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    up_bias: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.up.shape[0])
+
+    def parts(self) -> list[torch.Tensor]:
+        """The per-unit blocks in feature order, each ``[p, ·]``: gate, gate_bias, up, up_bias, down^T."""
+        blocks: list[torch.Tensor] = []
+        for t in (self.gate, self.gate_bias, self.up, self.up_bias):
+            if t is not None:
+                blocks.append(t.reshape(t.shape[0], -1))
+        blocks.append(self.down.T)
+        return blocks
+
+    def select(self, index: torch.Tensor) -> MlpWeights:
+        """Keep the units ``index`` (aligned across gate, up and down)."""
+        pick = (lambda t: None if t is None else t[index].clone())
+        return MlpWeights(
+            up=self.up[index].clone(),
+            down=self.down[:, index].clone(),
+            up_bias=pick(self.up_bias),
+            gate=pick(self.gate),
+            gate_bias=pick(self.gate_bias),
+        )
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``M ≈ B @ A`` with ``A: [t, in]`` and ``B: [out, t]`` (the truncated SVD ``U_t diag(s_t)``, ``V_t^T``)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """The result of compressing one MLP.
+
+    ``weights`` is the new MLP (for ``svd`` the original, untouched weights: use ``low_rank``). ``scale`` is
+    the frozen per-unit count vector (``fusion`` only), float32. ``counts``/``labels``/``inertia`` come from
+    k-means for the clustering methods.
+    """
+
+    weights: MlpWeights
+    scale: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    labels: np.ndarray | None = None
+    inertia: float | None = None
+    low_rank: dict[str, LowRank] = field(default_factory=dict)
+
+
+def subml_features(w: MlpWeights) -> np.ndarray:
+    """Stack the sub-MLP vectors ``theta_i`` as rows: ``[p, F]`` float32, raw (no normalisation, method.md 1.2)."""
+    return torch.cat([b.detach().to(torch.float32) for b in w.parts()], dim=1).cpu().numpy()
+
+
+def split_features(theta: np.ndarray | torch.Tensor, like: MlpWeights) -> MlpWeights:
+    """Inverse of :func:`subml_features`: split ``[k, F]`` rows back into weights in the order they were stacked."""
+    t = torch.as_tensor(theta, dtype=torch.float32)
+    out: dict[str, torch.Tensor | None] = {}
+    col = 0
+    for name in ("gate", "gate_bias", "up", "up_bias"):
+        ref = getattr(like, name)
+        if ref is None:
+            out[name] = None
+            continue
+        n = 1 if ref.dim() == 1 else ref.shape[1]
+        block = t[:, col : col + n]
+        out[name] = block[:, 0].contiguous() if ref.dim() == 1 else block.contiguous()
+        col += n
+    d_out = like.down.shape[0]
+    if t.shape[1] - col != d_out:
+        raise FusionError(f"feature width {t.shape[1]} does not match the MLP layout (expected {col + d_out})")
+    return MlpWeights(
+        up=out["up"],  # type: ignore[arg-type]
+        down=t[:, col:].T.contiguous(),
+        up_bias=out["up_bias"],
+        gate=out["gate"],
+        gate_bias=out["gate_bias"],
+    )
+
+
+def kmeans_units(
+    w: MlpWeights, k: int, *, seed: int = 0, n_init: int = 1, max_iter: int = 300
+) -> tuple[MlpWeights, torch.Tensor, np.ndarray, float]:
+    """Cluster the sub-MLPs of ``w`` into ``k`` centroids with scikit-learn's Lloyd k-means (k-means++ init).
+
+    Returns the centroid MLP (centroids are the exact member means of the final labels, method.md 1.3), the
+    counts ``n_j`` (float32, aligned with the centroid rows by a bincount of length k), the labels and the
+    inertia. Deterministic for a given seed: ``random_state`` is set explicitly, no global RNG.
+
+    Raises:
+        FusionError: a cluster came out empty (cannot happen with sklearn's relocation, but is checked).
+    """
+    from sklearn.cluster import KMeans
+
+    p = w.width
+    if not 1 <= k <= p:
+        raise ConfigError(f"target width {k} must be between 1 and the MLP width {p}")
+    x = subml_features(w)  # (p, F)
+    if k == p:
+        labels = np.arange(p)
+        inertia = 0.0
+    else:
+        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, algorithm="lloyd", random_state=seed)
+        labels = km.fit_predict(x)
+        inertia = float(km.inertia_)
+    counts = np.bincount(labels, minlength=k)
+    if (counts == 0).any():
+        raise FusionError(f"k-means left {(counts == 0).sum()} of {k} clusters empty; lower the target width")
+    # exact member means in float64, then back to float32 (theta_bar_j in method.md 1.3)
+    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, x.astype(np.float64))
+    centroids = (sums / counts[:, None]).astype(np.float32)
+    return split_features(centroids, w), torch.as_tensor(counts, dtype=torch.float32), labels, inertia
+
+
+def _scale_units(w: MlpWeights, *, up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> MlpWeights:
+    """Multiply unit j's up-side entries by ``up[j]`` and its down column by ``down[j]``."""
+    new = w
+    if up is not None:
+        new = replace(
+            new,
+            up=new.up * up[:, None],
+            up_bias=None if new.up_bias is None else new.up_bias * up,
+        )
+    if down is not None:
+        new = replace(new, down=new.down * down[None, :])
+    return new
+
+
+def svd_rank(width: int, d_in: int, d_out: int, k: int) -> int:
+    """Rank ``t`` whose two factors match the parameters of a ``k``-wide fused matrix: ``t(in+out) ≈ k·d``.
+
+    For RoBERTa-base (768/3072, k=768) this is 153, as in the paper's code.
+    """
+    d = min(d_in, d_out)
+    return max(1, (k * d) // (d + width))
+
+
+def truncated_svd(m: torch.Tensor, rank: int) -> LowRank:
+    """``m [out, in] ≈ B @ A`` with ``B = U_t diag(s_t)`` and ``A = V_t^T``."""
+    u, s, vh = torch.linalg.svd(m.to(torch.float32), full_matrices=False)
+    return LowRank(a=vh[:rank].contiguous(), b=(u[:, :rank] * s[:rank]).contiguous())
+
+
+def unit_importance(w: MlpWeights) -> torch.Tensor:
+    """Data-free importance of unit i: ``‖up_i‖·‖down_i‖`` (times ``‖gate_i‖`` when gated), biases included."""
+    up = w.up if w.up_bias is None else torch.cat([w.up, w.up_bias[:, None]], dim=1)
+    score = up.norm(dim=1) * w.down.norm(dim=0)
+    if w.gate is not None:
+        gate = w.gate if w.gate_bias is None else torch.cat([w.gate, w.gate_bias[:, None]], dim=1)
+        score = score * gate.norm(dim=1)
+    return score
+
+
+def compress_mlp(
+    w: MlpWeights, method: str, k: int, *, seed: int = 0, n_init: int = 1, max_iter: int = 300
+) -> Compressed:
+    """Compress one MLP to width ``k`` with ``method`` (see :class:`edgefuse.config.fusion.FusionConfig`).
+
+    Raises:
+        ConfigError: unknown method or a width outside ``[1, p]``.
+    """
+    p = w.width
+    if not 1 <= k <= p:
+        raise ConfigError(f"target width {k} must be between 1 and the MLP width {p}")
+    if method in ("fusion", "merge", "cluster", "centroid"):
+        cent, counts, labels, inertia = kmeans_units(w, k, seed=seed, n_init=n_init, max_iter=max_iter)
+        common = {"counts": counts, "labels": labels, "inertia": inertia}
+        if method == "fusion":
+            # the counts stay a separate frozen scale between the activation and the down projection
+            return Compressed(cent, scale=counts.clone(), **common)
+        if method == "merge":
+            return Compressed(_scale_units(cent, down=counts), **common)
+        if method == "centroid":
+            return Compressed(cent, **common)
+        # cluster: sqrt(n) on both sides. Ungated: inside the activation (W1, b1), as the paper's baseline.
+        # Gated: on the linear `up` branch, the only place sqrt(n) can enter multiplicatively.
+        root = counts.sqrt()
+        return Compressed(_scale_units(cent, up=root, down=root), **common)
+    if method == "prune":
+        keep = torch.topk(unit_importance(w), k).indices.sort().values  # aligned units, original order kept
+        return Compressed(w.select(keep))
+    if method == "sketch":
+        gen = torch.Generator().manual_seed(seed)
+        s = torch.randn(p, k, generator=gen, dtype=torch.float32) / math.sqrt(k)  # (p, k), N(0, 1/k)
+        st = s.T
+        return Compressed(
+            MlpWeights(
+                up=st @ w.up.float(),
+                down=w.down.float() @ s,
+                up_bias=None if w.up_bias is None else st @ w.up_bias.float(),
+                gate=None if w.gate is None else st @ w.gate.float(),
+                gate_bias=None if w.gate_bias is None else st @ w.gate_bias.float(),
+            )
+        )
+    if method == "svd":
+        d_in = w.up.shape[1]
+        d_out = w.down.shape[0]
+        rank = svd_rank(p, d_in, d_out, k)
+        low = {"up": truncated_svd(w.up, rank), "down": truncated_svd(w.down, rank)}
+        if w.gate is not None:
+            low["gate"] = truncated_svd(w.gate, rank)
+        return Compressed(w, low_rank=low)
+    raise ConfigError(f"unknown method {method!r}; choose one of fusion, merge, cluster, centroid, svd, prune, sketch")
