@@ -103,12 +103,17 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_fused(path: str | Path, *, model_class: type | None = None, trust_remote_code: bool = False) -> nn.Module:
+def load_fused(
+    path: str | Path, *, model_class: type | None = None, config: Any = None, trust_remote_code: bool = False
+) -> nn.Module:
     """Load a model saved by :func:`save_fused` (or any safetensors transformers folder), widths restored.
 
     Args:
         path: the saved folder.
-        model_class: transformers class to build (default: the first of ``config.architectures``).
+        model_class: transformers class to build (default: the first of ``config.architectures``). A base
+            checkpoint (e.g. ``BertModel``) loads into a task class (``BertForSequenceClassification``); the
+            head is then freshly initialised.
+        config: a config to use instead of the folder's (e.g. with ``num_labels`` set).
         trust_remote_code: passed to ``AutoConfig``; off unless you trust the folder.
 
     Raises:
@@ -124,7 +129,8 @@ def load_fused(path: str | Path, *, model_class: type | None = None, trust_remot
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise TargetNotFoundError(f"model folder {str(folder)!r} has no config.json (is the path right?)")
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if config is None:
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     meta = getattr(config, META_KEY, None) or {}
     if model_class is None:
         archs = getattr(config, "architectures", None) or []
@@ -134,10 +140,14 @@ def load_fused(path: str | Path, *, model_class: type | None = None, trust_remot
     model = model_class(config)
     _resize_to_metadata(model, meta)
     state = _read_state_dict(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    target = model
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix) and not any(k.startswith(prefix + ".") for k in state):
+        target = getattr(model, prefix)  # a base checkpoint into a task model: the head stays freshly initialised
+    missing, unexpected = target.load_state_dict(state, strict=False)
     model.tie_weights()
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {t.data_ptr() for k, t in target.state_dict().items() if k in state}
+    params = dict(target.named_parameters(remove_duplicate=False))
     really_missing = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
     if really_missing or unexpected:
         raise ConfigError(
