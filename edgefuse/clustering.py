@@ -118,17 +118,56 @@ def split_features(theta: np.ndarray | torch.Tensor, like: MlpWeights) -> MlpWei
     )
 
 
+def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (the algorithm of scikit-learn's ``init="k-means++"``: ``2 + ln k`` local
+    trials per centre, keep the one that lowers the potential most), vectorised in torch.
+
+    scikit-learn's own seeding dominates the cost of fusing a layer (1.5 s of 1.7 s for a MiniLM layer at
+    k=768, measured here); this one takes a fraction of that and is seeded by ``gen`` alone.
+
+    Args:
+        x: ``[n, F]`` float32 points.
+        k: number of centres.
+        gen: the seeded generator.
+
+    Returns:
+        ``[k, F]`` initial centres (rows of ``x``).
+    """
+    n = x.shape[0]
+    x64 = x.to(torch.float32)  # float32 distances: ample for choosing seeds, 2x faster than float64
+    sq = (x64 * x64).sum(1)  # (n,)
+    trials = 2 + int(math.log(k))
+
+    def sqdist(idx: torch.Tensor) -> torch.Tensor:  # (len(idx), n)
+        return (sq[idx][:, None] + sq[None, :] - 2.0 * (x64[idx] @ x64.T)).clamp_min_(0.0)
+
+    chosen = [int(torch.randint(n, (1,), generator=gen).item())]
+    closest = sqdist(torch.tensor(chosen))[0]
+    pot = closest.sum()
+    for _ in range(1, k):
+        cum = torch.cumsum(closest.double(), 0)  # float64: a float32 running sum over 1000s of terms drifts
+        r = torch.rand(trials, generator=gen, dtype=torch.float64) * pot.double()
+        cand = torch.searchsorted(cum, r).clamp_(max=n - 1)
+        cand_closest = torch.minimum(closest[None, :], sqdist(cand))  # (trials, n)
+        pots = cand_closest.sum(1)
+        best = int(torch.argmin(pots))
+        chosen.append(int(cand[best]))
+        closest, pot = cand_closest[best], pots[best]
+    return x[torch.tensor(chosen)]
+
+
 def kmeans_units(
     w: MlpWeights, k: int, *, seed: int = 0, n_init: int = 1, max_iter: int = 300
 ) -> tuple[MlpWeights, torch.Tensor, np.ndarray, float]:
-    """Cluster the sub-MLPs of ``w`` into ``k`` centroids with scikit-learn's Lloyd k-means (k-means++ init).
+    """Cluster the sub-MLPs of ``w`` into ``k`` centroids: k-means++ seeding, then scikit-learn's Lloyd k-means.
 
-    Returns the centroid MLP (centroids are the exact member means of the final labels, method.md 1.3), the
-    counts ``n_j`` (float32, aligned with the centroid rows by a bincount of length k), the labels and the
-    inertia. Deterministic for a given seed: ``random_state`` is set explicitly, no global RNG.
+    ``n_init`` seedings are tried and the run with the lowest inertia is kept (method.md 1.3). Returns the
+    centroid MLP (centroids are the exact member means of the final labels), the counts ``n_j`` (float32,
+    aligned with the centroid rows by a bincount of length k), the labels and the inertia. Deterministic for a
+    given seed (its own generator; no global RNG).
 
     Raises:
-        FusionError: a cluster came out empty (cannot happen with sklearn's relocation, but is checked).
+        FusionError: a cluster came out empty (only when the MLP has fewer distinct units than ``k``).
     """
     from sklearn.cluster import KMeans
 
@@ -140,12 +179,21 @@ def kmeans_units(
         labels = np.arange(p)
         inertia = 0.0
     else:
-        km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, algorithm="lloyd", random_state=seed)
-        labels = km.fit_predict(x)
-        inertia = float(km.inertia_)
+        gen = torch.Generator().manual_seed(seed)
+        best: tuple[float, np.ndarray] | None = None
+        for _ in range(n_init):
+            init = kmeans_plusplus(torch.from_numpy(x), k, gen).numpy()
+            km = KMeans(n_clusters=k, init=init, n_init=1, max_iter=max_iter, algorithm="lloyd").fit(x)
+            if best is None or km.inertia_ < best[0]:
+                best = (float(km.inertia_), km.labels_)
+        assert best is not None
+        inertia, labels = best
     counts = np.bincount(labels, minlength=k)
     if (counts == 0).any():
-        raise FusionError(f"k-means left {(counts == 0).sum()} of {k} clusters empty; lower the target width")
+        raise FusionError(
+            f"k-means left {(counts == 0).sum()} of {k} clusters empty (the MLP has fewer distinct units "
+            f"than the target width); lower the target width"
+        )
     # exact member means in float64, then back to float32 (theta_bar_j in method.md 1.3)
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     np.add.at(sums, labels, x.astype(np.float64))
