@@ -87,7 +87,7 @@ def write_report(
             written["html"] = out_dir / FILE_NAMES["html"]
             write_text_atomic(written["html"], render_html(build_blocks(data, plots=cfg.plots, **kwargs),
                                                            title=data.title))
-    logger.info("report written: %s", ", ".join(str(p) for p in written.values()))
+    logger.debug("report written: %s", ", ".join(str(p) for p in written.values()))
     return written
 
 

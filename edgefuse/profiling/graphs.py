@@ -194,7 +194,7 @@ def make_feeds(
         for gi, info in enumerate(infos):
             for spec in info.inputs:
                 shape = tuple(b if d == "batch" else s if d == "sequence" else d for d in spec.dims)
-                fixed = [(d, want) for d, want in zip(spec.dims, (b, s), strict=False) if isinstance(d, int) and d != want]
+                fixed = [d for d, want in zip(spec.dims, (b, s), strict=False) if isinstance(d, int) and d != want]
                 if fixed:
                     raise ConfigError(
                         f"graph {info.label!r} input {spec.name!r} has fixed shape {list(spec.dims)}, which cannot run "

@@ -1,0 +1,182 @@
+"""``edgefuse profile``: latency, memory and per-operator time of ONNX graphs, side by side, on x86 or ARM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from edgefuse.config.profile import ARM_CPUS, OPT_LEVELS
+
+HELP = """Profile ONNX graphs: latency (mean, std, p50/p90/p99, throughput) over thread, batch and sequence
+grids, model load time, file size, peak memory (one fresh process per graph, the runtime's own baseline apart),
+per-operator time (which MatMuls are quantized, which fp32) and output parity against the first graph.
+
+Several graphs are timed interleaved (A B A B ...) in one process and compared with the FIRST graph, so pass
+the reference first (e.g. fp32 before int8, unfused before fused).
+
+targets:
+  local                      this machine, native
+  arm64-emulated             an arm64 sandbox under qemu-user (built once, cached): checks that the graphs load
+                             and agree with x86; its timings are EMULATED, never device latency
+  ssh://user@host[:port]     a real device: graphs + one runner script are copied to a temporary folder there
+
+examples:
+  edgefuse profile out/minilm.onnx out/minilm_int8.onnx --threads 1 2 --runs 50
+  edgefuse profile out/onnx/ --batch-sizes 1 8 --seq-lens 32 128 --out reports/x86
+  edgefuse profile plain_int8.onnx fused_int8.onnx --target arm64-emulated --cpu neoverse-n1 --runs 3
+  edgefuse profile model.onnx --target ssh://pi@192.168.1.20 --ssh-identity ~/.ssh/id_ed25519 --json
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("profile", help="latency / memory / per-op profile of ONNX graphs (x86, ARM, ssh)",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("graphs", nargs="+", metavar="GRAPH_OR_FOLDER", help=".onnx files or folders (reference first)")
+    p.add_argument("--target", help="local (default), arm64-emulated or ssh://user@host[:port]")
+    p.add_argument("--cpu", choices=ARM_CPUS, help="emulated arm64 CPU model (default neoverse-n1)")
+    p.add_argument("--threads", type=int, nargs="+", metavar="N", help="intra-op threads to sweep (default 1..cores)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="batch sizes (default 1)")
+    p.add_argument("--seq-lens", type=int, nargs="+", metavar="S", help="sequence lengths (default 128)")
+    p.add_argument("--runs", type=int, help="timed runs per graph and point (default 20)")
+    p.add_argument("--warmup-runs", type=int, help="untimed runs before each point (default 5)")
+    p.add_argument("--time-budget-s", type=float, help="stop timing a point after this many seconds")
+    p.add_argument("--opt-level", choices=OPT_LEVELS, help="onnxruntime graph optimisation (default all)")
+    p.add_argument("--min-cosine", help="fail when an output cosine vs the first graph is below this (default "
+                   "0.99); 'none' only reports it")
+    p.add_argument("--inputs-npz", help="real inputs (.npz with arrays named like the graph inputs)")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
+    p.add_argument("--no-op-profile", action="store_true", help="skip the per-operator profile")
+    p.add_argument("--no-check-outputs", action="store_true", help="skip the output parity check")
+    p.add_argument("--ssh-identity", help="ssh private key for an ssh:// target")
+    p.add_argument("--ssh-known-hosts", help="known_hosts file with the device's host key (checked strictly)")
+    p.add_argument("--ssh-python", help="python on the device (default python3)")
+    p.add_argument("--config", help="YAML with profile keys (top level, or under a 'profile:' section)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and run nothing")
+    p.add_argument("--out", help="write profile.json and report.{json,md,html} into this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    p.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The :class:`ProfileConfig` from ``--config``, the flags, then ``--set`` (later wins)."""
+    from pydantic import ValidationError
+
+    from edgefuse.config.profile import ProfileConfig
+    from edgefuse.errors import ConfigError
+
+    data: dict[str, Any] = {}
+    if args.config:
+        data = _read_yaml(Path(args.config))
+    flags = {
+        "target": args.target, "cpu": args.cpu, "threads": args.threads, "batch_sizes": args.batch_sizes,
+        "sequence_lengths": args.seq_lens, "runs": args.runs, "warmup_runs": args.warmup_runs,
+        "time_budget_s": args.time_budget_s, "graph_optimization_level": args.opt_level,
+        "inputs_npz": args.inputs_npz, "ssh_identity_file": args.ssh_identity,
+        "ssh_known_hosts_file": args.ssh_known_hosts, "ssh_python": args.ssh_python,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.min_cosine is not None:
+        data["min_cosine"] = None if args.min_cosine.lower() == "none" else _float(args.min_cosine, "--min-cosine")
+    for flag, key in (("no_memory", "memory"), ("no_op_profile", "op_profile"), ("no_check_outputs", "check_outputs")):
+        if getattr(args, flag):
+            data[key] = False
+    if args.set:
+        from edgefuse.config.pipeline import apply_overrides
+
+        data = apply_overrides(data, args.set)
+    try:
+        return ProfileConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "profile"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        allowed = f"; allowed keys: {', '.join(ProfileConfig.model_fields)}" if err["type"] == "extra_forbidden" else ""
+        raise ConfigError(f"profile config: {loc}: {msg} (got {err.get('input')!r}){allowed}") from None
+
+
+def _float(text: str, flag: str) -> float:
+    from edgefuse.errors import ConfigError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be a number or 'none', got {text!r}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    from edgefuse.errors import ConfigError, TargetNotFoundError
+
+    if not path.is_file():
+        raise TargetNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{str(path)!r} is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of profile keys, got {type(data).__name__}")
+    section = data.get("profile", data) if "profile" in data else data
+    return {k: v for k, v in section.items() if k != "schema_version"} if isinstance(section, dict) else {}
+
+
+def summary(result: Any) -> str:
+    """A small human table: per graph p50 at the headline point, ratio to the reference, size, memory, cosine."""
+    from edgefuse.report_doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, headline_point, target_label
+
+    d = result.to_dict()
+    env = d["environment"]
+    lat = "emulated p50 ms" if env["emulated"] else "p50 ms"
+    rows = [("graph", "threads", "b x s", lat, f"vs {d['reference_label']}", "file MiB", "peak RSS MiB", "cosine")]
+    for g in d["graphs"]:
+        p = headline_point(g) or {}
+        rows.append((g["label"], str(p.get("threads", "-")), f"{p.get('batch_size')}x{p.get('sequence_length')}",
+                     fmt_ms(p.get("latency_ms_p50")), fmt_ratio(p.get("ratio_vs_reference_p50")),
+                     f"{g['file_size_bytes'] / 2**20:.2f}", fmt_mib((g.get("memory") or {}).get("peak_rss_mib")),
+                     fmt_num((g.get("parity") or {}).get("min_cosine"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [target_label(env)] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(result: Any, out: Path, overwrite: bool) -> None:
+    """``profile.json`` + the report files, all or nothing (one atomic folder)."""
+    from edgefuse.io_utils import atomic_dir, write_json_atomic
+    from edgefuse.report import write_report
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_json_atomic(tmp / "profile.json", result.to_dict())
+        write_report([result], tmp)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump({"profile": cfg.model_dump(mode="json")}, sort_keys=False), end="")
+        return 0
+    if args.out and not args.overwrite and Path(args.out).exists():
+        from edgefuse.errors import OutputExistsError
+
+        raise OutputExistsError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
+    from edgefuse.errors import ProfileError
+    from edgefuse.profile import profile_onnx
+
+    try:
+        result = profile_onnx(args.graphs, cfg)
+    except ProfileError as exc:
+        partial = getattr(exc, "result", None)
+        if partial is not None:  # the parity check failed: keep what was measured, then fail
+            if args.out:
+                write_outputs(partial, Path(args.out), args.overwrite)
+            print(json.dumps(partial.to_dict(), indent=2) if args.json else summary(partial))
+        raise
+    if args.out:
+        write_outputs(result, Path(args.out), args.overwrite)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else summary(result))
+    return 0
