@@ -65,6 +65,9 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise OutputExistsError(f"output folder {str(final)!r} already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder gets the usual permissions
     try:
         yield tmp
     except BaseException:
