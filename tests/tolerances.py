@@ -9,3 +9,18 @@ FP32_EXACT_ATOL = 1e-5
 DUPLICATE_FUSION_RTOL = 1e-5
 # A compression at keep_ratio < 1 must move the output by more than this, or it did nothing (non-vacuity).
 MIN_CHANGE = 1e-4
+# NTK toy (method.md 1.6, test_toy_ntk.py): float64 closed forms on float32 weights; the centroid of exact
+# duplicates is exact in float32, so fusion's output and sign-kernel errors are pure float64 rounding.
+TOY_EXACT_ATOL = 1e-12
+# merge (n_j * w2) and the sqrt(D) "cluster" variant (sqrt(n_j)) round their folded weights to float32: their exact
+# matches (merge: output; cluster with ReLU: output and GD kernel) hold to float32 rounding (~1e-9 .. 1e-7) only.
+TOY_FP32_ROUNDING_ATOL = 1e-6
+# The toy table gives 0.076 (ReLU) / 0.098 (GELU) for fusion's sign-kernel error with noise 0.05; seeds 0-2 give
+# at most 0.15; twice the table's value leaves room for the seed without accepting the 0.2+ of merge.
+TOY_FUSION_NOISY_SIGN_MAX = 0.2
+# Output error of fusion with noise 0.05: the table gives 0.0028 / 0.0019; seeds 0-5 give at most 0.017 (seed 2,
+# ReLU: a few pre-activations sit next to the kink, where the noise flips them).
+TOY_NOISY_OUTPUT_MAX = 0.05
+# Dynamic int8 (per-channel QInt8) of the tiny 32->64->32 ReLU MLP of tests/test_profile_graphs.py vs its fp32
+# graph, cosine of the output: measured 0.9999 on x86 and under qemu neoverse-n1; 0.99 leaves room for kernels.
+INT8_TINY_MLP_MIN_COSINE = 0.99
