@@ -94,6 +94,19 @@ def _check_exists(path: str) -> None:
         raise TargetNotFoundError(f"model path {path!r} does not exist (or use a built-in: {', '.join(ALIASES)})")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(name_or_path: str) -> bool:
+    """False for a local folder that holds no tokenizer files (a bare model); True otherwise (aliases, Hub ids)."""
+    if name_or_path in ALIASES:
+        return True
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        return any((folder / f).is_file() for f in TOKENIZER_FILES)
+    return True
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model folder, alias or Hub id (a pad token is set for decoders that lack one)."""
     from transformers import AutoTokenizer

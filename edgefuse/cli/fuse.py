@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{loc}: {err['msg']} (got {err.get('input')!r})") from None
 
     from edgefuse.fusion import fuse_mlps_, plan_fusion
-    from edgefuse.models import load_model, load_tokenizer
+    from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
     model = load_model(args.model, args.task, trust_remote_code=args.trust_remote_code)
     if args.dry_run:
@@ -109,10 +109,9 @@ def run(args: argparse.Namespace) -> int:
         result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty())
         if args.fold:
             fold_scales_(model)
-        try:
-            tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        except (OSError, ValueError):
-            tokenizer = None  # a model folder without tokenizer files is still a valid model
+        tokenizer = (
+            load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if has_tokenizer(args.model) else None
+        )
         save_fused(model, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
