@@ -1,0 +1,101 @@
+"""Configuration of the quantize stage (``edgefuse quantize``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edgefuse.config import StrictModel
+
+QuantMode = Literal["dynamic", "static", "int4"]
+QUANT_MODES: tuple[str, ...] = ("dynamic", "static", "int4")
+Preset = Literal["auto", "arm64", "avx2", "avx512", "avx512-vnni"]
+PRESETS: tuple[str, ...] = ("auto", "arm64", "avx2", "avx512", "avx512-vnni")
+CalibrationMethod = Literal["minmax", "percentile", "entropy"]
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+
+
+class QuantizeConfig(StrictModel):
+    """How to quantize an exported ONNX graph, and how to check the result against fp32.
+
+    Example:
+        >>> QuantizeConfig(mode="int4", block_size=64).block_size
+        64
+    """
+
+    mode: QuantMode = Field(
+        "dynamic",
+        description="dynamic: int8 weights, activations quantized at run time (MatMulInteger). static: int8 QDQ "
+        "with activation ranges calibrated on data. int4: weight-only 4-bit blocks (MatMulNBits).",
+    )
+    preset: Preset = Field(
+        "auto",
+        description="Target CPU: arm64, avx2, avx512, avx512-vnni (int8 types and reduce_range per target, see "
+        "edgefuse.quantize_presets). auto: detected from this host's CPU flags. Any preset can be built on any host.",
+    )
+    per_channel: bool = Field(
+        True,
+        description="int8: one weight scale per output channel. Per-tensor int8 loses too much on MiniLM "
+        "(pooled cosine 0.91 vs 0.993).",
+    )
+    op_types: list[str] = Field(
+        default_factory=lambda: ["MatMul", "Gather"],
+        description="int8: operator types to quantize (Gather quantizes the embedding tables). int4 uses MatMul.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Node names kept in fp32; a 're:' prefix makes an entry a regular expression (re.search). "
+        "An entry that matches no node is an error.",
+    )
+    calibration_method: CalibrationMethod = Field(
+        "minmax", description="static: how activation ranges are chosen from the calibration data."
+    )
+    calibration_data: Path | None = Field(
+        None,
+        description="static and auto: a TSV/CSV file (first column of text, or 'sentence'/'ref'/'text') to "
+        "calibrate on and to measure the error with. None: built-in English sentences.",
+    )
+    calibration_samples: int = Field(64, ge=1, description="Texts read from calibration_data.")
+    max_sequence_length: int = Field(128, ge=2, description="Tokens per calibration/evaluation text.")
+    block_size: int = Field(32, description="int4: weights per quantization block (16, 32, 64, 128 or 256).")
+    int4_symmetric: bool = Field(True, description="int4: symmetric blocks (no zero point; the fast ARM path).")
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="int4: MatMulNBits compute type (4 = int8 activations, fastest on CPU; 0 = unset)."
+    )
+    auto_target_cosine: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Keep the most error-sensitive MatMuls in fp32, one at a time, until the mean cosine against "
+        "fp32 reaches this target. None: quantize everything selected.",
+    )
+    auto_max_kept: int = Field(16, ge=1, description="auto: give up after keeping this many MatMuls in fp32.")
+    min_cosine: float | None = Field(
+        0.9,
+        gt=-1,
+        le=1,
+        description="Fail (exit 8) when the mean cosine of the task output against fp32 is below this.",
+    )
+    eval_data: Path | None = Field(
+        None,
+        description="A labelled TSV (sentence<TAB>label) to report fp32 and quantized accuracy on "
+        "(sequence-classification exports).",
+    )
+    eval_samples: int | None = Field(None, ge=1, description="Rows of eval_data to use (None: all).")
+    output_name: str | None = Field(
+        None, description="File name of the quantized graph. None: model_int8_<preset>.onnx, model_qdq_int8_<preset>"
+        ".onnx or model_int4_b<block>.onnx."
+    )
+    overwrite: bool = Field(False, description="Replace an existing quantized graph of the same name.")
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_size {self.block_size} is not one of 16, 32, 64, 128, 256")
+        if self.output_name is not None and (not self.output_name.endswith(".onnx") or "/" in self.output_name):
+            raise ValueError(f"output_name {self.output_name!r} must be a plain file name ending in .onnx")
+        if self.output_name == "model.onnx":
+            raise ValueError("output_name 'model.onnx' would replace the fp32 graph; choose another name")
+        return self
