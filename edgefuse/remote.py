@@ -96,6 +96,7 @@ class SshSession(TargetSession):
         if not SAFE_REMOTE_PATH.match(remote_dir):
             raise ProfileError(f"the device answered mktemp with {remote_dir!r}, not an absolute plain path")
         session = cls(cfg, workdir, remote_dir)
+        logger.info("working in %s on %s", remote_dir, cfg.target)
         try:
             session.runner = session.stage_group([RUNNER_PATH], "")[0]
             yield session

@@ -1,0 +1,156 @@
+"""The ssh target against a REAL sshd on 127.0.0.1 (a free port, a throwaway host key and client key in tmp_path,
+host keys checked strictly through a known_hosts file written here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_profile_graphs import pair  # noqa: F401  (fixture)
+from tolerances import INT8_TINY_MLP_MIN_COSINE
+
+from edgefuse.config.profile import ProfileConfig
+from edgefuse.errors import ProfileError
+from edgefuse.profile import profile_onnx
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+pytestmark = [
+    pytest.mark.ssh,
+    pytest.mark.skipif(not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")),
+                       reason="needs openssh-server and openssh-client (.ci/system-deps.sh installs them)"),
+]
+FAST = dict(threads=[1], sequence_lengths=[8], warmup_runs=1, runs=2, op_profile_runs=1, memory_runs=1)
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    known_hosts: Path
+    identity: Path
+    remote_tmp: Path
+    folder: Path
+
+    def cfg(self, **kw: object) -> ProfileConfig:
+        user = os.environ.get("USER") or __import__("getpass").getuser()
+        base = dict(target=f"ssh://{user}@127.0.0.1:{self.port}", ssh_identity_file=self.identity,
+                    ssh_known_hosts_file=self.known_hosts, ssh_python=sys.executable, ssh_connect_timeout_s=5)
+        return ProfileConfig(**{**FAST, **base, **kw})
+
+
+def _keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    d = tmp_path_factory.mktemp("sshd")
+    host_key, client_key = _keygen(d / "host_ed25519"), _keygen(d / "client_ed25519")
+    (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
+    remote_tmp = d / "remote-tmp"
+    remote_tmp.mkdir()
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {d}/authorized_keys\n"
+        f"PidFile {d}/sshd.pid\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\n"
+        # The device's temporary folders land here, so the test can see that they are removed afterwards.
+        f"SetEnv TMPDIR={remote_tmp}\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # privilege-separation folder sshd insists on
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.DEVNULL,
+                            stderr=open(d / "sshd.log", "w"))  # noqa: SIM115 (closed with the process)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"sshd exited: {(d / 'sshd.log').read_text()}")
+                time.sleep(0.05)
+        pub = (d / "host_ed25519.pub").read_text().split()
+        (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
+        yield Sshd(port, d / "known_hosts", client_key, remote_tmp, d)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _leftovers(sshd: Sshd) -> list[Path]:
+    return [p for p in sshd.remote_tmp.iterdir() if p.name.startswith("edgefuse-")]
+
+
+def test_profile_over_ssh_loopback(sshd: Sshd, pair: tuple[Path, Path],  # noqa: F811
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="edgefuse.remote"):
+        res = profile_onnx(list(pair), sshd.cfg(min_cosine=INT8_TINY_MLP_MIN_COSINE))
+    assert f"working in {sshd.remote_tmp}/edgefuse-" in caplog.text  # the files really went to the device's tmp
+    env = res.environment
+    assert env.target == f"ssh://{sshd.cfg().ssh_parts()[0]}@127.0.0.1:{sshd.port}" and env.emulated is False
+    assert env.onnxruntime_version and env.cpu_model
+    fp32, int8 = res.graphs
+    assert fp32.parity is not None and fp32.parity.min_cosine == pytest.approx(1.0)
+    assert int8.parity is not None and int8.parity.passed and int8.parity.min_cosine_vs_same_graph_here == pytest.approx(1.0)
+    assert int8.memory is not None and int8.memory.model_peak_rss_mib > 0
+    assert int8.op_profile is not None and int8.op_profile.matmul_quantized_nodes == 2
+    assert 0 < int8.latency[0].latency_ms_p50
+    assert _leftovers(sshd) == []  # the device's temporary folder was removed
+
+
+def test_unknown_host_key_is_refused(sshd: Sshd, pair: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(ProfileError, match="host key is not in"):
+        profile_onnx([pair[0]], sshd.cfg(ssh_known_hosts_file=empty))
+
+
+def test_changed_host_key_is_refused(sshd: Sshd, pair: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    other = _keygen(tmp_path / "impostor")
+    pub = Path(f"{other}.pub").read_text().split()
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
+    with pytest.raises(ProfileError, match="failed while trying to create a temporary folder"):
+        profile_onnx([pair[0]], sshd.cfg(ssh_known_hosts_file=kh))
+
+
+def test_unknown_client_key_is_refused(sshd: Sshd, pair: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    stranger = _keygen(tmp_path / "stranger")
+    with pytest.raises(ProfileError, match="key was refused"):
+        profile_onnx([pair[0]], sshd.cfg(ssh_identity_file=stranger))
+
+
+def test_closed_port_is_a_profile_error(sshd: Sshd, pair: tuple[Path, Path]) -> None:  # noqa: F811
+    cfg = sshd.cfg().model_copy(update={"target": f"ssh://{sshd.cfg().ssh_parts()[0]}@127.0.0.1:{_free_port()}"})
+    with pytest.raises(ProfileError, match="is sshd running"):
+        profile_onnx([pair[0]], cfg)
+
+
+def test_remote_command_words_are_quoted(sshd: Sshd, pair: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    marker = tmp_path / "pwned"
+    with pytest.raises(ProfileError, match="runner failed"):
+        profile_onnx([pair[0]], sshd.cfg(ssh_python=f"python3; touch {marker}"))
+    assert not marker.exists()  # the whole value reached the device as ONE word, never as shell syntax
+    assert _leftovers(sshd) == []  # cleaned up after a failure too
+
+
+def test_device_without_onnxruntime(sshd: Sshd, pair: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    with pytest.raises(ProfileError, match="ModuleNotFoundError"):
+        profile_onnx([pair[0]], sshd.cfg(ssh_python=str(tmp_path / "bare" / "bin" / "python")))
+    assert _leftovers(sshd) == []
