@@ -1,0 +1,112 @@
+"""Multiply-accumulate counts of an ONNX graph at a concrete input shape.
+
+Counts the matrix products (MatMul, Gemm, MatMulInteger, QLinearMatMul, DynamicQuantizeMatMul, MatMulNBits),
+which are >95 % of a transformer's arithmetic, by running ONNX shape inference with the symbolic batch and
+sequence dimensions fixed. Used for the latency lower bound (benchmarks/bench_limit.py) and reports.
+
+Example:
+    >>> import onnx
+    >>> from onnx import helper, TensorProto, numpy_helper
+    >>> import numpy as np
+    >>> w = numpy_helper.from_array(np.zeros((4, 3), np.float32), "w")
+    >>> g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    >>> count_macs(helper.make_model(g), {"batch": 1, "seq": 5}).total
+    60
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MATMUL_OPS = ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
+              "FusedMatMul")
+INT8_OPS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul")
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """MACs of one graph at one shape, split by arithmetic kind."""
+
+    total: int
+    fp32: int
+    int8: int
+    int4: int
+    unresolved_nodes: int  # matrix products whose shapes inference could not resolve (not counted)
+
+
+def _dims(value_info: Any) -> list[int] | None:
+    shape = value_info.type.tensor_type.shape
+    dims = []
+    for d in shape.dim:
+        if not d.HasField("dim_value"):
+            return None
+        dims.append(int(d.dim_value))
+    return dims
+
+
+def count_macs(model: Any, dims: dict[str, int]) -> MacCount:
+    """MACs of the matrix products of ``model`` (an ``onnx.ModelProto`` or a path) with symbolic ``dims`` fixed.
+
+    Args:
+        model: the graph, or the path of a ``.onnx`` file.
+        dims: values for the symbolic input dimensions, e.g. ``{"batch_size": 1, "sequence_length": 128}``.
+            Dimensions named differently are matched by position: the first symbolic dim of every input is
+            taken as ``batch`` and the second as ``sequence`` when those keys are given instead.
+    """
+    import onnx
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy: we rewrite the input shapes
+    positional = [dims.get("batch"), dims.get("seq"), dims.get("sequence")]
+    for inp in model.graph.input:
+        sym_index = 0
+        for d in inp.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                value = dims.get(d.dim_param)
+                if value is None:
+                    value = positional[0] if sym_index == 0 else (positional[1] or positional[2])
+                if value is not None:
+                    d.ClearField("dim_param")
+                    d.dim_value = int(value)
+                sym_index += 1
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int] | None] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        shapes[vi.name] = _dims(vi)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = fp32 = int8 = int4 = unresolved = 0
+    for node in inferred.graph.node:
+        if node.op_type not in MATMUL_OPS:
+            continue
+        out = shapes.get(node.output[0])
+        if node.op_type == "MatMulNBits":
+            k = next((a.i for a in node.attribute if a.name == "K"), None)
+        elif node.op_type == "QLinearMatMul":
+            a = shapes.get(node.input[0])
+            k = a[-1] if a else None
+        else:
+            a = shapes.get(node.input[0])
+            k = a[-1] if a else None
+            if node.op_type == "Gemm" and a is not None:
+                trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+                k = a[0] if trans_a else a[-1]
+        if out is None or k is None:
+            unresolved += 1
+            continue
+        macs = int(k)
+        for d in out:
+            macs *= int(d)
+        total += macs
+        if node.op_type in INT8_OPS:
+            int8 += macs
+        elif node.op_type == "MatMulNBits":
+            int4 += macs
+        else:
+            fp32 += macs
+    return MacCount(total=total, fp32=fp32, int8=int8, int4=int4, unresolved_nodes=unresolved)
