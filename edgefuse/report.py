@@ -80,7 +80,7 @@ def write_report(
             from edgefuse.report_md import render_markdown
 
             written["md"] = out_dir / FILE_NAMES["md"]
-            write_text_atomic(written["md"], render_markdown(build_blocks(data, plots=False, **kwargs)))
+            write_text_atomic(written["md"], render_markdown(build_blocks(data, plots=cfg.plots, **kwargs)))
         if "html" in formats:
             from edgefuse.report_html import render_html
 
@@ -132,11 +132,13 @@ def _normalise(results: Sequence[Any], variants: Sequence[Mapping[str, Any]], ti
             rows += list(d.get("rows", []))
         elif kind == "section":
             others.append({k: v for k, v in d.items() if k != "kind"})
-        else:
+        elif isinstance(r, Mapping):
             others.append(d)
+        else:  # a stage result object: its class names the section
+            others.append({"title": d.get("title") or type(r).__name__, "data": dict(d)})
     try:
         rows = [normalise_variant(v) for v in [*rows, *variants]]
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    sections = sections_from([o for o in others])
+    sections = sections_from(others)
     return ReportData(title=title, profiles=tuple(profiles), sections=tuple(sections), variants=tuple(rows))
