@@ -1,0 +1,48 @@
+"""Configuration of the NTK / approximation measurement (``edgefuse ntk``, :func:`edgefuse.ntk.measure_ntk`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from edgefuse.config import StrictModel
+
+NtkParams = Literal["fused-mlp", "all"]
+NTK_PARAMS: tuple[str, ...] = ("fused-mlp", "all")
+NtkOutput = Literal["auto", "class0-prob", "gold-logit", "pooled-projection", "last-token-logprob"]
+NTK_OUTPUTS: tuple[str, ...] = ("auto", "class0-prob", "gold-logit", "pooled-projection", "last-token-logprob")
+
+
+class NtkConfig(StrictModel):
+    """How to measure the empirical NTKs of an original and a compressed model (method.md 6.2).
+
+    Example:
+        >>> NtkConfig(params="all").n_examples
+        64
+    """
+
+    params: NtkParams = Field(
+        "fused-mlp",
+        description="Parameter set of the kernels. fused-mlp: the up/gate/down modules (weights and biases) of "
+        "every MLP the compressed model changed, and of the same MLPs in the original. all: every trainable "
+        "parameter of each model. The frozen fusion scale is a buffer and never part of either set.",
+    )
+    output: NtkOutput = Field(
+        "auto",
+        description="Scalar output f(x) whose gradient defines the kernels. class0-prob: softmax(logits)[0] of a "
+        "sequence classifier (method.md 6.2). gold-logit: the logit of the example's label. pooled-projection: "
+        "the mean-pooled last hidden state projected on a fixed seeded random unit vector (a shared random "
+        "'head' for models without one). last-token-logprob: log p(last token | the tokens before it) of a "
+        "language model. auto: class0-prob for classifiers, last-token-logprob for causal/seq2seq LMs, else "
+        "pooled-projection.",
+    )
+    n_examples: int = Field(64, ge=1, description="Number of examples n (the kernels are n x n); the first n are used.")
+    max_length: int = Field(128, ge=2, description="Truncate every example to this many tokens.")
+    head_seed: int = Field(0, description="Seed of the random projection vector of output=pooled-projection.")
+    max_gradient_mib: float = Field(
+        1024.0,
+        gt=0,
+        description="Memory for the per-example gradients of one parameter chunk (gradients and their signs, "
+        "fp32). Larger parameter sets are processed in several chunks, each with its own forward/backward passes.",
+    )
