@@ -40,6 +40,10 @@ class QuantizeConfig(StrictModel):
         description="int8: one weight scale per output channel. Per-tensor int8 loses too much on MiniLM "
         "(pooled cosine 0.91 vs 0.993).",
     )
+    reduce_range: bool | None = Field(
+        None,
+        description="int8: 7-bit weights against int16 saturation on non-VNNI x86. None: the preset's choice (off).",
+    )
     op_types: list[str] = Field(
         default_factory=lambda: ["MatMul", "Gather"],
         description="int8: operator types to quantize (Gather quantizes the embedding tables). int4 uses MatMul.",
