@@ -40,6 +40,7 @@ from edgefuse.profiling.results import (
     NodeStat,
     OpProfile,
     OpStat,
+    OutputParity,
     ParityResult,
     ProfileResult,
 )
@@ -181,13 +182,14 @@ def _parity(
         got = _outputs_of(target_outputs, i)
         compared = compare_outputs(got, _outputs_of(host, 0))
         same = compare_outputs(got, _outputs_of(host, i)) if session.name != "local" else ()
-        worst = min((o.cosine for o in compared), default=float("nan"))
+        worst = min((_metric(o, cfg.parity_metric) for o in compared), default=float("nan"))
         out.append(ParityResult(
             reference_label=infos[0].label,
             reference_machine=platform.machine(),
             batch_size=shapes[0][0],
             sequence_length=shapes[0][1],
             outputs=compared,
+            metric=cfg.parity_metric,
             min_cosine=worst,
             min_cosine_vs_same_graph_here=min((o.cosine for o in same), default=None),
             passed=None if cfg.min_cosine is None or not compared else bool(worst >= cfg.min_cosine),
@@ -251,6 +253,11 @@ def _graph_profile(
     )
 
 
+def _metric(o: OutputParity, metric: str) -> float:
+    # Outputs without a sequence axis (e.g. a pooled or logits output) have only the flat cosine.
+    return o.cosine_mean_pooled if metric == "mean_pooled" and o.cosine_mean_pooled is not None else o.cosine
+
+
 def _check_parity(result: ProfileResult, cfg: ProfileConfig) -> None:
     bad = [g for g in result.graphs if g.parity is not None and g.parity.passed is False]
     if not bad:
@@ -258,10 +265,11 @@ def _check_parity(result: ProfileResult, cfg: ProfileConfig) -> None:
     env = result.environment
     where = env.target + (" (emulated)" if env.emulated else "")
     worst = ", ".join(f"{g.label}: {g.parity.min_cosine:.4f}" for g in bad if g.parity)
+    machine = bad[0].parity.reference_machine if bad[0].parity else "?"
     err = ProfileError(
-        f"output cosine against the reference {result.reference_label!r} computed on "
-        f"{bad[0].parity.reference_machine if bad[0].parity else '?'} is below min_cosine={cfg.min_cosine} on "
-        f"{where} for {worst}; check the graph (or its quantization), or lower --min-cosine"
+        f"output {cfg.parity_metric} cosine against the reference {result.reference_label!r} computed on {machine} "
+        f"is below min_cosine={cfg.min_cosine} on {where} for {worst}; check the graph (or its quantization), "
+        f"or lower --min-cosine"
     )
     err.result = result  # type: ignore[attr-defined]  # so the CLI can still write what was measured
     raise err

@@ -232,11 +232,14 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
     checked = [g for g in graphs if g.get("parity")]
     if checked:
         out.append(Heading(3, "Output parity"))
-        out.append(Table(("graph", "reference (machine)", "batch x seq", "min cosine", "max abs diff",
-                          "cosine vs same graph on host", "passed"),
+        out.append(Table(("graph", "reference (machine)", "batch x seq", "cosine (flat)", "cosine (mean-pooled)",
+                          "checked metric", "max abs diff", "cosine vs same graph on host", "passed"),
                          tuple((g["label"], f"{g['parity']['reference_label']} ({g['parity']['reference_machine']})",
                                 f"{g['parity']['batch_size']}x{g['parity']['sequence_length']}",
-                                fmt_num(g["parity"]["min_cosine"]),
+                                fmt_num(min((o["cosine"] for o in g["parity"]["outputs"]), default=None)),
+                                fmt_num(min((o["cosine_mean_pooled"] for o in g["parity"]["outputs"]
+                                             if o.get("cosine_mean_pooled") is not None), default=None)),
+                                str(g["parity"].get("metric", "flat")),
                                 fmt_num(max((o["max_abs_diff"] for o in g["parity"]["outputs"]), default=None)),
                                 fmt_num(g["parity"].get("min_cosine_vs_same_graph_here")),
                                 fmt_num(g["parity"]["passed"])) for g in checked)))

@@ -81,6 +81,15 @@ def test_parity_against_the_reference(result: ProfileResult) -> None:
     assert ref.min_cosine == pytest.approx(1.0) and ref.outputs[0].max_abs_diff <= FP32_EXACT_ATOL
     assert INT8_TINY_MLP_MIN_COSINE <= q.min_cosine < 1.0  # int8 is close, and not a copy of fp32 (non-vacuity)
     assert q.outputs[0].max_abs_diff > 0 and q.passed is True
+    assert q.metric == "flat" and q.min_cosine == q.outputs[0].cosine
+    assert q.outputs[0].cosine_mean_pooled is not None  # y is (batch, seq, hidden): pooled cosine reported too
+
+
+def test_parity_metric_mean_pooled(pair: tuple[Path, Path]) -> None:  # noqa: F811
+    cfg = ProfileConfig(**FAST, memory=False, op_profile=False, parity_metric="mean_pooled", min_cosine=None)
+    q = profile_onnx(list(pair), cfg).graphs[1].parity
+    assert q is not None and q.metric == "mean_pooled" and q.passed is None  # min_cosine=None: report only
+    assert q.min_cosine == q.outputs[0].cosine_mean_pooled != q.outputs[0].cosine
 
 
 def test_result_round_trips_through_json(result: ProfileResult) -> None:
@@ -105,7 +114,7 @@ def test_time_budget_stops_early_but_keeps_min_runs(tmp_path: Path) -> None:
 
 
 def test_parity_failure_raises_with_the_result_attached(pair: tuple[Path, Path]) -> None:  # noqa: F811
-    with pytest.raises(ProfileError, match="below min_cosine=1.0") as info:
+    with pytest.raises(ProfileError, match=r"below min_cosine=1\.0") as info:
         profile_onnx(list(pair), ProfileConfig(**FAST, memory=False, op_profile=False, min_cosine=1.0))
     partial = info.value.result  # type: ignore[attr-defined]
     assert partial.graphs[1].parity.passed is False and partial.graphs[0].parity.passed is True
@@ -121,7 +130,7 @@ def test_runner_crash_is_a_profile_error(tmp_path: Path) -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     onnx.save(model, str(tmp_path / "bad.onnx"))
-    with pytest.raises(ProfileError, match="bench runner failed on target 'local'.*Frobnicate"):
+    with pytest.raises(ProfileError, match=r"bench runner failed on target 'local'.*Frobnicate"):
         profile_onnx([tmp_path / "bad.onnx"], ProfileConfig(**FAST))
 
 
@@ -164,6 +173,11 @@ def test_stats_helpers() -> None:
     assert cosine(np.zeros(2), np.zeros(2)) == 1.0 and cosine(np.zeros(2), np.ones(2)) == 0.0
     par = compare_outputs({"y": np.array([1.0, 2.0]), "z": np.ones(3)}, {"y": np.array([1.0, 2.5]), "z": np.ones(2)})
     assert [o.output for o in par] == ["y"] and par[0].max_abs_diff == pytest.approx(0.5)  # z: shapes differ
+    assert par[0].cosine_mean_pooled is None  # rank 1: nothing to pool
+    a = np.array([[[1.0, 0.0], [-1.0, 0.0]]])  # (batch 1, seq 2, hidden 2): the tokens cancel in the mean
+    b = np.array([[[1.0, 0.0], [-1.0, 2.0]]])
+    (o,) = compare_outputs({"h": b}, {"h": a})
+    assert o.cosine == pytest.approx(2 / np.sqrt(2) / np.sqrt(6)) and o.cosine_mean_pooled == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

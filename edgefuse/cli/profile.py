@@ -45,6 +45,8 @@ def register(sub: Any) -> None:
     p.add_argument("--opt-level", choices=OPT_LEVELS, help="onnxruntime graph optimisation (default all)")
     p.add_argument("--min-cosine", help="fail when an output cosine vs the first graph is below this (default "
                    "0.99); 'none' only reports it")
+    p.add_argument("--parity-metric", choices=("flat", "mean_pooled"),
+                   help="cosine checked by --min-cosine: flat (default) or mean_pooled (sentence embeddings)")
     p.add_argument("--inputs-npz", help="real inputs (.npz with arrays named like the graph inputs)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
     p.add_argument("--no-op-profile", action="store_true", help="skip the per-operator profile")
@@ -75,7 +77,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "target": args.target, "cpu": args.cpu, "threads": args.threads, "batch_sizes": args.batch_sizes,
         "sequence_lengths": args.seq_lens, "runs": args.runs, "warmup_runs": args.warmup_runs,
         "time_budget_s": args.time_budget_s, "graph_optimization_level": args.opt_level,
-        "inputs_npz": args.inputs_npz, "ssh_identity_file": args.ssh_identity,
+        "inputs_npz": args.inputs_npz, "parity_metric": args.parity_metric, "ssh_identity_file": args.ssh_identity,
         "ssh_known_hosts_file": args.ssh_known_hosts, "ssh_python": args.ssh_python,
     }
     data.update({k: v for k, v in flags.items() if v is not None})

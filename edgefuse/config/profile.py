@@ -72,6 +72,10 @@ class ProfileConfig(StrictModel):
         0.99, ge=-1.0, le=1.0, description="Fail (ProfileError) when a graph's output cosine against the reference "
         "is below this; null only reports it."
     )
+    parity_metric: Literal["flat", "mean_pooled"] = Field(
+        "flat", description="Which cosine min_cosine checks: 'flat' (every element of every output) or "
+        "'mean_pooled' (outputs of shape (batch, seq, hidden) averaged over seq first, as a sentence embedding)."
+    )
     inputs_npz: Path | None = Field(
         None, description="A .npz of real inputs (arrays named like the graph inputs, shape (batch, seq)); replaces "
         "the random inputs and the batch/sequence grid."

@@ -131,8 +131,10 @@ class OutputParity:
     """One output of a graph on the target against the reference graph's output on this (host) machine."""
 
     output: str
-    cosine: float
+    cosine: float  # of the flattened output
     max_abs_diff: float
+    # Outputs of rank >= 3 (batch, seq, hidden): mean over the sequence axis first, as a sentence embedding is.
+    cosine_mean_pooled: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class ParityResult:
     batch_size: int
     sequence_length: int
     outputs: tuple[OutputParity, ...]
+    metric: str  # which cosine min_cosine is: "flat" or "mean_pooled"
     min_cosine: float
     # The same graph on this machine vs on the target: isolates the target's kernels from quantization error.
     min_cosine_vs_same_graph_here: float | None

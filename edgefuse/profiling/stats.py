@@ -75,6 +75,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def compare_outputs(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> tuple[OutputParity, ...]:
     """Cosine and max |diff| of every output of ``got`` against ``ref`` (matched by name, else by position).
 
+    For outputs of rank >= 3 (batch, seq, hidden) the cosine of the sequence-mean is reported too
+    (``cosine_mean_pooled``): that is what a mean-pooled sentence embedding sees.
+
     Outputs whose shapes differ are skipped: a fused graph can drop an auxiliary output, and there is nothing to
     compare then.
     """
@@ -86,5 +89,8 @@ def compare_outputs(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
         if np.shape(g) != np.shape(r):
             continue
         diff = float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)))) if np.size(g) else 0.0
-        out.append(OutputParity(output=name, cosine=cosine(g, r), max_abs_diff=diff))
+        pooled = None
+        if np.ndim(g) >= 3:
+            pooled = cosine(np.asarray(g, np.float64).mean(axis=1), np.asarray(r, np.float64).mean(axis=1))
+        out.append(OutputParity(output=name, cosine=cosine(g, r), max_abs_diff=diff, cosine_mean_pooled=pooled))
     return tuple(out)
