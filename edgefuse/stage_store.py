@@ -166,9 +166,9 @@ class RunStore:
             stage=stage,
             input_hash=input_hash,
             inputs=dict(inputs),
-            config=dict(config),
+            config=json.loads(json.dumps(dict(config), default=str)),
             output_hash=hash_tree(tmp),
-            result=dict(result),
+            result=json.loads(json.dumps(dict(result), default=str)),  # exactly what a later run reads back
             seconds=round(float(seconds), 3),
             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             edgefuse_version=__version__,
