@@ -1,0 +1,180 @@
+"""Quantize stage: every mode, node counts, exclusion, auto mode, failure paths, manifest, presets, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from test_export import fused, tiny_tokenizer
+from tolerances import QUANT_TINY_MIN_COSINE
+
+from edgefuse.config.export import ExportConfig
+from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.errors import ConfigError, DataError, OutputExistsError, QuantizationError, TargetNotFoundError
+from edgefuse.export import export_onnx
+from edgefuse.manifest import read_manifest, sha256_file
+from edgefuse.quantize import quantize_onnx
+from edgefuse.quantize_eval import op_counts, read_labelled, read_texts, weight_matmuls
+from edgefuse.quantize_presets import PRESETS, preset_from_flags, resolve_preset
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "a man is eating food", "good movie", "bad movie",
+         "edge models run small", "the dog is lazy", "a quick fox", "the man is good", "w7 w8 w9 the a"]
+
+
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fused BERT classifier big enough (hidden 64, intermediate 256) for int8/int4 to shrink the file."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from edgefuse.config.fusion import FusionConfig
+    from edgefuse.fusion import fuse_mlps_
+
+    import torch
+
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("q")
+    tok = tiny_tokenizer(tmp / "tok")
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=tok.vocab_size,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    fuse_mlps_(model, FusionConfig(keep_ratio=0.5))
+    export_onnx(model, ExportConfig(task="sequence-classification"), tmp / "export", tokenizer=tok)
+    return tmp / "export"
+
+
+def _n_weight_matmuls(folder: Path, mode: str) -> int:
+    """Weight MatMuls, plus the Gemm heads (pooler, classifier) that int8 also quantizes; int4 takes MatMul only."""
+    model = onnx.load(str(folder / "model.onnx"))
+    return len(weight_matmuls(model)) + (0 if mode == "int4" else op_counts(model).get("Gemm", 0))
+
+
+@pytest.mark.parametrize(("mode", "op", "extra"), [
+    ("dynamic", "MatMulInteger", {}),
+    ("static", "QuantizeLinear", {"calibration_method": "minmax"}),
+    ("static", "QuantizeLinear", {"calibration_method": "percentile", "output_name": "p.onnx"}),
+    ("static", "QuantizeLinear", {"calibration_method": "entropy", "output_name": "e.onnx"}),
+    ("int4", "MatMulNBits", {"block_size": 16}),
+], ids=["dynamic", "static-minmax", "static-percentile", "static-entropy", "int4"])
+def test_modes_count_and_shrink(small_bert: Path, mode: str, op: str, extra: dict) -> None:
+    res = quantize_onnx(small_bert, QuantizeConfig(mode=mode, overwrite=True, **extra), calibration_texts=TEXTS)
+    expected = _n_weight_matmuls(small_bert, mode)
+    counts = op_counts(onnx.load(str(res.onnx_path)))
+    assert counts.get(op, 0) > 0 and res.op_counts == counts
+    if mode == "static":
+        assert res.quantized_nodes >= expected  # QDQ also wraps the attention MatMuls
+    else:
+        assert res.quantized_nodes == expected
+    assert res.size_bytes < res.size_bytes_fp32
+    assert QUANT_TINY_MIN_COSINE <= res.cosine_mean < 1.0  # close to fp32, and not identical (it did something)
+
+
+def test_manifest_and_names(small_bert: Path) -> None:
+    res = quantize_onnx(small_bert, QuantizeConfig(preset="arm64", overwrite=True), calibration_texts=TEXTS)
+    assert res.onnx_path.name == "model_int8_arm64.onnx"
+    entry = read_manifest(small_bert)["graphs"]["model_int8_arm64.onnx"]
+    assert entry["sha256"] == sha256_file(res.onnx_path)
+    assert entry["settings"]["preset"]["name"] == "arm64" and entry["settings"]["per_channel"] is True
+    assert entry["checks"]["quantized_matmuls"] == res.quantized_nodes
+    assert "model.onnx" in read_manifest(small_bert)["graphs"]
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        quantize_onnx(small_bert, QuantizeConfig(preset="arm64"), calibration_texts=TEXTS)
+
+
+def test_exclude_exact_and_regex(small_bert: Path) -> None:
+    names = weight_matmuls(onnx.load(str(small_bert / "model.onnx")))
+    res = quantize_onnx(small_bert, QuantizeConfig(exclude=[names[0], "re:layer\\.1/output/dense/MatMul$"], overwrite=True,
+                                                   output_name="x.onnx"), calibration_texts=TEXTS)
+    assert names[0] in res.kept_fp32 and len(res.kept_fp32) == 2
+    assert res.quantized_nodes == _n_weight_matmuls(small_bert, "dynamic") - 2
+    with pytest.raises(TargetNotFoundError, match="matches no node; similar names"):
+        quantize_onnx(small_bert, QuantizeConfig(exclude=["no_such_node"], output_name="y.onnx"))
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        quantize_onnx(small_bert, QuantizeConfig(exclude=["re:("], output_name="y.onnx"))
+
+
+def test_auto_keeps_sensitive_matmuls(small_bert: Path) -> None:
+    # int4 (weight-only, MatMul only): keeping every MatMul in fp32 reaches cosine 1, so the target is reachable
+    base = quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, overwrite=True, output_name="b.onnx"),
+                         calibration_texts=TEXTS)
+    target = base.cosine_mean + 0.5 * (1.0 - base.cosine_mean)
+    res = quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, auto_target_cosine=target,
+                                                   auto_max_kept=12, overwrite=True, output_name="auto.onnx"),
+                        calibration_texts=TEXTS)
+    assert res.cosine_mean >= target > base.cosine_mean
+    assert 1 <= len(res.kept_fp32) == len(res.auto_steps) - 1
+    assert res.quantized_nodes == base.quantized_nodes - len(res.kept_fp32)
+    with pytest.raises(QuantizationError, match="auto mode kept 1"):
+        quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, auto_target_cosine=1.0, auto_max_kept=1,
+                                                 output_name="no.onnx"), calibration_texts=TEXTS)
+    assert not (small_bert / "no.onnx").exists()
+
+
+def test_failures_leave_no_file(small_bert: Path) -> None:
+    names = weight_matmuls(onnx.load(str(small_bert / "model.onnx")))
+    with pytest.raises(QuantizationError, match="quantized no MatMul") as info:
+        quantize_onnx(small_bert, QuantizeConfig(exclude=names, mode="int4", output_name="none.onnx"))
+    assert info.value.exit_code == 8
+    with pytest.raises(QuantizationError, match="below min_cosine"):
+        quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, min_cosine=0.999999999,
+                                                 output_name="low.onnx"), calibration_texts=TEXTS)
+    leftovers = {p.name for p in small_bert.iterdir()}
+    assert not {"none.onnx", "low.onnx"} & leftovers and not any(n.endswith(".partial.onnx") for n in leftovers)
+
+
+def test_accuracy_on_labelled_data(small_bert: Path, tmp_path: Path) -> None:
+    tsv = tmp_path / "val.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(TEXTS)))
+    res = quantize_onnx(small_bert, QuantizeConfig(eval_data=tsv, overwrite=True, output_name="acc.onnx"),
+                        calibration_texts=TEXTS)
+    assert res.accuracy is not None and res.accuracy_fp32 is not None
+    assert round(res.accuracy * len(TEXTS)) == pytest.approx(res.accuracy * len(TEXTS))  # a share of 9 rows
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tgold\nx\t1\n")
+    with pytest.raises(DataError, match="lacks column"):
+        read_labelled(bad, None)
+    with pytest.raises(TargetNotFoundError):
+        read_texts(tmp_path / "missing.tsv", 4)
+
+
+def test_causal_lm_int8_and_int4(tmp_path: Path) -> None:
+    export_onnx(fused("llama", "lm"), ExportConfig(task="causal-lm", generate_tokens=0), tmp_path / "llama")
+    for cfg in (QuantizeConfig(mode="dynamic"), QuantizeConfig(mode="int4", block_size=16),
+                QuantizeConfig(mode="static")):
+        res = quantize_onnx(tmp_path / "llama", cfg)
+        assert res.quantized_nodes > 0 and res.cosine_mean >= QUANT_TINY_MIN_COSINE
+
+
+def test_presets() -> None:
+    assert preset_from_flags("aarch64", {"asimd", "asimddp"}) == "arm64"
+    assert preset_from_flags("x86_64", {"avx2", "avx512f", "avx512bw", "avx512_vnni"}) == "avx512-vnni"
+    assert preset_from_flags("x86_64", {"avx2", "avx512f", "avx512bw"}) == "avx512"
+    assert preset_from_flags("x86_64", {"avx2"}) == "avx2"
+    assert resolve_preset("auto").name in PRESETS
+    assert all(p.weight == "QInt8" for p in PRESETS.values())
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve_preset("sparc")
+
+
+def test_config_errors() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="block_size 48"):
+        QuantizeConfig(block_size=48)
+    with pytest.raises(ValidationError, match="replace the fp32 graph"):
+        QuantizeConfig(output_name="model.onnx")
+
+
+def test_cli_quantize(small_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgefuse.cli import main
+
+    assert main(["quantize", str(small_bert), "--mode", "int4", "--block-size", "16", "--overwrite", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "int4" and data["op_counts"]["MatMulNBits"] == data["quantized_nodes"]
+    assert main(["quantize", str(small_bert), "--block-size", "48"]) == 2
+    assert main(["quantize", str(tmp_path), "--mode", "dynamic"]) == 3  # not an export folder
+    assert main(["quantize", str(small_bert), "--exclude", "nope", "--output-name", "z.onnx"]) == 3
+    assert main(["quantize", str(small_bert), "--dry-run", "--preset", "avx512-vnni"]) == 0
+    out = capsys.readouterr()
+    assert '"output_name": "model_int8_avx512-vnni.onnx"' in out.out and "block_size" in out.err
