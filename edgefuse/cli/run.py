@@ -1,0 +1,145 @@
+"""``edgefuse run CONFIG``: the whole pipeline from one YAML file, resumable (stages with unchanged inputs are
+reused from the run folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# The stage table lives in edgefuse.pipeline_stages; it is repeated here so that `edgefuse --help` does not import
+# the config models (tests/test_cli_help.py checks that both lists agree).
+STAGE_NAMES: tuple[str, ...] = (
+    "teacher", "search", "fuse", "recover", "export", "quantize", "reference", "evaluate", "profile", "report",
+)
+
+HELP = """Run every stage a config file switches on, in order:
+
+  teacher -> search -> fuse -> recover -> export -> quantize -> reference -> evaluate -> profile -> report
+
+Each stage writes to RUN_DIR/<stage>/ with a record of its inputs. Running again skips every stage whose config
+and input files did not change; an interrupted run resumes at the first unfinished stage.
+
+examples:
+  edgefuse run export_configs/default.yaml
+  edgefuse run export_configs/minilm-sst2-x86_64-int8.yaml --set fusion.keep_ratio=0.25 --run-dir runs/k025
+  edgefuse run export_configs/default.yaml --dry-run          # resolved config + fusion plan, writes nothing
+  edgefuse run my.yaml --save-config resolved.yaml --force export
+"""
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``run`` and ``check`` share: the config, overrides, run folder, re-runs, JSON output."""
+    p.add_argument("config", metavar="CONFIG.yaml", help="pipeline config (see export_configs/ and `edgefuse schema`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set fusion.keep_ratio=0.25 (value read as YAML; repeatable)")
+    p.add_argument("--run-dir", help="run folder (default: the config's run_dir, else runs/<config name>)")
+    p.add_argument("--force", action="append", default=[], choices=(*STAGE_NAMES, "all"), metavar="STAGE",
+                   help=f"run this stage again even if its inputs are unchanged (repeatable; one of "
+                        f"{', '.join(STAGE_NAMES)}, all)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines on stderr")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the whole pipeline from a config file (resumable)", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE", help="stop after this stage")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the stages and the fusion plan; write nothing")
+    p.add_argument("--save-config", metavar="PATH", help="write the resolved config (every default filled in) to PATH")
+    p.set_defaults(run=run)
+
+
+def stage_printer(quiet: bool) -> Any:
+    """An ``on_event`` callback that prints one line per stage on stderr."""
+
+    def emit(kind: str, stage: str, info: dict[str, Any]) -> None:
+        if quiet:
+            return
+        if kind == "start":
+            print(f"[{stage}] running ...", file=sys.stderr, flush=True)
+        elif kind == "ran":
+            print(f"[{stage}] done in {info['seconds']:.1f} s -> {info['folder']}", file=sys.stderr, flush=True)
+        elif kind == "cached":
+            print(f"[{stage}] inputs unchanged, reused {info['folder']}", file=sys.stderr, flush=True)
+
+    return emit
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The short table printed at the end of a run: one line per graph."""
+    header = ("graph", "size MiB", "p50 ms", "x ref", "peak MiB", "cos teacher", "cos torch", "accuracy")
+    lines = [header]
+    for r in rows:
+        lines.append((
+            r["variant"], _cell(r.get("size_mib"), ".1f"), _cell(r.get("latency_ms"), ".2f"),
+            _cell(r.get("latency_ratio"), ".2f"), _cell(r.get("peak_rss_mib"), ".0f"), _cell(r.get("cosine"), ".4f"),
+            _cell(r.get("cosine_vs_pytorch"), ".4f"), _cell(r.get("accuracy"), ".4f"),
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    from edgefuse.config.pipeline import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _dry_run(cfg: Any, run_dir: Any) -> str:
+    from edgefuse.config.pipeline import dump_config
+    from edgefuse.pipeline import dry_run_plan
+
+    plan = dry_run_plan(cfg)
+    lines = [dump_config(cfg).rstrip(), "", f"run folder: {run_dir}", "stages:"]
+    for name, state in plan["stages"]:
+        lines.append(f"  {name:<10} {state}")
+    if plan["fusion"] is not None:
+        from edgefuse.cli.fuse import format_plan
+
+        lines += ["", format_plan(plan["fusion"])]
+        if cfg.search is not None:
+            lines.append("(search will choose fusion.keep_ratio; the plan shows the configured value)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgefuse.config.pipeline import dump_config
+    from edgefuse.io_utils import write_text_atomic
+    from edgefuse.pipeline import resolve_run_dir
+
+    cfg = load_from_args(args)
+    run_dir = resolve_run_dir(cfg, args.config, args.run_dir)
+    if args.save_config:
+        write_text_atomic(Path(args.save_config), dump_config(cfg))
+        print(f"resolved config written to {args.save_config}", file=sys.stderr)
+    if args.dry_run:
+        print(_dry_run(cfg, run_dir))
+        return 0
+    from edgefuse.pipeline import run_pipeline
+
+    quiet = args.no_progress or args.quiet
+    result = run_pipeline(cfg, run_dir, force=args.force, until=args.until, progress=not quiet and sys.stderr.isatty(),
+                          on_event=stage_printer(quiet))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    ran, cached = len(result.ran), len(result.cached)
+    print(f"edgefuse run: {ran} stage(s) ran, {cached} reused, in {result.seconds:.1f} s; run folder {run_dir}")
+    rows = result.summary.get("graphs") or []
+    if rows:
+        print(summary_table(rows))
+    html = (result.summary.get("report_files") or {}).get("html")
+    if html is not None:
+        print(f"report: {html}")
+    return 0

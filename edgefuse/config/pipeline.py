@@ -1,0 +1,389 @@
+"""The whole pipeline in one typed config, and :func:`load_config` that reads it from YAML.
+
+A config file is the API (style.md 3.1): everything ``edgefuse run`` does is written in one YAML file under
+``export_configs/``, validated here. A section that is absent (or ``null``) switches its stage off.
+
+Example:
+    >>> cfg = PipelineConfig.model_validate({"schema_version": 1, "fusion": {"keep_ratio": 0.5}})
+    >>> cfg.model.name_or_path, cfg.fusion.keep_ratio
+    ('minilm', 0.5)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from edgefuse.config import StrictModel
+from edgefuse.config.check import CheckConfig
+from edgefuse.config.export import ExportConfig
+from edgefuse.config.finetune import FINETUNE_TASKS, DataConfig, FinetuneConfig
+from edgefuse.config.fusion import FusionConfig
+from edgefuse.config.profile import ProfileConfig
+from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.config.report import ReportConfig
+from edgefuse.config.search import SearchConfig
+from edgefuse.errors import ConfigError, TargetNotFoundError
+from edgefuse.models import Task
+
+SCHEMA_VERSION = 1
+SCHEMA_COMMENT = "# yaml-language-server: $schema=./schema.json"
+
+
+class ModelConfig(StrictModel):
+    """The model to ship.
+
+    Example:
+        >>> ModelConfig(name_or_path="smollm2", task="causal-lm").num_labels
+        2
+    """
+
+    name_or_path: str = Field(
+        "minilm",
+        description="A built-in alias (minilm: all-MiniLM-L6-v2; smollm2: SmolLM2-135M), a local folder "
+        "(safetensors) or a Hugging Face Hub id.",
+    )
+    task: Task = Field(
+        "feature-extraction",
+        description="The head to load: feature-extraction (sentence embeddings), sequence-classification or causal-lm.",
+    )
+    num_labels: int = Field(2, ge=1, description="sequence-classification: number of classes.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom model code from the folder or Hub; off unless you trust the source."
+    )
+
+
+class EvaluateConfig(StrictModel):
+    """How the ``evaluate`` stage compares every exported graph with PyTorch (and with the teacher).
+
+    Example:
+        >>> EvaluateConfig().max_examples
+        256
+    """
+
+    max_examples: int = Field(
+        256, ge=1, description="Validation examples compared (the training split when there is no validation data; "
+        "seeded random tokens when there is no data section)."
+    )
+    batch_size: int = Field(16, ge=1, description="Examples per batch.")
+    threads: int = Field(2, ge=1, description="onnxruntime intra-op threads.")
+
+
+class PipelineConfig(StrictModel):
+    """Every stage of ``edgefuse run`` / ``edgefuse check``: teacher -> search -> fuse -> recover -> export ->
+    quantize -> evaluate -> profile -> report. Absent sections switch their stage off.
+
+    Example:
+        >>> cfg = PipelineConfig(schema_version=1, fusion=FusionConfig(keep_ratio=0.25))
+        >>> cfg.finetune is None
+        True
+    """
+
+    schema_version: Literal[1] = Field(
+        description="Version of this config format. edgefuse 0.1 reads version 1; a key that changes meaning "
+        "bumps it, and files of another version are rejected instead of misread."
+    )
+    run_dir: str | None = Field(
+        None,
+        description="Folder of the run (stage outputs, records, report). None: runs/<config file name>. "
+        "Relative paths here and everywhere in the config are relative to the working directory.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to ship.")
+    data: DataConfig | None = Field(
+        None, description="Training and validation text: used by teacher, finetune, search, evaluation and check."
+    )
+    teacher: FinetuneConfig | None = Field(
+        None,
+        description="Fine-tune the unfused model on the task first (deployment order: fine-tuned model -> fuse -> "
+        "recover). The result is the teacher of recovery and the reference of the checks. None: the model "
+        "as loaded is the teacher.",
+    )
+    search: SearchConfig | None = Field(
+        None, description="Find the smallest fusion.keep_ratio that meets a budget (bisection) before fusing."
+    )
+    fusion: FusionConfig | None = Field(None, description="MLP fusion. None: ship the model unfused.")
+    finetune: FinetuneConfig | None = Field(
+        None, description="Recovery after fusion (distillation from the teacher and/or the task loss). None: skip."
+    )
+    export: ExportConfig | None = Field(
+        None, description="Export the final model to ONNX, validated against PyTorch. None: stop after PyTorch."
+    )
+    quantize: QuantizeConfig | None = Field(None, description="Quantize the exported graph. None: fp32 only.")
+    reference: bool = Field(
+        True,
+        description="Also export the unfused (teacher) model in fp32, as the baseline that profile ratios and "
+        "check budgets compare against. Skipped when the final model is the teacher itself.",
+    )
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig,
+        description="Compare every graph with PyTorch and with the teacher on text (runs whenever export is on).",
+    )
+    profile: ProfileConfig | None = Field(
+        None, description="Latency, memory and per-operator time of every graph, interleaved. None: skip."
+    )
+    report: ReportConfig | None = Field(None, description="JSON / Markdown / HTML report of the run. None: skip.")
+    check: CheckConfig | None = Field(None, description="Budgets for `edgefuse check`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tasks(cls, data: Any) -> Any:
+        """Sections that have their own ``task`` key take ``model.task`` unless they set one (one vocabulary,
+        no repetition in every recipe)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+            return data
+        task = (data.get("model") or {}).get("task", "feature-extraction")
+        out = dict(data)
+        for key in ("export", "teacher", "finetune"):
+            section = out.get(key)
+            if isinstance(section, dict) and "task" not in section:
+                if key == "export" or task in FINETUNE_TASKS:
+                    out[key] = {**section, "task": task}
+        return out
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        problems = []
+        task = self.model.task
+        if self.export is not None and self.export.task != task:
+            problems.append(f"export.task {self.export.task!r} differs from model.task {task!r}; remove export.task")
+        for key in ("teacher", "finetune"):
+            ft = getattr(self, key)
+            if ft is not None and task in FINETUNE_TASKS and ft.task != task:
+                problems.append(f"{key}.task {ft.task!r} differs from model.task {task!r}; remove {key}.task")
+        for key in ("quantize", "profile"):
+            if getattr(self, key) is not None and self.export is None:
+                problems.append(f"{key} needs an export section (it works on the exported graph)")
+        if self.check is not None:
+            problems += self._check_problems(self.check)
+        if self.search is not None and self.fusion is None:
+            problems.append("search needs a fusion section (it chooses fusion.keep_ratio)")
+        for key in ("teacher", "finetune"):
+            if getattr(self, key) is not None and self.data is None:
+                problems.append(f"{key} needs a data section (data.train at least)")
+        wants_accuracy = (self.search is not None and self.search.max_accuracy_drop is not None) or (
+            self.check is not None and self.check.budgets.max_accuracy_drop is not None
+        )
+        if wants_accuracy:
+            if self.model.task != "sequence-classification":
+                problems.append(
+                    f"an accuracy budget needs model.task 'sequence-classification' (got {self.model.task!r}); "
+                    "use a cosine budget instead"
+                )
+            if self.data is None or (self.data.validation is None and self.data.validation_fraction is None):
+                problems.append("an accuracy budget needs labelled validation data (data.validation)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _check_problems(self, check: CheckConfig) -> list[str]:
+        """What the check's budgets need from the other sections."""
+        active = check.budgets.active()
+        problems = []
+        if self.export is None:
+            problems.append("check needs an export section (budgets judge an exported graph)")
+        if check.candidate == "quantized" and self.quantize is None:
+            problems.append("check.candidate 'quantized' needs a quantize section (or set check.candidate: fp32)")
+        timed = [k for k in ("max_latency_ratio", "max_latency_ms", "max_peak_rss_mib") if k in active]
+        if timed and self.profile is None:
+            problems.append(f"check.budgets {', '.join(timed)} need a profile section")
+        if timed and self.profile is not None and "max_peak_rss_mib" in timed and not self.profile.memory:
+            problems.append("check.budgets.max_peak_rss_mib needs profile.memory: true")
+        ratios = [k for k in ("max_latency_ratio", "max_size_ratio") if k in active]
+        if ratios and check.reference == "original-fp32" and not self.reference:
+            problems.append(
+                f"check.budgets {', '.join(ratios)} compare with the original fp32 graph, which reference: false "
+                "switches off; set reference: true or check.reference: fp32"
+            )
+        return problems
+
+
+# ---------------------------------------------------------------- loading, overrides, error messages
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``dotted.key=value``; the value is read as YAML (``0.5`` is a float, ``[1, 2]`` a list, ``null``).
+
+    Raises:
+        ConfigError: no ``=``, an empty key part, or a value that is not valid YAML.
+
+    Example:
+        >>> parse_override("fusion.layers=[4, 5]")
+        (['fusion', 'layers'], [4, 5])
+    """
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {item!r} is not of the form dotted.key=value (e.g. --set fusion.keep_ratio=0.25)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``dotted.key=value`` set; missing sections are created.
+
+    Raises:
+        ConfigError: a malformed override, or one that descends into a value that is not a section.
+
+    Example:
+        >>> apply_overrides({"fusion": {"keep_ratio": 0.5}}, ["fusion.keep_ratio=0.25", "finetune=null"])
+        {'fusion': {'keep_ratio': 0.25}, 'finetune': None}
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {item!r}: {where!r} is {child!r}, not a section with keys")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[StrictModel] | None:
+    """The config class that holds the key at ``loc`` (for listing the allowed keys)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    cls: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        sub = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sub:
+            return None
+        cls = sub[0]
+    return cls  # type: ignore[return-value]
+
+
+def _describe(err: Any) -> str:
+    import difflib
+
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        section = _section_model(loc)
+        allowed = list(section.model_fields) if section else []
+        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"unknown key {where!r}{hint}; allowed keys in {parent}: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind == "literal_error":
+        return f"{where}: {value!r} is not allowed; allowed values: {err['ctx']['expected']}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where}: expected a section (a mapping of keys), got {value!r}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error") and not isinstance(value, (int, float, str, bool)):
+        return msg if not loc else f"{where}: {msg}"
+    return f"{where}: {value!r} is not allowed: {msg}"
+
+
+def validation_message(exc: ValidationError, source: str = "config") -> str:
+    """One line naming every bad key path, its value and what is allowed.
+
+    Example:
+        >>> try:
+        ...     PipelineConfig.model_validate({"schema_version": 1, "fusion": {"keep_ratoi": 0.5}})
+        ... except ValidationError as e:
+        ...     print(validation_message(e).split(";")[0])
+        config: unknown key 'fusion.keep_ratoi' (did you mean 'keep_ratio'?)
+    """
+    errors = exc.errors()
+    shown = [_describe(e) for e in errors[:5]]
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return f"{source}: " + "; ".join(shown) + more
+
+
+def config_from_dict(data: Any, source: str = "config") -> PipelineConfig:
+    """Validate a plain mapping (as read from YAML) into a :class:`PipelineConfig`.
+
+    Raises:
+        ConfigError: not a mapping, a missing or unsupported ``schema_version``, or any invalid key or value.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (got {type(data).__name__})")
+    if "schema_version" not in data:
+        raise ConfigError(f"{source}: schema_version is missing; add `schema_version: {SCHEMA_VERSION}` at the top")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: schema_version {version!r} is not supported; this edgefuse reads schema_version "
+            f"{SCHEMA_VERSION} (was the file written for another edgefuse version?)"
+        )
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config (``yaml.safe_load``), apply ``--set`` overrides, validate.
+
+    Args:
+        path: the YAML file.
+        overrides: ``dotted.key=value`` strings, values read as YAML.
+
+    Raises:
+        TargetNotFoundError: the file does not exist.
+        ConfigError: unreadable YAML, or an invalid key or value (the message names the key path).
+
+    Example:
+        >>> cfg = load_config("export_configs/default.yaml", ["fusion.keep_ratio=0.25"])  # doctest: +SKIP
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TargetNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides)
+    return config_from_dict(data, str(path))
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The resolved config (every default filled in) as YAML that :func:`load_config` reads back unchanged.
+
+    Example:
+        >>> text = dump_config(PipelineConfig(schema_version=1))
+        >>> text.splitlines()[1]
+        'schema_version: 1'
+    """
+    import yaml
+
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=100)
+    return f"{SCHEMA_COMMENT}\n{body}"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`PipelineConfig` (committed as ``export_configs/schema.json``)."""
+    schema = PipelineConfig.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "edgefuse pipeline config", **schema}
