@@ -19,7 +19,8 @@ from edgefuse.config.ntk import NtkConfig
 from edgefuse.discovery import find_mlps, mlp_param_count, read_weights, write_weights
 from edgefuse.errors import ConfigError, FusionError, TargetNotFoundError
 from edgefuse.fusion import fuse_mlps_
-from edgefuse.ntk import measure_ntk, param_groups, reference_kernels
+from edgefuse.ntk import measure_ntk, reference_kernels
+from edgefuse.ntk_params import param_groups
 from edgefuse.ntk_scalar import projection_head, split_examples
 from edgefuse.scale import SCALE_ATTR, detach_scale_, get_scale
 
