@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from edgefuse.data import read_records
+    from edgefuse.finetune_data import read_records
     from edgefuse.io_utils import write_json_atomic, write_text_atomic
     from edgefuse.models import load_model, load_tokenizer
 

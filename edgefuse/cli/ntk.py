@@ -84,8 +84,8 @@ def format_result(result: Any) -> str:
 
 
 def _examples(args: argparse.Namespace, n: int) -> tuple[list[str], list[int] | None]:
-    from edgefuse.data import check_columns, read_records
     from edgefuse.errors import DataError
+    from edgefuse.finetune_data import check_columns, read_records
 
     rows = read_records(args.data)
     columns = list(rows[0].keys())
