@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,11 @@ def _figure(width: float, height: float) -> Any:
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
+
+
+def _title(ax: Any, text: str) -> None:
+    # Long titles (target + the EMULATED warning) wrap instead of being cut at the figure's edge.
+    ax.set_title(textwrap.fill(text, 70), fontsize=9)
 
 
 def _png(fig: Any, dpi: int) -> bytes:
@@ -42,15 +48,15 @@ def latency_distributions(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
     from edgefuse.report_doc import headline_point
 
     graphs = prof["graphs"]
-    fig = _figure(max(4.0, 1.4 * len(graphs) + 2), 3.6)
+    fig = _figure(max(5.0, 1.4 * len(graphs) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     pts = [headline_point(g) for g in graphs]
     ax.boxplot([p["samples_ms"] if p else [0.0] for p in pts], showfliers=True)
     ax.set_xticks(range(1, len(graphs) + 1), [g["label"] for g in graphs], rotation=15)
     p0 = pts[0] or {}
     ax.set_ylabel("latency per run (ms)")
-    ax.set_title(f"threads={p0.get('threads')} batch={p0.get('batch_size')} seq={p0.get('sequence_length')}"
-                 f"{_suffix(prof)}", fontsize=9)
+    _title(ax, f"threads={p0.get('threads')} batch={p0.get('batch_size')} seq={p0.get('sequence_length')}"
+           f"{_suffix(prof)}")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig, dpi)
 
@@ -70,7 +76,7 @@ def latency_vs_threads(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("intra-op threads")
     ax.set_ylabel("p50 latency (ms)")
-    ax.set_title("Thread sweep" + _suffix(prof), fontsize=9)
+    _title(ax, "Thread sweep" + _suffix(prof))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _png(fig, dpi)
@@ -79,7 +85,7 @@ def latency_vs_threads(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
 def memory_bars(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
     """Stacked bars: empty process, what ``import onnxruntime`` adds, and what the graph adds at its peak."""
     graphs = [g for g in prof["graphs"] if g.get("memory")]
-    fig = _figure(max(4.0, 1.3 * len(graphs) + 2), 3.6)
+    fig = _figure(max(5.0, 1.3 * len(graphs) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     labels = [g["label"] for g in graphs]
     empty = [g["memory"]["process_baseline_rss_mib"] for g in graphs]
@@ -91,7 +97,7 @@ def memory_bars(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
     ax.bar(x, model, bottom=[a + b for a, b in zip(empty, runtime, strict=True)], label="model (peak)", color="#d6877f")
     ax.set_xticks(list(x), labels, rotation=15)
     ax.set_ylabel("RSS (MiB)")
-    ax.set_title("Peak memory, one fresh process per graph" + _suffix(prof), fontsize=9)
+    _title(ax, "Peak memory, one fresh process per graph" + _suffix(prof))
     ax.legend(fontsize=7)
     return _png(fig, dpi)
 
@@ -104,7 +110,7 @@ def op_breakdown(prof: Mapping[str, Any], top: int = 8, *, dpi: int = 96) -> byt
         for o in g["op_profile"]["by_op_type"]:
             totals[o["op_type"]] = totals.get(o["op_type"], 0.0) + o["time_us_per_run"]
     keep = [op for op, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
-    fig = _figure(7.0, max(2.5, 0.6 * len(graphs) + 1.8))
+    fig = _figure(7.0, max(3.2, 0.6 * len(graphs) + 2.6))
     ax = fig.add_subplot(1, 1, 1)
     cmap = __import__("matplotlib").colormaps["tab20"]
     left = [0.0] * len(graphs)
@@ -117,8 +123,8 @@ def op_breakdown(prof: Mapping[str, Any], top: int = 8, *, dpi: int = 96) -> byt
         left = [a + v / 1e3 for a, v in zip(left, vals, strict=True)]
     ax.set_yticks(range(len(graphs)), [g["label"] for g in graphs])
     ax.set_xlabel("kernel time per run (ms)")
-    ax.set_title("Per-operator time" + _suffix(prof), fontsize=9)
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    _title(ax, "Per-operator time" + _suffix(prof))
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the axes, not on the bars
     return _png(fig, dpi)
 
 
@@ -141,7 +147,7 @@ def latency_vs_quality(rows: Sequence[Mapping[str, Any]], *, dpi: int = 96) -> b
     ax.set_xscale("log")
     ax.set_xlabel("p50 latency (ms, log scale)")
     ax.set_ylabel(metric)
-    ax.set_title(f"Latency against {metric}, every variant", fontsize=9)
+    _title(ax, f"Latency against {metric}, every variant")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _png(fig, dpi)
