@@ -103,7 +103,7 @@ def smollm2() -> dict:
     texts = _texts(32, E2E)
     tok = load_tokenizer("smollm2")
     out = {"exports": [], "quant": []}
-    cfg = ExportConfig(task="causal-lm", generate_tokens=16)
+    cfg = ExportConfig(task="causal-lm", generate_tokens=16, atol=5e-4)  # 30 layers: 1.3e-4 measured
     model = load_model("smollm2", "causal-lm")
     out["exports"].append(_export(model, tok, cfg, "smollm2"))
     out["quant"].append(_quant("smollm2", texts, mode="dynamic"))
