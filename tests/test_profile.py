@@ -81,15 +81,15 @@ def test_parity_against_the_reference(result: ProfileResult) -> None:
     assert ref.min_cosine == pytest.approx(1.0) and ref.outputs[0].max_abs_diff <= FP32_EXACT_ATOL
     assert INT8_TINY_MLP_MIN_COSINE <= q.min_cosine < 1.0  # int8 is close, and not a copy of fp32 (non-vacuity)
     assert q.outputs[0].max_abs_diff > 0 and q.passed is True
-    assert q.metric == "flat" and q.min_cosine == q.outputs[0].cosine
-    assert q.outputs[0].cosine_mean_pooled is not None  # y is (batch, seq, hidden): pooled cosine reported too
+    assert q.metric == "mean_pooled" and q.min_cosine == q.outputs[0].cosine_mean_pooled  # the default metric
+    assert q.outputs[0].cosine_mean_pooled != q.outputs[0].cosine  # y is (batch, seq, hidden): both reported
 
 
-def test_parity_metric_mean_pooled(pair: tuple[Path, Path]) -> None:  # noqa: F811
-    cfg = ProfileConfig(**FAST, memory=False, op_profile=False, parity_metric="mean_pooled", min_cosine=None)
+def test_parity_metric_flat(pair: tuple[Path, Path]) -> None:  # noqa: F811
+    cfg = ProfileConfig(**FAST, memory=False, op_profile=False, parity_metric="flat", min_cosine=None)
     q = profile_onnx(list(pair), cfg).graphs[1].parity
-    assert q is not None and q.metric == "mean_pooled" and q.passed is None  # min_cosine=None: report only
-    assert q.min_cosine == q.outputs[0].cosine_mean_pooled != q.outputs[0].cosine
+    assert q is not None and q.metric == "flat" and q.passed is None  # min_cosine=None: report only
+    assert q.min_cosine == q.outputs[0].cosine != q.outputs[0].cosine_mean_pooled
 
 
 def test_result_round_trips_through_json(result: ProfileResult) -> None:

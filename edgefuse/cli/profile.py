@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
     p.add_argument("--min-cosine", help="fail when an output cosine vs the first graph is below this (default "
                    "0.99); 'none' only reports it")
     p.add_argument("--parity-metric", choices=("flat", "mean_pooled"),
-                   help="cosine checked by --min-cosine: flat (default) or mean_pooled (sentence embeddings)")
+                   help="cosine checked by --min-cosine: mean_pooled over the sequence axis (default) or flat")
     p.add_argument("--inputs-npz", help="real inputs (.npz with arrays named like the graph inputs)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
     p.add_argument("--no-op-profile", action="store_true", help="skip the per-operator profile")

@@ -64,6 +64,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
+    if np.array_equal(x, y):
+        return 1.0  # exactly: rounding in the norms would put identical outputs a hair below 1
     nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
     if nx == 0.0 and ny == 0.0:
         return 1.0
