@@ -89,7 +89,7 @@ def test_resolve_folders_and_errors(tmp_path: Path) -> None:
     with pytest.raises(TargetNotFoundError, match="does not exist"):
         resolve_graphs([tmp_path / "missing.onnx"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TargetNotFoundError, match="holds no .onnx"):
+    with pytest.raises(TargetNotFoundError, match=r"holds no \.onnx"):
         resolve_graphs([tmp_path / "empty"])
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all \xff\xfe")

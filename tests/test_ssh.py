@@ -106,10 +106,11 @@ def test_profile_over_ssh_loopback(sshd: Sshd, pair: tuple[Path, Path],  # noqa:
     assert env.onnxruntime_version and env.cpu_model
     fp32, int8 = res.graphs
     assert fp32.parity is not None and fp32.parity.min_cosine == pytest.approx(1.0)
-    assert int8.parity is not None and int8.parity.passed and int8.parity.min_cosine_vs_same_graph_here == pytest.approx(1.0)
+    assert int8.parity is not None and int8.parity.passed
+    assert int8.parity.min_cosine_vs_same_graph_here == pytest.approx(1.0)  # same machine, same kernels
     assert int8.memory is not None and int8.memory.model_peak_rss_mib > 0
     assert int8.op_profile is not None and int8.op_profile.matmul_quantized_nodes == 2
-    assert 0 < int8.latency[0].latency_ms_p50
+    assert int8.latency[0].latency_ms_p50 > 0
     assert _leftovers(sshd) == []  # the device's temporary folder was removed
 
 
