@@ -85,7 +85,7 @@ def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) 
         with open_target(cfg, work) as session:
             bench, memories, target_outputs = _run_on_target(session, infos, shapes, cfg, work)
             env = _environment(bench["environment"], session, cfg)
-        parity = [None] * len(infos)
+        parity: list[ParityResult | None] = [None] * len(infos)
         if cfg.check_outputs:
             parity = _parity(infos, shapes, cfg, work, session, target_outputs, env)
     result = ProfileResult(

@@ -72,6 +72,7 @@ class SshSession(TargetSession):
     """Runner jobs on a device over ssh, in a temporary folder that :meth:`open` removes at the end."""
 
     name = "ssh"
+    runner = ""  # path of ort_runner.py on the device, set by open()
 
     def __init__(self, cfg: ProfileConfig, workdir: Path, remote_dir: str) -> None:
         super().__init__(workdir, cfg.timeout_s)

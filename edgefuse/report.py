@@ -133,7 +133,7 @@ def _normalise(results: Sequence[Any], variants: Sequence[Mapping[str, Any]], ti
         elif kind == "section":
             others.append({k: v for k, v in d.items() if k != "kind"})
         elif isinstance(r, Mapping):
-            others.append(d)
+            others.append(dict(d))
         else:  # a stage result object: its class names the section
             others.append({"title": d.get("title") or type(r).__name__, "data": dict(d)})
     try:

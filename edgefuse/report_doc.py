@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 
@@ -110,7 +111,7 @@ def build_blocks(data: ReportData, *, top_ops: int, top_nodes: int, plots: bool,
         if plots and any(r.get("latency_ms") is not None and (r.get("accuracy") is not None or r.get("cosine")
                                                               is not None) for r in variants):
             blocks.append(Plot("Latency against accuracy / cosine, every variant",
-                               lambda v=tuple(variants): P.latency_vs_quality(v, dpi=dpi)))
+                               partial(P.latency_vs_quality, tuple(variants), dpi=dpi)))
     for sec in data.sections:
         blocks.append(Heading(2, str(sec.get("title", "Section"))))
         body = sec.get("data", {})
@@ -190,9 +191,9 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
                       "p90 (ms)", "p99 (ms)", "samples/s", f"ratio vs {prof['reference_label']} p50 [p10-p90]"),
                      tuple(rows), caption="ratio: per interleaved round, time of the graph / time of the reference"))
     if plots:
-        out.append(Plot(f"Latency distributions{emu}", lambda p=prof: P.latency_distributions(p, dpi=dpi)))
+        out.append(Plot(f"Latency distributions{emu}", partial(P.latency_distributions, prof, dpi=dpi)))
         if len({pt["threads"] for g in graphs for pt in g["latency"]}) > 1:
-            out.append(Plot(f"Latency against threads{emu}", lambda p=prof: P.latency_vs_threads(p, dpi=dpi)))
+            out.append(Plot(f"Latency against threads{emu}", partial(P.latency_vs_threads, prof, dpi=dpi)))
     out.append(Heading(3, f"Size, load time and memory{emu}"))
     mem_rows = []
     for g in graphs:
@@ -204,7 +205,7 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
                       "runtime baseline RSS (MiB)", "peak RSS (MiB)", "model adds (MiB)"), tuple(mem_rows),
                      caption="memory: one fresh process per graph; runtime baseline = after import onnxruntime"))
     if plots and any(g.get("memory") for g in graphs):
-        out.append(Plot(f"Peak memory{emu}", lambda p=prof: P.memory_bars(p, dpi=dpi)))
+        out.append(Plot(f"Peak memory{emu}", partial(P.memory_bars, prof, dpi=dpi)))
     profiled = [g for g in graphs if g.get("op_profile")]
     if profiled:
         out.append(Heading(3, f"Per-operator time{emu}"))
@@ -228,7 +229,7 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
         out.append(Table(("graph", "node", "op type", "us/run", "share", "MatMul precision"), tuple(node_rows),
                          caption="slowest nodes of the optimised graph"))
         if plots:
-            out.append(Plot(f"Per-operator breakdown{emu}", lambda p=prof: P.op_breakdown(p, top_ops, dpi=dpi)))
+            out.append(Plot(f"Per-operator breakdown{emu}", partial(P.op_breakdown, prof, top_ops, dpi=dpi)))
     checked = [g for g in graphs if g.get("parity")]
     if checked:
         out.append(Heading(3, "Output parity"))

@@ -155,3 +155,16 @@ def test_device_without_onnxruntime(sshd: Sshd, pair: tuple[Path, Path], tmp_pat
     with pytest.raises(ProfileError, match="ModuleNotFoundError"):
         profile_onnx([pair[0]], sshd.cfg(ssh_python=str(tmp_path / "bare" / "bin" / "python")))
     assert _leftovers(sshd) == []
+
+
+def test_cli_ssh_target(sshd: Sshd, pair: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    from edgefuse.cli import main
+
+    cfg = sshd.cfg()
+    code = main(["profile", str(pair[1]), "--target", cfg.target, "--ssh-identity", str(sshd.identity),
+                 "--ssh-known-hosts", str(sshd.known_hosts), "--ssh-python", sys.executable, "--threads", "1",
+                 "--seq-lens", "8", "--runs", "1", "--no-memory", "--no-op-profile"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{cfg.target} (") and "mlp_int8" in out and "EMULATED" not in out
+    assert _leftovers(sshd) == []

@@ -182,7 +182,7 @@ def make_feeds(
                     raise DataError(f"{str(inputs_npz)!r} has no array {spec.name!r} needed by graph {info.label!r} "
                                     f"(it has {sorted(given)})")
                 arrays[f"{gi}|{b}x{s}|{spec.name}"] = given[spec.name].astype(_NP_TYPES.get(spec.elem_type, np.float32))
-        np.savez(out, **arrays)
+        np.savez(out, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kw as allow_pickle
         return shapes
     highs: dict[str, int] = {}
     for info in infos:
@@ -193,7 +193,7 @@ def make_feeds(
         shared: dict[str, np.ndarray] = {}
         for gi, info in enumerate(infos):
             for spec in info.inputs:
-                shape = tuple(b if d == "batch" else s if d == "sequence" else d for d in spec.dims)
+                shape = tuple(b if d == "batch" else s if d == "sequence" else int(d) for d in spec.dims)
                 fixed = [d for d, want in zip(spec.dims, (b, s), strict=False) if isinstance(d, int) and d != want]
                 if fixed:
                     raise ConfigError(
@@ -204,7 +204,7 @@ def make_feeds(
                 if key not in shared:
                     shared[key] = _make_array(spec, shape, highs.get(spec.name), seed)
                 arrays[f"{gi}|{b}x{s}|{spec.name}"] = shared[key]
-    np.savez(out, **arrays)
+    np.savez(out, **arrays)  # type: ignore[arg-type]
     return list(shapes)
 
 

@@ -72,13 +72,14 @@ def rss_kib() -> tuple[int, int]:
 
 def cpuinfo() -> dict:
     """CPU model, ISA flags and core count from /proc/cpuinfo (what the OS, or qemu's fake file, exposes)."""
-    info = {"cpu_model": platform.processor() or platform.machine(), "isa_flags": [], "cores_logical": os.cpu_count()}
+    info: dict = {"cpu_model": platform.processor() or platform.machine(), "isa_flags": [],
+                  "cores_logical": os.cpu_count()}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     except OSError:
         return info
-    first = {}
+    first: dict = {}
     for line in text.splitlines():
         if ":" in line:
             key, value = (s.strip() for s in line.split(":", 1))
@@ -159,7 +160,7 @@ def time_point(sessions: list, feeds: list, job: dict) -> tuple[list, int]:
     for _ in range(warmup):
         for sess, fd in zip(sessions, feeds):  # noqa: B905 (the runner supports Python < 3.10)
             sess.run(None, fd)
-    times = [[] for _ in sessions]
+    times: list = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
     while True:
@@ -191,7 +192,9 @@ def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str) -> di
         os.unlink(trace)
     model_runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     t_start = model_runs[warmup] if len(model_runs) > warmup else 0
-    by_node, by_op, calls = {}, {}, {}
+    by_node: dict = {}
+    by_op: dict = {}
+    calls: dict = {}
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time") or e["ts"] < t_start:
             continue
@@ -235,7 +238,7 @@ def bench(job: dict) -> dict:
             points.append({"threads": threads, "batch_size": batch, "sequence_length": seq, "rounds": rounds,
                            "latencies_ms": times})
         del sessions
-    result = {"points": points, "op_profiles": [], "outputs_npz": None}
+    result: dict = {"points": points, "op_profiles": [], "outputs_npz": None}
     threads0 = max(thread_grid(job))
     batch0, seq0 = shapes[0]
     with tempfile.TemporaryDirectory(prefix="edgefuse-ortprof-") as work:
@@ -263,7 +266,7 @@ def outputs(job: dict) -> str:
         names = [o.name for o in sess.get_outputs()]
         for name, value in zip(names, sess.run(None, load_feeds(npz, i, batch0, seq0))):  # noqa: B905
             outs[f"{i}|{name}"] = np.asarray(value)
-    np.savez(job["outputs_npz"], **outs)
+    np.savez(job["outputs_npz"], **outs)  # type: ignore[arg-type]  # numpy's stub reads **kw as allow_pickle
     return job["outputs_npz"]
 
 
