@@ -168,3 +168,12 @@ def test_cli_ssh_target(sshd: Sshd, pair: tuple[Path, Path], capsys: pytest.Capt
     out = capsys.readouterr().out
     assert out.startswith(f"{cfg.target} (") and "mlp_int8" in out and "EMULATED" not in out
     assert _leftovers(sshd) == []
+
+
+def test_external_data_graph_over_ssh(sshd: Sshd, tmp_path: Path) -> None:
+    from test_profile_graphs import make_mlp_graph
+
+    g = make_mlp_graph(tmp_path / "ext.onnx", external_data=True)  # weights in ext.onnx.data beside it
+    res = profile_onnx([g], sshd.cfg(memory=False, op_profile=False))
+    assert res.graphs[0].file_size_bytes == g.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    assert res.graphs[0].parity is not None and res.graphs[0].parity.min_cosine == 1.0
