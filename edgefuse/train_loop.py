@@ -28,8 +28,8 @@ from torch import nn
 
 from edgefuse.checkpoint import TrainState, latest_checkpoint, load_best, load_checkpoint, save_best, save_checkpoint
 from edgefuse.config.finetune import FinetuneConfig
-from edgefuse.data import IGNORE_INDEX, FinetuneData, collate, epoch_order
-from edgefuse.errors import ConfigError, DataError
+from edgefuse.finetune_data import IGNORE_INDEX, FinetuneData, collate, epoch_order
+from edgefuse.errors import ConfigError, DataError, OutputExistsError
 from edgefuse.finetune_eval import evaluate, lower_is_better, main_metric
 from edgefuse.objectives import (
     causal_lm_loss,
@@ -246,9 +246,16 @@ def run_loop(
     )
     state = TrainState(config_fingerprint=config_fingerprint(cfg))
     resumed_from = None
+    if output_dir and not resume and latest_checkpoint(output_dir) is not None:
+        raise OutputExistsError(
+            f"{output_dir!r} already holds checkpoints of another run; resume it (resume=True, CLI --resume) or "
+            "use a new output folder (CLI --overwrite deletes them)"
+        )
     if resume and output_dir:
         ckpt = latest_checkpoint(output_dir)
-        if ckpt is not None:
+        if ckpt is None:
+            logger.warning("resume requested but %s holds no checkpoint: starting from step 0", output_dir)
+        else:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
             if state.config_fingerprint != config_fingerprint(cfg):
                 raise ConfigError(
@@ -257,8 +264,8 @@ def run_loop(
                 )
             resumed_from = state.step
             logger.info("resumed from %s (step %d)", ckpt, state.step)
-    else:
-        torch.manual_seed(cfg.seed + ctx.rank)  # dropout; a resumed run restores the RNG instead
+    if resumed_from is None:
+        torch.manual_seed(cfg.seed + ctx.rank)  # dropout; a resumed run restored the RNG instead
     wrapped: nn.Module = model
     if ctx.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel

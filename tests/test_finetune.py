@@ -14,8 +14,8 @@ from tolerances import FP32_EXACT_ATOL, MIN_CHANGE
 from edgefuse.checkpoint import list_checkpoints
 from edgefuse.config.finetune import DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
-from edgefuse.data import load_finetune_data
-from edgefuse.errors import ConfigError, DataError
+from edgefuse.finetune_data import load_finetune_data
+from edgefuse.errors import ConfigError, DataError, OutputExistsError
 from edgefuse.finetune import finetune_
 from edgefuse.finetune_eval import evaluate
 from edgefuse.fusion import fuse_mlps_
@@ -154,6 +154,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     data = cls_data(tmp_path)
     finetune_(fused_cls(), FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **CLS_CFG), data,
               output_dir=tmp_path, progress=False)
+    with pytest.raises(OutputExistsError, match="already holds checkpoints"):
+        finetune_(fused_cls(), FinetuneConfig(max_steps=2, **CLS_CFG), data, output_dir=tmp_path, progress=False)
     other = FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **{**CLS_CFG, "learning_rate": 1e-4})
     with pytest.raises(ConfigError, match="different training settings"):
         finetune_(fused_cls(), other, data, output_dir=tmp_path, resume=True, progress=False)

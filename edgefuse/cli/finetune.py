@@ -93,6 +93,7 @@ def register(sub: Any) -> None:
                    help="write a resumable checkpoint every N steps")
     e.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT_DIR")
     e.add_argument("--num-samples", type=int, help="causal-lm: greedy samples to print (default 3)")
+    e.add_argument("--log-every", dest="log_every_steps", type=int, help="record the loss every N steps (default 10)")
     e.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the frozen scale into the weights before saving (default: on; --no-fold keeps it "
                    "separate, for further training)")
@@ -110,7 +111,7 @@ _DATA_FLAGS = ("train", "validation", "validation_fraction", "group_column", "te
 _FT_FLAGS = ("task", "temperature", "hidden_layers", "trainable", "learning_rate", "weight_decay", "optimizer",
              "scheduler", "warmup_ratio", "max_grad_norm", "batch_size", "gradient_accumulation_steps", "max_steps",
              "epochs", "max_time_s", "group_by_length", "seed", "eval_every_steps", "eval_batch_size", "keep_best",
-             "checkpoint_every_steps", "num_samples")
+             "checkpoint_every_steps", "num_samples", "log_every_steps")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from edgefuse.data import load_finetune_data
+    from edgefuse.finetune_data import load_finetune_data
     from edgefuse.finetune import finetune_
     from edgefuse.io_utils import write_json_atomic
     from edgefuse.models import load_model, load_tokenizer
