@@ -19,14 +19,35 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
+    # fuse
     "FusionConfig": "edgefuse.config.fusion",
     "fuse_mlps_": "edgefuse.fusion",
     "plan_fusion": "edgefuse.fusion",
     "fold_scales_": "edgefuse.scale",
     "save_fused": "edgefuse.persist",
     "load_fused": "edgefuse.persist",
-    "measure_ntk": "edgefuse.ntk",
+    "load_model": "edgefuse.models",
+    "load_tokenizer": "edgefuse.models",
+    # NTK and approximation metrics
     "NtkConfig": "edgefuse.config.ntk",
+    "measure_ntk": "edgefuse.ntk",
+    # recover
+    "FinetuneConfig": "edgefuse.config.finetune",
+    "finetune_": "edgefuse.finetune",
+    # export and quantize
+    "ExportConfig": "edgefuse.config.export",
+    "export_onnx": "edgefuse.export",
+    "QuantizeConfig": "edgefuse.config.quantize",
+    "quantize_onnx": "edgefuse.quantize",
+    # profile and report
+    "ProfileConfig": "edgefuse.config.profile",
+    "profile_onnx": "edgefuse.profile",
+    "ReportConfig": "edgefuse.config.report",
+    "write_report": "edgefuse.report",
+    # pipeline
+    "PipelineConfig": "edgefuse.config.pipeline",
+    "load_config": "edgefuse.config.pipeline",
+    "run_pipeline": "edgefuse.pipeline",
 }
 
 __all__ = ["__version__", *_LAZY]
