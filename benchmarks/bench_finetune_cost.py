@@ -65,7 +65,7 @@ def child(path: str, task: str, batch: int, seq: int, warmup: int, steps: int, t
     from edgefuse.config.finetune import FinetuneConfig
     from edgefuse.models import load_model
     from edgefuse.objectives import causal_lm_loss, classification_loss
-    from edgefuse.train_loop import build_optimizer, trainable_parameters
+    from edgefuse.train_setup import build_optimizer, trainable_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -95,17 +95,37 @@ def child(path: str, task: str, batch: int, seq: int, warmup: int, steps: int, t
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds_per_step_median": statistics.median(times), "seconds_per_step_all": times,
-            "peak_rss_mib": peak, "rss_after_load_mib": rss_loaded, "training_growth_mib": peak - rss_loaded,
-            "trainable_params": n_params,
-            # parameters + gradients + AdamW exp_avg + exp_avg_sq, fp32
-            "training_state_mib": n_params * 4 * 4 / 2**20}
+    return {
+        "seconds_per_step_median": statistics.median(times),
+        "seconds_per_step_all": times,
+        "peak_rss_mib": peak,
+        "rss_after_load_mib": rss_loaded,
+        "training_growth_mib": peak - rss_loaded,
+        "trainable_params": n_params,
+        # parameters + gradients + AdamW exp_avg + exp_avg_sq, fp32
+        "training_state_mib": n_params * 4 * 4 / 2**20,
+    }
 
 
 def run_child(path: Path, task: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--task", task, "--batch",
-           str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        str(path),
+        "--task",
+        task,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -144,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         for kr in order:
             key = "unfused" if kr is None else f"fused-{kr:g}"
             measured[key] = run_child(_variant_dir(args.model, kr, args.layers), task, args)
-            print(f"round {r}: {key}: {measured[key]['seconds_per_step_median']:.3f} s/step, "
-                  f"peak RSS {measured[key]['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"round {r}: {key}: {measured[key]['seconds_per_step_median']:.3f} s/step, "
+                f"peak RSS {measured[key]['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
         rounds.append(measured)
     summary = {}
     for kr in args.keep_ratios:
@@ -155,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         g = [rd[key]["training_growth_mib"] / rd["unfused"]["training_growth_mib"] for rd in rounds]
         st = rounds[0][key]["training_state_mib"] / rounds[0]["unfused"]["training_state_mib"]
         summary[key] = {
-            "step_time_ratio_median": statistics.median(t), "step_time_ratio_min": min(t), "step_time_ratio_max": max(t),
-            "peak_rss_ratio_median": statistics.median(m), "peak_rss_ratio_min": min(m), "peak_rss_ratio_max": max(m),
+            "step_time_ratio_median": statistics.median(t),
+            "step_time_ratio_min": min(t),
+            "step_time_ratio_max": max(t),
+            "peak_rss_ratio_median": statistics.median(m),
+            "peak_rss_ratio_min": min(m),
+            "peak_rss_ratio_max": max(m),
             "training_growth_ratio_median": statistics.median(g),
             "training_state_ratio": st,
             "trainable_params": rounds[0][key]["trainable_params"],
@@ -164,11 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "what": f"fine-tuning cost, {args.model} fused vs unfused, batch {args.batch} x seq {args.seq}",
         "command": " ".join(["python", "benchmarks/bench_finetune_cost.py", *(argv or sys.argv[1:])]),
-        "model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq, "threads": args.threads,
-        "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": rounds, "summary": summary,
+        "model": args.model,
+        "layers": args.layers,
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": args.threads,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "rounds": rounds,
+        "summary": summary,
         "unfused_trainable_params": rounds[0]["unfused"]["trainable_params"],
-        "env": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                "loadavg_end": os.getloadavg()},
+        "env": {
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_end": os.getloadavg(),
+        },
     }
     from edgefuse.io_utils import write_json_atomic
 

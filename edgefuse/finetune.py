@@ -35,11 +35,12 @@ import torch
 from torch import nn
 
 from edgefuse.config.finetune import DataConfig, FinetuneConfig
-from edgefuse.finetune_data import FinetuneData, load_finetune_data
 from edgefuse.errors import ConfigError, DataError
+from edgefuse.finetune_data import FinetuneData, load_finetune_data
 from edgefuse.finetune_eval import greedy_samples, main_metric
 from edgefuse.scale import iter_scaled
-from edgefuse.train_loop import init_distributed, run_loop
+from edgefuse.train_loop import run_loop
+from edgefuse.train_setup import init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class FinetuneResult:
     best_step: int | None
     best_restored: bool
     final_metrics: dict[str, float]
+    initial_metrics: dict[str, float]  # before the first step (only with eval_before)
     samples: tuple[dict[str, str], ...]
     peak_rss_mib: float
 
@@ -186,12 +188,21 @@ def finetune_(
     scales = {name: m.edgefuse_scale.clone() for name, m in iter_scaled(model)}
     ctx = init_distributed()
     try:
-        outcome = run_loop(model, cfg, data, teacher=teacher, output_dir=None if output_dir is None else str(output_dir),
-                           resume=resume, progress=progress, ctx=ctx)
+        outcome = run_loop(
+            model,
+            cfg,
+            data,
+            teacher=teacher,
+            output_dir=None if output_dir is None else str(output_dir),
+            resume=resume,
+            progress=progress,
+            ctx=ctx,
+        )
         samples: list[dict[str, str]] = []
         if cfg.task == "causal-lm" and ctx.is_main:
-            samples = greedy_samples(model, data, tokenizer, num_samples=cfg.num_samples,
-                                     max_new_tokens=cfg.sample_max_new_tokens)
+            samples = greedy_samples(
+                model, data, tokenizer, num_samples=cfg.num_samples, max_new_tokens=cfg.sample_max_new_tokens
+            )
     finally:
         if ctx.initialized_here:
             import torch.distributed as dist
@@ -205,8 +216,11 @@ def finetune_(
     steps = max(outcome.steps_run, 1)
     return FinetuneResult(
         task=cfg.task,
-        objective_weights={"task": cfg.task_weight, "distill_logits": cfg.logits_weight,
-                           "distill_hidden": cfg.hidden_weight},
+        objective_weights={
+            "task": cfg.task_weight,
+            "distill_logits": cfg.logits_weight,
+            "distill_hidden": cfg.hidden_weight,
+        },
         steps_run=outcome.steps_run,
         total_steps=outcome.total_steps,
         stopped_by=outcome.stopped_by,
@@ -227,6 +241,7 @@ def finetune_(
         best_step=state.best_step,
         best_restored=outcome.best_restored,
         final_metrics=outcome.final_metrics,
+        initial_metrics=outcome.initial_metrics,
         samples=tuple(samples),
         peak_rss_mib=_peak_rss_mib(),
     )

@@ -50,7 +50,7 @@ class TokenizedSplit:
 
 @dataclass
 class FinetuneData:
-    """The tokenized train (and optional validation) split of one task, ready for :func:`edgefuse.finetune.finetune_`."""
+    """The tokenized train (and optional validation) split of one task, for :func:`edgefuse.finetune.finetune_`."""
 
     task: str
     train: TokenizedSplit
@@ -89,7 +89,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg}); a .jsonl file has one object per line") from None
+                raise DataError(
+                    f"{path}:{line_no}: not valid JSON ({exc.msg}); a .jsonl file has one object per line"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
             rows.append(row)
@@ -104,11 +106,13 @@ def _read_txt(path: Path) -> list[dict[str, Any]]:
 
 def _read_hf(spec: str) -> list[dict[str, Any]]:
     """``hf:NAME[:CONFIG][@SPLIT]`` -> rows, through ``datasets.load_dataset`` (split defaults to train)."""
-    body = spec[len(HF_PREFIX):]
+    body = spec[len(HF_PREFIX) :]
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
     if not name:
-        raise DataError(f"data source {spec!r} names no dataset; write hf:NAME[:CONFIG][@SPLIT], e.g. hf:glue:sst2@train")
+        raise DataError(
+            f"data source {spec!r} names no dataset; write hf:NAME[:CONFIG][@SPLIT], e.g. hf:glue:sst2@train"
+        )
     try:
         import datasets
     except ImportError:
@@ -190,8 +194,8 @@ def split_by_group(
             f"cannot hold out {fraction} of {len(groups)} group(s) and keep training data; lower validation_fraction"
         )
     val_groups = set(groups[:n_val])
-    train = [r for r, k in zip(rows, keys) if k not in val_groups]
-    val = [r for r, k in zip(rows, keys) if k in val_groups]
+    train = [r for r, k in zip(rows, keys, strict=True) if k not in val_groups]
+    val = [r for r, k in zip(rows, keys, strict=True) if k in val_groups]
     return train, val
 
 
@@ -227,8 +231,9 @@ def tokenize_classification(
     enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
     tt = enc.get("token_type_ids")
     if label_map is None:
-        return TokenizedSplit(input_ids=list(enc["input_ids"]), token_type_ids=list(tt) if tt is not None else None,
-                              references=texts)
+        return TokenizedSplit(
+            input_ids=list(enc["input_ids"]), token_type_ids=list(tt) if tt is not None else None, references=texts
+        )
     labels = []
     for i, r in enumerate(rows):
         key = str(r[cfg.label_column]).strip()
@@ -238,8 +243,12 @@ def tokenize_classification(
                 f"(known: {sorted(label_map)[:10]})"
             )
         labels.append(label_map[key])
-    return TokenizedSplit(input_ids=list(enc["input_ids"]), token_type_ids=list(tt) if tt is not None else None,
-                          labels=labels, references=texts)
+    return TokenizedSplit(
+        input_ids=list(enc["input_ids"]),
+        token_type_ids=list(tt) if tt is not None else None,
+        labels=labels,
+        references=texts,
+    )
 
 
 def tokenize_causal_lm(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: DataConfig, source: str) -> TokenizedSplit:

@@ -50,8 +50,15 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: TokenizedSplit, task: str, *, pad_token_id: int, batch_size: int = 64,
-    teacher: nn.Module | None = None, rank: int = 0, world_size: int = 1,
+    model: nn.Module,
+    split: TokenizedSplit,
+    task: str,
+    *,
+    pad_token_id: int,
+    batch_size: int = 64,
+    teacher: nn.Module | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` on ``split``.
 
@@ -81,7 +88,9 @@ def evaluate(
         # sort by length so that dynamic padding wastes little; the metrics do not depend on the order
         order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))[rank::world_size]
         for start in range(0, len(order), batch_size):
-            batch = {k: v.to(device) for k, v in collate(split, order[start : start + batch_size], pad_token_id).items()}
+            batch = {
+                k: v.to(device) for k, v in collate(split, order[start : start + batch_size], pad_token_id).items()
+            }
             labels = batch.pop("labels", None)
             out = model(**batch)
             t_out = teacher(**batch) if teacher is not None else None
@@ -113,8 +122,11 @@ def evaluate(
     if task == "causal-lm":
         return {"perplexity": math.exp(min(mean, 50.0)), "loss": mean, "tokens": float(sums[1])}
     if task == "feature-extraction":
-        return {"embedding_cosine": float(sums[4]) / n, "hidden_distance": float(sums[6] / max(float(sums[7]), 1.0)),
-                "examples": float(sums[5])}
+        return {
+            "embedding_cosine": float(sums[4]) / n,
+            "hidden_distance": float(sums[6] / max(float(sums[7]), 1.0)),
+            "examples": float(sums[5]),
+        }
     metrics: dict[str, float] = {"examples": float(sums[5])}
     if split.labels is not None:
         metrics.update(accuracy=float(sums[2]) / n, loss=mean)
@@ -141,16 +153,19 @@ def greedy_samples(
     seen: set[str] = set()
     out = []
     try:
-        for prompt, ref in zip(split.prompts, split.references):
+        for prompt, ref in zip(split.prompts, split.references, strict=True):
             if not prompt or prompt in seen:  # nothing to condition on without a prompt column
                 continue
             seen.add(prompt)
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
             gen = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=data.pad_token_id,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=data.pad_token_id,
             )
-            text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            text = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
             out.append({"prompt": prompt, "generated": text.strip(), "reference": ref})
             if len(out) >= num_samples:
                 break

@@ -34,9 +34,11 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over target tokens; ``labels`` carry :data:`IGNORE_INDEX` where no loss is due."""
+    """Next-token cross-entropy summed over target tokens (``labels`` hold :data:`IGNORE_INDEX` where none is due)."""
     lg, tg = _shifted(logits, labels)
-    loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (tg != IGNORE_INDEX).sum().float()
 
 
@@ -50,7 +52,9 @@ def logit_distillation_loss(
     """
     t = float(temperature)
     if student.dim() == 3:  # (batch, seq, vocab): score the positions the LM loss scores
-        student, tgt = _shifted(student, labels if labels is not None else torch.zeros(student.shape[:2], dtype=torch.long))
+        student, tgt = _shifted(
+            student, labels if labels is not None else torch.zeros(student.shape[:2], dtype=torch.long)
+        )
         teacher = teacher[:, :-1, :]
         keep = tgt != IGNORE_INDEX
         student, teacher = student[keep], teacher[keep]  # (tokens, vocab)

@@ -7,29 +7,25 @@ its own slice, and losses are normalised by the *global* number of examples/toke
 ``b`` follow the same loss curve as one process with batch ``N*b`` (up to floating-point reordering).
 
 Example:
-    >>> linear_schedule = lr_lambda("linear", total_steps=10, warmup_steps=2)
-    >>> [round(linear_schedule(s), 2) for s in (0, 1, 2, 6, 10)]
-    [0.0, 0.5, 1.0, 0.5, 0.0]
+    >>> from edgefuse.train_loop import run_loop, DistContext
+    >>> DistContext().world_size
+    1
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from edgefuse.checkpoint import TrainState, latest_checkpoint, load_best, load_checkpoint, save_best, save_checkpoint
 from edgefuse.config.finetune import FinetuneConfig
-from edgefuse.finetune_data import IGNORE_INDEX, FinetuneData, collate, epoch_order
 from edgefuse.errors import ConfigError, DataError, OutputExistsError
+from edgefuse.finetune_data import IGNORE_INDEX, FinetuneData, collate, epoch_order
 from edgefuse.finetune_eval import evaluate, lower_is_better, main_metric
 from edgefuse.objectives import (
     causal_lm_loss,
@@ -37,104 +33,18 @@ from edgefuse.objectives import (
     hidden_state_loss,
     logit_distillation_loss,
 )
+from edgefuse.train_setup import (
+    DistContext,
+    NullContext,
+    all_reduce_sum,
+    barrier,
+    build_optimizer,
+    config_fingerprint,
+    lr_lambda,
+    trainable_parameters,
+)
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class DistContext:
-    """Rank, world size and device of this process (world size 1 without ``torchrun``)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistContext:
-    """Join the process group that ``torchrun``/``accelerate launch`` describe in the environment, if any."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = f"cuda:{local_rank}" if cuda else "cpu"
-    if world <= 1:
-        return DistContext(device=device if cuda else "cpu")
-    here = False
-    if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        here = True
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, here)
-
-
-def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
-# ---------------------------------------------------------------------------------------------- optimiser
-_NORM_HINTS = ("layernorm", "layer_norm", "rmsnorm", "norm.weight", "ln_", "_norm")
-
-
-def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, nn.Parameter]]:
-    """The parameters that ``cfg.trainable`` selects (and that require grad, e.g. not frozen MoE routers)."""
-    if cfg.trainable == "fused-mlps":
-        from edgefuse.discovery import find_fused_sites
-
-        sites = list(find_fused_sites(model))
-        if not sites:
-            raise ConfigError("trainable='fused-mlps' but the model has no fused MLP (with a frozen scale); fuse it first")
-        keep = set()
-        for site in sites:
-            for mod in (site.up_module, site.down_module, getattr(site, "gate_module", None)):
-                if mod is not None:
-                    keep.update(id(p) for p in mod.parameters())
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW (or Adam) with biases and norm weights out of weight decay (HF Trainer default, method.md 1.7)."""
-    decay, no_decay = [], []
-    for name, p in named:
-        lower = name.lower()
-        skip = cfg.no_decay_bias_and_norm and (name.endswith("bias") or any(h in lower for h in _NORM_HINTS))
-        (no_decay if skip else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    if cls is torch.optim.Adam:  # Adam's weight_decay is L2 in the gradient; the paper's layer-wise step uses none
-        for g in groups:
-            g["weight_decay"] = 0.0
-    return cls(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-
-
-def lr_lambda(kind: str, *, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at step ``s``: linear warm-up, then linear/cosine decay or constant."""
-
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -151,16 +61,10 @@ class LoopOutcome:
     resumed_from_step: int | None
     final_metrics: dict[str, float] = field(default_factory=dict)
     best_restored: bool = False
+    initial_metrics: dict[str, float] = field(default_factory=dict)
     trainable_params: int = 0
     global_batch_size: int = 0
     world_size: int = 1
-
-
-def config_fingerprint(cfg: FinetuneConfig) -> str:
-    """A hash of the settings that must not change between a run and its resumption."""
-    keep = cfg.model_dump(exclude={"max_time_s", "eval_every_steps", "checkpoint_every_steps", "num_samples",
-                                   "sample_max_new_tokens", "log_every_steps", "eval_batch_size"})
-    return hashlib.sha256(repr(sorted(keep.items())).encode()).hexdigest()[:16]
 
 
 def _counts(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -173,7 +77,10 @@ def _counts(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
 
 
 def _forward_losses(
-    model: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor], cfg: FinetuneConfig,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    cfg: FinetuneConfig,
     denom: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted loss of one micro-batch, normalised by the global counts ``denom``; and its parts (detached)."""
@@ -240,7 +147,7 @@ def run_loop(
         )
     steps_per_epoch = n // global_batch  # the last incomplete global batch is dropped: every step is full
     total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.scheduler, total_steps=total_steps, warmup_steps=warmup)
     )
@@ -293,8 +200,16 @@ def run_loop(
         nonlocal last_eval_step
         if data.validation is None:
             return {}
-        m = evaluate(model, data.validation, cfg.task, pad_token_id=data.pad_token_id, batch_size=cfg.eval_batch_size,
-                     teacher=teacher, rank=ctx.rank, world_size=ctx.world_size)
+        m = evaluate(
+            model,
+            data.validation,
+            cfg.task,
+            pad_token_id=data.pad_token_id,
+            batch_size=cfg.eval_batch_size,
+            teacher=teacher,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
         last_eval_step = state.step
         if metric not in m:  # nothing measurable (e.g. unlabeled data and no teacher)
             return m
@@ -312,6 +227,20 @@ def run_loop(
         logger.info("step %d: %s", state.step, {k: round(v, 5) for k, v in m.items()})
         return m
 
+    initial: dict[str, float] = {}
+    if cfg.eval_before and data.validation is not None and resumed_from is None:
+        initial = evaluate(
+            model,
+            data.validation,
+            cfg.task,
+            pad_token_id=data.pad_token_id,
+            batch_size=cfg.eval_batch_size,
+            teacher=teacher,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        logger.info("before training: %s", {k: round(v, 5) for k, v in initial.items()})
+        model.train()
     try:
         while state.step < total_steps:
             epoch, pos = divmod(state.step, steps_per_epoch)
@@ -322,15 +251,20 @@ def run_loop(
             micro_batches = []
             for a in range(cfg.gradient_accumulation_steps):
                 chunk = gbatch[a * micro : (a + 1) * micro]
-                micro_batches.append(collate(data.train, chunk[ctx.rank * cfg.batch_size : (ctx.rank + 1) * cfg.batch_size],
-                                             data.pad_token_id))
+                micro_batches.append(
+                    collate(
+                        data.train,
+                        chunk[ctx.rank * cfg.batch_size : (ctx.rank + 1) * cfg.batch_size],
+                        data.pad_token_id,
+                    )
+                )
             # normalise by the counts of the whole global step, known before any forward pass
             denom = sum((_counts(b, cfg.task) for b in micro_batches), torch.zeros(2, dtype=torch.float64))
-            denom = _all_reduce_sum(denom.to(device), ctx).cpu().clamp_min(1.0) / ctx.world_size
+            denom = all_reduce_sum(denom.to(device), ctx).cpu().clamp_min(1.0) / ctx.world_size
             parts = torch.zeros(3, dtype=torch.float64)
             for a, batch in enumerate(micro_batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                sync_ctx = wrapped.no_sync() if ctx.world_size > 1 and a < len(micro_batches) - 1 else _nullcontext()
+                sync_ctx = wrapped.no_sync() if ctx.world_size > 1 and a < len(micro_batches) - 1 else NullContext()
                 with sync_ctx:
                     # DDP averages gradients over ranks; denom is divided by world_size to undo that average
                     loss, p = _forward_losses(wrapped, teacher, batch, cfg, denom.float().to(device))
@@ -343,7 +277,7 @@ def run_loop(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             examples += global_batch
-            parts = _all_reduce_sum(parts.to(device), ctx).cpu() / ctx.world_size
+            parts = all_reduce_sum(parts.to(device), ctx).cpu() / ctx.world_size
             weights = torch.tensor([cfg.task_weight, cfg.logits_weight, cfg.hidden_weight], dtype=torch.float64)
             loss_value = float((parts * weights).sum())
             if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
@@ -351,8 +285,11 @@ def run_loop(
             seconds = time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{examples / max(seconds, 1e-9):.1f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    ex_s=f"{examples / max(seconds, 1e-9):.1f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                )
             if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
                 do_eval()
                 model.train()
@@ -360,10 +297,10 @@ def run_loop(
             if output_dir and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 if ctx.is_main:
                     save_checkpoint(output_dir, state, model, optimizer, scheduler)
-                _barrier(ctx)
+                barrier(ctx)
             if cfg.max_time_s is not None and state.step < total_steps:
                 over = torch.tensor([1.0 if state.elapsed_s >= cfg.max_time_s else 0.0])
-                if _all_reduce_sum(over.to(device), ctx).item() > 0:  # every rank stops at the same step
+                if all_reduce_sum(over.to(device), ctx).item() > 0:  # every rank stops at the same step
                     stopped_by = "max_time_s"
                     break
     finally:
@@ -375,7 +312,7 @@ def run_loop(
     best_restored = False
     if cfg.keep_best and state.best_step is not None and state.best_step != state.step:
         if output_dir:
-            _barrier(ctx)
+            barrier(ctx)
             load_best(output_dir, model)
         else:
             model.load_state_dict(best_in_memory, strict=True)
@@ -385,23 +322,17 @@ def run_loop(
     best_in_memory.clear()
     model.eval()
     return LoopOutcome(
-        state=state, total_steps=total_steps, steps_run=state.step - start_step, train_seconds=train_seconds,
-        examples_seen=examples, stopped_by=stopped_by, resumed_from_step=resumed_from,
-        final_metrics={k: v for k, v in final.items() if k != "step"}, best_restored=best_restored,
-        trainable_params=sum(p.numel() for _, p in named), global_batch_size=global_batch, world_size=ctx.world_size,
+        state=state,
+        total_steps=total_steps,
+        steps_run=state.step - start_step,
+        train_seconds=train_seconds,
+        examples_seen=examples,
+        stopped_by=stopped_by,
+        resumed_from_step=resumed_from,
+        final_metrics={k: v for k, v in final.items() if k != "step"},
+        best_restored=best_restored,
+        initial_metrics=initial,
+        trainable_params=sum(p.numel() for _, p in named),
+        global_batch_size=global_batch,
+        world_size=ctx.world_size,
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _barrier(ctx: DistContext) -> None:
-    if ctx.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()

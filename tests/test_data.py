@@ -10,6 +10,7 @@ import torch
 from test_finetune_fixtures import e2e_rows, sentiment_rows, word_tokenizer, write_csv, write_tsv
 
 from edgefuse.config.finetune import DataConfig
+from edgefuse.errors import DataError, MissingDependencyError, TargetNotFoundError
 from edgefuse.finetune_data import (
     IGNORE_INDEX,
     collate,
@@ -18,7 +19,6 @@ from edgefuse.finetune_data import (
     read_records,
     split_by_group,
 )
-from edgefuse.errors import DataError, MissingDependencyError, TargetNotFoundError
 
 
 def test_reads_tsv_csv_jsonl_and_txt(tmp_path):
@@ -128,8 +128,9 @@ def test_causal_lm_labels_skip_the_prompt_and_padding(tmp_path):
 
 
 def test_dynamic_padding_pads_to_the_longest_in_the_batch(tmp_path):
-    path = write_tsv(tmp_path / "t.tsv", [{"sentence": "good", "label": "1"},
-                                          {"sentence": "the film was very bad", "label": "0"}])
+    path = write_tsv(
+        tmp_path / "t.tsv", [{"sentence": "good", "label": "1"}, {"sentence": "the film was very bad", "label": "0"}]
+    )
     data = load_finetune_data(DataConfig(train=str(path)), word_tokenizer(), "sequence-classification")
     short = collate(data.train, [0], data.pad_token_id)
     both = collate(data.train, [0, 1], data.pad_token_id)
@@ -152,10 +153,14 @@ def test_epoch_order_is_deterministic_and_groups_lengths():
     a = epoch_order(500, seed=1, epoch=2, lengths=lengths, batch_size=10)
     assert a == epoch_order(500, seed=1, epoch=2, lengths=lengths, batch_size=10)
     assert sorted(a) == list(range(500)) and a != epoch_order(500, seed=1, epoch=3, lengths=lengths, batch_size=10)
-    spread = sum(max(lengths[i] for i in a[j:j + 10]) - min(lengths[i] for i in a[j:j + 10]) for j in range(0, 500, 10))
+    spread = sum(
+        max(lengths[i] for i in a[j : j + 10]) - min(lengths[i] for i in a[j : j + 10]) for j in range(0, 500, 10)
+    )
     plain = epoch_order(500, seed=1, epoch=2)
-    spread_plain = sum(max(lengths[i] for i in plain[j:j + 10]) - min(lengths[i] for i in plain[j:j + 10])
-                       for j in range(0, 500, 10))
+    spread_plain = sum(
+        max(lengths[i] for i in plain[j : j + 10]) - min(lengths[i] for i in plain[j : j + 10])
+        for j in range(0, 500, 10)
+    )
     assert spread < spread_plain / 4  # grouping removes most of the padding
 
 

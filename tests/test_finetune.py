@@ -14,13 +14,13 @@ from tolerances import FP32_EXACT_ATOL, MIN_CHANGE
 from edgefuse.checkpoint import list_checkpoints
 from edgefuse.config.finetune import DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
-from edgefuse.finetune_data import load_finetune_data
 from edgefuse.errors import ConfigError, DataError, OutputExistsError
 from edgefuse.finetune import finetune_
+from edgefuse.finetune_data import load_finetune_data
 from edgefuse.finetune_eval import evaluate
 from edgefuse.fusion import fuse_mlps_
 from edgefuse.scale import iter_scaled
-from edgefuse.train_loop import build_optimizer, lr_lambda, trainable_parameters
+from edgefuse.train_setup import build_optimizer, lr_lambda, trainable_parameters
 
 
 def cls_data(tmp_path: Path, n_train: int = 96, n_val: int = 32, labels: bool = True):
@@ -35,8 +35,14 @@ def cls_data(tmp_path: Path, n_train: int = 96, n_val: int = 32, labels: bool = 
 
 def lm_data(tmp_path: Path, n: int = 80):
     path = write_csv(tmp_path / "e2e.csv", e2e_rows(n))
-    cfg = DataConfig(train=str(path), validation_fraction=0.25, group_column="mr", prompt_column="mr",
-                     text_column="ref", prompt_separator=" ")
+    cfg = DataConfig(
+        train=str(path),
+        validation_fraction=0.25,
+        group_column="mr",
+        prompt_column="mr",
+        text_column="ref",
+        prompt_separator=" ",
+    )
     return load_finetune_data(cfg, word_tokenizer("lm"), "causal-lm")
 
 
@@ -79,8 +85,15 @@ def test_causal_lm_loss_goes_down_perplexity_and_greedy_samples(tmp_path):
     model = tiny_model("llama", head="lm")
     fuse_mlps_(model, FusionConfig(keep_ratio=0.5))
     before = evaluate(model, data.validation, "causal-lm", pad_token_id=data.pad_token_id)
-    cfg = FinetuneConfig(task="causal-lm", max_steps=30, batch_size=8, learning_rate=1e-2, log_every_steps=1,
-                         num_samples=2, sample_max_new_tokens=6)
+    cfg = FinetuneConfig(
+        task="causal-lm",
+        max_steps=30,
+        batch_size=8,
+        learning_rate=1e-2,
+        log_every_steps=1,
+        num_samples=2,
+        sample_max_new_tokens=6,
+    )
     res = finetune_(model, cfg, data, tokenizer=tok, progress=False)
     assert res.final_metrics["perplexity"] < 0.5 * before["perplexity"]
     assert res.loss_curve[-1][1] < res.loss_curve[0][1]
@@ -144,7 +157,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     resumed.bert.encoder.layer[0].output.dropout.p = 0.2
     res = finetune_(resumed, cfg, data, output_dir=tmp_path / "b", resume=True, progress=False)
     assert res.resumed_from_step == 4 and res.steps_run == 4
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=FP32_EXACT_ATOL, rtol=0), name
     assert res.loss_curve == ref.loss_curve
     assert res.final_metrics == ref.final_metrics
@@ -152,8 +165,13 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     data = cls_data(tmp_path)
-    finetune_(fused_cls(), FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **CLS_CFG), data,
-              output_dir=tmp_path, progress=False)
+    finetune_(
+        fused_cls(),
+        FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **CLS_CFG),
+        data,
+        output_dir=tmp_path,
+        progress=False,
+    )
     with pytest.raises(OutputExistsError, match="already holds checkpoints"):
         finetune_(fused_cls(), FinetuneConfig(max_steps=2, **CLS_CFG), data, output_dir=tmp_path, progress=False)
     other = FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **{**CLS_CFG, "learning_rate": 1e-4})
@@ -162,8 +180,14 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     # a checkpoint of a differently fused model does not fit
     unfused = tiny_model("bert", head="cls")
     with pytest.raises(ConfigError, match="does not fit"):
-        finetune_(unfused, FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **CLS_CFG), data,
-                  output_dir=tmp_path, resume=True, progress=False)
+        finetune_(
+            unfused,
+            FinetuneConfig(max_steps=2, checkpoint_every_steps=2, **CLS_CFG),
+            data,
+            output_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_logit_distillation_without_labels(tmp_path):
@@ -195,8 +219,16 @@ def test_hidden_state_distillation_brings_a_fused_encoder_back_to_its_teacher(tm
     student = copy.deepcopy(teacher)
     fuse_mlps_(student, FusionConfig(keep_ratio=0.25))
     before = evaluate(student, data.validation, "feature-extraction", pad_token_id=0, teacher=teacher)
-    cfg = FinetuneConfig(task="feature-extraction", task_weight=0.0, hidden_weight=1.0, max_steps=30, batch_size=8,
-                         learning_rate=3e-3, trainable="fused-mlps", log_every_steps=1)
+    cfg = FinetuneConfig(
+        task="feature-extraction",
+        task_weight=0.0,
+        hidden_weight=1.0,
+        max_steps=30,
+        batch_size=8,
+        learning_rate=3e-3,
+        trainable="fused-mlps",
+        log_every_steps=1,
+    )
     frozen_before = student.embeddings.word_embeddings.weight.clone()
     res = finetune_(student, cfg, data, teacher=teacher, progress=False)
     assert res.final_metrics["hidden_distance"] < 0.7 * before["hidden_distance"]
@@ -204,7 +236,9 @@ def test_hidden_state_distillation_brings_a_fused_encoder_back_to_its_teacher(tm
     # trainable="fused-mlps": only the fused linears moved (the method's layer-wise step, method.md 1.7)
     assert torch.equal(student.embeddings.word_embeddings.weight, frozen_before)
     assert res.trainable_params == sum(
-        p.numel() for layer in student.encoder.layer for m in (layer.intermediate.dense, layer.output.dense)
+        p.numel()
+        for layer in student.encoder.layer
+        for m in (layer.intermediate.dense, layer.output.dense)
         for p in m.parameters()
     )
 
@@ -213,8 +247,9 @@ def test_keep_best_hands_back_the_best_evaluated_weights(tmp_path):
     data = cls_data(tmp_path)
     model = fused_cls()
     # a large constant learning rate makes the curve noisy, so the last evaluation is rarely the best
-    cfg = FinetuneConfig(max_steps=12, eval_every_steps=2, keep_best=True, scheduler="constant",
-                         **{**CLS_CFG, "learning_rate": 5e-2})
+    cfg = FinetuneConfig(
+        max_steps=12, eval_every_steps=2, keep_best=True, scheduler="constant", **{**CLS_CFG, "learning_rate": 5e-2}
+    )
     res = finetune_(model, cfg, data, progress=False)
     accs = [e["accuracy"] for e in res.eval_history]
     assert res.best_metric == max(accs)
@@ -235,8 +270,9 @@ def test_moe_routers_stay_frozen(tmp_path):
     model.config.output_router_logits = True
     model.router_aux_loss_coef = 0.5
     gate = model.model.layers[0].block_sparse_moe.gate.weight.detach().clone()
-    res = finetune_(model, FinetuneConfig(task="causal-lm", max_steps=3, batch_size=8, num_samples=0), data,
-                    progress=False)
+    res = finetune_(
+        model, FinetuneConfig(task="causal-lm", max_steps=3, batch_size=8, num_samples=0), data, progress=False
+    )
     assert torch.equal(model.model.layers[0].block_sparse_moe.gate.weight, gate)
     assert model.router_aux_loss_coef == 0.0 and res.trainable_params < sum(p.numel() for p in model.parameters())
 
@@ -291,8 +327,9 @@ def test_wrong_head_or_task_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="prepared for task"):
         finetune_(tiny_model("llama", head="lm"), FinetuneConfig(task="causal-lm", max_steps=1), data, progress=False)
     with pytest.raises(ConfigError, match="no fused MLP"):
-        finetune_(tiny_model("bert", head="cls"), FinetuneConfig(max_steps=1, trainable="fused-mlps"), data,
-                  progress=False)
+        finetune_(
+            tiny_model("bert", head="cls"), FinetuneConfig(max_steps=1, trainable="fused-mlps"), data, progress=False
+        )
 
 
 def test_data_config_needs_a_tokenizer(tmp_path):

@@ -43,14 +43,38 @@ def test_recovers_folds_and_saves(tmp_path, sst, capsys):
     fused = saved_tiny(tmp_path / "fused", fuse=0.5)
     teacher = saved_tiny(tmp_path / "teacher")
     out = tmp_path / "out"
-    code = main(["finetune", str(fused), str(out), "--task", "sequence-classification", "--train", str(sst[0]),
-                 "--validation", str(sst[1]), "--objective", "task", "--objective", "distill-logits",
-                 "--teacher", str(teacher), "--max-steps", "6", "--eval-every", "3", *COMMON])
+    code = main(
+        [
+            "finetune",
+            str(fused),
+            str(out),
+            "--task",
+            "sequence-classification",
+            "--train",
+            str(sst[0]),
+            "--validation",
+            str(sst[1]),
+            "--objective",
+            "task",
+            "--objective",
+            "distill-logits",
+            "--teacher",
+            str(teacher),
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--eval-before",
+            *COMMON,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
+    assert "validation before: accuracy" in printed and "teacher_agreement" in printed
     assert "validation: accuracy" in printed and "scale(s) folded" in printed
     result = json.loads((out / "finetune_result.json").read_text())
     assert result["steps_run"] == 6 and result["folded_scales"] == 3
+    assert set(result["initial_metrics"]) == {"accuracy", "loss", "teacher_agreement", "examples"}
     assert result["objective_weights"] == {"task": 1.0, "distill_logits": 1.0, "distill_hidden": 0.0}
     assert not (out / "model" / SCALES_FILE).exists()  # folded: ready for export
     model = load_model(str(out / "model"), "sequence-classification")
@@ -60,8 +84,9 @@ def test_recovers_folds_and_saves(tmp_path, sst, capsys):
 def test_no_fold_keeps_the_scales_for_more_training(tmp_path, sst):
     fused = saved_tiny(tmp_path / "fused", fuse=0.5)
     out = tmp_path / "out"
-    assert main(["finetune", str(fused), str(out), "--train", str(sst[0]), "--max-steps", "2", "--no-fold",
-                 *COMMON]) == 0
+    assert (
+        main(["finetune", str(fused), str(out), "--train", str(sst[0]), "--max-steps", "2", "--no-fold", *COMMON]) == 0
+    )
     assert (out / "model" / SCALES_FILE).is_file()
 
 
@@ -82,8 +107,20 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, sst):
 
 def test_missing_column_exits_6_with_the_file_and_column(tmp_path, sst, capsys):
     fused = saved_tiny(tmp_path / "fused", fuse=0.5)
-    code = main(["finetune", str(fused), str(tmp_path / "o"), "--train", str(sst[0]), "--text-column", "review",
-                 "--max-steps", "1", *COMMON])
+    code = main(
+        [
+            "finetune",
+            str(fused),
+            str(tmp_path / "o"),
+            "--train",
+            str(sst[0]),
+            "--text-column",
+            "review",
+            "--max-steps",
+            "1",
+            *COMMON,
+        ]
+    )
     assert code == 6
     err = capsys.readouterr().err
     assert "train.tsv" in err and "'review'" in err and err.count("\n") == 1
@@ -100,15 +137,30 @@ def test_missing_column_exits_6_with_the_file_and_column(tmp_path, sst, capsys):
 def test_bad_settings_exit_2(tmp_path, sst, capsys, extra, code, match):
     fused = saved_tiny(tmp_path / "fused", fuse=0.5)
     steps = [] if match.startswith("give") else ["--max-steps", "1"]
-    assert main(["finetune", str(fused), str(tmp_path / "o"), "--train", str(sst[0]), *steps, *extra,
-                 "--no-progress"]) == code
+    assert (
+        main(["finetune", str(fused), str(tmp_path / "o"), "--train", str(sst[0]), *steps, *extra, "--no-progress"])
+        == code
+    )
     assert match in capsys.readouterr().err
 
 
 def test_missing_train_file_exits_3(tmp_path, capsys):
     fused = saved_tiny(tmp_path / "fused", fuse=0.5)
-    assert main(["finetune", str(fused), str(tmp_path / "o"), "--train", str(tmp_path / "none.tsv"),
-                 "--max-steps", "1", "--no-progress"]) == 3
+    assert (
+        main(
+            [
+                "finetune",
+                str(fused),
+                str(tmp_path / "o"),
+                "--train",
+                str(tmp_path / "none.tsv"),
+                "--max-steps",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 3
+    )
     assert "none.tsv" in capsys.readouterr().err
 
 
@@ -130,9 +182,30 @@ def test_causal_lm_e2e_style_with_group_split_and_samples(tmp_path, capsys):
     model = saved_tiny(tmp_path / "llama", arch="llama", head="lm", fuse=0.5)
     data = write_csv(tmp_path / "e2e.csv", e2e_rows(64))
     out = tmp_path / "out"
-    code = main(["finetune", str(model), str(out), "--task", "causal-lm", "--train", str(data),
-                 "--validation-fraction", "0.25", "--group-column", "mr", "--prompt-column", "mr",
-                 "--text-column", "ref", "--max-steps", "4", "--num-samples", "1", *COMMON])
+    code = main(
+        [
+            "finetune",
+            str(model),
+            str(out),
+            "--task",
+            "causal-lm",
+            "--train",
+            str(data),
+            "--validation-fraction",
+            "0.25",
+            "--group-column",
+            "mr",
+            "--prompt-column",
+            "mr",
+            "--text-column",
+            "ref",
+            "--max-steps",
+            "4",
+            "--num-samples",
+            "1",
+            *COMMON,
+        ]
+    )
     assert code == 0
     result = json.loads((out / "finetune_result.json").read_text())
     assert result["best_metric_name"] == "perplexity" and len(result["samples"]) == 1

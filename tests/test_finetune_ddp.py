@@ -24,13 +24,27 @@ def _free_port() -> int:
 
 
 def _run(args: list[str], nproc: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
     if nproc == 1:
         cmd = [sys.executable, "-m", "edgefuse", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-               f"--master-port={_free_port()}", "-m", "edgefuse", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            "--nnodes=1",
+            f"--master-port={_free_port()}",
+            "-m",
+            "edgefuse",
+            *args,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -40,15 +54,47 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, task):
     if task == "sequence-classification":
         model = saved_tiny(tmp_path / "m", fuse=0.5)
         rows = sentiment_rows(80)
-        data = ["--train", str(write_tsv(tmp_path / "t.tsv", rows[:64])),
-                "--validation", str(write_tsv(tmp_path / "v.tsv", rows[64:]))]
+        data = [
+            "--train",
+            str(write_tsv(tmp_path / "t.tsv", rows[:64])),
+            "--validation",
+            str(write_tsv(tmp_path / "v.tsv", rows[64:])),
+        ]
     else:
         model = saved_tiny(tmp_path / "m", arch="llama", head="lm", fuse=0.5)
         # dynamic padding gives the two ranks different token counts: the loss is normalised globally
-        data = ["--train", str(write_csv(tmp_path / "e.csv", e2e_rows(80))), "--validation-fraction", "0.2",
-                "--group-column", "mr", "--prompt-column", "mr", "--text-column", "ref", "--num-samples", "0"]
-    common = ["finetune", str(model), "--task", task, *data, "--max-steps", "5", "--lr", "5e-3",
-              "--eval-every", "5", "--log-every", "1", "--no-progress", "--json", "--group-by-length"]
+        data = [
+            "--train",
+            str(write_csv(tmp_path / "e.csv", e2e_rows(80))),
+            "--validation-fraction",
+            "0.2",
+            "--group-column",
+            "mr",
+            "--prompt-column",
+            "mr",
+            "--text-column",
+            "ref",
+            "--num-samples",
+            "0",
+        ]
+    common = [
+        "finetune",
+        str(model),
+        "--task",
+        task,
+        *data,
+        "--max-steps",
+        "5",
+        "--lr",
+        "5e-3",
+        "--eval-every",
+        "5",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--json",
+        "--group-by-length",
+    ]
     _run([*common[:2], str(tmp_path / "one"), *common[2:], "--batch-size", "8"], nproc=1)
     _run([*common[:2], str(tmp_path / "two"), *common[2:], "--batch-size", "4"], nproc=2)
     one = json.loads((tmp_path / "one" / "finetune_result.json").read_text())
@@ -59,8 +105,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, task):
     curve2 = [v for _, v in two["loss_curve"]]
     assert len(curve1) == len(curve2) == 5
     assert curve1[-1] != curve1[0]  # it trained
-    for a, b in zip(curve1, curve2):
+    for a, b in zip(curve1, curve2, strict=True):
         assert abs(a - b) <= DDP_LOSS_CURVE_RTOL * abs(a), (curve1, curve2)
     metric = one["best_metric_name"]
     assert abs(one["final_metrics"][metric] - two["final_metrics"][metric]) <= DDP_LOSS_CURVE_RTOL * abs(
-        one["final_metrics"][metric]) + (1 / 16 if metric == "accuracy" else 0)
+        one["final_metrics"][metric]
+    ) + (1 / 16 if metric == "accuracy" else 0)

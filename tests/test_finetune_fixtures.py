@@ -14,7 +14,7 @@ NEGATIVE = ["bad", "awful", "poor", "sad", "ugly", "dull"]
 FILLER = ["the", "film", "was", "a", "plot", "and", "very", "story", "actors", "it", "is", "of"]
 NAMES = ["Alimentum", "Aromi", "Bibimbap", "Cotto"]
 AREAS = ["centre", "riverside"]
-LM_WORDS = ["name", "area", "in", "the", "is", "a", "place", "."] + NAMES + AREAS
+LM_WORDS = ["name", "area", "in", "the", "is", "a", "place", ".", *NAMES, *AREAS]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
 
 
@@ -35,8 +35,14 @@ def word_tokenizer(kind: str = "bert") -> Any:
         tk.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
-        return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                       sep_token="[SEP]", eos_token="[EOS]")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tk,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            eos_token="[EOS]",
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 

@@ -38,15 +38,22 @@ OBJECTIVES = ("task", "distill-logits", "distill-hidden")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("finetune", help="recover a fused model: brief fine-tune / distillation, fold, save",
-                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "finetune",
+        help="recover a fused model: brief fine-tune / distillation, fold, save",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="model folder (fused or not), Hub id, or built-in alias: minilm, smollm2")
     p.add_argument("out_dir", help="output folder: model/, finetune_result.json, checkpoints/")
     p.add_argument("--config", metavar="YAML", help="YAML with 'finetune:' and 'data:' sections; flags override it")
     p.add_argument("--print-config", action="store_true", help="print the equivalent YAML config and exit")
     g = p.add_argument_group("task and data")
-    g.add_argument("--task", choices=("sequence-classification", "causal-lm", "feature-extraction"),
-                   help="default: sequence-classification")
+    g.add_argument(
+        "--task",
+        choices=("sequence-classification", "causal-lm", "feature-extraction"),
+        help="default: sequence-classification",
+    )
     g.add_argument("--num-labels", type=int, default=None, help="classification head size (default: from the data)")
     g.add_argument("--train", help="training data: .tsv/.csv/.jsonl/.txt file or hf:NAME[:CONFIG][@SPLIT]")
     g.add_argument("--validation", help="validation data (same forms)")
@@ -61,8 +68,12 @@ def register(sub: Any) -> None:
     g.add_argument("--max-train-examples", type=int, help="use only the first N training rows")
     g.add_argument("--max-validation-examples", type=int, help="use only the first N validation rows")
     o = p.add_argument_group("objectives")
-    o.add_argument("--objective", action="append", choices=OBJECTIVES,
-                   help="objective to use (repeatable); default: task. Weights below (default 1 each)")
+    o.add_argument(
+        "--objective",
+        action="append",
+        choices=OBJECTIVES,
+        help="objective to use (repeatable); default: task. Weights below (default 1 each)",
+    )
     o.add_argument("--task-weight", type=float)
     o.add_argument("--logits-weight", type=float)
     o.add_argument("--hidden-weight", type=float)
@@ -87,16 +98,26 @@ def register(sub: Any) -> None:
     e = p.add_argument_group("evaluation, checkpoints, output")
     e.add_argument("--eval-every", dest="eval_every_steps", type=int, help="evaluate every N steps (and at the end)")
     e.add_argument("--eval-batch-size", type=int)
-    e.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
-                   help="restore the best evaluated weights at the end (default: on)")
-    e.add_argument("--checkpoint-every", dest="checkpoint_every_steps", type=int,
-                   help="write a resumable checkpoint every N steps")
+    e.add_argument("--eval-before", action="store_true", default=None, help="also evaluate before training")
+    e.add_argument(
+        "--keep-best",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="restore the best evaluated weights at the end (default: on)",
+    )
+    e.add_argument(
+        "--checkpoint-every", dest="checkpoint_every_steps", type=int, help="write a resumable checkpoint every N steps"
+    )
     e.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT_DIR")
     e.add_argument("--num-samples", type=int, help="causal-lm: greedy samples to print (default 3)")
     e.add_argument("--log-every", dest="log_every_steps", type=int, help="record the loss every N steps (default 10)")
-    e.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
-                   help="fold the frozen scale into the weights before saving (default: on; --no-fold keeps it "
-                   "separate, for further training)")
+    e.add_argument(
+        "--fold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold the frozen scale into the weights before saving (default: on; --no-fold keeps it "
+        "separate, for further training)",
+    )
     e.add_argument("--fold-into", choices=("down", "up"), default="down", help="where to fold the scale")
     e.add_argument("--threads", type=int, help="torch intra-op threads")
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's model and checkpoints")
@@ -106,12 +127,45 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-_DATA_FLAGS = ("train", "validation", "validation_fraction", "group_column", "text_column", "text_pair_column",
-               "label_column", "prompt_column", "max_length", "max_train_examples", "max_validation_examples")
-_FT_FLAGS = ("task", "temperature", "hidden_layers", "trainable", "learning_rate", "weight_decay", "optimizer",
-             "scheduler", "warmup_ratio", "max_grad_norm", "batch_size", "gradient_accumulation_steps", "max_steps",
-             "epochs", "max_time_s", "group_by_length", "seed", "eval_every_steps", "eval_batch_size", "keep_best",
-             "checkpoint_every_steps", "num_samples", "log_every_steps")
+_DATA_FLAGS = (
+    "train",
+    "validation",
+    "validation_fraction",
+    "group_column",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "prompt_column",
+    "max_length",
+    "max_train_examples",
+    "max_validation_examples",
+)
+_FT_FLAGS = (
+    "task",
+    "temperature",
+    "hidden_layers",
+    "trainable",
+    "learning_rate",
+    "weight_decay",
+    "optimizer",
+    "scheduler",
+    "warmup_ratio",
+    "max_grad_norm",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "epochs",
+    "max_time_s",
+    "group_by_length",
+    "seed",
+    "eval_every_steps",
+    "eval_batch_size",
+    "eval_before",
+    "keep_best",
+    "checkpoint_every_steps",
+    "num_samples",
+    "log_every_steps",
+)
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -143,8 +197,12 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.objective:
         chosen = set(args.objective)
         ft["task_weight"] = (args.task_weight if args.task_weight is not None else 1.0) if "task" in chosen else 0.0
-        ft["logits_weight"] = (args.logits_weight if args.logits_weight is not None else 1.0) if "distill-logits" in chosen else 0.0
-        ft["hidden_weight"] = (args.hidden_weight if args.hidden_weight is not None else 1.0) if "distill-hidden" in chosen else 0.0
+        ft["logits_weight"] = (
+            (args.logits_weight if args.logits_weight is not None else 1.0) if "distill-logits" in chosen else 0.0
+        )
+        ft["hidden_weight"] = (
+            (args.hidden_weight if args.hidden_weight is not None else 1.0) if "distill-hidden" in chosen else 0.0
+        )
     else:
         for key in ("task_weight", "logits_weight", "hidden_weight"):
             if getattr(args, key) is not None:
@@ -188,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from edgefuse.finetune_data import load_finetune_data
     from edgefuse.finetune import finetune_
+    from edgefuse.finetune_data import load_finetune_data
     from edgefuse.io_utils import write_json_atomic
     from edgefuse.models import load_model, load_tokenizer
     from edgefuse.persist import save_fused
@@ -207,14 +265,27 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(ft_cfg.seed)  # a freshly initialised head is seeded
     model = load_model(args.model, ft_cfg.task, **kwargs)
     teacher = load_model(args.teacher, ft_cfg.task, **kwargs) if args.teacher else None
-    result = finetune_(model, ft_cfg, data, teacher=teacher, tokenizer=tok, output_dir=out, resume=args.resume,
-                       progress=not args.no_progress)
+    result = finetune_(
+        model,
+        ft_cfg,
+        data,
+        teacher=teacher,
+        tokenizer=tok,
+        output_dir=out,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     if result.world_size > 1 and _rank() != 0:
         return 0
     folded = fold_scales_(model, into=args.fold_into) if args.fold else 0
     save_fused(model, out / "model", tokenizer=tok, overwrite=True)
-    summary = {**result.to_dict(), "folded_scales": folded, "model_dir": str(out / "model"),
-               "finetune_config": ft_cfg.model_dump(), "data_config": data_cfg.model_dump()}
+    summary = {
+        **result.to_dict(),
+        "folded_scales": folded,
+        "model_dir": str(out / "model"),
+        "finetune_config": ft_cfg.model_dump(),
+        "data_config": data_cfg.model_dump(),
+    }
     write_json_atomic(out / "finetune_result.json", summary)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -231,11 +302,22 @@ def _rank() -> int:
 
 def _print_summary(result: Any, out: Path, folded: int) -> None:
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items() if k not in ("examples", "tokens"))
-    print(f"finetuned {result.steps_run} step(s) in {result.train_seconds:.1f} s "
-          f"({result.examples_per_second:.1f} examples/s, stopped by {result.stopped_by})")
+    print(
+        f"finetuned {result.steps_run} step(s) in {result.train_seconds:.1f} s "
+        f"({result.examples_per_second:.1f} examples/s, stopped by {result.stopped_by})"
+    )
+    before = ", ".join(f"{k} {v:.4f}" for k, v in result.initial_metrics.items() if k not in ("examples", "tokens"))
+    if before:
+        print(f"validation before: {before}")
     if metrics:
         print(f"validation: {metrics}")
     for s in result.samples:
         print(f"  prompt: {s['prompt'].strip()}\n  greedy: {s['generated']}")
-    note = f"{folded} scale(s) folded" if folded else "scales kept separate (--no-fold)" if result.frozen_scale_entries else "unfused model"
+    note = (
+        f"{folded} scale(s) folded"
+        if folded
+        else "scales kept separate (--no-fold)"
+        if result.frozen_scale_entries
+        else "unfused model"
+    )
     print(f"saved {out / 'model'} ({note}); details in {out / 'finetune_result.json'}", file=sys.stdout)

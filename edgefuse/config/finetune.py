@@ -21,7 +21,8 @@ class DataConfig(StrictModel):
     """
 
     train: str = Field(
-        description="Training data: a local .tsv/.csv/.jsonl file (or .txt: one text per line, column 'text'), or a Hugging Face dataset written "
+        description="Training data: a local .tsv/.csv/.jsonl file (or .txt: one text per line, column 'text'), "
+        "or a Hugging Face dataset written "
         "'hf:NAME[:CONFIG][@SPLIT]' (e.g. 'hf:glue:sst2@train'; needs `pip install datasets` and network "
         "access unless NAME is a local folder)."
     )
@@ -54,9 +55,7 @@ class DataConfig(StrictModel):
         description="causal-lm: optional column put before the text (E2E: 'mr'); the sequence is "
         "prompt + prompt_separator + text. The prompt is also what greedy samples are generated from.",
     )
-    prompt_separator: str = Field(
-        "\n", description="causal-lm: text placed between the prompt and the target text."
-    )
+    prompt_separator: str = Field("\n", description="causal-lm: text placed between the prompt and the target text.")
     loss_on_prompt: bool = Field(
         False, description="causal-lm: also train on (and score perplexity over) the prompt tokens."
     )
@@ -93,7 +92,9 @@ class FinetuneConfig(StrictModel):
         description="Weight of layer-wise hidden-state distillation (method.md 1.7): the mean over layers of "
         "the per-token squared L2 distance to the teacher's hidden states (padding excluded).",
     )
-    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature of logit distillation (loss scaled by T^2).")
+    temperature: float = Field(
+        2.0, gt=0.0, description="Softmax temperature of logit distillation (loss scaled by T^2)."
+    )
     hidden_layers: list[int] | None = Field(
         None,
         description="Hidden-state indices to match (1..L are the layer outputs, 0 the embeddings). None: 1..L.",
@@ -137,6 +138,9 @@ class FinetuneConfig(StrictModel):
     eval_every_steps: int | None = Field(
         None, ge=1, description="Evaluate every N steps (and at the end). None: only at the end."
     )
+    eval_before: bool = Field(
+        False, description="Also evaluate before the first step (the fused model's starting point), in the result."
+    )
     keep_best: bool = Field(
         True,
         description="Keep the weights with the best validation metric and restore them at the end (accuracy for "
@@ -154,10 +158,10 @@ class FinetuneConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
         if self.task_weight + self.logits_weight + self.hidden_weight <= 0:
-            raise ValueError(
-                "every objective weight is 0; set task_weight, logits_weight or hidden_weight above 0"
-            )
-        if self.task == "feature-extraction" and (self.task_weight > 0 or self.logits_weight > 0 or self.hidden_weight <= 0):
+            raise ValueError("every objective weight is 0; set task_weight, logits_weight or hidden_weight above 0")
+        if self.task == "feature-extraction" and (
+            self.task_weight > 0 or self.logits_weight > 0 or self.hidden_weight <= 0
+        ):
             raise ValueError(
                 "task feature-extraction has no labels and no logits: set task_weight=0, logits_weight=0 and "
                 f"hidden_weight>0 (got {self.task_weight}, {self.logits_weight}, {self.hidden_weight})"
