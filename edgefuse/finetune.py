@@ -187,6 +187,9 @@ def finetune_(
         raise DataError("the task loss needs labels; set the label column, or use only distillation objectives")
     scales = {name: m.edgefuse_scale.clone() for name, m in iter_scaled(model)}
     ctx = init_distributed()
+    # trainable="fused-mlps" and the frozen teacher change requires_grad; the caller gets its flags back
+    # (frozen MoE routers were frozen above on purpose and stay so)
+    flags = [(p, p.requires_grad) for m in (model, teacher) if m is not None for p in m.parameters()]
     try:
         outcome = run_loop(
             model,
@@ -204,6 +207,8 @@ def finetune_(
                 model, data, tokenizer, num_samples=cfg.num_samples, max_new_tokens=cfg.sample_max_new_tokens
             )
     finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
         if ctx.initialized_here:
             import torch.distributed as dist
 

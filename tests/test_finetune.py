@@ -235,6 +235,8 @@ def test_hidden_state_distillation_brings_a_fused_encoder_back_to_its_teacher(tm
     assert res.final_metrics["embedding_cosine"] >= before["embedding_cosine"]
     # trainable="fused-mlps": only the fused linears moved (the method's layer-wise step, method.md 1.7)
     assert torch.equal(student.embeddings.word_embeddings.weight, frozen_before)
+    # ... and the caller gets its requires_grad flags back
+    assert all(p.requires_grad for p in student.parameters()) and all(p.requires_grad for p in teacher.parameters())
     assert res.trainable_params == sum(
         p.numel()
         for layer in student.encoder.layer

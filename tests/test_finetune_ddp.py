@@ -105,8 +105,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, task):
     curve2 = [v for _, v in two["loss_curve"]]
     assert len(curve1) == len(curve2) == 5
     assert curve1[-1] != curve1[0]  # it trained
-    for a, b in zip(curve1, curve2, strict=True):
-        assert abs(a - b) <= DDP_LOSS_CURVE_RTOL * abs(a), (curve1, curve2)
+    worst = max(abs(a - b) / abs(a) for a, b in zip(curve1, curve2, strict=True))
+    print(f"{task}: largest relative loss difference, 2 processes vs 1: {worst:.2e}")
+    assert worst <= DDP_LOSS_CURVE_RTOL, (curve1, curve2)
     metric = one["best_metric_name"]
     assert abs(one["final_metrics"][metric] - two["final_metrics"][metric]) <= DDP_LOSS_CURVE_RTOL * abs(
         one["final_metrics"][metric]
