@@ -48,11 +48,12 @@ def verdict_table(verdicts: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from edgefuse.budgets import failures_line
     from edgefuse.check import run_check
-    from edgefuse.cli.run import load_from_args
+    from edgefuse.cli.run import load_from_args, passive_openmp
     from edgefuse.errors import BudgetExceededError, EdgefuseError
     from edgefuse.junit import write_junit
     from edgefuse.pipeline import resolve_run_dir
 
+    passive_openmp()
     cfg = load_from_args(args)
     run_dir = resolve_run_dir(cfg, args.config, args.run_dir)
     quiet = args.no_progress or args.quiet
