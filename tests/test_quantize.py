@@ -178,3 +178,20 @@ def test_cli_quantize(small_bert: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["quantize", str(small_bert), "--dry-run", "--preset", "avx512-vnni"]) == 0
     out = capsys.readouterr()
     assert '"output_name": "model_int8_avx512-vnni.onnx"' in out.out and "block_size" in out.err
+
+
+def test_auto_ranking_sees_massive_activations() -> None:
+    """One token ~1000x larger than the rest (SmolLM2's "massive activations") sets the per-tensor int8 scale and
+    rounds every other token to zero: the per-token error must show it, though the whole-tensor norm would not."""
+    import numpy as np
+
+    from edgefuse.quantize_auto import relative_error
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 16)).astype(np.float32)
+    x = rng.normal(size=(32, 64)).astype(np.float32)
+    kw = {"mode": "dynamic", "per_channel": True, "reduce_range": False, "block_size": 32}
+    calm = relative_error(x, w, **kw)
+    x[0] *= 3000.0  # the first token
+    assert calm < 0.05
+    assert relative_error(x, w, **kw) > 0.5  # the 31 other tokens are lost
