@@ -199,9 +199,14 @@ def quantize_onnx(
         q_session = make_session(tmp)
         cos_mean, cos_min, max_diff, samples = qe.compare(q_session, task, batches, refs)
         if cfg.min_cosine is not None and cos_mean < cfg.min_cosine:
+            # u8 x s8 on AVX2/AVX-512 without VNNI sums pairs in int16 and can saturate: SmolLM2-135M's int8 went
+            # from cosine -0.28 to 0.84 with reduce_range on such a host (benchmarks/results/export.md)
+            saturating = cfg.mode != "int4" and preset.name in ("avx2", "avx512") and not settings.get("reduce_range")
             raise QuantizationError(
                 f"{name}: mean cosine {cos_mean:.5f} against fp32 is below min_cosine {cfg.min_cosine}; exclude "
                 "sensitive MatMuls (--exclude or --auto-target-cosine) or use per-channel int8"
+                + (f"; on this {preset.name} preset also try --reduce-range (int16 saturation without VNNI)"
+                   if saturating else "")
             )
         acc_fp32 = acc = None
         if cfg.eval_data is not None:

@@ -119,8 +119,11 @@ def test_failures_leave_no_file(small_bert: Path) -> None:
     with pytest.raises(QuantizationError, match="below min_cosine"):
         quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, min_cosine=0.999999999,
                                                  output_name="low.onnx"), calibration_texts=TEXTS)
+    with pytest.raises(QuantizationError, match="try --reduce-range"):  # AVX2 int16 saturation hint
+        quantize_onnx(small_bert, QuantizeConfig(preset="avx2", min_cosine=0.999999999, output_name="low8.onnx"),
+                      calibration_texts=TEXTS)
     leftovers = {p.name for p in small_bert.iterdir()}
-    assert not {"none.onnx", "low.onnx"} & leftovers and not any(n.endswith(".partial.onnx") for n in leftovers)
+    assert not {"none.onnx", "low.onnx", "low8.onnx"} & leftovers and not any(n.endswith(".partial.onnx") for n in leftovers)
 
 
 def test_accuracy_on_labelled_data(small_bert: Path, tmp_path: Path) -> None:
