@@ -442,12 +442,16 @@ def phase_markdown(args: argparse.Namespace) -> None:
                 )
         out.append("")
     rows = []
-    for tag, label in (
-        ("none", "full fine-tuning (unfused)"),
-        ("fusion-kr0.25", "fusion 0.25"),
-        ("prune-kr0.25", "prune 0.25 (structured)"),
-        ("svd-kr0.25", "svd (rank matched to 0.25)"),
-    ):
+    paper_runs = [("none", "full fine-tuning (unfused)")] + [
+        (f"{m}-kr{kr}", label.format(kr=kr))
+        for kr in ("0.5", "0.25")
+        for m, label in (
+            ("fusion", "fusion {kr}"),
+            ("prune", "prune {kr} (structured, aligned units)"),
+            ("svd", "svd (rank matched to {kr})"),
+        )
+    ]
+    for tag, label in paper_runs:
         d = _load(f"recovery_paper_{tag}.json")
         if d:
             cmds.append(d["command"])
