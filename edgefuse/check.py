@@ -73,7 +73,9 @@ def _graph(store: RunStore, records: dict[str, StageRecord], stage: str) -> Path
     return None if record is None else store.stage_dir(stage) / record.result["graph"]
 
 
-def _latency(profile: dict[str, Any], cand_label: str, ref_label: str, statistic: str) -> tuple[float | None, float | None, str]:
+def _latency(
+    profile: dict[str, Any], cand_label: str, ref_label: str, statistic: str
+) -> tuple[float | None, float | None, str]:
     """(worst ratio, worst absolute ms, detail) over the profile's latency points."""
     graphs = {g["label"]: g for g in profile["graphs"]}
     cand, ref = graphs[cand_label], graphs[ref_label]
@@ -101,7 +103,9 @@ def _latency(profile: dict[str, Any], cand_label: str, ref_label: str, statistic
             None if worst_ms is None else float(worst_ms[0]), detail)
 
 
-def measure(cfg: PipelineConfig, run_dir: Path, records: dict[str, StageRecord]) -> tuple[dict[str, float | None], dict[str, str], str, str | None]:
+def measure(
+    cfg: PipelineConfig, run_dir: Path, records: dict[str, StageRecord]
+) -> tuple[dict[str, float | None], dict[str, str], str, str | None]:
     """The measured value of every metric a budget can limit, from a finished run's records.
 
     Returns:
@@ -150,7 +154,8 @@ def measure(cfg: PipelineConfig, run_dir: Path, records: dict[str, StageRecord])
         for key in ("cosine", "abs_diff"):
             details[key] = f"vs PyTorch, {n}"
         details["teacher_cosine"] = f"vs the unfused teacher, {n}"
-        details["accuracy_drop"] = f"teacher {ev['pytorch']['teacher_accuracy']} vs candidate {graph.get('accuracy')}, {n}"
+        teacher_acc = ev["pytorch"]["teacher_accuracy"]
+        details["accuracy_drop"] = f"teacher {teacher_acc} vs candidate {graph.get('accuracy')}, {n}"
     return values, details, "" if cand is None else str(cand), None if ref is None else str(ref)
 
 

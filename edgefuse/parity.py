@@ -142,7 +142,9 @@ def batches_from_split(split: Any, pad_token_id: int, batch_size: int, max_examp
     return out
 
 
-def random_batches(vocab_size: int, *, batches: int = 4, batch_size: int = 4, seq: int = 32, seed: int = 0) -> list[EvalBatch]:
+def random_batches(
+    vocab_size: int, *, batches: int = 4, batch_size: int = 4, seq: int = 32, seed: int = 0
+) -> list[EvalBatch]:
     """Seeded random token batches (with padding) for models without text data or tokenizer."""
     rng = np.random.default_rng(seed)
     out = []

@@ -93,7 +93,9 @@ def enabled_stages(cfg: PipelineConfig) -> list[Stage]:
     return [s for s in STAGES if s.enabled(cfg)]
 
 
-def resolve_run_dir(cfg: PipelineConfig, config_path: str | Path | None = None, run_dir: str | Path | None = None) -> Path:
+def resolve_run_dir(
+    cfg: PipelineConfig, config_path: str | Path | None = None, run_dir: str | Path | None = None
+) -> Path:
     """The run folder: ``run_dir`` if given, else ``cfg.run_dir``, else ``runs/<config file stem>``.
 
     Example:

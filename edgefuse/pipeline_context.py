@@ -110,7 +110,9 @@ class StageContext:
 
         torch.manual_seed(0)
         m = self.cfg.model
-        return load_model(self.model_location(role), m.task, num_labels=m.num_labels, trust_remote_code=m.trust_remote_code)
+        return load_model(
+            self.model_location(role), m.task, num_labels=m.num_labels, trust_remote_code=m.trust_remote_code
+        )
 
     def tokenizer(self, *, required: bool = False) -> Any:
         """The source model's tokenizer (fusion and training do not change it), or None when it has none.

@@ -190,7 +190,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
             "emulated": result.environment.emulated, "target": result.environment.target}
 
 
-def read_profile(ctx_or_dir: StageContext | Path, records: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_profile(ctx_or_dir: StageContext | Path) -> dict[str, Any]:
     """The full profile result dict of a run (``profile/profile.json``)."""
     folder = ctx_or_dir.stage_dir("profile") if isinstance(ctx_or_dir, StageContext) else Path(ctx_or_dir)
     return json.loads((folder / "profile.json").read_text(encoding="utf-8"))

@@ -101,7 +101,8 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
         if search.recover and cfg.finetune is not None:
             from edgefuse.finetune import finetune_
 
-            finetune_(model, cfg.finetune, cfg.data, teacher=base, tokenizer=ctx.tokenizer(required=True), progress=False)
+            tok = ctx.tokenizer(required=True)
+            finetune_(model, cfg.finetune, cfg.data, teacher=base, tokenizer=tok, progress=False)
         vectors = [torch_vectors(model, task, b) for b in batches]
         if search.metric == "accuracy":
             value = accuracy(batches, vectors)

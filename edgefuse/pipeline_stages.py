@@ -104,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "recover", "finetune",
         enabled=lambda c: c.finetune is not None,
-        needs=lambda c: _model_stage(c, "fused", "base") + (DATA,),
+        needs=lambda c: (*_model_stage(c, "fused", "base"), DATA),
         payload=lambda c: {"model": _dump(c.model), "finetune": _dump(c.finetune), "data": _dump(c.data)},
         run=_run(_M, "run_recover"),
     ),
@@ -132,7 +132,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate", "evaluate",
         enabled=lambda c: c.export is not None,
-        needs=lambda c: _model_stage(c, "final", "base") + _graph_stages(c) + (DATA,),
+        needs=lambda c: (*_model_stage(c, "final", "base"), *_graph_stages(c), DATA),
         payload=lambda c: {"model": _dump(c.model), "evaluate": _dump(c.evaluate), "data": _dump(c.data)},
         run=_run(_G, "run_evaluate"),
     ),

@@ -49,7 +49,8 @@ def test_committed_schema_is_current() -> None:
     from edgefuse.cli.schema import schema_text
 
     committed = (ROOT / "export_configs" / "schema.json").read_text(encoding="utf-8")
-    assert committed == schema_text(), "export_configs/schema.json is stale: edgefuse schema -o export_configs/schema.json"
+    assert committed == schema_text(), (
+        "export_configs/schema.json is stale: edgefuse schema -o export_configs/schema.json")
 
 
 def test_committed_config_reference_is_current() -> None:
@@ -103,7 +104,8 @@ def test_unknown_key_names_the_path_the_allowed_keys_and_a_suggestion() -> None:
 
 
 def test_unknown_top_level_key() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'quantise' \(did you mean 'quantize'\?\); allowed keys in the top level"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key 'quantise' \(did you mean 'quantize'\?\); allowed keys in the top level"):
         config_from_dict({"schema_version": 1, "quantise": {}})
 
 
@@ -115,11 +117,14 @@ def test_wrong_type_names_path_and_value() -> None:
 
 
 def test_bad_value_names_the_allowed_values() -> None:
-    with pytest.raises(ConfigError, match=r"fusion.keep_ratio: 1.5 is not allowed: Input should be less than or equal to 1"):
+    with pytest.raises(ConfigError,
+                       match=r"fusion.keep_ratio: 1.5 is not allowed: Input should be less than or equal to 1"):
         config_from_dict({"schema_version": 1, "fusion": {"keep_ratio": 1.5}})
-    with pytest.raises(ConfigError, match=r"model.task: 'embedding' is not allowed; allowed values: 'feature-extraction'"):
+    with pytest.raises(ConfigError,
+                       match=r"model.task: 'embedding' is not allowed; allowed values: 'feature-extraction'"):
         config_from_dict({"schema_version": 1, "model": {"task": "embedding"}})
-    with pytest.raises(ConfigError, match=r"quantize.mode: 'int3' is not allowed; allowed values: 'dynamic', 'static' or 'int4'"):
+    with pytest.raises(ConfigError,
+                       match=r"quantize.mode: 'int3' is not allowed; allowed values: 'dynamic', 'static' or 'int4'"):
         config_from_dict({"schema_version": 1, "export": {}, "quantize": {"mode": "int3"}})
 
 
@@ -131,9 +136,9 @@ def test_several_errors_in_one_line() -> None:
 
 
 def test_schema_version_missing_or_unknown() -> None:
-    with pytest.raises(ConfigError, match="schema_version is missing; add `schema_version: 1`"):
+    with pytest.raises(ConfigError, match=r"schema_version is missing; add `schema_version: 1`"):
         config_from_dict({"fusion": {"keep_ratio": 0.5}})
-    with pytest.raises(ConfigError, match="schema_version 2 is not supported; this edgefuse reads schema_version 1"):
+    with pytest.raises(ConfigError, match=r"schema_version 2 is not supported; this edgefuse reads schema_version 1"):
         config_from_dict({"schema_version": 2})
 
 
@@ -164,12 +169,12 @@ def test_cross_section_checks() -> None:
     with pytest.raises(ConfigError, match="max_latency_ratio need a profile section"):
         config_from_dict({"schema_version": 1, "export": {}, "check": {"candidate": "fp32",
                                                                         "budgets": {"max_latency_ratio": 0.5}}})
-    with pytest.raises(ConfigError, match="an accuracy budget needs model.task 'sequence-classification'"):
+    with pytest.raises(ConfigError, match=r"an accuracy budget needs model\.task 'sequence-classification'"):
         config_from_dict({"schema_version": 1, "export": {}, "check": {"candidate": "fp32",
                                                                         "budgets": {"max_accuracy_drop": 0.01}}})
     with pytest.raises(ConfigError, match="budgets sets no limit; set at least one of: max_size_mib"):
         config_from_dict({"schema_version": 1, "export": {}, "check": {"budgets": {}}})
-    with pytest.raises(ConfigError, match="export.task 'causal-lm' differs from model.task 'feature-extraction'"):
+    with pytest.raises(ConfigError, match=r"export\.task 'causal-lm' differs from model\.task 'feature-extraction'"):
         config_from_dict({"schema_version": 1, "export": {"task": "causal-lm"}})
 
 
@@ -197,13 +202,13 @@ def test_overrides_create_sections_and_apply(tmp_path: Path) -> None:
 
 
 def test_bad_overrides() -> None:
-    with pytest.raises(ConfigError, match="is not of the form dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"is not of the form dotted\.key=value"):
         parse_override("fusion.keep_ratio")
     with pytest.raises(ConfigError, match="is not of the form"):
         parse_override("fusion..keep_ratio=1")
     with pytest.raises(ConfigError, match="the value is not valid YAML"):
         parse_override("fusion.layers=[1, 2")
-    with pytest.raises(ConfigError, match="'fusion.keep_ratio' is 0.5, not a section with keys"):
+    with pytest.raises(ConfigError, match=r"'fusion\.keep_ratio' is 0\.5, not a section with keys"):
         apply_overrides({"fusion": {"keep_ratio": 0.5}}, ["fusion.keep_ratio.x=1"])
 
 

@@ -65,8 +65,9 @@ def test_changed_source_model_reruns_fusion(tmp_path: Path) -> None:
     src = save_tiny_bert(tmp_path / "m", seed=0)
     cfg = config_from_dict(base_config(src))
     run_pipeline(cfg, tmp_path / "run")
-    from edgefuse.persist import save_fused
     from tiny import tiny_model
+
+    from edgefuse.persist import save_fused
 
     save_fused(tiny_model("bert", seed=1), src, overwrite=True)  # same path, other weights
     assert run_pipeline(cfg, tmp_path / "run").ran == ("fuse",)
@@ -169,7 +170,8 @@ def test_search_budget_that_nothing_meets_fails_with_exit_11(model_dir: Path, tm
     from edgefuse.errors import BudgetExceededError
 
     raw = base_config(model_dir, search={"min_cosine": 1.0, "high": 0.5, "low": 0.1})
-    with pytest.raises(BudgetExceededError, match=r"no keep_ratio in \[0.1, 0.5\] meets min_cosine 1.0 \(tried 0.500->"):
+    with pytest.raises(BudgetExceededError,
+                       match=r"no keep_ratio in \[0.1, 0.5\] meets min_cosine 1.0 \(tried 0.500->"):
         run_pipeline(config_from_dict(raw), tmp_path / "run")
 
 

@@ -40,7 +40,7 @@ def verdict_table(verdicts: Any) -> str:
         measured = "not measured" if v.measured is None else f"{v.measured:.4g}{unit}"
         rows.append((v.budget, f"{v.op} {v.limit:g}{unit}", measured, "PASS" if v.passed else "FAIL", v.detail))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
     return "\n".join(lines)
 

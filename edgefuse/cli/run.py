@@ -86,7 +86,10 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             _cell(r.get("cosine_vs_pytorch"), ".4f"), _cell(r.get("accuracy"), ".4f"),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
+    out = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        for line in lines
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 

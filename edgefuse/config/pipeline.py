@@ -137,9 +137,8 @@ class PipelineConfig(StrictModel):
         out = dict(data)
         for key in ("export", "teacher", "finetune"):
             section = out.get(key)
-            if isinstance(section, dict) and "task" not in section:
-                if key == "export" or task in FINETUNE_TASKS:
-                    out[key] = {**section, "task": task}
+            if isinstance(section, dict) and "task" not in section and (key == "export" or task in FINETUNE_TASKS):
+                out[key] = {**section, "task": task}
         return out
 
     @model_validator(mode="after")
