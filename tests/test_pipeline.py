@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pipeline_tiny import base_config, save_tiny_bert
 
 from edgefuse.config.pipeline import config_from_dict, load_config
@@ -151,10 +152,12 @@ def test_run_dir_resolution() -> None:
     assert resolve_run_dir(config_from_dict({"schema_version": 1, "run_dir": "r"}), "x.yaml") == Path("r")
 
 
-def test_search_stage_records_every_point_and_fuse_uses_its_choice(model_dir: Path, tmp_path: Path) -> None:
+def test_search_stage_records_every_point_and_fuse_uses_its_choice(model_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # pooled cosine of a tiny random BERT barely moves; the logits-free budget is set just under 1 so the
     # bisection has to work: every point is recorded and the fusion uses the chosen ratio
-    raw = base_config(model_dir, search={"min_cosine": 0.99999, "low": 0.0625, "max_points": 5})
+    raw = base_config(model_dir, search={"min_cosine": 0.99999, "low": 0.0625, "max_points": 5},
+                      run_dir=str(tmp_path / "run"))
     result = run_pipeline(config_from_dict(raw), tmp_path / "run")
     search = result.stage("search").result
     assert search["points"][0]["keep_ratio"] == 1.0 and search["points"][0]["passed"]
@@ -164,6 +167,15 @@ def test_search_stage_records_every_point_and_fuse_uses_its_choice(model_dir: Pa
     fused_widths = {s["width_after"] for s in result.stage("fuse").result["fusion"]["steps"]}
     assert fused_widths == {round(32 * chosen)}
     assert result.stage("fuse").result["keep_ratio"] == chosen
+
+    from edgefuse.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["run", str(path)]) == 0  # every stage reused; the CLI prints every point tried
+    out = capsys.readouterr().out
+    assert f"-> {chosen:.4f} ({len(search['points'])} points" in out
+    assert out.count("  keep_ratio ") == len(search["points"])
 
 
 def test_search_budget_that_nothing_meets_fails_with_exit_11(model_dir: Path, tmp_path: Path) -> None:

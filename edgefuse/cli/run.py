@@ -105,6 +105,16 @@ def passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def search_table(search: dict[str, Any]) -> str:
+    """Every keep_ratio the search tried, in order, and the one it chose."""
+    lines = [f"search: smallest keep_ratio with {search['metric']} budget {search['budget']:g} -> "
+             f"{search['keep_ratio']:.4f} ({len(search['points'])} points, stopped by {search['stopped_by']})"]
+    for p in search["points"]:
+        lines.append(f"  keep_ratio {p['keep_ratio']:.4f}  {search['metric']} {p['value']:.4f}  "
+                     f"{'pass' if p['passed'] else 'fail'}  {p['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
 def load_from_args(args: argparse.Namespace) -> Any:
     from edgefuse.config.pipeline import load_config
 
@@ -152,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ran, cached = len(result.ran), len(result.cached)
     print(f"edgefuse run: {ran} stage(s) ran, {cached} reused, in {result.seconds:.1f} s; run folder {run_dir}")
+    if result.stage("search").status != "off":
+        print(search_table(result.stage("search").result))
     rows = result.summary.get("graphs") or []
     if rows:
         print(summary_table(rows))
