@@ -48,6 +48,20 @@ def _dims(value_info: Any) -> list[int] | None:
     return dims
 
 
+def _infer_shapes(model: Any) -> Any:
+    """Shapes of every tensor. onnxruntime's symbolic inference first: onnx's own leaves the batch dimension of
+    optimum's BERT exports unknown (it cannot fold the Shape -> Gather -> Expand chains of the embeddings), so every
+    MatMul of such a graph would be unresolved. onnx's inference is the fallback for graphs the former rejects."""
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # any failure (import, unsupported op) falls back to onnx's inference
+        return onnx.shape_inference.infer_shapes(model)
+
+
 def count_macs(model: Any, dims: dict[str, int]) -> MacCount:
     """MACs of the matrix products of ``model`` (an ``onnx.ModelProto`` or a path) with symbolic ``dims`` fixed.
 
@@ -74,7 +88,7 @@ def count_macs(model: Any, dims: dict[str, int]) -> MacCount:
                     d.ClearField("dim_param")
                     d.dim_value = int(value)
                 sym_index += 1
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = _infer_shapes(model)
     shapes: dict[str, list[int] | None] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         shapes[vi.name] = _dims(vi)
