@@ -112,11 +112,17 @@ SANE = {"max_size_mib": 5, "max_size_ratio": 1.5, "max_latency_ratio": 50.0, "ma
         "min_cosine": 0.999, "max_abs_diff": 1e-3, "min_teacher_cosine": 0.5}
 
 
-def test_check_passes_on_sane_budgets_and_fails_on_a_tight_one(model_dir: Path, tmp_path: Path,
+@pytest.fixture(scope="module")
+def sane_config(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run folder shared by the end-to-end tests: the first check runs the stages, later ones reuse them."""
+    return _config(tmp_path_factory.mktemp("check"), model_dir, SANE)
+
+
+def test_check_passes_on_sane_budgets_and_fails_on_a_tight_one(sane_config: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from edgefuse.cli import main
 
-    path = _config(tmp_path, model_dir, SANE)
+    path = sane_config
     junit = tmp_path / "out" / "check.xml"
     assert main(["check", str(path), "--junit", str(junit)]) == 0
     out = capsys.readouterr().out
@@ -131,7 +137,7 @@ def test_check_passes_on_sane_budgets_and_fails_on_a_tight_one(model_dir: Path, 
     code = main(["check", str(path), "--junit", str(tight), "--set", "check.budgets.max_size_ratio=0.001"])
     captured = capsys.readouterr()
     assert code == 11
-    assert "[export] inputs unchanged, reused" in captured.err
+    assert "[export] inputs unchanged, reused" in captured.err and "running" not in captured.err
     assert "edgefuse: error: 1 of 7 budgets failed: max_size_ratio: measured" in captured.err
     assert re.search(r"max_size_ratio\s+<= 0.001x\s+0\.\d+x\s+FAIL", captured.out)
     suite = _parse(tight.read_text()).find("testsuite")
@@ -140,11 +146,10 @@ def test_check_passes_on_sane_budgets_and_fails_on_a_tight_one(model_dir: Path, 
     assert failed == ["max_size_ratio"]
 
 
-def test_check_json_output_has_every_measurement(model_dir: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_json_output_has_every_measurement(sane_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edgefuse.cli import main
 
-    path = _config(tmp_path, model_dir, SANE)
+    path = sane_config
     assert main(["check", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] is True
