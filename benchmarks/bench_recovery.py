@@ -135,6 +135,32 @@ def phase_teacher(args: argparse.Namespace) -> None:
     )
 
 
+def _layerwise(student: Any, teacher: Any, data: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The method's layer-wise step (method.md 1.7): only the fused MLPs, towards the teacher's hidden states."""
+    if not args.layerwise_steps:
+        return None
+    from edgefuse.config.finetune import FinetuneConfig
+    from edgefuse.finetune import finetune_
+
+    lw_cfg = FinetuneConfig(
+        task="sequence-classification",
+        task_weight=0.0,
+        hidden_weight=1.0,
+        trainable="fused-mlps",
+        optimizer="adam",
+        max_steps=args.layerwise_steps,
+        batch_size=32,
+        learning_rate=args.layerwise_lr,
+        warmup_ratio=0.0,
+        group_by_length=True,
+        keep_best=False,
+        log_every_steps=10,
+        seed=1,
+    )
+    lw = finetune_(student, lw_cfg, data, teacher=teacher, progress=args.progress)
+    return {"config": lw_cfg.model_dump(), "result": lw.to_dict(), "accuracy_after_layerwise": _accuracy(student, data)}
+
+
 def phase_recover(args: argparse.Namespace) -> None:
     """Deployment order: fine-tuned teacher -> fuse -> brief recovery (distillation + task loss)."""
     from edgefuse.config.fusion import FusionConfig
@@ -161,32 +187,7 @@ def phase_recover(args: argparse.Namespace) -> None:
         "logits_weight": args.logits_weight,
         "hidden_weight": args.hidden_weight,
     }
-    layerwise = None
-    if args.layerwise_steps:
-        # the method's layer-wise step (method.md 1.7): only the fused MLPs, towards the teacher's hidden states
-        from edgefuse.config.finetune import FinetuneConfig
-
-        lw_cfg = FinetuneConfig(
-            task="sequence-classification",
-            task_weight=0.0,
-            hidden_weight=1.0,
-            trainable="fused-mlps",
-            optimizer="adam",
-            max_steps=args.layerwise_steps,
-            batch_size=32,
-            learning_rate=args.layerwise_lr,
-            warmup_ratio=0.0,
-            group_by_length=True,
-            keep_best=False,
-            log_every_steps=10,
-            seed=1,
-        )
-        lw = finetune_(student, lw_cfg, data, teacher=teacher, progress=args.progress)
-        layerwise = {
-            "config": lw_cfg.model_dump(),
-            "result": lw.to_dict(),
-            "accuracy_after_layerwise": _accuracy(student, data),
-        }
+    layerwise = _layerwise(student, teacher, data, args)
     steps = args.steps - (args.layerwise_steps or 0)
     cfg = _cls_config(steps, args.lr, args.eval_every, temperature=args.temperature, **weights)
     res = finetune_(student, cfg, data, teacher=teacher, progress=args.progress)
@@ -239,18 +240,23 @@ def phase_paper(args: argparse.Namespace) -> None:
     torch.manual_seed(0)  # same head initialisation for every method
     model = load_model("minilm", "sequence-classification", num_labels=2)
     fusion: dict[str, Any] = {}
+    layerwise = None
     if args.method != "none":
+        pretrained = copy.deepcopy(model) if args.layerwise_steps else None
         fcfg = FusionConfig(method=args.method, keep_ratio=args.keep_ratio, seed=0, n_init=args.n_init)
         fres = fuse_mlps_(model, fcfg)
+        layerwise = _layerwise(model, pretrained, data, args)  # the pretrained, unfused model is the teacher
+        del pretrained
         fusion = {
             "config": fcfg.model_dump(),
             "params_before": fres.params_total_before,
             "params_after": fres.params_total_after,
             "mlp_params_after": fres.mlp_params_after,
         }
-    cfg = _cls_config(args.steps, args.lr, args.eval_every)
+    cfg = _cls_config(args.steps - (args.layerwise_steps or 0), args.lr, args.eval_every)
     res = finetune_(model, cfg, data, progress=args.progress)
     tag = args.method if args.method == "none" else f"{args.method}-kr{args.keep_ratio:g}"
+    tag += f"-{args.tag}" if args.tag else ""
     _write(
         f"recovery_paper_{tag}.json",
         {
@@ -259,6 +265,8 @@ def phase_paper(args: argparse.Namespace) -> None:
             "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
             "method": args.method,
             "validation_accuracy": res.final_metrics["accuracy"],
+            "layerwise_step": layerwise,
+            "total_steps": res.steps_run + (args.layerwise_steps or 0),
             "fusion": fusion,
             "config": cfg.model_dump(),
             "result": res.to_dict(),
@@ -425,7 +433,11 @@ def phase_markdown(args: argparse.Namespace) -> None:
                 obj += f" (T={w['temperature']:g}, lr {w['learning_rate']:g})" if w["logits_weight"] > 0 else ""
                 if d.get("layerwise_step"):
                     lw = d["layerwise_step"]["config"]
-                    obj = f"{lw['max_steps']} layer-wise hidden-state steps (fused MLPs only), then {obj}"
+                    acc_lw = _pct(d["layerwise_step"]["accuracy_after_layerwise"])
+                    obj = (
+                        f"{lw['max_steps']} layer-wise hidden-state steps (fused MLPs only, Adam lr "
+                        f"{lw['learning_rate']:g}; accuracy after them {acc_lw}), then {obj}"
+                    )
                 if i == 0:
                     gap_before = 100 * (d["fused_before_recovery_accuracy"] - d["teacher_validation_accuracy"])
                     out.append(
@@ -452,20 +464,28 @@ def phase_markdown(args: argparse.Namespace) -> None:
         )
     ]
     for tag, label in paper_runs:
-        d = _load(f"recovery_paper_{tag}.json")
-        if d:
+        for path in sorted(RESULTS.glob(f"recovery_paper_{tag}.json")) + sorted(
+            RESULTS.glob(f"recovery_paper_{tag}-*.json")
+        ):
+            d = json.loads(path.read_text())
             cmds.append(d["command"])
             r = d["result"]
             params = d["fusion"].get("params_after", r["trainable_params"])
+            name, steps = label, f"{r['steps_run']} x {r['global_batch_size']}"
+            if d.get("layerwise_step"):
+                n_lw = d["layerwise_step"]["result"]["steps_run"]
+                name += ", layer-wise step first (method.md 1.7)"
+                steps = f"{n_lw} layer-wise + {steps}"
             rows.append(
-                f"| {label} | {params:,} | {r['steps_run']} x {r['global_batch_size']} "
-                f"| {_pct(d['validation_accuracy'])} | {r['seconds_per_step']:.2f} |"
+                f"| {name} | {params:,} | {steps} | {_pct(d['validation_accuracy'])} | {r['seconds_per_step']:.2f} |"
             )
     if rows:
         out += [
             "## SST-2, the paper's order (compress the pretrained model, then fine-tune on the task)",
             "",
-            "Same head initialisation (seed 0), data order, schedule and budget for every row; all 6 layers.",
+            "Same head initialisation (seed 0), data order, schedule and step budget (200 x 32) for every row; all 6 "
+            "layers. s/step is the wall clock of that run on the shared machine (see the cost section for ratios "
+            "measured side by side).",
             "",
             "| method | model params | steps x batch | accuracy % | s/step |",
             "|---|---|---|---|---|",
