@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from edgefuse.config.finetune import DataConfig, FinetuneConfig
-from edgefuse.errors import ConfigError, DataError
+from edgefuse.errors import ConfigError, DataError, UnsupportedArchitectureError
 from edgefuse.finetune_data import FinetuneData, load_finetune_data
 from edgefuse.finetune_eval import greedy_samples, main_metric
-from edgefuse.scale import iter_scaled
+from edgefuse.scale import get_scale, iter_scaled
 from edgefuse.train_loop import run_loop
 from edgefuse.train_setup import init_distributed
 
@@ -98,24 +98,25 @@ def _prepare_model(model: nn.Module, cfg: FinetuneConfig, teacher: nn.Module | N
             f"task sequence-classification needs a model with a classification head, got {head}; load it with "
             "task='sequence-classification'"
         )
-    if cfg.task == "causal-lm" and not (hasattr(model, "can_generate") and model.can_generate()):
+    can_generate = getattr(model, "can_generate", None)
+    if cfg.task == "causal-lm" and not (callable(can_generate) and can_generate()):
         raise ConfigError(f"task causal-lm needs a model with an LM head, got {head}; load it with task='causal-lm'")
-    try:
-        from edgefuse.discovery import model_arch
-        from edgefuse.fusion import freeze_routers_
+    from edgefuse.discovery import model_arch
+    from edgefuse.fusion import freeze_routers_
 
-        if model_arch(model).is_moe:
-            # routers stay frozen and their auxiliary losses off (method.md 1.8)
-            freeze_routers_(model)
-            for obj in (model, model.config):
-                for attr in ("router_aux_loss_coef", "router_z_loss_coef"):
-                    if hasattr(obj, attr):
-                        setattr(obj, attr, 0.0)
-            if hasattr(model.config, "output_router_logits"):
-                model.config.output_router_logits = False
-    except Exception as exc:  # an architecture without a fusion adapter is still fine-tunable
-        if type(exc).__name__ != "UnsupportedArchitectureError":
-            raise
+    try:
+        is_moe = model_arch(model).is_moe
+    except UnsupportedArchitectureError:  # no fusion adapter: still fine-tunable, just never fused
+        is_moe = False
+    if is_moe:
+        # routers stay frozen and their auxiliary losses off (method.md 1.8)
+        freeze_routers_(model)
+        for obj in (model, model.config):
+            for attr in ("router_aux_loss_coef", "router_z_loss_coef"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, 0.0)
+        if hasattr(model.config, "output_router_logits"):
+            model.config.output_router_logits = False
 
 
 def _check_labels(model: nn.Module, data: FinetuneData) -> None:
@@ -185,7 +186,7 @@ def finetune_(
     _check_labels(model, data)
     if cfg.task == "sequence-classification" and cfg.task_weight > 0 and data.train.labels is None:
         raise DataError("the task loss needs labels; set the label column, or use only distillation objectives")
-    scales = {name: m.edgefuse_scale.clone() for name, m in iter_scaled(model)}
+    scales = {name: get_scale(m).clone() for name, m in iter_scaled(model)}  # type: ignore[union-attr]
     ctx = init_distributed()
     # trainable="fused-mlps" and the frozen teacher change requires_grad; the caller gets its flags back
     # (frozen MoE routers were frozen above on purpose and stay so)
@@ -215,7 +216,7 @@ def finetune_(
             dist.destroy_process_group()
     # the frozen scale is a buffer and was never in the optimiser; prove it did not move
     for name, m in iter_scaled(model):
-        if not torch.equal(m.edgefuse_scale.cpu(), scales[name]):
+        if not torch.equal(get_scale(m).cpu(), scales[name]):  # type: ignore[union-attr]
             raise RuntimeError(f"internal error: the frozen fusion scale of {name} changed during training")
     state = outcome.state
     steps = max(outcome.steps_run, 1)

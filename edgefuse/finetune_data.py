@@ -64,7 +64,7 @@ class FinetuneData:
 def _read_delimited(path: Path, delimiter: str) -> list[dict[str, str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # GLUE TSVs are unquoted (a sentence may contain a lone '"'); CSVs (E2E) quote fields with commas
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Any = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
         if not reader.fieldnames:
@@ -235,8 +235,9 @@ def tokenize_classification(
             input_ids=list(enc["input_ids"]), token_type_ids=list(tt) if tt is not None else None, references=texts
         )
     labels = []
+    label_column = str(cfg.label_column)
     for i, r in enumerate(rows):
-        key = str(r[cfg.label_column]).strip()
+        key = str(r[label_column]).strip()
         if key not in label_map:
             raise DataError(
                 f"data source {source!r} row {i + 1}: label {key!r} was not seen in the training data "

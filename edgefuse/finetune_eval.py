@@ -105,10 +105,12 @@ def evaluate(
                 if t_out is not None:
                     sums[3] += (pred == t_out.logits.argmax(-1)).sum().item()
             elif task == "causal-lm":
+                assert labels is not None  # collate always builds next-token labels for causal-LM splits
                 loss, count = causal_lm_loss(out.logits, labels)
                 sums[0] += loss.item()
                 sums[1] += count.item()
             else:
+                assert t_out is not None  # feature extraction has no labels: returned early without a teacher
                 mask = batch["attention_mask"]
                 h, ht = out.last_hidden_state, t_out.last_hidden_state
                 sums[4] += F.cosine_similarity(_mean_pool(h, mask), _mean_pool(ht, mask), dim=-1).sum().item()
@@ -137,7 +139,7 @@ def evaluate(
 
 @torch.no_grad()
 def greedy_samples(
-    model: nn.Module, data: FinetuneData, tokenizer: Any, *, num_samples: int = 3, max_new_tokens: int = 40
+    model: Any, data: FinetuneData, tokenizer: Any, *, num_samples: int = 3, max_new_tokens: int = 40
 ) -> list[dict[str, str]]:
     """Greedy continuations of the first ``num_samples`` distinct validation prompts (causal LM).
 

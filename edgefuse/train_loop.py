@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,11 +90,12 @@ def _forward_losses(
     out = model(**batch, output_hidden_states=want_hidden)
     parts = torch.zeros(3, dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
-    t_out = None
-    if teacher is not None:
+    t_out: Any = None
+    if teacher is not None:  # the config check guarantees a teacher whenever a distillation weight is > 0
         with torch.no_grad():
             t_out = teacher(**batch, output_hidden_states=want_hidden)
     if cfg.task_weight > 0:
+        assert labels is not None  # checked by finetune_: the task loss needs labels
         if cfg.task == "sequence-classification":
             s, _ = classification_loss(out.logits, labels)
         else:
@@ -146,7 +148,8 @@ def run_loop(
             "lower batch_size"
         )
     steps_per_epoch = n // global_batch  # the last incomplete global batch is dropped: every step is full
-    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    epochs = float(cfg.epochs or 1.0)  # the config guarantees max_steps or epochs
+    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.scheduler, total_steps=total_steps, warmup_steps=warmup)
@@ -173,7 +176,7 @@ def run_loop(
             logger.info("resumed from %s (step %d)", ckpt, state.step)
     if resumed_from is None:
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout; a resumed run restored the RNG instead
-    wrapped: nn.Module = model
+    wrapped: Any = model  # nn.Module, or DistributedDataParallel (whose no_sync() the loop uses)
     if ctx.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -267,9 +270,9 @@ def run_loop(
                 sync_ctx = wrapped.no_sync() if ctx.world_size > 1 and a < len(micro_batches) - 1 else NullContext()
                 with sync_ctx:
                     # DDP averages gradients over ranks; denom is divided by world_size to undo that average
-                    loss, p = _forward_losses(wrapped, teacher, batch, cfg, denom.float().to(device))
+                    loss, micro_parts = _forward_losses(wrapped, teacher, batch, cfg, denom.float().to(device))
                     loss.backward()
-                parts += p
+                parts += micro_parts
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
             optimizer.step()

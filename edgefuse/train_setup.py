@@ -80,7 +80,7 @@ def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[st
             raise ConfigError(
                 "trainable='fused-mlps' but the model has no fused MLP (with a frozen scale); fuse it first"
             )
-        keep = set()
+        keep: set[int] = set()
         for site in sites:
             for mod in (site.up_module, site.down_module, getattr(site, "gate_module", None)):
                 if mod is not None:
@@ -92,7 +92,8 @@ def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[st
 
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW (or Adam) with biases and norm weights out of weight decay (HF Trainer default, method.md 1.7)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named:
         lower = name.lower()
         skip = cfg.no_decay_bias_and_norm and (name.endswith("bias") or any(h in lower for h in _NORM_HINTS))
