@@ -29,6 +29,7 @@ from edgefuse.stage_store import RunStore, StageRecord, hash_file, hash_path
 logger = logging.getLogger(__name__)
 
 Role = Literal["source", "base", "fused", "final"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 SOURCE = "source"
 MODEL_DIR = "model"
 
@@ -120,11 +121,19 @@ class StageContext:
         Raises:
             ConfigError: ``required`` and the model has no tokenizer files.
         """
-        from edgefuse.models import load_tokenizer
+        from edgefuse.models import load_tokenizer, resolve_alias
 
+        folder = Path(resolve_alias(self.cfg.model.name_or_path)).expanduser()
+        if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            if required:
+                raise ConfigError(
+                    f"model folder {str(folder)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); this stage "
+                    "needs one to read text: save the tokenizer next to the model"
+                )
+            return None
         try:
             return load_tokenizer(self.cfg.model.name_or_path, trust_remote_code=self.cfg.model.trust_remote_code)
-        except (OSError, ValueError, TypeError) as exc:
+        except Exception as exc:  # transformers raises OSError, ValueError, AttributeError... for a bad tokenizer
             if required:
                 raise ConfigError(
                     f"model {self.cfg.model.name_or_path!r} has no usable tokenizer ({exc.__class__.__name__}); "
