@@ -18,14 +18,14 @@ from edgefuse.pipeline_context import StageContext
 logger = logging.getLogger(__name__)
 
 
-def _finetune(ctx: StageContext, model: Any, cfg: Any, teacher: Any, *, checkpoints: bool) -> dict[str, Any]:
+def _finetune(ctx: StageContext, model: Any, cfg: Any, teacher: Any, *, phase: int = 0) -> dict[str, Any]:
     """Run :func:`finetune_`; with ``checkpoint_every_steps`` its checkpoints live in a folder of the run that
-    survives an interruption (keyed by the stage's input hash), so the next run resumes mid-training."""
+    survives an interruption (keyed by the stage's input hash and the phase), so the next run resumes mid-way."""
     from edgefuse.finetune import finetune_
 
     ckpt = None
-    if checkpoints and cfg.checkpoint_every_steps:
-        ckpt = ctx.store.run_dir / f".{ctx.stage}-checkpoints-{ctx.input_hash[:12]}"
+    if cfg.checkpoint_every_steps:
+        ckpt = ctx.store.run_dir / f".{ctx.stage}-checkpoints-{ctx.input_hash[:12]}-{phase}"
     resume = ckpt is not None and (ckpt / "checkpoints").is_dir() and any((ckpt / "checkpoints").iterdir())
     if resume:
         logger.info("resuming training from the checkpoints in %s", ckpt)
@@ -41,7 +41,7 @@ def _finetune(ctx: StageContext, model: Any, cfg: Any, teacher: Any, *, checkpoi
 def run_teacher(ctx: StageContext) -> dict[str, Any]:
     """Fine-tune the unfused source model on the task (the teacher of recovery and reference of the checks)."""
     model = ctx.load_model("source")
-    result = _finetune(ctx, model, ctx.cfg.teacher, None, checkpoints=True)
+    result = _finetune(ctx, model, ctx.cfg.teacher, None)
     ctx.save_model(model)
     return {"finetune": result}
 
@@ -68,12 +68,16 @@ def run_fuse(ctx: StageContext) -> dict[str, Any]:
 
 def run_recover(ctx: StageContext) -> dict[str, Any]:
     """Recover the fused model by fine-tuning/distillation from the teacher (the base model)."""
-    cfg = ctx.cfg.finetune
+    phases = ctx.cfg.finetune_phases
     model = ctx.load_model("fused")
-    teacher = ctx.load_model("base") if cfg.needs_teacher else None
-    result = _finetune(ctx, model, cfg, teacher, checkpoints=True)
+    teacher = ctx.load_model("base") if any(p.needs_teacher for p in phases) else None
+    results = []
+    for i, cfg in enumerate(phases):
+        if len(phases) > 1:
+            logger.info("recovery phase %d of %d", i + 1, len(phases))
+        results.append(_finetune(ctx, model, cfg, teacher if cfg.needs_teacher else None, phase=i))
     ctx.save_model(model)
-    return {"finetune": result}
+    return {"finetune": results[-1], "phases": results}
 
 
 def run_search(ctx: StageContext) -> dict[str, Any]:
@@ -98,11 +102,12 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
     def measure(ratio: float) -> float:
         model = copy.deepcopy(base)
         fuse_mlps_(model, cfg.fusion.model_copy(update={"keep_ratio": ratio, "width": None}))
-        if search.recover and cfg.finetune is not None:
+        if search.recover:
             from edgefuse.finetune import finetune_
 
             tok = ctx.tokenizer(required=True)
-            finetune_(model, cfg.finetune, cfg.data, teacher=base, tokenizer=tok, progress=False)
+            for phase in cfg.finetune_phases:
+                finetune_(model, phase, cfg.data, teacher=base, tokenizer=tok, progress=False)
         vectors = [torch_vectors(model, task, b) for b in batches]
         if search.metric == "accuracy":
             value = accuracy(batches, vectors)

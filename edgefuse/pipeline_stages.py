@@ -41,6 +41,8 @@ class Stage:
 
 
 def _dump(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_dump(o) for o in obj]
     return None if obj is None else obj.model_dump(mode="json")
 
 

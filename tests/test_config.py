@@ -185,6 +185,25 @@ def test_stage_tasks_default_to_the_model_task() -> None:
     assert cfg.export.task == "causal-lm" and cfg.finetune.task == "causal-lm"
 
 
+def test_recovery_phases_are_a_list_with_indexed_error_paths() -> None:
+    base = {"schema_version": 1, "data": {"train": "x.tsv"}}
+    cfg = config_from_dict({**base, "finetune": [
+        {"max_steps": 2, "task_weight": 0, "hidden_weight": 1, "trainable": "fused-mlps"},
+        {"max_steps": 3, "task_weight": 0, "hidden_weight": 1}]})
+    assert [p.max_steps for p in cfg.finetune_phases] == [2, 3]
+    assert config_from_dict({**base, "finetune": {"max_steps": 1, "task_weight": 0, "hidden_weight": 1}}
+                            ).finetune_phases[0].max_steps == 1
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune\[1\]\.max_stepz' \(did you mean 'max_steps'\?\)"):
+        config_from_dict({**base, "finetune": [{"max_steps": 1, "task_weight": 0, "hidden_weight": 1},
+                                               {"max_stepz": 2}]})
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune\.max_stepz'"):  # a single section: no index
+        config_from_dict({**base, "finetune": {"max_stepz": 2}})
+    with pytest.raises(ConfigError, match=r"finetune: expected a section \(a mapping of keys\) or a list of sections"):
+        config_from_dict({**base, "finetune": 3})
+    with pytest.raises(ConfigError, match="finetune is an empty list"):
+        config_from_dict({**base, "finetune": []})
+
+
 # ------------------------------------------------------------------------------------------------ --set overrides
 def test_override_values_are_typed_yaml() -> None:
     assert parse_override("fusion.keep_ratio=0.25") == (["fusion", "keep_ratio"], 0.25)

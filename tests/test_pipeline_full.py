@@ -31,7 +31,10 @@ def _classifier_config(tmp_path: Path, **extra: object) -> dict:
         model={"name_or_path": str(model), "task": "sequence-classification", "num_labels": 2},
         data={"train": str(train), "validation": str(val), "max_length": 16},
         teacher={"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3},
-        finetune={"max_steps": 3, "batch_size": 8, "task_weight": 1.0, "logits_weight": 1.0},
+        finetune=[  # two recovery phases: layer-wise distillation of the fused MLPs, then task + logits
+            {"max_steps": 2, "batch_size": 8, "task_weight": 0.0, "hidden_weight": 1.0, "trainable": "fused-mlps"},
+            {"max_steps": 3, "batch_size": 8, "task_weight": 1.0, "logits_weight": 1.0},
+        ],
         export={"validate_shapes": [[1, 5], [2, 7]]},
         quantize={"mode": "dynamic", "preset": "avx512-vnni", "min_cosine": None},
         profile=FAST_PROFILE,
@@ -51,7 +54,10 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     fuse = json.loads((run / "fuse" / "record.json").read_text())
     assert set(fuse["inputs"]) == {"teacher"}
     assert set(json.loads((run / "reference" / "record.json").read_text())["inputs"]) == {"teacher"}
-    assert result.stage("recover").result["finetune"]["steps_run"] == 3
+    phases = result.stage("recover").result["phases"]
+    assert [p["steps_run"] for p in phases] == [2, 3]
+    assert phases[0]["objective_weights"]["distill_hidden"] == 1.0 and phases[0]["objective_weights"]["task"] == 0.0
+    assert result.stage("recover").result["finetune"] == phases[-1]
     quant = result.stage("quantize").result
     assert quant["graph"].startswith("quantized/model_int8_avx512-vnni") and quant["quantize"]["quantized_nodes"] > 0
     # optimum-loadable folder: config and tokenizer beside the int8 graph

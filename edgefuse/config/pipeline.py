@@ -21,6 +21,7 @@ from edgefuse.config.check import CheckConfig
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.finetune import FINETUNE_TASKS, DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
+from edgefuse.config.messages import apply_overrides, parse_override, validation_message
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.config.report import ReportConfig
@@ -30,6 +31,11 @@ from edgefuse.models import Task
 
 SCHEMA_VERSION = 1
 SCHEMA_COMMENT = "# yaml-language-server: $schema=./schema.json"
+
+__all__ = [
+    "SCHEMA_COMMENT", "SCHEMA_VERSION", "EvaluateConfig", "ModelConfig", "PipelineConfig", "apply_overrides",
+    "config_from_dict", "dump_config", "json_schema", "load_config", "parse_override", "validation_message",
+]
 
 
 class ModelConfig(StrictModel):
@@ -104,8 +110,11 @@ class PipelineConfig(StrictModel):
         None, description="Find the smallest fusion.keep_ratio that meets a budget (bisection) before fusing."
     )
     fusion: FusionConfig | None = Field(None, description="MLP fusion. None: ship the model unfused.")
-    finetune: FinetuneConfig | None = Field(
-        None, description="Recovery after fusion (distillation from the teacher and/or the task loss). None: skip."
+    finetune: FinetuneConfig | list[FinetuneConfig] | None = Field(
+        None,
+        description="Recovery after fusion (distillation from the teacher and/or the task loss). A list runs its "
+        "phases in order on the same model, e.g. layer-wise hidden-state distillation of the fused MLPs "
+        "(trainable: fused-mlps), then the task loss with logit distillation. None: skip.",
     )
     export: ExportConfig | None = Field(
         None, description="Export the final model to ONNX, validated against PyTorch. None: stop after PyTorch."
@@ -135,10 +144,14 @@ class PipelineConfig(StrictModel):
             return data
         task = (data.get("model") or {}).get("task", "feature-extraction")
         out = dict(data)
+        def with_task(section: Any, key: str) -> Any:
+            if isinstance(section, dict) and "task" not in section and (key == "export" or task in FINETUNE_TASKS):
+                return {**section, "task": task}
+            return section
+
         for key in ("export", "teacher", "finetune"):
             section = out.get(key)
-            if isinstance(section, dict) and "task" not in section and (key == "export" or task in FINETUNE_TASKS):
-                out[key] = {**section, "task": task}
+            out[key] = [with_task(s, key) for s in section] if isinstance(section, list) else with_task(section, key)
         return out
 
     @model_validator(mode="after")
@@ -147,10 +160,14 @@ class PipelineConfig(StrictModel):
         task = self.model.task
         if self.export is not None and self.export.task != task:
             problems.append(f"export.task {self.export.task!r} differs from model.task {task!r}; remove export.task")
-        for key in ("teacher", "finetune"):
-            ft = getattr(self, key)
-            if ft is not None and task in FINETUNE_TASKS and ft.task != task:
+        phases = [("teacher", self.teacher)] if self.teacher is not None else []
+        phases += [(f"finetune[{i}]" if isinstance(self.finetune, list) else "finetune", ft)
+                   for i, ft in enumerate(self.finetune_phases)]
+        for key, ft in phases:
+            if task in FINETUNE_TASKS and ft.task != task:
                 problems.append(f"{key}.task {ft.task!r} differs from model.task {task!r}; remove {key}.task")
+        if isinstance(self.finetune, list) and not self.finetune:
+            problems.append("finetune is an empty list; give at least one phase, or null to skip recovery")
         for key in ("quantize", "profile"):
             if getattr(self, key) is not None and self.export is None:
                 problems.append(f"{key} needs an export section (it works on the exported graph)")
@@ -176,6 +193,18 @@ class PipelineConfig(StrictModel):
             raise ValueError("; ".join(problems))
         return self
 
+    @property
+    def finetune_phases(self) -> list[FinetuneConfig]:
+        """The recovery phases in order ([] when recovery is off).
+
+        Example:
+            >>> PipelineConfig(schema_version=1).finetune_phases
+            []
+        """
+        if self.finetune is None:
+            return []
+        return list(self.finetune) if isinstance(self.finetune, list) else [self.finetune]
+
     def _check_problems(self, check: CheckConfig) -> list[str]:
         """What the check's budgets need from the other sections."""
         active = check.budgets.active()
@@ -198,119 +227,7 @@ class PipelineConfig(StrictModel):
         return problems
 
 
-# ---------------------------------------------------------------- loading, overrides, error messages
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``dotted.key=value``; the value is read as YAML (``0.5`` is a float, ``[1, 2]`` a list, ``null``).
-
-    Raises:
-        ConfigError: no ``=``, an empty key part, or a value that is not valid YAML.
-
-    Example:
-        >>> parse_override("fusion.layers=[4, 5]")
-        (['fusion', 'layers'], [4, 5])
-    """
-    import yaml
-
-    key, sep, raw = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts):
-        raise ConfigError(f"--set {item!r} is not of the form dotted.key=value (e.g. --set fusion.keep_ratio=0.25)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
-    return [p.strip() for p in parts], value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``dotted.key=value`` set; missing sections are created.
-
-    Raises:
-        ConfigError: a malformed override, or one that descends into a value that is not a section.
-
-    Example:
-        >>> apply_overrides({"fusion": {"keep_ratio": 0.5}}, ["fusion.keep_ratio=0.25", "finetune=null"])
-        {'fusion': {'keep_ratio': 0.25}, 'finetune': None}
-    """
-    import copy
-
-    out = copy.deepcopy(data)
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(f"--set {item!r}: {where!r} is {child!r}, not a section with keys")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def _section_model(loc: tuple[Any, ...]) -> type[StrictModel] | None:
-    """The config class that holds the key at ``loc`` (for listing the allowed keys)."""
-    import typing
-
-    from pydantic import BaseModel
-
-    cls: type[BaseModel] = PipelineConfig
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return None
-        candidates = [field.annotation, *typing.get_args(field.annotation)]
-        sub = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not sub:
-            return None
-        cls = sub[0]
-    return cls  # type: ignore[return-value]
-
-
-def _describe(err: Any) -> str:
-    import difflib
-
-    loc = tuple(err["loc"])
-    where = ".".join(str(p) for p in loc) or "config"
-    kind = err["type"]
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        section = _section_model(loc)
-        allowed = list(section.model_fields) if section else []
-        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
-        return f"unknown key {where!r}{hint}; allowed keys in {parent}: {', '.join(allowed)}"
-    if kind == "missing":
-        return f"{where}: required key is missing"
-    if kind == "literal_error":
-        return f"{where}: {value!r} is not allowed; allowed values: {err['ctx']['expected']}"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{where}: expected a section (a mapping of keys), got {value!r}"
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if kind in ("value_error", "assertion_error") and not isinstance(value, (int, float, str, bool)):
-        return msg if not loc else f"{where}: {msg}"
-    return f"{where}: {value!r} is not allowed: {msg}"
-
-
-def validation_message(exc: ValidationError, source: str = "config") -> str:
-    """One line naming every bad key path, its value and what is allowed.
-
-    Example:
-        >>> try:
-        ...     PipelineConfig.model_validate({"schema_version": 1, "fusion": {"keep_ratoi": 0.5}})
-        ... except ValidationError as e:
-        ...     print(validation_message(e).split(";")[0])
-        config: unknown key 'fusion.keep_ratoi' (did you mean 'keep_ratio'?)
-    """
-    errors = exc.errors()
-    shown = [_describe(e) for e in errors[:5]]
-    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
-    return f"{source}: " + "; ".join(shown) + more
+# ---------------------------------------------------------------- loading
 
 
 def config_from_dict(data: Any, source: str = "config") -> PipelineConfig:
@@ -332,7 +249,7 @@ def config_from_dict(data: Any, source: str = "config") -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(validation_message(exc, source)) from None
+        raise ConfigError(validation_message(exc, source, PipelineConfig)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
