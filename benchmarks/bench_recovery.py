@@ -531,8 +531,11 @@ def phase_markdown(args: argparse.Namespace) -> None:
             continue
         cmds.append(c["command"])
         for key, v in c["summary"].items():
+            fused_s = [rd[key]["seconds_per_step_median"] for rd in c["rounds"]]
+            unfused_s = [rd["unfused"]["seconds_per_step_median"] for rd in c["rounds"]]
             cost_rows.append(
                 f"| {model} {key} ({c['layers']} layers) | {c['batch']} x {c['seq']} | "
+                f"{min(fused_s):.2f}-{max(fused_s):.2f} vs {min(unfused_s):.2f}-{max(unfused_s):.2f} | "
                 f"{v['step_time_ratio_median']:.3f} ({v['step_time_ratio_min']:.3f}-{v['step_time_ratio_max']:.3f}) | "
                 f"{v['peak_rss_ratio_median']:.3f} ({v['peak_rss_ratio_min']:.3f}-{v['peak_rss_ratio_max']:.3f}) | "
                 f"{v['training_state_ratio']:.3f} | {v['trainable_params']:,} / {c['unfused_trainable_params']:,} |"
@@ -542,10 +545,14 @@ def phase_markdown(args: argparse.Namespace) -> None:
             "## Fine-tuning cost: fused / unfused, same batch and sequence length, interleaved in one run",
             "",
             "Ratios < 1 favour the fused model. Median over rounds (min-max in brackets: the noise of the shared "
-            "machine). Training state = parameters + gradients + 2 AdamW moments (fp32), computed exactly.",
+            "machine). One training step = forward, loss, backward, gradient clipping and the AdamW step of the "
+            "recovery loop, on fixed-length random tokens, 1 thread, each measurement in a fresh process (so that its "
+            "peak RSS is its own), variants alternating within every round. Training state = parameters + gradients "
+            "+ 2 AdamW moments (fp32), computed exactly.",
             "",
-            "| model | batch x seq | s/step ratio | peak RSS ratio | training-state ratio | trainable params |",
-            "|---|---|---|---|---|---|",
+            "| model | batch x seq | s/step fused vs unfused (range over rounds) | s/step ratio | peak RSS ratio "
+            "| training-state ratio | trainable params |",
+            "|---|---|---|---|---|---|---|",
             *cost_rows,
             "",
         ]
