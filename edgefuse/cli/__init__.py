@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + 1, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    """Default: warnings only (stage commands print their own progress). -v: edgefuse's INFO. -vv: DEBUG, all."""
+    root = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.WARNING)
+    logging.basicConfig(level=root, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 1 and not quiet:
+        logging.getLogger("edgefuse").setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
