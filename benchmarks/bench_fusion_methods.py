@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--data", default=str(SST2))
     p.add_argument("--out", default=str(RESULTS / "fusion_methods"), help="output path without extension")
+    p.add_argument("--diagnose", action="store_true",
+                   help="instead of the comparison: analyse fusion's largest k-means cluster per layer (first ratio "
+                   "and seed) and split one layer's sign kernel into that cluster and the rest; writes "
+                   "<out>.diagnose.json")
+    p.add_argument("--diagnose-layer", type=int, default=1, help="layer whose sign kernel --diagnose splits")
     return p.parse_args(argv)
 
 
@@ -185,6 +190,135 @@ def markdown(agg: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cluster_activity(original: Any, batch: dict, ratio: float, seed: int, n_init: int) -> list[dict[str, Any]]:
+    """Per layer: the largest fusion cluster's size, how unlike its members are, and how often the members and
+    the centroid are active (pre-activation > 0) on the real inputs of that MLP."""
+    import numpy as np
+    import torch
+
+    from edgefuse.clustering import compress_mlp, subml_features
+    from edgefuse.discovery import find_mlps, read_weights
+
+    sites = find_mlps(original)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [s.up_module.register_forward_hook(lambda mod, a, o, k=s.layer: inputs.__setitem__(k, a[0].detach()))
+             for s in sites]
+    try:
+        with torch.no_grad():
+            original(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    mask = batch["attention_mask"].bool()
+    rows = []
+    for site in sites:
+        w = read_weights(site)
+        x = inputs[site.layer][mask]  # (tokens, d): the real inputs of this MLP
+        comp = compress_mlp(w, "fusion", max(1, round(w.width * ratio)), seed=seed, n_init=n_init)
+        j = int(comp.counts.argmax())
+        members = torch.from_numpy(comp.labels == j)
+        feats = subml_features(w)[members.numpy()]
+        centre = feats.mean(0)
+        with torch.no_grad():
+            z = x @ w.up.T + w.up_bias  # (tokens, p)
+            zc = x @ comp.weights.up[j] + comp.weights.up_bias[j]  # (tokens,)
+        rows.append({
+            "layer": site.layer, "largest_cluster": int(comp.counts[j]),
+            "singletons": int((comp.counts == 1).sum()),
+            "member_theta_norm_mean": float(np.linalg.norm(feats, axis=1).mean()),
+            "centroid_theta_norm": float(np.linalg.norm(centre)),
+            "member_distance_to_centroid_mean": float(np.linalg.norm(feats - centre, axis=1).mean()),
+            "members_active_fraction": float((z[:, members] > 0).float().mean()),
+            "all_units_active_fraction": float((z > 0).float().mean()),
+            "centroid_active_fraction": float((zc > 0).float().mean()),
+            "centroid_preactivation_mean": float(zc.mean()), "centroid_preactivation_std": float(zc.std()),
+        })
+    return rows
+
+
+def split_sign_kernel(original: Any, batch: dict, layer: int, ratio: float, seed: int, n_init: int) -> dict[str, Any]:
+    """Compress only ``layer`` with each k-means variant and split its sign kernel (over W1, b1, W2) into the
+    largest cluster's units and the rest; errors are relative to the original layer kernel's norm."""
+    import numpy as np
+    import torch
+
+    from edgefuse.clustering import compress_mlp
+    from edgefuse.config.fusion import FusionConfig
+    from edgefuse.discovery import find_mlps, read_weights
+    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.ntk_scalar import projection_head, split_examples
+
+    examples = split_examples(batch)
+    head = projection_head(int(original.config.hidden_size), 0)
+
+    def unit_kernels(model: Any) -> np.ndarray:  # (units, n, n): one sign kernel per intermediate unit
+        site = next(s for s in find_mlps(model) if s.layer == layer)
+        params = [site.up_module.weight, site.up_module.bias, site.down_module.weight]
+        rows = []
+        for ex in examples:
+            f = model(**ex).last_hidden_state[0].mean(0) @ head
+            gw1, gb1, gw2 = torch.autograd.grad(f, params)
+            rows.append(torch.cat([gw1, gb1[:, None], gw2.T], 1))  # (units, d + 1 + d)
+        g = torch.stack(rows)
+        return torch.einsum("aiu,biu->iab", g, torch.sign(g)).double().numpy()
+
+    def offdiag_ratio(k: np.ndarray) -> float:
+        """mean |K_ab| (a != b) / mean |K_aa|: near 1 when the gradient direction hardly depends on the input."""
+        diag = float(np.abs(np.diag(k)).mean())
+        off = float((np.abs(k).sum() - np.abs(np.diag(k)).sum()) / (k.shape[0] * (k.shape[0] - 1)))
+        return off / diag if diag > 0 else 0.0
+
+    w = read_weights(next(s for s in find_mlps(original) if s.layer == layer))
+    ref = compress_mlp(w, "fusion", max(1, round(w.width * ratio)), seed=seed, n_init=n_init)
+    j = int(ref.counts.argmax())
+    members = ref.labels == j
+    k_orig = unit_kernels(original)
+    k_comp = {}
+    for method in ("fusion", "merge", "cluster", "centroid"):
+        comp = copy.deepcopy(original)
+        fuse_mlps_(comp, FusionConfig(method=method, keep_ratio=ratio, layers=[layer], seed=seed, n_init=n_init))
+        k_comp[method] = unit_kernels(comp)  # unit j of the compressed MLP is cluster j (centroids in label order)
+    out: dict[str, Any] = {"layer": layer, "largest_cluster": int(ref.counts[j]), "by_n": {}}
+    n_all = len(examples)
+    # the kernel of the first m examples is the top-left m x m block: one gradient pass gives every m
+    for m in sorted({m for m in (4, 8, 16, 32) if m < n_all} | {n_all}):
+        ko = k_orig[:, :m, :m]
+        total, giant_o, rest_o = ko.sum(0), ko[members].sum(0), ko[~members].sum(0)
+        norm = float(np.linalg.norm(total))
+        row: dict[str, Any] = {"kernel_norm": norm, "largest_cluster_kernel_norm": float(np.linalg.norm(giant_o)),
+                               "largest_cluster_offdiag_ratio": offdiag_ratio(giant_o),
+                               "rest_kernel_norm": float(np.linalg.norm(rest_o)), "methods": {}}
+        for method, kc_all in k_comp.items():
+            kc = kc_all[:, :m, :m]
+            giant_c, rest_c = kc[j], np.delete(kc, j, 0).sum(0)
+            row["methods"][method] = {
+                "layer_sign_rel_error": float(np.linalg.norm(kc.sum(0) - total)) / norm,
+                "largest_cluster_error": float(np.linalg.norm(giant_c - giant_o)) / norm,
+                "largest_cluster_kernel_norm": float(np.linalg.norm(giant_c)),
+                "largest_cluster_offdiag_ratio": offdiag_ratio(giant_c),
+                "rest_error": float(np.linalg.norm(rest_c - rest_o)) / norm,
+                "rest_kernel_norm": float(np.linalg.norm(rest_c)),
+            }
+        out["by_n"][m] = row
+    return out
+
+
+def diagnose(args: argparse.Namespace, original: Any, batch: dict) -> int:
+    from edgefuse.io_utils import write_json_atomic
+
+    ratio, seed = args.ratios[0], args.seeds[0]
+    activity = cluster_activity(original, batch, ratio, seed, args.n_init)
+    for row in activity:
+        print(json.dumps(row), flush=True)
+    split = split_sign_kernel(original, batch, args.diagnose_layer, ratio, seed, args.n_init)
+    print(json.dumps(split, indent=2), flush=True)
+    command = "python benchmarks/bench_fusion_methods.py " + shlex.join(sys.argv[1:])
+    write_json_atomic(Path(args.out).with_suffix(".diagnose.json"), {
+        "command": command.strip(), "keep_ratio": ratio, "seed": seed, "n_init": args.n_init, "n": args.n,
+        "cluster_activity": activity, "sign_kernel_split": split, "environment": environment(args.threads)})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -199,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer("minilm")
     original = load_model("minilm", "feature-extraction")
     batch = dict(tok(texts, truncation=True, max_length=128, padding=True, return_tensors="pt"))
+    if args.diagnose:
+        return diagnose(args, original, batch)
     refs: dict[str, Any] = {}
     rows = []
     for ratio in args.ratios:
