@@ -194,3 +194,14 @@ def test_real_shared_data_formats_when_present():
     e2e = read_records(str(root / "e2e" / "devset.csv"))
     assert len(sst) == 872 and set(sst[0]) == {"sentence", "label"}
     assert len(e2e) == 4672 and set(e2e[0]) == {"mr", "ref"}
+
+
+def test_the_shipped_corpus_is_plain_varied_text():
+    """edgefuse/data/corpus.txt: the unlabeled text of the embedded demo's distillation."""
+    import edgefuse
+
+    path = Path(edgefuse.__file__).parent / "data" / "corpus.txt"
+    rows = read_records(str(path))
+    texts = [r["text"] for r in rows]
+    assert len(texts) >= 250 and len(set(texts)) == len(texts)
+    assert all(3 <= len(t.split()) <= 30 for t in texts)
