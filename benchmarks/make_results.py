@@ -1,0 +1,42 @@
+"""Assemble benchmarks/RESULTS.md from the per-benchmark Markdown files in benchmarks/results/.
+
+Each benchmark script writes its own ``results/<name>.md`` (tables, the exact command, the environment);
+this script only concatenates them, in pipeline order, under one heading each, after the hand-written summary
+in ``results/_summary.md``. Run it after any benchmark:
+
+    python benchmarks/make_results.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = [
+    ("fusion_methods", "Fusion: kernel and output approximation of every method (issue 2, issue 6 item 1)"),
+    ("fusion_scale", "Fusion: time and memory of the fusion step (issue 2 speed, issue 6 item 5)"),
+    ("recovery", "Recovery: SST-2 and E2E fine-tuning (issue 3)"),
+    ("export", "Export and quantize (issue 7)"),
+    ("export_smollm2", "Export and quantize: SmolLM2-135M (issue 7)"),
+    ("profile", "Profile: x86, emulated ARM, SSH, HTML report (issue 4)"),
+    ("deploy", "Deployment comparison and the physical limit (issue 6 items 2-3)"),
+    ("generation", "Generation: SmolLM2 decode latency and perplexity (issue 6 item 4)"),
+]
+
+
+def main() -> None:
+    parts = [(HERE / "results" / "_summary.md").read_text().rstrip() + "\n"]
+    for name, title in SECTIONS:
+        path = HERE / "results" / f"{name}.md"
+        if not path.is_file():
+            parts.append(f"\n## {title}\n\nNot measured in this version (no `results/{name}.md`).\n")
+            continue
+        body = path.read_text().strip()
+        # demote the file's own headings by two levels so that they nest under the section title
+        body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+        parts.append(f"\n## {title}\n\nSource: `benchmarks/results/{name}.md`\n\n{body}\n")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
