@@ -19,6 +19,7 @@ from pathlib import Path
 
 FOLDER = Path("runs/minilm-sst2-x86_64-int8/quantize/quantized")
 VALIDATION = Path("../shared/data/sst2/validation.tsv")   # SST-2 (GLUE) validation split, sentence<TAB>label
+NAMES = {"LABEL_0": "negative", "LABEL_1": "positive"}   # SST-2: label 0 is negative, 1 positive
 SENTENCES = [
     "a gorgeous, witty, seductive movie.",
     "the plot is nothing but boilerplate clichés from start to finish.",
@@ -41,7 +42,7 @@ def main() -> int:
     classify = pipeline("text-classification", model=model, tokenizer=tokenizer)
     print(f"graph: {graphs[0]}")
     for sentence, pred in zip(SENTENCES, classify(SENTENCES), strict=True):
-        print(f"  {pred['label']:>8} {pred['score']:.3f}  {sentence}")
+        print(f"  {NAMES.get(pred['label'], pred['label']):>8} {pred['score']:.3f}  {sentence}")
 
     if VALIDATION.is_file():  # accuracy on the first 200 validation sentences
         rows = [line.rstrip("\n").split("\t") for line in VALIDATION.read_text(encoding="utf-8").splitlines()[1:201]]
