@@ -275,7 +275,7 @@ def phase_paper(args: argparse.Namespace) -> None:
     )
 
 
-def _e2e_data(tok: Any, max_validation: int) -> Any:
+def _e2e_data(tok: Any, max_validation: int, *, loss_on_prompt: bool = False) -> Any:
     from edgefuse.config.finetune import DataConfig
     from edgefuse.finetune_data import load_finetune_data
 
@@ -286,6 +286,7 @@ def _e2e_data(tok: Any, max_validation: int) -> Any:
         group_column="mr",
         prompt_column="mr",
         text_column="ref",
+        loss_on_prompt=loss_on_prompt,
         prompt_separator="\n",
         max_length=96,
         max_validation_examples=max_validation,
@@ -313,6 +314,8 @@ def phase_smollm2(args: argparse.Namespace) -> None:
 
     tok = load_tokenizer("smollm2")
     data = _e2e_data(tok, args.max_examples or 200)
+    if args.loss_on_prompt:  # train on the MR tokens too; validation perplexity stays over the references only
+        data.train = _e2e_data(tok, args.max_examples or 200, loss_on_prompt=True).train
     original = load_model("smollm2", "causal-lm")
     n_layers = original.config.num_hidden_layers
     fcfg = FusionConfig(
@@ -577,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--layerwise-steps", type=int, default=0, help="recover: steps of the layer-wise step first")
     parser.add_argument("--layerwise-lr", type=float, default=1e-4)
+    parser.add_argument("--loss-on-prompt", action="store_true", help="smollm2: also train on the MR tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-examples", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
