@@ -367,13 +367,14 @@ def phase_smollm2(args: argparse.Namespace) -> None:
     )
     res = finetune_(student, cfg, data, teacher=teacher, tokenizer=tok, progress=args.progress)
     tag = f"{'original' if args.method == 'none' else 'fused'}-{args.tag or 'run'}"
+    positions = "every token incl. the MR" if args.loss_on_prompt else "the reference tokens"
     _write(
         f"recovery_smollm2_{tag}_kr{args.keep_ratio:g}.json",
         {
             "what": f"SmolLM2-135M on E2E: {'original' if args.method == 'none' else 'fused'} model trained "
             f"{args.steps} "
             f"steps (objective weights task {args.task_weight}, logits {args.logits_weight}, "
-            f"hidden {args.hidden_weight})",
+            f"hidden {args.hidden_weight}, on {positions})",
             "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
             "original_perplexity": base["original"]["perplexity"],
             "fused_perplexity": None if base.get("fused") is None else base["fused"]["perplexity"],
@@ -381,6 +382,55 @@ def phase_smollm2(args: argparse.Namespace) -> None:
             "samples": list(res.samples),
             "config": cfg.model_dump(),
             "result": res.to_dict(),
+            "env": _env(args.threads),
+        },
+    )
+
+
+def phase_diagnose(args: argparse.Namespace) -> None:
+    """Why recovery is needed: how far each compression moves all-MiniLM-L6-v2 before any training (cosine of
+    mean-pooled embeddings of 64 sentences of the shipped corpus) and the k-means cluster sizes behind fusion."""
+    import torch
+
+    from edgefuse.config.fusion import FusionConfig
+    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.models import load_model, load_tokenizer
+    from edgefuse.scale import get_scale, iter_scaled
+
+    tok = load_tokenizer("minilm")
+    base = load_model("minilm")
+    sentences = (ROOT / "edgefuse" / "data" / "corpus.txt").read_text().splitlines()[:64]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+
+    def embed(m: Any) -> torch.Tensor:
+        with torch.no_grad():
+            h = m(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return (h * mask).sum(1) / mask.sum(1)
+
+    ref = embed(base)
+    rows = []
+    for method in ("fusion", "cluster", "merge", "prune", "svd"):
+        for kr in (0.5, 0.25):
+            m = copy.deepcopy(base)
+            res = fuse_mlps_(m, FusionConfig(method=method, keep_ratio=kr, seed=0, n_init=args.n_init))
+            cos = torch.nn.functional.cosine_similarity(embed(m), ref).mean().item()
+            row: dict[str, Any] = {"method": method, "keep_ratio": kr, "embedding_cosine": cos}
+            if method == "fusion":
+                counts = [get_scale(mod) for _, mod in iter_scaled(m)]
+                row["max_cluster_size_per_layer"] = [int(c.max()) for c in counts]
+                row["singletons_per_layer"] = [int((c == 1).sum()) for c in counts]
+                row["units_in_clusters_of_10_or_more_per_layer"] = [int(c[c >= 10].sum()) for c in counts]
+                row["mlp_width"] = res.steps[0].width_before
+            rows.append(row)
+            logger.warning("%s", row)
+    _write(
+        "recovery_diagnose_minilm.json",
+        {
+            "what": "all-MiniLM-L6-v2 compressed in all 6 layers, before any training: cosine of mean-pooled "
+            "embeddings to the original on the first 64 sentences of edgefuse/data/corpus.txt",
+            "command": " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]]),
+            "rows": rows,
             "env": _env(args.threads),
         },
     )
@@ -559,6 +609,33 @@ def phase_markdown(args: argparse.Namespace) -> None:
             *cost_rows,
             "",
         ]
+    diag = _load("recovery_diagnose_minilm.json")
+    if diag:
+        cmds.append(diag["command"])
+        out += [
+            "## Why recovery is needed: the compressed models before any training",
+            "",
+            diag["what"] + ".",
+            "",
+            "| method | keep 0.5 | keep 0.25 |",
+            "|---|---|---|",
+        ]
+        by = {(r["method"], r["keep_ratio"]): r for r in diag["rows"]}
+        for method in ("fusion", "cluster", "merge", "prune", "svd"):
+            cells = [f"{by[(method, kr)]['embedding_cosine']:.3f}" if (method, kr) in by else "-" for kr in (0.5, 0.25)]
+            out.append(f"| {method} | {cells[0]} | {cells[1]} |")
+        for kr in (0.5, 0.25):
+            r = by.get(("fusion", kr))
+            if r:
+                out.append(
+                    f"\nFusion {kr:g}: k-means over the {r['mlp_width']} units of each MLP leaves "
+                    f"{min(r['singletons_per_layer'])}-{max(r['singletons_per_layer'])} singleton clusters per layer "
+                    f"and puts {min(r['units_in_clusters_of_10_or_more_per_layer'])}-"
+                    f"{max(r['units_in_clusters_of_10_or_more_per_layer'])} units into clusters of 10 or more (the "
+                    f"largest per layer: {r['max_cluster_size_per_layer']}); one centroid times its cluster size "
+                    "stands in for all of those units."
+                )
+        out.append("")
     out += ["## Commands", "", "```sh", *dict.fromkeys(cmds), "```", ""]
     write_text_atomic(RESULTS / "recovery.md", "\n".join(out))
     logger.warning("wrote %s", RESULTS / "recovery.md")
@@ -566,7 +643,7 @@ def phase_markdown(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["teacher", "recover", "paper", "smollm2", "markdown"])
+    parser.add_argument("phase", choices=["teacher", "recover", "paper", "smollm2", "diagnose", "markdown"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--keep-ratio", type=float, default=0.5)
@@ -596,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         "recover": phase_recover,
         "paper": phase_paper,
         "smollm2": phase_smollm2,
+        "diagnose": phase_diagnose,
         "markdown": phase_markdown,
     }[args.phase](args)
     logger.warning("phase %s done in %.0f s", args.phase, time.time() - t0)
