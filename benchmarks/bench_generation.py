@@ -124,10 +124,13 @@ def build_folder(variant: str, model: Any, tok: Any, texts: list[str], rebuild: 
     from bench_export import _export, _reused_row, smol_export_config
 
     from edgefuse.config.quantize import QuantizeConfig
+    from edgefuse.export import resolve_fold
     from edgefuse.quantize import quantize_onnx
 
     name = folder_name(variant, model)
-    cfg = smol_export_config()
+    fold = resolve_fold(model, "auto")
+    # the fold spelled out for fused models, as bench_export's fold study writes it, so its folder is reused
+    cfg = smol_export_config() if fold == "none" else smol_export_config().model_copy(update={"fold_scales": fold})
     row = None if rebuild else _reused_row(model, cfg, name)
     row = row or _export(model, tok, cfg, name)
     folder = EXPORT_WORK / name
@@ -187,6 +190,34 @@ def onnx_perplexity(
             if ref_argmax is not None:
                 same += int((argmax[i] == ref_argmax[i]).sum())
     return math.exp(nll / count), count, argmax, (same / count if ref_argmax is not None else None)
+
+
+def probe_down_inputs(model: Any, split: Any, n: int = 8) -> list[dict[str, float]]:
+    """Per layer: the largest |input| of the MLP down projection over ``n`` validation sequences, the median over
+    tokens of each token's largest |input|, and the position of the largest (0 = the first token). Shows the
+    "massive activations" that break per-tensor int8 activation scales."""
+    import torch
+
+    stats: list[dict[str, float]] = []
+    hooks = []
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    for i, layer in enumerate(model.model.layers):
+        def hook(_mod: Any, inp: tuple, i: int = i) -> None:
+            per_layer.setdefault(i, []).append(inp[0].detach().abs().amax(-1)[0])  # (seq,) per-token max
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for ids in split.input_ids[:n]:
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in sorted(per_layer):
+        tok_max = torch.cat(per_layer[i])
+        first = max(float(t[0]) for t in per_layer[i])
+        stats.append({"layer": i, "max": float(tok_max.max()), "median_token_max": float(tok_max.median()),
+                      "first_token_max": first})
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -272,8 +303,10 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         "inter-op 1 thread, spinning off. The machine is shared with other jobs: absolute times are noisy; the "
         "ratios come from one interleaved run.", "",
         "| variant | graph | size MB | E2E ppl (ONNX) | ppl PyTorch fp32 | top-1 = fp32 | "
-        + " | ".join(f"{t} thr p50 / p90 ms | x plain fp32" for t in b["threads"]) + " | prefill ms (1 thr) |",
-        "| --- | --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in b["threads"]) + " | --- |",
+        + "".join(f"{t} thr p50 / p90 ms | x plain fp32 | " for t in b["threads"])
+        + (f"prefill ms ({b['threads'][0]} thr) |" if b["threads"] else ""),
+        "| --- | --- | --- | --- | --- | --- | " + "".join("--- | --- | " for _ in b["threads"])
+        + ("--- |" if b["threads"] else ""),
     ]
     for row in data["rows"]:
         cells = [row["variant"], f"{row['precision']} `{row['graph']}`", f"{row['size_bytes'] / 1e6:.1f}",
@@ -283,8 +316,8 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         for t in b["threads"]:
             tm = row["timing"][str(t)]
             cells += [f"{tm['decode_ms_p50']:.2f} / {tm['decode_ms_p90']:.2f}", f"{tm['ratio_p50_vs_plain_fp32']:.2f}"]
-        first = str(b["threads"][0])
-        cells.append(f"{row['timing'][first]['prefill_ms_p50']:.1f}")
+        if b["threads"]:
+            cells.append(f"{row['timing'][str(b['threads'][0])]['prefill_ms_p50']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Exports (validated against PyTorch in the same run unless reused):", ""]
     for variant, info in data["exports"].items():
@@ -292,6 +325,12 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         lines.append(f"- {variant}: `{info['folder']}`, {info['exporter']}, fold `{info['fold']}`, fp32 max |diff| "
                      f"{info['max_abs_diff']:.2g}; greedy {len(greedy['torch'])} tokens identical to PyTorch: "
                      f"{greedy['match']}" + (" (folder reused from an earlier run)" if info.get("reused") else ""))
+    if data.get("down_proj_input_probe"):
+        big = [p for p in data["down_proj_input_probe"] if p["max"] > 20 * p["median_token_max"]]
+        lines += ["", "Massive activations (plain model, PyTorch, first 8 validation sequences): layers whose largest "
+                  "down-projection input exceeds 20x the median token's largest: "
+                  + ", ".join(f"{p['layer']} ({p['max']:.0f} vs {p['median_token_max']:.1f}, first token "
+                              f"{p['first_token_max']:.0f})" for p in big) + "."]
     lines += ["", "Greedy continuations of the timing prompt (first round, first thread count):", ""]
     lines += [f"- {key}: `{text!r}`" for key, text in data["samples"].items()]
     path.write_text("\n".join(lines) + "\n")
@@ -308,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a recovered fused model folder to add; auto (default): the newest fine-tuned fused "
                         "SmolLM2 under benchmarks/_work (a model/ folder beside finetune_result.json); none: skip")
     parser.add_argument("--rebuild", action="store_true", help="re-export even when a matching folder exists")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="perplexity only (e.g. a recovered model: its graphs have the fused graphs' shapes)")
     parser.add_argument("--out", default="generation", help="result file stem under benchmarks/results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -329,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     recovered = find_recovered() if args.recovered == "auto" else (None if args.recovered == "none"
                                                                      else Path(args.recovered))
     variants = list(args.variants) + (["recovered"] if recovered else [])
-    exports, graphs, rows, eos_ids = {}, {}, [], []
+    exports, graphs, rows, eos_ids, probe = {}, {}, [], [], None
     for variant in variants:
         model = _smol_model(variant, recovered)
         eos = model.generation_config.eos_token_id
@@ -338,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = ROOT / exports[variant]["folder"]
         manifest = json.loads((folder / "manifest.json").read_text())
         ppl_torch = evaluate(model, split, "causal-lm", pad_token_id=pad, batch_size=8)["perplexity"]
+        if variant == "plain":
+            probe = probe_down_inputs(model, split)
         logger.warning("%s: PyTorch fp32 perplexity %.4f", variant, ppl_torch)
         del model
         gc.collect()
@@ -356,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("%s/%s: ONNX perplexity %.4f (top-1 vs fp32 %s)", variant, precision, ppl, top1)
     prompt_ids = np.asarray([tok(split.prompts[0])["input_ids"]], dtype=np.int64)
     samples = {}
-    for threads in args.threads:
+    for threads in [] if args.skip_timing else args.threads:
         timing = time_graphs(graphs, threads, prompt_ids, args.tokens, args.rounds, eos_ids)
         base = timing["plain/fp32"]["decode_ms_p50"] if "plain/fp32" in timing else float("nan")
         for row in rows:
@@ -367,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     env["load_average_end"] = os.getloadavg()
     out = {
         "command": " ".join(["python", "benchmarks/bench_generation.py", *(sys.argv[1:] if argv is None else argv)]),
-        "budget": {"tokens": args.tokens, "rounds": args.rounds, "n_eval": args.n_eval, "threads": args.threads,
+        "budget": {"tokens": args.tokens, "rounds": args.rounds, "n_eval": args.n_eval,
+                   "threads": [] if args.skip_timing else args.threads,
                    "prompt_tokens": int(prompt_ids.shape[1]), "prompt": split.prompts[0], "max_length": MAX_LENGTH},
         "eval_tokens": rows[0]["eval_tokens"], "env": env, "exports": exports, "rows": rows, "samples": samples,
+        "down_proj_input_probe": probe,
         "recovered_source": None if recovered is None else str(recovered),
         "total_s": time.perf_counter() - start,
     }
