@@ -223,7 +223,7 @@ def cluster_activity(original: Any, batch: dict, ratio: float, seed: int, n_init
             z = x @ w.up.T + w.up_bias  # (tokens, p)
             zc = x @ comp.weights.up[j] + comp.weights.up_bias[j]  # (tokens,)
         rows.append({
-            "layer": site.layer, "largest_cluster": int(comp.counts[j]),
+            "layer": site.layer, "largest_cluster": int(comp.counts[j]), "kmeans_inertia": comp.inertia,
             "singletons": int((comp.counts == 1).sum()),
             "member_theta_norm_mean": float(np.linalg.norm(feats, axis=1).mean()),
             "centroid_theta_norm": float(np.linalg.norm(centre)),
@@ -303,7 +303,7 @@ def split_sign_kernel(original: Any, batch: dict, layer: int, ratio: float, seed
     return out
 
 
-def diagnose(args: argparse.Namespace, original: Any, batch: dict) -> int:
+def diagnose(args: argparse.Namespace, original: Any, batch: dict, env: dict[str, Any]) -> int:
     from edgefuse.io_utils import write_json_atomic
 
     ratio, seed = args.ratios[0], args.seeds[0]
@@ -315,7 +315,7 @@ def diagnose(args: argparse.Namespace, original: Any, batch: dict) -> int:
     command = "python benchmarks/bench_fusion_methods.py " + shlex.join(sys.argv[1:])
     write_json_atomic(Path(args.out).with_suffix(".diagnose.json"), {
         "command": command.strip(), "keep_ratio": ratio, "seed": seed, "n_init": args.n_init, "n": args.n,
-        "cluster_activity": activity, "sign_kernel_split": split, "environment": environment(args.threads)})
+        "cluster_activity": activity, "sign_kernel_split": split, "environment": env})
     return 0
 
 
@@ -329,12 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     from edgefuse.models import load_model, load_tokenizer
 
     start = time.perf_counter()
+    env = environment(args.threads)  # recorded at the start: the git commit of the code that runs
     texts = [r["sentence"] for r in read_records(args.data)[: args.n]]
     tok = load_tokenizer("minilm")
     original = load_model("minilm", "feature-extraction")
     batch = dict(tok(texts, truncation=True, max_length=128, padding=True, return_tensors="pt"))
     if args.diagnose:
-        return diagnose(args, original, batch)
+        return diagnose(args, original, batch, env)
     refs: dict[str, Any] = {}
     rows = []
     for ratio in args.ratios:
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_fusion_methods.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "n": args.n, "data": Path(args.data).name, "seeds": args.seeds,
             "n_init": args.n_init, "params_total_original": rows[0]["params_total_original"],
-            "params_mlp_original": rows[0]["params_mlp_original"], "environment": environment(args.threads),
+            "params_mlp_original": rows[0]["params_mlp_original"], "environment": env,
             "wall_s": time.perf_counter() - start,
             "reference_seconds": refs["ref"].seconds, "params": args.params,
             "max_gradient_mib": args.max_gradient_mib}
