@@ -8,15 +8,21 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from pipeline_tiny import FAST_PROFILE, base_config, save_tiny_bert
+from pipeline_tiny import FAST_PROFILE, base_config, one_torch_thread, save_tiny_bert
 
 from edgefuse.budgets import BUDGET_SPECS, failures_line, judge
 from edgefuse.config.check import BudgetsConfig
 from edgefuse.errors import EXIT_CODES
 from edgefuse.junit import junit_xml
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    yield from one_torch_thread()
 
 
 # ------------------------------------------------------------------------------------------------ pure verdicts

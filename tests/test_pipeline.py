@@ -8,15 +8,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from pipeline_tiny import base_config, save_tiny_bert
+from pipeline_tiny import base_config, one_torch_thread, save_tiny_bert
 
 from edgefuse.config.pipeline import config_from_dict, load_config
 from edgefuse.errors import ConfigError, ExportValidationError, OutputExistsError
 from edgefuse.pipeline import STAGE_NAMES, load_run, resolve_run_dir, run_pipeline
 from edgefuse.stage_store import RECORD, RunStore, hash_tree
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

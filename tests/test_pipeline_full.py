@@ -11,15 +11,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from pipeline_tiny import FAST_PROFILE, base_config, save_tiny_bert, write_tsv
+from pipeline_tiny import FAST_PROFILE, base_config, one_torch_thread, save_tiny_bert, write_tsv
 
 from edgefuse.config.pipeline import config_from_dict
 from edgefuse.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    yield from one_torch_thread()
 
 
 def _classifier_config(tmp_path: Path, **extra: object) -> dict:
