@@ -313,7 +313,7 @@ def diagnose(args: argparse.Namespace, original: Any, batch: dict, env: dict[str
     split = split_sign_kernel(original, batch, args.diagnose_layer, ratio, seed, args.n_init)
     print(json.dumps(split, indent=2), flush=True)
     command = "python benchmarks/bench_fusion_methods.py " + shlex.join(sys.argv[1:])
-    write_json_atomic(Path(args.out).with_suffix(".diagnose.json"), {
+    write_json_atomic(Path(args.out + ".diagnose.json"), {  # with_suffix would eat a dotted name
         "command": command.strip(), "keep_ratio": ratio, "seed": seed, "n_init": args.n_init, "n": args.n,
         "cluster_activity": activity, "sign_kernel_split": split, "environment": env})
     return 0
@@ -354,10 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.perf_counter() - start,
             "reference_seconds": refs["ref"].seconds, "params": args.params,
             "max_gradient_mib": args.max_gradient_mib}
-    out = Path(args.out)
-    write_json_atomic(out.with_suffix(".json"), {"meta": meta, "aggregate": agg, "runs": rows})
+    write_json_atomic(Path(args.out + ".json"), {"meta": meta, "aggregate": agg, "runs": rows})
     md = markdown(agg, meta)
-    write_text_atomic(out.with_suffix(".md"), md)
+    write_text_atomic(Path(args.out + ".md"), md)
     print(md)
     return 0
 

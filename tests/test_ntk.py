@@ -247,6 +247,9 @@ def test_errors() -> None:
         measure_ntk(orig, comp, inputs(), cfg, labels=[0])
     with pytest.raises(TargetNotFoundError, match="not in the original"):
         measure_ntk(_two_layer_bert(), comp, inputs(), cfg)
+    frozen = copy.deepcopy(orig).requires_grad_(False)
+    with pytest.raises(TargetNotFoundError, match="is empty"):
+        measure_ntk(orig, frozen, inputs(), NtkConfig(n_examples=N, params="all"))
     with pytest.raises(ValueError, match="extra"):
         NtkConfig(n_examples=N, chunk=3)  # type: ignore[call-arg]
 
@@ -312,3 +315,19 @@ def test_cli_errors(model_dir, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main([*base, "--keep-ratio", "0.5", "--data", str(data), "--n", "64"]) == 6
     assert main([*base, "--keep-ratio", "1.5", "--data", str(data), "--n", "6"]) == 2
     assert "keep_ratio" in capsys.readouterr().err
+    words = data.parent / "words.tsv"
+    words.write_text("sentence\tlabel\n" + "".join(f"good film\t{w}\n" for w in ("pos", "neg") * 3))
+    assert main([*base, "--keep-ratio", "0.5", "--data", str(words), "--n", "6", "--task", "sequence-classification",
+                 "--output", "gold-logit"]) == 6
+    assert "non-integer labels" in capsys.readouterr().err
+
+
+def test_cli_refuses_encoder_decoder(model_dir, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    folder, data = model_dir
+    switch = tmp_path / "switch"
+    tiny_model("switch_transformers").save_pretrained(switch, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(switch)
+    assert main(["-q", "ntk", str(switch), "--keep-ratio", "0.5", "--data", str(data), "--n", "6"]) == 2
+    assert "encoder-decoder" in capsys.readouterr().err

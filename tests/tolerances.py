@@ -16,7 +16,7 @@ TOY_EXACT_ATOL = 1e-12
 # matches (merge: output; cluster with ReLU: output and GD kernel) hold to float32 rounding (~1e-9 .. 1e-7) only.
 TOY_FP32_ROUNDING_ATOL = 1e-6
 # The toy table gives 0.076 (ReLU) / 0.098 (GELU) for fusion's sign-kernel error with noise 0.05; seeds 0-2 give
-# at most 0.18 (seed 2); 0.2 leaves room for the seed without accepting merge (0.21 .. 0.47 on the same seeds).
+# at most 0.18 (seed 2); 0.2 leaves room for the seed without accepting merge (0.24 .. 0.46 on the same seeds).
 TOY_FUSION_NOISY_SIGN_MAX = 0.2
 # Output error of fusion with noise 0.05: the table gives 0.0028 / 0.0019; seeds 0-5 give at most 0.017 (seed 2,
 # ReLU: a few pre-activations sit next to the kink, where the noise flips them).
