@@ -185,6 +185,9 @@ def markdown(agg: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for a in agg:
         if any(a["max_cluster_size"]):
             lines.append(f"- {a['method']} keep {a['keep_ratio']:g}: {a['max_cluster_size']}")
+    lines += ["", "Why fusion is not the lowest on the sign kernel here (loose k-means clusters, one giant cluster "
+              "per layer whose centroid is an input-independent unit): docs/ntk.md, section 'Why: loose clusters', "
+              "and `--diagnose`."]
     lines += ["", f"Environment: {json.dumps(meta['environment'])}. Wall time {meta['wall_s']:.0f} s; reference "
               f"kernels {meta['reference_seconds']:.0f} s.", ""]
     return "\n".join(lines)
