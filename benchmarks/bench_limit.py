@@ -138,6 +138,10 @@ def main() -> None:
     graphs = [g.split("=", 1) for g in args.graphs]
     for label, path in graphs:
         macs = count_macs(path, {"batch": args.batch, "seq": args.seq})
+        if macs.unresolved_nodes or macs.total == 0:
+            # a bound from a partial MAC count would be too low and flatter nobody: refuse it rather than divide by 0
+            sys.exit(f"{label}: shape inference left {macs.unresolved_nodes} matrix products unresolved "
+                     f"({macs.total} MACs counted) in {path}; re-export with static or named dynamic axes")
         for threads in args.threads:
             pk = peaks[threads]
             bound_s = macs.fp32 / (pk["fp32"] * 1e9) + macs.int8 / (pk["int8"] * 1e9)
