@@ -199,20 +199,15 @@ def run_loop(
     examples = 0
     best_in_memory: dict[str, torch.Tensor] = {}  # best weights when there is no output folder
 
+    def metrics() -> dict[str, float]:
+        return evaluate(model, data.validation, cfg.task, pad_token_id=data.pad_token_id,
+                        batch_size=cfg.eval_batch_size, teacher=teacher, rank=ctx.rank, world_size=ctx.world_size)
+
     def do_eval() -> dict[str, float]:
         nonlocal last_eval_step
         if data.validation is None:
             return {}
-        m = evaluate(
-            model,
-            data.validation,
-            cfg.task,
-            pad_token_id=data.pad_token_id,
-            batch_size=cfg.eval_batch_size,
-            teacher=teacher,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
+        m = metrics()
         last_eval_step = state.step
         if metric not in m:  # nothing measurable (e.g. unlabeled data and no teacher)
             return m
@@ -232,16 +227,7 @@ def run_loop(
 
     initial: dict[str, float] = {}
     if cfg.eval_before and data.validation is not None and resumed_from is None:
-        initial = evaluate(
-            model,
-            data.validation,
-            cfg.task,
-            pad_token_id=data.pad_token_id,
-            batch_size=cfg.eval_batch_size,
-            teacher=teacher,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
+        initial = metrics()
         logger.info("before training: %s", {k: round(v, 5) for k, v in initial.items()})
         model.train()
     try:

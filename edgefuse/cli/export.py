@@ -56,7 +56,7 @@ def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
     from edgefuse.config.export import ExportConfig
-    from edgefuse.errors import ConfigError
+    from edgefuse.config.messages import first_error
 
     values: dict[str, Any] = {}
     if args.config is not None:
@@ -71,9 +71,7 @@ def _config(args: argparse.Namespace) -> Any:
     try:
         return ExportConfig(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "export"
-        raise ConfigError(f"{loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise first_error(exc, "export") from None
 
 
 def format_result(res: Any) -> str:

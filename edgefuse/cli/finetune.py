@@ -178,6 +178,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from pydantic import ValidationError
 
     from edgefuse.config.finetune import DataConfig, FinetuneConfig
+    from edgefuse.config.messages import first_error
     from edgefuse.errors import ConfigError, TargetNotFoundError
 
     ft: dict[str, Any] = {}
@@ -212,9 +213,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     try:
         return FinetuneConfig(**ft), DataConfig(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        raise ConfigError(f"invalid finetune setting {loc}: {err['msg']} (got {err.get('input')!r})") from None
+        err = first_error(exc, "config")
+        raise ConfigError(f"invalid finetune setting {err}") from None
 
 
 def _check_output(out: Path, args: argparse.Namespace) -> None:

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from edgefuse.config.fusion import FusionConfig
+    from edgefuse.config.messages import first_error
     from edgefuse.errors import ConfigError
 
     if not args.dry_run and not args.out_dir:
@@ -85,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, n_init=args.n_init,
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "fusion"
-        raise ConfigError(f"{loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise first_error(exc, "fusion") from None
 
     from edgefuse.fusion import fuse_mlps_, plan_fusion
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer

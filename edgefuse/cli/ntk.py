@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from edgefuse.config.fusion import FusionConfig
+    from edgefuse.config.messages import first_error
     from edgefuse.config.ntk import NtkConfig
     from edgefuse.errors import ConfigError, OutputExistsError
 
@@ -150,9 +151,7 @@ def run(args: argparse.Namespace) -> int:
         fcfg = FusionConfig(method=args.method or "fusion", keep_ratio=args.keep_ratio, width=args.width,
                             layers=args.layers, seed=args.seed, n_init=args.n_init) if in_memory else None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "ntk"
-        raise ConfigError(f"{loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise first_error(exc, "ntk") from None
     texts, labels = _examples(args, cfg.n_examples)
 
     import copy

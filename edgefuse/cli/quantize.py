@@ -98,17 +98,15 @@ _KEYS = ("mode", "preset", "per_channel", "reduce_range", "op_types", "exclude",
 def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
+    from edgefuse.config.messages import first_error
     from edgefuse.config.quantize import QuantizeConfig
-    from edgefuse.errors import ConfigError
 
     values: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
     values.update({k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None})
     try:
         return QuantizeConfig(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "quantize"
-        raise ConfigError(f"{loc}: {err['msg']} (got {err.get('input')!r})") from None
+        raise first_error(exc, "quantize") from None
 
 
 def format_result(res: Any) -> str:

@@ -167,3 +167,23 @@ def validation_message(exc: ValidationError, source: str, root: type[BaseModel])
     shown = [_describe(e, root) for e in errors[:5]]
     more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
     return f"{source}: " + "; ".join(shown) + more
+
+
+def first_error(exc: ValidationError, where: str) -> ConfigError:
+    """The first error of a flag-built config as a :class:`ConfigError` (``where`` names a location-less error).
+
+    The CLI subcommands build their configs from flags, so one bad flag is one error; the message names the
+    key (the flag's snake_case name), what pydantic said, and the value.
+
+    Example:
+        >>> from edgefuse.config.fusion import FusionConfig
+        >>> try:
+        ...     FusionConfig(keep_ratio=2)
+        ... except ValidationError as e:
+        ...     print(first_error(e, "fusion"))
+        keep_ratio: Input should be less than or equal to 1 (got 2)
+    """
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or where
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return ConfigError(f"{loc}: {msg} (got {err.get('input')!r})")
