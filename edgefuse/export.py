@@ -6,7 +6,8 @@ The folder holds ``model.onnx``, the model's ``config.json`` (+ ``generation_con
 graph agreed with PyTorch; a miss raises :class:`ExportValidationError` (exit 7) and leaves nothing behind.
 
 The frozen fusion scale (:mod:`edgefuse.scale`) is handled by ``ExportConfig.fold_scales``; the caller's model
-is never modified (folding happens on a copy).
+is never modified (folding happens on a copy). Sparse MoE blocks (Mixtral, Qwen2-MoE, Switch) are traced with
+an equivalent dense-routing forward (:mod:`edgefuse.export_moe`), set on the block instances for the trace only.
 
 Example:
     >>> import tempfile, pathlib
@@ -30,6 +31,7 @@ from typing import Any
 from edgefuse.config.export import ExportConfig
 from edgefuse.errors import ConfigError, ExportValidationError
 from edgefuse.export_backends import ONNX_NAME, export_graph
+from edgefuse.export_moe import dense_moe_routing
 from edgefuse.export_results import ExportResult, GreedyCheck, ValidationCase
 from edgefuse.io_utils import atomic_dir
 from edgefuse.manifest import add_graph, new_manifest, write_manifest
@@ -94,7 +96,9 @@ def _opset_of(path: Path) -> int:
     return max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def _failure_message(cases: list[ValidationCase], greedy: GreedyCheck | None, problems: list[str], cfg: ExportConfig) -> str:
+def _failure_message(
+    cases: list[ValidationCase], greedy: GreedyCheck | None, problems: list[str], cfg: ExportConfig
+) -> str:
     parts = list(problems)
     for case in cases:
         for o in case.outputs:
@@ -143,7 +147,13 @@ def export_onnx(
     fused = sum(1 for _ in iter_scaled(model))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         start = time.perf_counter()
-        exporter = export_graph(_prepared(model, fold), cfg, tmp)
+        traced = _prepared(model, fold)
+        # sparse MoE blocks trace wrongly (data-dependent routing): a dense, equivalent forward during the trace
+        # only; validation below runs the caller's model with transformers' own sparse forward
+        with dense_moe_routing(traced) as routing:
+            exporter = export_graph(traced, cfg, tmp)
+        if routing.blocks:
+            exporter = f"{exporter}; {routing.describe()}"
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         export_s = time.perf_counter() - start
@@ -164,6 +174,7 @@ def export_onnx(
         manifest = new_manifest(
             task=cfg.task, model_type=model.config.model_type, exporter=exporter, fold_scales=fold,
             fused_mlps=fused, fusion=meta, export_config=cfg.model_dump(mode="json"),
+            moe_routing=routing.to_manifest(),
         )
         checks = {
             "reference": "pytorch", "atol": cfg.atol, "rtol": cfg.rtol, "max_abs_diff": max_diff, "min_cosine": min_cos,
@@ -179,4 +190,5 @@ def export_onnx(
         exporter=exporter, opset=opset, fold_scales=fold, fused_mlps=fused, graph_size_bytes=entry["size_bytes"],
         sha256=entry["sha256"], atol=cfg.atol, rtol=cfg.rtol, max_abs_diff=max_diff, min_cosine=min_cos,
         cases=tuple(cases), greedy=greedy, export_seconds=export_s, validate_seconds=validate_s,
+        moe_routing=routing.to_manifest(),
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,9 @@ def export_with_optimum(model: Any, cfg: ExportConfig, out: Path) -> str:
     try:
         from optimum.exporters.onnx import onnx_export_from_model
     except ImportError:
-        raise MissingDependencyError("the optimum exporter needs: pip install 'optimum-onnx[onnxruntime]==0.1.0'") from None
+        raise MissingDependencyError(
+            "the optimum exporter needs: pip install 'optimum-onnx[onnxruntime]==0.1.0'"
+        ) from None
     task = optimum_task(cfg)
     custom = _custom_configs(model, task)
     kwargs: dict[str, Any] = {"custom_onnx_configs": custom} if custom else {}
@@ -88,7 +92,8 @@ def export_with_optimum(model: Any, cfg: ExportConfig, out: Path) -> str:
         warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches; validation decides
         onnx_export_from_model(model, out, task=task, opset=cfg.opset, do_validation=False, **kwargs)
     version = metadata.version("optimum-onnx")
-    alias = f", {model.config.model_type} via the {_optimum_model_type(model.config.model_type)} config" if custom else ""
+    mtype = model.config.model_type
+    alias = f", {mtype} via the {_optimum_model_type(mtype)} config" if custom else ""
     return f"optimum-onnx {version} (onnx_export_from_model, task {task}{alias}; torch.onnx TorchScript tracer)"
 
 
@@ -154,8 +159,39 @@ def export_with_torch(model: Any, cfg: ExportConfig, out: Path) -> str:
     return f"torch.onnx {torch.__version__} ({tracer}, opset {opset})"
 
 
+_NO_ATTR = object()
+
+
+@contextmanager
+def preserved_forwards(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every module's instance-level ``forward`` on exit (error included).
+
+    optimum's ``ModelPatcher`` "restores" a decoder's forward by setting an instance attribute that is its own
+    ``traceable_check_model_inputs`` wrapper (transformers >= 4.54), not the class forward: without this, the
+    caller's model would keep running optimum's wrapper after export (and validation would test the wrapper).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> with preserved_forwards(lin):
+        ...     lin.forward = lambda x: x
+        >>> "forward" in lin.__dict__
+        False
+    """
+    saved = [(m, m.__dict__.get("forward", _NO_ATTR)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is _NO_ATTR:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+
 def export_graph(model: Any, cfg: ExportConfig, out: Path) -> str:
     """Export ``model`` to ``out/model.onnx`` with the configured exporter; return which one was used.
+
+    The model's modules keep their own forwards afterwards (see :func:`preserved_forwards`).
 
     Raises:
         ConfigError: ``exporter="optimum"`` for a model type/task optimum-onnx cannot export.
@@ -166,7 +202,8 @@ def export_graph(model: Any, cfg: ExportConfig, out: Path) -> str:
             f"optimum-onnx cannot export model type {model.config.model_type!r} for task {optimum_task(cfg)!r}; "
             "use exporter 'auto' or 'torch'"
         )
-    if use_optimum:
-        return export_with_optimum(model, cfg, out)
-    logger.info("optimum-onnx has no config for %s / %s: using torch.onnx", model.config.model_type, cfg.task)
-    return export_with_torch(model, cfg, out)
+    with preserved_forwards(model):
+        if use_optimum:
+            return export_with_optimum(model, cfg, out)
+        logger.info("optimum-onnx has no config for %s / %s: using torch.onnx", model.config.model_type, cfg.task)
+        return export_with_torch(model, cfg, out)

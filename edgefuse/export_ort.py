@@ -53,7 +53,9 @@ def random_batch(
     return ids, mask
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *, left_pad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], max_length: int, *, left_pad: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize ``texts`` into padded int64 arrays (padding side chosen by the caller, restored after)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left" if left_pad else "right"

@@ -62,6 +62,8 @@ class ExportResult:
     greedy: GreedyCheck | None
     export_seconds: float
     validate_seconds: float
+    # dense-routing export of sparse MoE blocks (edgefuse.export_moe): blocks and compute factor; None if no MoE
+    moe_routing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

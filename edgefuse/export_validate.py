@@ -124,7 +124,8 @@ def _encoder_cases(model: Any, session: Any, cfg: ExportConfig, vocab: int, toke
     names = [o.name for o in session.get_outputs()]
     left = cfg.task == "causal-lm"
     inputs = [
-        (f"batch {b} x seq {s}" + (", padded" if b > 1 else ""), *random_batch(vocab, b, s, cfg.seed + i, left_pad=left))
+        (f"batch {b} x seq {s}" + (", padded" if b > 1 else ""),
+         *random_batch(vocab, b, s, cfg.seed + i, left_pad=left))
         for i, (b, s) in enumerate(cfg.validate_shapes)
     ]
     if tokenizer is not None:
@@ -152,7 +153,8 @@ def _decode_case(model: Any, session: Any, cfg: ExportConfig, vocab: int) -> Val
     ids, mask = random_batch(vocab, batch, seq, cfg.seed + 100, left_pad=True)
     prefill = _torch_outputs(model, build_feed(session, ids, mask), past=_empty_cache())
     n_layers = len(past_inputs(session)) // 2
-    past_np = {f"{PAST_PREFIX}{i}.{kv}": prefill[f"present.{i}.{kv}"] for i in range(n_layers) for kv in ("key", "value")}
+    past_np = {f"{PAST_PREFIX}{i}.{kv}": prefill[f"present.{i}.{kv}"]
+               for i in range(n_layers) for kv in ("key", "value")}
     nxt = random_batch(vocab, batch, 1, cfg.seed + 101)[0]
     full_mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
     feed = build_feed(session, nxt, full_mask[:, -1:], past=past_np, full_mask=full_mask)
@@ -160,7 +162,8 @@ def _decode_case(model: Any, session: Any, cfg: ExportConfig, vocab: int) -> Val
     got = dict(zip(names, session.run(None, feed), strict=True))
     cache = DynamicCache()
     for i in range(n_layers):
-        cache.update(torch.from_numpy(past_np[f"{PAST_PREFIX}{i}.key"]), torch.from_numpy(past_np[f"{PAST_PREFIX}{i}.value"]), i)
+        key, value = past_np[f"{PAST_PREFIX}{i}.key"], past_np[f"{PAST_PREFIX}{i}.value"]
+        cache.update(torch.from_numpy(key), torch.from_numpy(value), i)
     ref = _torch_outputs(model, feed, past=cache)
     return compare_outputs(f"decode step: batch {batch}, past {seq} + 1 token", got, ref, cfg.atol, cfg.rtol,
                            mask=full_mask)
@@ -211,7 +214,7 @@ def validate_export(
                 cases.append(_decode_case(model, session, cfg, vocab))
             if cfg.generate_tokens > 0:
                 greedy = greedy_check(model, session, cfg.generate_tokens, vocab, tokenizer, cfg.seed)
-    except Exception as exc:  # noqa: BLE001  (a graph that cannot run on another shape is a validation failure)
+    except Exception as exc:  # a graph that cannot run on another shape is a validation failure
         if "onnxruntime" not in type(exc).__module__:
             raise
         first_line = str(exc).splitlines()[0][:300]
