@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SECTIONS = [
     ("fusion_methods", "Fusion: kernel and output approximation of every method (issue 2, issue 6 item 1)"),
+    ("method_accuracy", "Fusion: SST-2 accuracy of every method after the same fine-tuning budget (issue 6 item 1)"),
     ("fusion_scale", "Fusion: time and memory of the fusion step (issue 2 speed, issue 6 item 5)"),
     ("recovery", "Recovery: SST-2 and E2E fine-tuning (issue 3)"),
     ("export", "Export and quantize (issue 7)"),
