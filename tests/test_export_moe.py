@@ -84,13 +84,15 @@ def _no_instance_forwards(model: torch.nn.Module) -> list[str]:
     ("mixtral", {}),
     ("qwen2_moe", {}),
     ("qwen2_moe", {"norm_topk_prob": True}),
+    ("qwen2_moe", {"mlp_only_layers": [0]}),  # layer 0 a dense MLP: one sparse block only
     ("switch_transformers", {}),
     ("switch_transformers", {"expert_capacity": 2}),  # most tokens dropped by the capacity: zeros, as in torch
 ])
 def test_dense_forward_matches_sparse(arch: str, overrides: dict) -> None:
     model = fused(moe_model(arch, **overrides), layers=[1])
     blocks = sparse_moe_blocks(model)
-    assert blocks and all(type(b).__name__ == MOE_BLOCKS[arch] for _, b, _ in blocks)
+    assert len(blocks) == (1 if "mlp_only_layers" in overrides else 2)
+    assert all(type(b).__name__ == MOE_BLOCKS[arch] for _, b, _ in blocks)
     inputs = tiny_inputs(arch, batch=3, seq=11)
     want = _outputs(model, inputs)
     with dense_moe_routing(model) as info:
