@@ -215,6 +215,29 @@ def _launch(s: dict[str, Any], log_dir: Path) -> dict[str, Any]:
     return rec
 
 
+def _span(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Wall time covered by the runs (first start to last end) and their summed run time, from their records."""
+    ends = [datetime.fromisoformat(r["finished_utc"]).timestamp() for r in records]
+    starts = [e - r["run_seconds"] for e, r in zip(ends, records, strict=True)]
+    return {"runs_span_seconds": max(ends) - min(starts), "runs_sum_seconds": sum(r["run_seconds"] for r in records)}
+
+
+def _previous_invocations(path: Path, budget: dict[str, Any]) -> list[dict[str, Any]]:
+    """The invocations recorded in an earlier output with the same budget (so a resumed run keeps their times)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if old.get("budget") != budget:
+        return []
+    if "invocations" in old:
+        return list(old["invocations"])
+    if old.get("runs_executed"):  # written before invocations were recorded as a list
+        keys = ("command", "date_utc", "loadavg_start", "loadavg_end", "wall_seconds", "runs_executed", "runs_reused")
+        return [{k: old[k] for k in keys}]
+    return []
+
+
 def _fmt_pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -272,10 +295,17 @@ def write_report(out_base: Path, records: list[dict[str, Any]], agg: dict[str, A
         "",
         f"**Environment:** {env['cpu']} ({env['cpu_count']} cores, {env['machine']}), 1 torch thread per run, "
         f"{meta['workers']} runs in parallel; Python {env['python']}, torch {env['torch']}, transformers "
-        f"{env['transformers']}; git {env['git_commit'][:10]}. The machine was shared with other jobs: load average "
-        f"(1/5/15 min) {meta['loadavg_start']} at the start, {meta['loadavg_end']} at the end. Wall time of this "
-        f"invocation: {meta['wall_seconds'] / 60:.1f} min ({meta['runs_executed']} runs executed, "
-        f"{meta['runs_reused']} reused from earlier invocations). Accuracies do not depend on the load; s/step does.",
+        f"{env['transformers']}; git {env['git_commit'][:10]}. The machine was shared with other jobs (load "
+        "averages below, 1/5/15 min); accuracies do not depend on the load, s/step and the wall times do.",
+        "",
+        f"**Wall time:** the reported runs span {meta['runs_span_seconds'] / 60:.1f} min from the first run's start "
+        f"to the last run's end ({meta['runs_sum_seconds'] / 60:.1f} min of run time summed over the runs). "
+        "Invocations that ran them:",
+        "",
+        *([f"- `{inv['command']}` ({inv['date_utc']}): {inv['wall_seconds'] / 60:.1f} min wall, "
+           f"{inv['runs_executed']} runs executed, {inv['runs_reused']} reused; load average {inv['loadavg_start']} "
+           f"at the start, {inv['loadavg_end']} at the end." for inv in meta["invocations"]]
+          or ["- none recorded in this output (the runs came from invocations that wrote elsewhere)"]),
         "",
     ]
     if missing:
@@ -296,9 +326,13 @@ def write_report(out_base: Path, records: list[dict[str, Any]], agg: dict[str, A
                      f"{_fmt_pct(r['accuracy_max'])} | {gap} | {r['seconds_per_step_median']:.2f} |")
     lines += ["", "std is the sample standard deviation over the seeds.", "",
               "## Rank per keep ratio (mean accuracy)", ""]
-    verdicts = []
+    verdicts: list[tuple[bool | None, str]] = []
     for kr, order in agg["ranks"].items():
         by = {r["method"]: r for r in agg["rows"] if f"{r['keep_ratio']:g}" == kr}
+        if not order:
+            continue
+        # a verdict needs every requested method with every seed at this ratio; otherwise it is provisional
+        complete = all(m in by and by[m]["n"] == len(b["seeds"]) for m in b["methods"])
         lines.append(f"- keep {kr}: " + " > ".join(f"{m} {_fmt_pct(by[m]['accuracy_mean'])}" for m in order))
         if "fusion" in by and len(order) > 1:
             pos = order.index("fusion") + 1
@@ -317,21 +351,22 @@ def write_report(out_base: Path, records: list[dict[str, Any]], agg: dict[str, A
                      f"({_fmt_pct(fu['accuracy_mean'])} ± {_fmt_pct(fu['accuracy_std'])} vs {order[0]} "
                      f"{_fmt_pct(best['accuracy_mean'])} ± {_fmt_pct(best['accuracy_std'])}, "
                      f"{100 * (fu['accuracy_mean'] - best['accuracy_mean']):+.2f} points)")
-            verdicts.append((pos == 1, v))
+            verdicts.append(((pos == 1) if complete else None, v if complete else v + " (incomplete runs)"))
     lines += ["", "## Verdict on the target (\"fusion's accuracy after the same budget the highest of the compressed "
               "ones\")", ""]
     if not verdicts:
         lines.append("Not decidable from these runs (fusion or the other methods missing).")
     for ok, v in verdicts:
-        lines.append(f"- {'MET' if ok else 'MISSED'}: {v}.")
-    if verdicts and not all(ok for ok, _ in verdicts):
-        lines += ["", "Why fusion falls behind: k-means over the pretrained MiniLM units gives loose clusters (a few "
-                  "very large clusters whose single centroid, times the cluster size, stands in for many dissimilar "
-                  "units), so the fused model starts further from the pretrained one than svd or prune do and the "
-                  "short budget does not close the gap. See docs/ntk.md, section 'Why: loose clusters', and "
-                  "benchmarks/results/recovery.md, section 'Why recovery is needed' (embedding cosines and cluster "
-                  "sizes before any training), and benchmarks/results/fusion_methods.md (kernel errors at "
-                  "initialisation)."]
+        lines.append(f"- {'PROVISIONAL' if ok is None else 'MET' if ok else 'MISSED'}: {v}.")
+    if verdicts and any(ok is False for ok, _ in verdicts):
+        lines += ["", "Why fusion falls behind (existing diagnosis, not re-measured here): on the pretrained MiniLM, "
+                  "k-means leaves ~700 singleton clusters and one giant cluster of unrelated units per layer (60-399 "
+                  "units at keep 0.5, up to 579 at 0.25); its centroid is an input-independent unit that fusion's "
+                  "frozen cluster-size scale multiplies, so the fused model starts further from the pretrained one "
+                  "and the same short budget does not close the gap. See docs/ntk.md, section 'Why: loose "
+                  "clusters, one of them huge', benchmarks/results/recovery.md, section 'Why recovery is needed' "
+                  "(embedding cosines and cluster sizes before any training), and benchmarks/results/"
+                  "fusion_methods.md (kernel errors at initialisation)."]
     lines += ["", "## Every run", "", "| method | keep ratio | seed | accuracy % | s/step | run s |",
               "|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["settings"]["method"] != REFERENCE, r["settings"]["method"],
@@ -367,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     done = {_run_path(s).stem: _load_done(s) for s in settings}
     todo = [s for s in settings if done[_run_path(s).stem] is None]
     reused = len(settings) - len(todo)
-    print(f"{len(settings)} runs: {reused} already finished, {len(todo)} to run on {args.workers} worker(s); "
+    print(f"{len(settings)} runs: {reused} already finished, {len(todo)} "
+          f"{'missing' if args.report_only else 'to run'} on {args.workers} worker(s); "
           f"{args.steps} steps x {BATCH}; load average {load_start}", flush=True)
     failures: list[str] = []
     if todo and not args.report_only:
@@ -401,21 +437,27 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no finished runs to report", flush=True)
         return 1
+    budget = {"steps": args.steps, "batch_size": BATCH, "max_length": SEQ, "learning_rate": LR,
+              "warmup_ratio": WARMUP, "max_train_examples": args.max_train_examples, "n_init": args.n_init,
+              "seeds": args.seeds, "methods": args.methods, "ratios": args.ratios}
+    command = " ".join(["python", "benchmarks/bench_method_accuracy.py", *map(shlex.quote, sys.argv[1:])])
+    invocations = _previous_invocations(out_base.with_suffix(".json"), budget)
+    if not args.report_only:
+        invocations.append({
+            "command": command, "date_utc": datetime.fromtimestamp(t0, timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "wall_seconds": time.time() - t0, "runs_executed": len(todo) - len(failures), "runs_reused": reused,
+        })
     meta = {
         "what": "SST-2 validation accuracy of all-MiniLM-L6-v2 compressed by each method (all 6 MLPs, same width) "
         "then fine-tuned with the same budget; the unfused model fine-tuned with that budget is the reference",
-        "command": " ".join(["python", "benchmarks/bench_method_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
-        "budget": {"steps": args.steps, "batch_size": BATCH, "max_length": SEQ, "learning_rate": LR,
-                   "warmup_ratio": WARMUP, "max_train_examples": args.max_train_examples, "n_init": args.n_init,
-                   "seeds": args.seeds, "methods": args.methods, "ratios": args.ratios},
+        "command": command,
+        "budget": budget,
         "workers": args.workers,
         "environment": environment(),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": load_start,
-        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_seconds": time.time() - t0,
-        "runs_executed": len(todo) - len(failures) if not args.report_only else 0,
-        "runs_reused": reused,
+        "invocations": invocations,
+        **_span(records),
     }
     agg = aggregate(records, args.methods, args.ratios)
     write_report(out_base, records, agg, meta, missing)
