@@ -360,6 +360,28 @@ def _label(key: str) -> str:
     return f"{VARIANT_LABELS[variant]} {precision}"
 
 
+def busy_processes(min_cpu: float = 20.0) -> list[str]:
+    """Other processes using at least ``min_cpu`` % of a core (``ps`` pcpu: CPU time over their lifetime), as
+    "pcpu command" lines: who else loaded the shared machine while this benchmark ran.
+
+    Example:
+        >>> busy_processes(1000.0)
+        []
+    """
+    import subprocess
+
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,pcpu=,args="], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    busy = []
+    for line in out.splitlines():
+        pid, cpu, cmd = [*line.split(None, 2), "", ""][:3]
+        if pid.isdigit() and int(pid) != os.getpid() and float(cpu or 0) >= min_cpu:
+            busy.append(f"{float(cpu):.0f}% {cmd[:90]}")
+    return busy
+
+
 def write_markdown(data: dict[str, Any], path: Path) -> None:
     """The result tables of :func:`main`'s ``data`` as Markdown (written atomically)."""
     from edgefuse.io_utils import write_text_atomic
@@ -378,6 +400,9 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         f"{env['versions']['torch']}, transformers {env['versions'].get('transformers', '?')}, int8 preset "
         f"`{env['host_preset']}`. Sessions: CPUExecutionProvider, ORT_ENABLE_ALL, intra-op threads as in the "
         "table, inter-op 1, spinning off.", "",
+        "Other processes above 20% of a core (`ps` pcpu) while it ran: "
+        + "; ".join(f"{when}: " + (", ".join(f"`{p}`" for p in procs) or "none")
+                    for when, procs in data.get("busy_processes", {}).items()) + ".", "",
         f"Budget: perplexity on the first {b['n_eval']} E2E validation references ({data['eval_tokens']} target "
         f"tokens: `ref` + EOS after `mr\\n`, at most {b['max_length']} tokens); decode: a prompt of "
         f"{b['prompt_tokens']} tokens (the first validation MR), {b['tokens']} new tokens per run, {b['rounds']} "
@@ -410,8 +435,8 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
             "come from the same interleaved run and are the meaningful figures; the absolute times are those of a "
             "loaded 2-core machine.", "",
             "| model | precision | " + "".join(f"{t} thr p50 / p90 ms | {t} thr x plain fp32 | " for t in threads)
-            + "".join(f"prefill {t} thr ms | " for t in threads),
-            "| --- | --- | " + "".join("--- | --- | " for _ in threads) + "".join("--- | " for _ in threads),
+            + " | ".join(f"prefill {t} thr ms" for t in threads) + " |",
+            "| --- | --- | " + "".join("--- | --- | " for _ in threads) + " | ".join("---" for _ in threads) + " |",
         ]
         for row in data["rows"]:
             if str(threads[0]) not in row["timing"]:
@@ -425,8 +450,9 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
             lines.append("| " + " | ".join(cells) + " |")
         untimed = [r for r in data["rows"] if str(threads[0]) not in r["timing"]]
         if untimed:
-            lines += ["", "Not timed: " + ", ".join(f"{VARIANT_LABELS[r['variant']]} {r['precision']}" for r in untimed)
-                      + " (the same graph shapes as fused + recovery; `--time-all` times them too)."]
+            names = sorted({VARIANT_LABELS[r["variant"]] for r in untimed})
+            lines += ["", f"Not timed: {', '.join(names)} ({', '.join(r['precision'] for r in untimed)}): the same "
+                      "graph shapes as fused + recovery (`--time-all` times them too)."]
     lines += ["", "## Greedy samples", "",
               f"Prompt: `{b['prompt']!r}`; greedy, at most {b['sample_tokens']} new tokens, stopping at EOS, through "
               "each ONNX graph with the KV cache:", ""]
@@ -486,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     phase: dict[str, float] = {"exports": 0.0, "perplexity": 0.0, "samples": 0.0, "timing": 0.0}
     env = _env()
+    busy = {"start": busy_processes()}
     tok = load_tokenizer("smollm2")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -541,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("%s: ONNX perplexity %.4f (top-1 vs fp32 %s); sample %r", key, ppl, top1, samples[key])
     t0 = time.perf_counter()
     for threads in [] if args.skip_timing else args.threads:
+        busy[f"{threads}-thread timing"] = busy_processes()
         timing = time_graphs(graphs, threads, prompt_ids, args.tokens, args.rounds, eos_ids)
         base = timing["plain/fp32"]["decode_ms_p50"] if "plain/fp32" in timing else float("nan")
         for row in rows:
@@ -550,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["timing"][str(threads)] = tm
     phase["timing"] = time.perf_counter() - t0
     env["load_average_end"] = os.getloadavg()
+    busy["end"] = busy_processes()
     out = {
         "command": shlex.join(["python", "benchmarks/bench_generation.py", *(sys.argv[1:] if argv is None else argv)]),
         "budget": {"tokens": args.tokens, "rounds": args.rounds, "n_eval": args.n_eval,
@@ -559,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         "down_proj_input_probe": probe, "recovered_source": None if recovered is None else str(
             recovered.relative_to(ROOT) if recovered.is_relative_to(ROOT) else recovered),
         "recovery": None if recovered is None else recovery_info(recovered),
-        "phase_s": phase, "note": args.note, "total_s": time.perf_counter() - start,
+        "phase_s": phase, "note": args.note, "busy_processes": busy, "total_s": time.perf_counter() - start,
         "timing_load": {str(t): f"{row_t['load_average_1min_at_start']:.2f}" for t, row_t in
                         ((t, rows[0]["timing"].get(str(t))) for t in args.threads) if row_t},
     }
