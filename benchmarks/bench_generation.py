@@ -11,9 +11,10 @@ Usage (from the repository root):
 Default budget: perplexity on the first 200 E2E validation references (the recovery stage's validation set, so the
 PyTorch figure of the recovered model reproduces its ``finetune_result.json``), 64 new tokens x 5 interleaved rounds
 per thread count, threads 1 and 2, greedy samples of at most 48 tokens. Wall time on this 2-core host with the export
-folders present: see ``benchmarks/results/generation.md`` (about 30 min while another CPU-heavy job shared the
-machine); each missing export folder adds about 1-3 min to export and validate and 0.5-1 min per quantized graph
-(measured 55-150 s and 24-70 s here), so a run from scratch takes about 10-15 min more.
+folders present: 21.6 and 23.7 min in two runs while other engineers' CPU-heavy jobs shared the machine (see
+``benchmarks/results/generation.md``; perplexity is ~85% of it); each missing export folder adds about 1-3 min
+to export and validate and 0.5-1 min per quantized graph (measured 55-150 s and 24-70 s here), so a run from
+scratch takes about 10-15 min more.
 
 The recovered model is not made here (63 min on this host): it is ``benchmarks/_work/gen/smol-recovered/model``,
 made with
