@@ -224,7 +224,7 @@ def _smol_context() -> dict:
 
 
 def _fold_study(out: dict, model, prefix: str, settings: list[tuple[str, dict]], *, reuse: bool,
-                keep_folders: bool) -> None:
+                keep_folders: bool, atol: float | None = None) -> None:
     """Export a fused model once per fold (up / keep / down) and quantize each; keep only the default's folder."""
     import shutil
 
@@ -234,8 +234,8 @@ def _fold_study(out: dict, model, prefix: str, settings: list[tuple[str, dict]],
     out["default_fold"] = default
     for fold in ("up", "keep", "down"):
         name = f"{prefix}_{fold}"
-        _smol_export_quant(out, model, name, smol_export_config().model_copy(update={"fold_scales": fold}), settings,
-                           reuse=reuse)
+        update: dict = {"fold_scales": fold, **({"atol": atol} if atol is not None else {})}
+        _smol_export_quant(out, model, name, smol_export_config().model_copy(update=update), settings, reuse=reuse)
         if fold != default and not keep_folders:
             shutil.rmtree(WORK / name, ignore_errors=True)  # ~1 GB each
 
@@ -276,7 +276,9 @@ def smollm2_recovered_folds(model_dir: str, reuse: bool = False, keep_folders: b
     meta = getattr(model.config, "edgefuse", None) or {}
     out["fusion"] = {**meta, "scaled_mlps": sum(1 for _ in iter_scaled(model))}
     settings = [s for s in smol_quant_settings(detect_host_preset()) if s[0] != "int8, preset defaults"]
-    _fold_study(out, model, "smollm2_recovered", settings, reuse=reuse, keep_folders=keep_folders)
+    # fine-tuned weights: the graph's logits differ from PyTorch by up to 1.1e-3 (cosine 1.000000), measured by
+    # bench_generation.py (RECOVERED_ATOL), above the 5e-4 that holds for the pretrained weights
+    _fold_study(out, model, "smollm2_recovered", settings, reuse=reuse, keep_folders=keep_folders, atol=2e-3)
     return out
 
 
