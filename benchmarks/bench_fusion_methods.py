@@ -26,7 +26,6 @@ import json
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"
 METHODS = ("fusion", "merge", "cluster", "centroid", "svd", "prune", "sketch")
@@ -66,12 +66,9 @@ def environment(threads: int) -> dict[str, Any]:
     import sklearn
     import torch
     import transformers
+    from bench_env import git_commit
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit(ROOT)
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "scikit_learn": sklearn.__version__, "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": __import__("os").cpu_count(), "torch_threads": threads, "git_commit": commit,

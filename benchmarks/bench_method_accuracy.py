@@ -180,12 +180,9 @@ def _cpu_model() -> str:
 def environment() -> dict[str, Any]:
     import torch
     import transformers
+    from bench_env import git_commit
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit(ROOT)
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads_per_run": 1, "git_commit": commit}
