@@ -433,8 +433,8 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
             "Per-token time = one decode step (argmax of the previous logits, KV cache fed back, `session.run`). "
             "All graphs of a thread count have their own session and take turns within each round (the order "
             "rotates every round), so the load of the other jobs hits them alike: the ratios against plain fp32 "
-            "come from the same interleaved run and are the meaningful figures; the absolute times are those of a "
-            "loaded 2-core machine.", "",
+            "come from the same interleaved run and are the meaningful figures; the absolute times are those of this "
+            "shared 2-core machine (load averages above).", "",
             "| model | precision | " + "".join(f"{t} thr p50 / p90 ms | {t} thr x plain fp32 | " for t in threads)
             + " | ".join(f"prefill {t} thr ms" for t in threads) + " |",
             "| --- | --- | " + "".join("--- | --- | " for _ in threads) + " | ".join("---" for _ in threads) + " |",
