@@ -26,7 +26,7 @@ validation sentences): a compressed run takes about 0.5 s/step x 150 + 35 = 110 
 = 5,175 s of work, on 2 workers about 2,600 s = 43 minutes on an idle 2-core machine, under the 60-minute limit
 with margin for the two processes sharing memory bandwidth. On a loaded machine only the wall time grows (the
 first default run, at load average ~3-5 on 2 cores, measured 0.4-1.2 s/step compressed and 1.3-1.45 s/step
-unfused and took 59.6 minutes); the accuracies do not depend on the load.
+unfused and took 59.6 minutes; a re-run on a quiet machine took 30.2 minutes with identical accuracies).
 
 Usage (from the repository root):
 
