@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(args.render)
         data = json.loads(src.read_text())
         # the verdicts are a pure function of the stored measurements: recompute them with this version's wording
-        data["targets"] = targets(data["variants"], *(lambda r: (r[0], r[-1]))(sorted(args.ratios, key=float)))
+        ordered = sorted(args.ratios, key=float)
+        data["targets"] = targets(data["variants"], ordered[0], ordered[-1])
         _write_outputs(src.with_suffix(""), data)
         return 0
     selection = {r: pick_recovered(r) for r in args.ratios} if args.fused is None else {}

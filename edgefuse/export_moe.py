@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgefuse.export_backends import preserved_forwards
 
 
 def _dense_topk_weights(router_logits: torch.Tensor, top_k: int, renormalise: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -113,27 +116,23 @@ def _switch_dense_forward(
     return router_probs * next_states, (router_logits, expert_index)
 
 
+# (module, class, dense forward) of every sparse block this module knows; imported lazily
+_SPARSE_BLOCKS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", _mixtral_dense_forward),
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2_moe_dense_forward),
+    ("transformers.models.switch_transformers.modeling_switch_transformers", "SwitchTransformersSparseMLP",
+     _switch_dense_forward),
+)
+
+
 def _dense_forwards() -> dict[type[nn.Module], Callable[..., Any]]:
-    """Sparse block class -> its dense forward (classes imported lazily; a missing one is skipped)."""
+    """Sparse block class -> its dense forward (a class this transformers does not have is skipped)."""
     table: dict[type[nn.Module], Callable[..., Any]] = {}
-    try:
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-        table[MixtralSparseMoeBlock] = _mixtral_dense_forward
-    except ImportError:
-        pass
-    try:
-        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
-
-        table[Qwen2MoeSparseMoeBlock] = _qwen2_moe_dense_forward
-    except ImportError:
-        pass
-    try:
-        from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
-
-        table[SwitchTransformersSparseMLP] = _switch_dense_forward
-    except ImportError:
-        pass
+    for module_name, class_name, dense in _SPARSE_BLOCKS:
+        try:
+            table[getattr(importlib.import_module(module_name), class_name)] = dense
+        except (ImportError, AttributeError):
+            continue
     return table
 
 
@@ -201,22 +200,10 @@ def dense_moe_routing(model: nn.Module) -> Iterator[DenseRouting]:
         0
     """
     blocks = [] if model.training else sparse_moe_blocks(model)
-    info = DenseRouting()
-    factors = []
-    patched: list[tuple[nn.Module, bool, Any]] = []
-    try:
-        for name, block, dense in blocks:
-            had = "forward" in block.__dict__
-            patched.append((block, had, block.__dict__.get("forward")))
+    shapes = [_block_shape(block) for _, block, _ in blocks]
+    info = DenseRouting(names=[name for name, _, _ in blocks],
+                        expert_compute_factor=max((n / k for n, k in shapes), default=1.0))
+    with preserved_forwards(model):  # puts back every instance-level forward, error included
+        for _, block, dense in blocks:
             block.forward = types.MethodType(dense, block)
-            info.names.append(name)
-            n, k = _block_shape(block)
-            factors.append(n / k)
-        info.expert_compute_factor = max(factors, default=1.0)
         yield info
-    finally:
-        for block, had, previous in reversed(patched):
-            if had:
-                block.forward = previous
-            else:
-                del block.forward

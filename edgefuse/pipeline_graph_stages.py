@@ -172,12 +172,12 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
         # not by the profiler's parity floor, which is meant for the same model on another machine
         logger.info("profile: output parity against the unfused reference is reported, not enforced")
         pcfg = pcfg.model_copy(update={"min_cosine": None})
-    if pcfg.inputs_npz is None and _past_inputs(graphs[order[0]]):
+    if pcfg.inputs_npz is None:
         # KV-cache graphs: time the prefill of a prompt with an empty cache (the profiler's random feeds assume
         # (batch, sequence) inputs only); every graph of the run has the same inputs
         npz = ctx.out / "prefill_inputs.npz"
-        _write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz)
-        pcfg = pcfg.model_copy(update={"inputs_npz": npz})
+        if _write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
+            pcfg = pcfg.model_copy(update={"inputs_npz": npz})
     result = profile_onnx([graphs[r] for r in order], pcfg)
     from edgefuse.io_utils import write_json_atomic
 
@@ -196,19 +196,18 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
             "emulated": result.environment.emulated, "target": result.environment.target}
 
 
-def _past_inputs(graph: Path) -> list[Any]:
-    import onnx
+def _write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
+    """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors.
 
-    model = onnx.load(str(graph), load_external_data=False)
-    return [i for i in model.graph.input if i.name.startswith("past_key_values")]
-
-
-def _write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> None:
-    """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors."""
+    Returns False, writing nothing, for a graph without ``past_key_values.*`` inputs."""
     import numpy as np
     import onnx
 
+    from edgefuse.export_ort import PAST_PREFIX
+
     model = onnx.load(str(graph), load_external_data=False)
+    if not any(i.name.startswith(PAST_PREFIX) for i in model.graph.input):
+        return False
     config = graph.parent / "config.json"
     vocab = int(json.loads(config.read_text()).get("vocab_size", 100)) if config.is_file() else 100
     rng = np.random.default_rng(seed)
@@ -219,9 +218,10 @@ def _write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Pat
             arrays[inp.name] = np.ones((batch, seq), dtype=np.int64)
         elif inp.name == "position_ids":
             arrays[inp.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-        elif inp.name.startswith("past_key_values"):  # (batch, kv_heads, past_len = 0, head_dim)
+        elif inp.name.startswith(PAST_PREFIX):  # (batch, kv_heads, past_len = 0, head_dim)
             arrays[inp.name] = np.zeros((batch, dims[1] or 1, 0, dims[3] or 1), dtype=np.float32)
     np.savez(out, **arrays)  # type: ignore[arg-type]
+    return True
 
 
 def read_profile(ctx_or_dir: StageContext | Path) -> dict[str, Any]:
