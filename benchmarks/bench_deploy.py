@@ -14,7 +14,7 @@ For every graph: SST-2 validation accuracy through onnxruntime, file size, p50/p
 on 1 and 2 threads and peak memory (fresh process), all from ONE interleaved ``profile_onnx`` run with every ratio
 taken per round against the baseline. Then the 1-thread CPU time of every graph and of bench_limit.py's kernel
 MatMuls, interleaved (load-independent on this shared machine), the latency lower bound (MACs from
-``edgefuse.graph_macs`` at the kernels' peak) and each graph's multiple of it; ``bench_limit.py`` itself is run as
+``edgefuse.profile.macs`` at the kernels' peak) and each graph's multiple of it; ``bench_limit.py`` itself is run as
 is for comparison. Then the issue-6 targets. Run from the repository root:
 
     python benchmarks/bench_deploy.py                          # default budget (about 15 min on 2 loaded cores)
@@ -67,7 +67,7 @@ def variants(ratios: list[str]) -> list[dict[str, str]]:
 
 
 def _texts(path: Path, n: int) -> list[str]:
-    from edgefuse.quantize_eval import read_texts
+    from edgefuse.quantize.evaluate import read_texts
 
     return read_texts(path, n)
 
@@ -80,7 +80,7 @@ def _rel(path: Path) -> str:
 
 def _export(src: Path, name: str) -> dict[str, Any]:
     from edgefuse.config.export import ExportConfig
-    from edgefuse.export import export_onnx
+    from edgefuse.export.api import export_onnx
     from edgefuse.models import load_model, load_tokenizer
 
     res = export_onnx(load_model(str(src), TASK), ExportConfig(task=TASK), WORK / name,
@@ -92,7 +92,7 @@ def _export(src: Path, name: str) -> dict[str, Any]:
 
 def _edgefuse_quant(name: str, out: str, texts: list[str], target: float | None, max_kept: int) -> dict[str, Any]:
     from edgefuse.config.quantize import QuantizeConfig
-    from edgefuse.quantize import quantize_onnx
+    from edgefuse.quantize.api import quantize_onnx
 
     cfg = QuantizeConfig(mode="dynamic", per_channel=True, output_name=out, overwrite=True, min_cosine=None,
                          auto_target_cosine=target, auto_max_kept=max_kept)
@@ -135,8 +135,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------- accuracy
 def accuracy(rows: list[dict[str, str]], n_eval: int | None) -> dict[str, Any]:
     """SST-2 validation accuracy of every graph through onnxruntime (2 threads), and agreement with the baseline."""
-    from edgefuse import quantize_eval as qe
-    from edgefuse.export_ort import make_session, task_vectors
+    from edgefuse.ort import make_session, task_vectors
+    from edgefuse.quantize import evaluate as qe
 
     texts, labels = qe.read_labelled(SST2 / "validation.tsv", n_eval)
     y = np.asarray(labels)
@@ -179,7 +179,7 @@ def make_inputs(n_tokens: int) -> Path:
 def profile(rows: list[dict[str, str]], args: argparse.Namespace, inputs: Path) -> Any:
     """The one interleaved wall-clock run of every graph (baseline first: the reference of every ratio)."""
     from edgefuse.config.profile import ProfileConfig
-    from edgefuse.profile import profile_onnx
+    from edgefuse.profile.api import profile_onnx
 
     cfg = ProfileConfig(threads=args.threads, inputs_npz=inputs, warmup_runs=args.warmup, runs=args.runs,
                         min_cosine=None, memory_runs=3, op_profile_runs=5)
@@ -247,7 +247,7 @@ def combine(rows: list[dict[str, str]], acc: dict[str, Any], prof: Any, cpu: dic
             lim: dict[str, Any], mkn: list[int]) -> list[dict[str, Any]]:
     """One record per graph: accuracy, size, memory, wall-clock latency per thread count (ratios per interleaved
     round), 1-thread CPU time (ratios per round), MACs, the latency bound and the multiples of it."""
-    from edgefuse.graph_macs import count_macs
+    from edgefuse.profile.macs import count_macs
 
     base = prof.graphs[0]
     peaks = kernel_peaks(cpu, mkn)
@@ -456,7 +456,7 @@ def markdown(d: dict[str, Any]) -> str:
                      f"[{c['ratio_vs_ort_int8_p10']:.3f}–{c['ratio_vs_ort_int8_p90']:.3f}] |")
     lim, pk = d["limit"], d["kernel_peaks_cpu"]
     mkn = "x".join(map(str, lim["meta"]["kernel_mkn"]))
-    lines += ["", "## The physical limit (kernels of benchmarks/bench_limit.py, MACs of edgefuse/graph_macs.py)", "",
+    lines += ["", "## The physical limit (kernels of benchmarks/bench_limit.py, MACs of edgefuse/profile/macs.py)", "",
               f"Kernel throughput: one MatMul of M x K x N = {mkn} built by bench_limit.py (fp32 MatMul; u8 x s8 "
               "MatMulInteger), 1 thread, in CPU time (best run = the peak used for the bound; median run), and "
               "bench_limit.py's own wall-clock figure (best of 3 rounds, run separately):", "",

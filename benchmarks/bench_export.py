@@ -31,13 +31,13 @@ E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 
 
 def _texts(n: int, path: Path = SST2 / "validation.tsv") -> list[str]:
-    from edgefuse.quantize_eval import read_texts
+    from edgefuse.quantize.evaluate import read_texts
 
     return read_texts(path, n)
 
 
 def _export(model, tok, cfg, name):
-    from edgefuse.export import export_onnx
+    from edgefuse.export.api import export_onnx
 
     t = time.perf_counter()
     res = export_onnx(model, cfg, WORK / name, tokenizer=tok, overwrite=True)
@@ -54,7 +54,7 @@ def _export(model, tok, cfg, name):
 
 def _quant(name, texts, **kw):
     from edgefuse.config.quantize import QuantizeConfig
-    from edgefuse.quantize import quantize_onnx
+    from edgefuse.quantize.api import quantize_onnx
 
     cfg = QuantizeConfig(overwrite=True, min_cosine=None, **kw)
     t = time.perf_counter()
@@ -72,7 +72,7 @@ def _quant(name, texts, **kw):
 def minilm() -> dict:
     from edgefuse.config.export import ExportConfig
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
 
     texts = _texts(64)
@@ -101,7 +101,7 @@ def minilm() -> dict:
 
 SMOL_FUSED_LAYERS = list(range(15, 30))  # the upper half of SmolLM2's 30 layers
 SMOL_GREEDY_TOKENS = 32
-# The 9 down projections with the largest simulated per-token int8 error on plain SmolLM2 (edgefuse.quantize_auto
+# The 9 down projections with the largest simulated per-token int8 error on plain SmolLM2 (edgefuse.quantize.auto
 # ranking on 8 E2E references): the layers with "massive activations" (one token's input ~100-3000x the others).
 SMOL_INT8_EXCLUDE = r"re:^/model/layers\.(1|2|3|8|9|10|11|28|29)/mlp/down_proj/MatMul$"
 
@@ -157,8 +157,8 @@ def _reused_row(model, cfg, name: str) -> dict | None:
 def _greedy_agreement(name: str, graph: str, export_row: dict, eos_ids: list[int], tok) -> dict:
     """Greedy tokens of a quantized graph against PyTorch's (same prompt, N and EOS suppression as the export
     check): the identical prefix length and the number of equal positions."""
-    from edgefuse.export_ort import greedy_generate, make_session, tokenize
-    from edgefuse.export_validate import PROMPT
+    from edgefuse.export.validate import PROMPT
+    from edgefuse.ort import greedy_generate, make_session, tokenize
 
     ids, mask = tokenize(tok, [PROMPT], 32)
     want = export_row["greedy"]["torch"]
@@ -174,7 +174,7 @@ def _top1_agreement(name: str, graph: str, texts: list[str], tok) -> float:
     """Share of real E2E token positions where the graph's next-token argmax equals the fp32 graph's."""
     import numpy as np
 
-    from edgefuse.export_ort import make_session, task_vectors, tokenize
+    from edgefuse.ort import make_session, task_vectors, tokenize
 
     ref, q = make_session(WORK / name / "model.onnx"), make_session(WORK / name / graph)
     same = total = 0
@@ -228,7 +228,7 @@ def _fold_study(out: dict, model, prefix: str, settings: list[tuple[str, dict]],
     """Export a fused model once per fold (up / keep / down) and quantize each; keep only the default's folder."""
     import shutil
 
-    from edgefuse.export import resolve_fold
+    from edgefuse.export.api import resolve_fold
 
     default = resolve_fold(model, "auto")
     out["default_fold"] = default
@@ -243,9 +243,9 @@ def _fold_study(out: dict, model, prefix: str, settings: list[tuple[str, dict]],
 def smollm2(reuse: bool = False, keep_folders: bool = False) -> dict:
     """Plain and fused (0.5 in layers 15..29) SmolLM2-135M with the KV cache: fp32 validation + greedy tokens, the
     int8/int4 graphs of :func:`smol_quant_settings`, and the fold choices (up / keep / down) of the fused model."""
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model
-    from edgefuse.quantize_presets import detect_host_preset
+    from edgefuse.quantize.presets import detect_host_preset
 
     out = _smol_context()
     settings = smol_quant_settings(detect_host_preset())
@@ -266,9 +266,9 @@ def smollm2(reuse: bool = False, keep_folders: bool = False) -> dict:
 def smollm2_recovered_folds(model_dir: str, reuse: bool = False, keep_folders: bool = False) -> dict:
     """The fold choice on a recovered fused SmolLM2 saved with its frozen scale (``edgefuse finetune --no-fold``):
     the unrecovered fused model is degenerate (E2E perplexity ~16000), this one is a working model."""
-    from edgefuse.persist import load_fused
-    from edgefuse.quantize_presets import detect_host_preset
-    from edgefuse.scale import iter_scaled
+    from edgefuse.fusion.persist import load_fused
+    from edgefuse.fusion.scale import iter_scaled
+    from edgefuse.quantize.presets import detect_host_preset
 
     out = _smol_context()
     model = load_fused(model_dir)
@@ -362,7 +362,7 @@ def main() -> None:
     else:
         data = minilm()
     from edgefuse.manifest import library_versions
-    from edgefuse.quantize_presets import detect_host_preset
+    from edgefuse.quantize.presets import detect_host_preset
 
     data.update({"command": " ".join(["python", "benchmarks/bench_export.py", *sys.argv[1:]]),
                  "host_preset": detect_host_preset(), "machine": platform.machine(),

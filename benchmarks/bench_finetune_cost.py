@@ -2,7 +2,7 @@
 same batch and sequence length, measured in the same run, interleaved.
 
 Each measurement is a fresh child process (so that its peak RSS is its own) that loads one model, runs the
-real training step of :mod:`edgefuse.train_loop` (forward, loss, backward, clip, AdamW step) on fixed-length
+real training step of :mod:`edgefuse.finetune.loop` (forward, loss, backward, clip, AdamW step) on fixed-length
 random token batches for ``--warmup`` + ``--steps`` steps, and reports the median step time, its peak RSS, and
 the analytic size of the training state (parameters + gradients + two AdamW moments, fp32). Children alternate
 unfused / fused variants for ``--rounds`` rounds; ratios are taken within a round and summarised by their median
@@ -40,9 +40,9 @@ def _variant_dir(model: str, keep_ratio: float | None, layers: str) -> Path:
 def prepare(model: str, keep_ratios: list[float], layers: str) -> None:
     """Fuse once per keep ratio and save (scales kept separate: they are what training sees)."""
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.persist import save_fused
     from edgefuse.models import load_model
-    from edgefuse.persist import save_fused
 
     for kr in [None, *keep_ratios]:
         out = _variant_dir(model, kr, layers)
@@ -63,9 +63,9 @@ def child(path: str, task: str, batch: int, seq: int, warmup: int, steps: int, t
     import torch
 
     from edgefuse.config.finetune import FinetuneConfig
+    from edgefuse.finetune.objectives import causal_lm_loss, classification_loss
+    from edgefuse.finetune.setup import build_optimizer, trainable_parameters
     from edgefuse.models import load_model
-    from edgefuse.objectives import causal_lm_loss, classification_loss
-    from edgefuse.train_setup import build_optimizer, trainable_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

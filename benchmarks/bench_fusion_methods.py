@@ -2,7 +2,7 @@
 method at several widths, right after compression (method.md 6.1 items 2-3).
 
 For every method (fusion, merge, cluster, centroid, svd, prune, sketch), keep ratio and seed, all 6 MLPs are
-compressed in a deep copy of the model, and :func:`edgefuse.ntk.measure_ntk` compares it with the original on
+compressed in a deep copy of the model, and :func:`edgefuse.ntk.api.measure_ntk` compares it with the original on
 the first N SST-2 validation sentences: relative errors of the Adam (sign) kernel ``G sign(G)^T`` and the GD
 kernel ``G G^T`` (over the fused MLPs' parameters and, with ``--params fused-mlp all``, over every parameter),
 of the final hidden states and of the scalar output (``pooled-projection``: the mean-pooled last hidden state
@@ -79,8 +79,8 @@ def run_one(original: Any, batch: dict, method: str, ratio: float, seed: int, ar
             refs: dict[str, Any]) -> dict[str, Any]:
     from edgefuse.config.fusion import FusionConfig
     from edgefuse.config.ntk import NtkConfig
-    from edgefuse.fusion import fuse_mlps_
-    from edgefuse.ntk import measure_ntk, reference_kernels
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.ntk.api import measure_ntk, reference_kernels
 
     comp = copy.deepcopy(original)
     t = time.perf_counter()
@@ -196,8 +196,8 @@ def cluster_activity(original: Any, batch: dict, ratio: float, seed: int, n_init
     import numpy as np
     import torch
 
-    from edgefuse.clustering import compress_mlp, subml_features
-    from edgefuse.discovery import find_mlps, read_weights
+    from edgefuse.fusion.clustering import compress_mlp, subml_features
+    from edgefuse.fusion.sites import find_mlps, read_weights
 
     sites = find_mlps(original)
     inputs: dict[int, torch.Tensor] = {}
@@ -242,11 +242,11 @@ def split_sign_kernel(original: Any, batch: dict, layer: int, ratio: float, seed
     import numpy as np
     import torch
 
-    from edgefuse.clustering import compress_mlp
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.discovery import find_mlps, read_weights
-    from edgefuse.fusion import fuse_mlps_
-    from edgefuse.ntk_scalar import projection_head, split_examples
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.clustering import compress_mlp
+    from edgefuse.fusion.sites import find_mlps, read_weights
+    from edgefuse.ntk.scalar import projection_head, split_examples
 
     examples = split_examples(batch)
     head = projection_head(int(original.config.hidden_size), 0)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from edgefuse.finetune_data import read_records
+    from edgefuse.finetune.data import read_records
     from edgefuse.io_utils import write_json_atomic, write_text_atomic
     from edgefuse.models import load_model, load_tokenizer
 

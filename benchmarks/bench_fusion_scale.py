@@ -38,7 +38,7 @@ def _child(case: str, keep_ratio: float, n_init: int) -> dict:
     import torch
 
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
 
     kind, hidden, inter, layers = CASES[case]
     t0 = time.perf_counter()

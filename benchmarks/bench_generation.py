@@ -35,16 +35,16 @@ What it does:
 
 1. Uses bench_export's SmolLM2 folders under ``benchmarks/_work/export/`` (``smollm2``, ``smollm2_fused_up``,
    ``smollm2_recovered_up``), exporting one when it is missing or was made from another model or settings
-   (``edgefuse.export.export_onnx``: optimum-onnx, ``text-generation-with-past``, validated against PyTorch incl.
+   (``edgefuse.export.api.export_onnx``: optimum-onnx, ``text-generation-with-past``, validated against PyTorch incl.
    32 greedy tokens; the recovered model with atol 2e-3, see :data:`RECOVERED_ATOL`), and quantizes the graphs that
    are missing, with bench_export's settings: ``int8`` = dynamic per-channel, reduce_range, the 9
    massive-activation down projections in fp32 (the recommended SmolLM2 recipe on this AVX2 host); ``int8-all`` =
    the same with every MatMul quantized (plain model only: the diagnostic row); ``int4`` = MatMulNBits, block 32.
    Fusion: keep_ratio 0.5 in layers 15..29 of 30, the fusion scale folded as ``fold_scales=auto`` (``up``).
-2. Perplexity on the E2E validation split of the recovery stage (``edgefuse.finetune_data``: devset.csv split by
+2. Perplexity on the E2E validation split of the recovery stage (``edgefuse.finetune.data``: devset.csv split by
    meaning representation, ``validation_fraction`` 0.1, seed 0, first ``--n-eval`` references; sequence
    ``mr + "\\n" + ref + EOS``, at most 96 tokens; loss over the ``ref`` + EOS tokens only), for every graph through
-   onnxruntime and for each PyTorch fp32 model (``edgefuse.finetune_eval.evaluate``) as the reference; top-1
+   onnxruntime and for each PyTorch fp32 model (``edgefuse.finetune.evaluate.evaluate``) as the reference; top-1
    agreement of each quantized graph with its own fp32 graph on the same target positions.
 3. A greedy sample per graph for the first validation MR (EOS allowed, at most ``--sample-tokens``).
 4. Decode latency through a direct onnxruntime loop (not optimum's ``ORTModelForCausalLM``: one
@@ -134,9 +134,9 @@ def _smol_model(variant: str, recovered: Path | None) -> Any:
     """The PyTorch model of a variant (fused: freshly fused, deterministic from the seed)."""
     from bench_export import smol_fusion_config
 
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.persist import load_fused
     from edgefuse.models import load_model
-    from edgefuse.persist import load_fused
 
     if variant == "recovered":
         return load_fused(recovered)
@@ -152,8 +152,8 @@ def precisions(variant: str = "plain") -> dict[str, tuple[str, dict]]:
     from bench_export import smol_quant_settings
 
     from edgefuse.config.quantize import QuantizeConfig
-    from edgefuse.quantize import default_output_name
-    from edgefuse.quantize_presets import detect_host_preset
+    from edgefuse.quantize.api import default_output_name
+    from edgefuse.quantize.presets import detect_host_preset
 
     preset = detect_host_preset()
     by_label = dict(smol_quant_settings(preset))
@@ -169,7 +169,7 @@ def precisions(variant: str = "plain") -> dict[str, tuple[str, dict]]:
 
 def folder_name(variant: str, model: Any) -> str:
     """The bench_export folder name of a variant (shared, so neither benchmark exports twice)."""
-    from edgefuse.export import resolve_fold
+    from edgefuse.export.api import resolve_fold
 
     if variant == "plain":
         return "smollm2"
@@ -183,8 +183,8 @@ def build_folder(variant: str, model: Any, tok: Any, texts: list[str], rebuild: 
     from bench_export import _export, _reused_row, smol_export_config
 
     from edgefuse.config.quantize import QuantizeConfig
-    from edgefuse.export import resolve_fold
-    from edgefuse.quantize import quantize_onnx
+    from edgefuse.export.api import resolve_fold
+    from edgefuse.quantize.api import quantize_onnx
 
     name = folder_name(variant, model)
     fold = resolve_fold(model, "auto")
@@ -210,7 +210,7 @@ def build_folder(variant: str, model: Any, tok: Any, texts: list[str], rebuild: 
 def e2e_validation(tok: Any, n_eval: int) -> Any:
     """The recovery stage's E2E validation split (grouped by MR), first ``n_eval`` references, tokenized."""
     from edgefuse.config.finetune import DataConfig
-    from edgefuse.finetune_data import load_finetune_data
+    from edgefuse.finetune.data import load_finetune_data
 
     cfg = DataConfig(train=str(E2E), validation_fraction=0.1, group_column="mr", text_column="ref",
                      prompt_column="mr", max_length=MAX_LENGTH, max_validation_examples=n_eval, seed=0)
@@ -235,8 +235,8 @@ def onnx_perplexity(
     session: Any, split: Any, pad: int, ref_argmax: dict | None
 ) -> tuple[float, int, dict, float | None]:
     """(perplexity, target tokens, argmax per target position, top-1 agreement with ``ref_argmax``) of a graph,
-    over the same target tokens as :func:`edgefuse.finetune_eval.evaluate` (``ref`` + EOS)."""
-    from edgefuse.export_ort import build_feed
+    over the same target tokens as :func:`edgefuse.finetune.evaluate.evaluate` (``ref`` + EOS)."""
+    from edgefuse.ort import build_feed
 
     nll, count, argmax, same = 0.0, 0, {}, 0
     for idx, ids, mask, starts in _batches(split, pad):
@@ -291,7 +291,7 @@ def decode_run(
 
     EOS is suppressed (every timed run decodes exactly ``n_tokens``) unless ``stop_at_eos``, which ends the run at
     the first EOS instead (the samples: what a user would get)."""
-    from edgefuse.export_ort import PAST_PREFIX, build_feed
+    from edgefuse.ort import PAST_PREFIX, build_feed
 
     names = [o.name for o in session.get_outputs()]
     mask = np.ones_like(prompt_ids)
@@ -319,7 +319,7 @@ def decode_run(
 def time_graphs(graphs: dict[str, Path], threads: int, prompt_ids: np.ndarray, n_tokens: int, rounds: int,
                 eos_ids: list[int]) -> dict[str, dict[str, Any]]:
     """Interleaved decode timing of every graph on ``threads`` intra-op threads."""
-    from edgefuse.export_ort import make_session
+    from edgefuse.ort import make_session
 
     sessions = {key: make_session(path, threads=threads) for key, path in graphs.items()}
     keys = list(sessions)
@@ -347,7 +347,7 @@ def time_graphs(graphs: dict[str, Path], threads: int, prompt_ids: np.ndarray, n
 # ------------------------------------------------------------------------------------------------ report
 def _env() -> dict[str, Any]:
     from edgefuse.manifest import library_versions
-    from edgefuse.quantize_presets import detect_host_preset
+    from edgefuse.quantize.presets import detect_host_preset
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
@@ -505,9 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from bench_export import _texts
 
-    from edgefuse.export_ort import make_session
-    from edgefuse.finetune_eval import evaluate
+    from edgefuse.finetune.evaluate import evaluate
     from edgefuse.models import load_tokenizer
+    from edgefuse.ort import make_session
 
     torch.set_num_threads(2)
     start = time.perf_counter()

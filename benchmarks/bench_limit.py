@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "limit"))
     args = ap.parse_args()
 
-    from edgefuse.graph_macs import count_macs
+    from edgefuse.profile.macs import count_macs
 
     m, k, n = args.mkn
     kernel_macs = m * k * n

@@ -123,9 +123,9 @@ def run_one(s: dict[str, Any]) -> dict[str, Any]:
 
     from edgefuse.config.finetune import DataConfig, FinetuneConfig
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.finetune import finetune_
-    from edgefuse.finetune_data import load_finetune_data
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.finetune.api import finetune_
+    from edgefuse.finetune.data import load_finetune_data
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
 
     t0 = time.perf_counter()

@@ -49,8 +49,8 @@ def graphs() -> dict:
 
     from edgefuse.config.export import ExportConfig
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.export import export_onnx
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.export.api import export_onnx
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def graphs() -> dict:
 
 def x86() -> dict:
     from edgefuse.config.profile import ProfileConfig
-    from edgefuse.profile import profile_onnx
+    from edgefuse.profile.api import profile_onnx
 
     cfg = ProfileConfig(threads=[1, 2], inputs_npz=WORK / "inputs_sst2_b1_s128.npz", warmup_runs=5, runs=40,
                         min_cosine=None)
@@ -86,7 +86,7 @@ def x86() -> dict:
 def arm() -> dict:
     """Each int8 graph against its own fp32 graph (plain, then fused), 1 thread, few runs: qemu is ~100x slower."""
     from edgefuse.config.profile import ProfileConfig
-    from edgefuse.profile import profile_onnx
+    from edgefuse.profile.api import profile_onnx
 
     cfg = ProfileConfig(target="arm64-emulated", cpu="neoverse-n1", threads=[1], warmup_runs=1, runs=3,
                         op_profile_runs=1, memory_runs=1, inputs_npz=WORK / "inputs_sst2_b1_s128.npz", min_cosine=0.99,
@@ -99,7 +99,7 @@ def report() -> dict:
     """The HTML report of x86 + ARM, rendered by headless chromium: DOM content and a screenshot."""
     from matplotlib.image import imread
 
-    from edgefuse.report import load_results, write_report
+    from edgefuse.report.api import load_results, write_report
 
     x86_res = load_results([RESULTS / "profile_x86.json"])
     arm_all = json.loads((RESULTS / "profile_arm.json").read_text())

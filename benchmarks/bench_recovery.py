@@ -67,7 +67,7 @@ def _write(name: str, obj: dict[str, Any]) -> Path:
 
 def _sst2_data(tok: Any, max_length: int = 64) -> Any:
     from edgefuse.config.finetune import DataConfig
-    from edgefuse.finetune_data import load_finetune_data
+    from edgefuse.finetune.data import load_finetune_data
 
     cfg = DataConfig(
         train=str(SST2 / "train.tsv"),
@@ -80,7 +80,7 @@ def _sst2_data(tok: Any, max_length: int = 64) -> Any:
 
 
 def _accuracy(model: Any, data: Any) -> float:
-    from edgefuse.finetune_eval import evaluate
+    from edgefuse.finetune.evaluate import evaluate
 
     return evaluate(model, data.validation, "sequence-classification", pad_token_id=data.pad_token_id)["accuracy"]
 
@@ -110,9 +110,9 @@ def _cls_config(steps: int, lr: float, eval_every: int | None, **kw: Any) -> Any
 def phase_teacher(args: argparse.Namespace) -> None:
     import torch
 
-    from edgefuse.finetune import finetune_
+    from edgefuse.finetune.api import finetune_
+    from edgefuse.fusion.persist import save_fused
     from edgefuse.models import load_model, load_tokenizer
-    from edgefuse.persist import save_fused
 
     tok = load_tokenizer("minilm")
     data = _sst2_data(tok)
@@ -140,7 +140,7 @@ def _layerwise(student: Any, teacher: Any, data: Any, args: argparse.Namespace) 
     if not args.layerwise_steps:
         return None
     from edgefuse.config.finetune import FinetuneConfig
-    from edgefuse.finetune import finetune_
+    from edgefuse.finetune.api import finetune_
 
     lw_cfg = FinetuneConfig(
         task="sequence-classification",
@@ -164,11 +164,11 @@ def _layerwise(student: Any, teacher: Any, data: Any, args: argparse.Namespace) 
 def phase_recover(args: argparse.Namespace) -> None:
     """Deployment order: fine-tuned teacher -> fuse -> brief recovery (distillation + task loss)."""
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.finetune import finetune_
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.finetune.api import finetune_
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.persist import save_fused
+    from edgefuse.fusion.scale import fold_scales_
     from edgefuse.models import load_model, load_tokenizer
-    from edgefuse.persist import save_fused
-    from edgefuse.scale import fold_scales_
 
     teacher_info = json.loads((RESULTS / "recovery_teacher.json").read_text())
     teacher_steps = teacher_info["result"]["steps_run"]
@@ -231,8 +231,8 @@ def phase_paper(args: argparse.Namespace) -> None:
     import torch
 
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.finetune import finetune_
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.finetune.api import finetune_
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
 
     tok = load_tokenizer("minilm")
@@ -277,7 +277,7 @@ def phase_paper(args: argparse.Namespace) -> None:
 
 def _e2e_data(tok: Any, max_validation: int, *, loss_on_prompt: bool = False) -> Any:
     from edgefuse.config.finetune import DataConfig
-    from edgefuse.finetune_data import load_finetune_data
+    from edgefuse.finetune.data import load_finetune_data
 
     # split by meaning representation: no MR is in both parts (10 % of the MRs held out)
     cfg = DataConfig(
@@ -296,7 +296,7 @@ def _e2e_data(tok: Any, max_validation: int, *, loss_on_prompt: bool = False) ->
 
 
 def _lm_eval(model: Any, data: Any, tok: Any) -> dict[str, Any]:
-    from edgefuse.finetune_eval import evaluate, greedy_samples
+    from edgefuse.finetune.evaluate import evaluate, greedy_samples
 
     t0 = time.perf_counter()
     m = evaluate(model, data.validation, "causal-lm", pad_token_id=data.pad_token_id, batch_size=16)
@@ -308,8 +308,8 @@ def phase_smollm2(args: argparse.Namespace) -> None:
     """SmolLM2-135M on E2E: perplexity of the original, fused (0.5 in the upper half) and recovered model."""
     from edgefuse.config.finetune import FinetuneConfig
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.finetune import finetune_
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.finetune.api import finetune_
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
 
     tok = load_tokenizer("smollm2")
@@ -393,9 +393,9 @@ def phase_diagnose(args: argparse.Namespace) -> None:
     import torch
 
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.scale import get_scale, iter_scaled
     from edgefuse.models import load_model, load_tokenizer
-    from edgefuse.scale import get_scale, iter_scaled
 
     tok = load_tokenizer("minilm")
     base = load_model("minilm")

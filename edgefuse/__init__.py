@@ -12,8 +12,7 @@ The public API is loaded lazily (PEP 562) so that ``import edgefuse`` and ``edge
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from edgefuse.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,40 +20,35 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     # fuse
     "FusionConfig": "edgefuse.config.fusion",
-    "fuse_mlps_": "edgefuse.fusion",
-    "plan_fusion": "edgefuse.fusion",
-    "fold_scales_": "edgefuse.scale",
-    "save_fused": "edgefuse.persist",
-    "load_fused": "edgefuse.persist",
+    "fuse_mlps_": "edgefuse.fusion.api",
+    "plan_fusion": "edgefuse.fusion.api",
+    "fold_scales_": "edgefuse.fusion.scale",
+    "save_fused": "edgefuse.fusion.persist",
+    "load_fused": "edgefuse.fusion.persist",
     "load_model": "edgefuse.models",
     "load_tokenizer": "edgefuse.models",
     # NTK and approximation metrics
     "NtkConfig": "edgefuse.config.ntk",
-    "measure_ntk": "edgefuse.ntk",
+    "measure_ntk": "edgefuse.ntk.api",
     # recover
     "FinetuneConfig": "edgefuse.config.finetune",
-    "finetune_": "edgefuse.finetune",
+    "finetune_": "edgefuse.finetune.api",
     # export and quantize
     "ExportConfig": "edgefuse.config.export",
-    "export_onnx": "edgefuse.export",
+    "export_onnx": "edgefuse.export.api",
     "QuantizeConfig": "edgefuse.config.quantize",
-    "quantize_onnx": "edgefuse.quantize",
+    "quantize_onnx": "edgefuse.quantize.api",
     # profile and report
     "ProfileConfig": "edgefuse.config.profile",
-    "profile_onnx": "edgefuse.profile",
+    "profile_onnx": "edgefuse.profile.api",
     "ReportConfig": "edgefuse.config.report",
-    "write_report": "edgefuse.report",
+    "write_report": "edgefuse.report.api",
     # pipeline
     "PipelineConfig": "edgefuse.config.pipeline",
     "load_config": "edgefuse.config.pipeline",
-    "run_pipeline": "edgefuse.pipeline",
+    "run_pipeline": "edgefuse.pipeline.api",
 }
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edgefuse' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -47,7 +47,7 @@ class TargetNotFoundError(EdgefuseError, LookupError):
 
 
 class UnsupportedArchitectureError(EdgefuseError):
-    """The model type has no entry in :data:`edgefuse.archs.MLP_SPECS`."""
+    """The model type has no entry in :data:`edgefuse.fusion.archs.MLP_SPECS`."""
 
     exit_code = 4
 

@@ -89,7 +89,7 @@ def resolve_alias(name_or_path: str) -> str:
 
 
 def _check_exists(path: str) -> None:
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path and not path.count("/") == 1
+    looks_local = path.startswith((".", "/", "~")) or (os.sep in path and not path.count("/") == 1)
     if looks_local and not Path(path).expanduser().exists():
         raise TargetNotFoundError(f"model path {path!r} does not exist (or use a built-in: {', '.join(ALIASES)})")
 
@@ -124,7 +124,7 @@ def load_model(
 ) -> Any:
     """Load a model for ``task`` from a folder (fused or not), a built-in alias or a Hub id, in eval mode.
 
-    A folder saved by :func:`edgefuse.persist.save_fused` is rebuilt with its per-MLP widths and frozen scales.
+    A folder saved by :func:`edgefuse.fusion.persist.save_fused` is rebuilt with its per-MLP widths and frozen scales.
 
     Raises:
         ConfigError: unknown task.
@@ -144,7 +144,7 @@ def load_model(
     folder = Path(path)
     kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "sequence-classification" else {}
     if (folder / "config.json").is_file():
-        from edgefuse.persist import load_fused, read_fusion_metadata
+        from edgefuse.fusion.persist import load_fused, read_fusion_metadata
 
         if read_fusion_metadata(folder):
             # rebuilt explicitly: restores per-MLP widths and the frozen scales

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 
 from edgefuse.check import run_check
+from edgefuse.check.junit import write_junit
 from edgefuse.config.pipeline import load_config
 from edgefuse.errors import BudgetExceededError, EdgefuseError
-from edgefuse.junit import write_junit
 from edgefuse.pipeline import resolve_run_dir
 
 CONFIG = "export_configs/ci-check.yaml"

@@ -31,7 +31,7 @@ def tiny_tokenizer() -> Any:
 
 def save_tiny_bert(folder: Path, *, head: str = "base", seed: int = 0) -> Path:
     """A tiny BERT (hidden 16, intermediate 32, 3 layers) and its tokenizer, as a safetensors folder."""
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.persist import save_fused
 
     return save_fused(tiny_model("bert", head=head, seed=seed), folder, tokenizer=tiny_tokenizer())
 

@@ -16,12 +16,12 @@ import pytest
 from test_profile_graphs import make_mlp_graph, pair  # noqa: F401  (pair is a fixture)
 from tolerances import ARM_FP32_MIN_COSINE, INT8_TINY_MLP_MIN_COSINE
 
-from edgefuse.arm import CPU_MODELS, ArmSandbox, cpuinfo_text, ensure_sandbox, find_host_tools
 from edgefuse.cli import main
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ConfigError, MissingDependencyError
-from edgefuse.profile import profile_onnx
-from edgefuse.runner import RUNNER_PATH
+from edgefuse.profile.api import profile_onnx
+from edgefuse.profile.arm import CPU_MODELS, ArmSandbox, cpuinfo_text, ensure_sandbox, find_host_tools
+from edgefuse.profile.runner import RUNNER_PATH
 
 FAST = dict(threads=[1], sequence_lengths=[8], warmup_runs=1, runs=2, op_profile_runs=1, memory_runs=1)
 
@@ -98,7 +98,7 @@ def test_emulated_profile_checks_parity_and_labels_emulated(sandbox: ArmSandbox,
     assert int8.parity is not None and int8.parity.passed and int8.parity.min_cosine >= INT8_TINY_MLP_MIN_COSINE
     assert int8.op_profile is not None and int8.op_profile.matmul_quantized_nodes == 2
     assert int8.memory is not None and int8.memory.model_peak_rss_mib > 0
-    from edgefuse.report import write_report
+    from edgefuse.report.api import write_report
 
     md = write_report([res], tmp_path, formats=("md",))["md"].read_text()
     assert "EMULATED under qemu" in md and "mean emulated latency (ms)" in md

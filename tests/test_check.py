@@ -14,10 +14,10 @@ import pytest
 import yaml
 from pipeline_tiny import FAST_PROFILE, base_config, one_torch_thread, save_tiny_bert
 
-from edgefuse.budgets import BUDGET_SPECS, failures_line, judge
+from edgefuse.check.budgets import BUDGET_SPECS, failures_line, judge
+from edgefuse.check.junit import junit_xml
 from edgefuse.config.check import BudgetsConfig
 from edgefuse.errors import EXIT_CODES
-from edgefuse.junit import junit_xml
 
 
 @pytest.fixture(autouse=True)

@@ -65,7 +65,7 @@ def test_help_import_time_is_small() -> None:
 
 def test_cli_stage_list_matches_the_pipeline() -> None:
     from edgefuse.cli.run import STAGE_NAMES as CLI_STAGES
-    from edgefuse.pipeline import STAGE_NAMES
+    from edgefuse.pipeline.api import STAGE_NAMES
 
     assert CLI_STAGES == STAGE_NAMES
 

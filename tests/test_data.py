@@ -11,7 +11,7 @@ from test_finetune_fixtures import e2e_rows, sentiment_rows, word_tokenizer, wri
 
 from edgefuse.config.finetune import DataConfig
 from edgefuse.errors import DataError, MissingDependencyError, TargetNotFoundError
-from edgefuse.finetune_data import (
+from edgefuse.finetune.data import (
     IGNORE_INDEX,
     collate,
     epoch_order,

@@ -14,11 +14,11 @@ from tolerances import EXPORT_ATOL, MIN_CHANGE
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.errors import ConfigError, ExportValidationError, OutputExistsError
-from edgefuse.export import export_onnx, resolve_fold
-from edgefuse.export_ort import build_feed, make_session, past_inputs, random_batch
-from edgefuse.fusion import fuse_mlps_
+from edgefuse.export.api import export_onnx, resolve_fold
+from edgefuse.fusion.api import fuse_mlps_
+from edgefuse.fusion.scale import detach_scale_, iter_scaled
 from edgefuse.manifest import read_manifest, sha256_file
-from edgefuse.scale import detach_scale_, iter_scaled
+from edgefuse.ort import build_feed, make_session, past_inputs, random_batch
 
 
 def tiny_tokenizer(folder: Path):
@@ -155,8 +155,8 @@ def test_moe_frozen_routing_is_caught(tmp_path: Path) -> None:
     # A plain TorchScript trace freezes Mixtral's data-dependent expert routing (the loop over the experts hit by
     # the dummy batch): the graph breaks on other shapes, and validation reports it instead of passing it.
     # export_onnx traces the sparse blocks with a dense, equivalent forward instead (tests/test_export_moe.py).
-    from edgefuse.export_backends import export_graph
-    from edgefuse.export_validate import validate_export
+    from edgefuse.export.backends import export_graph
+    from edgefuse.export.validate import validate_export
 
     model, cfg = fused("mixtral", "lm"), ExportConfig(task="causal-lm")
     export_graph(model, cfg, tmp_path)
@@ -190,7 +190,7 @@ def test_config_errors() -> None:
 
 def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edgefuse.cli import main
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.persist import save_fused
 
     src = save_fused(fused("bert", "base"), tmp_path / "fused")
     assert main(["export", str(src), str(tmp_path / "onnx"), "--json", "--validate-shape", "1", "7",

@@ -1,6 +1,6 @@
 """ONNX export of fused Mixture-of-Experts models (Mixtral, Qwen2-MoE with shared expert, Switch Transformers).
 
-The sparse MoE blocks are traced with the dense-routing forward of ``edgefuse.export_moe``; the graphs are
+The sparse MoE blocks are traced with the dense-routing forward of ``edgefuse.export.moe``; the graphs are
 validated against transformers' own sparse forward on padded shapes other than the traced one, the decoders
 with the KV cache and greedy tokens. Tiny random models, one torch thread.
 """
@@ -18,14 +18,14 @@ from tolerances import EXPORT_ATOL, FP32_EXACT_ATOL, MIN_CHANGE
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.fusion import FusionConfig
-from edgefuse.export import export_onnx
-from edgefuse.export_backends import export_graph
-from edgefuse.export_moe import dense_moe_routing, sparse_moe_blocks
-from edgefuse.export_ort import make_session, past_inputs
-from edgefuse.export_validate import validate_export
-from edgefuse.fusion import fuse_mlps_
+from edgefuse.export.api import export_onnx
+from edgefuse.export.backends import export_graph
+from edgefuse.export.moe import dense_moe_routing, sparse_moe_blocks
+from edgefuse.export.validate import validate_export
+from edgefuse.fusion.api import fuse_mlps_
+from edgefuse.fusion.scale import iter_scaled
 from edgefuse.manifest import read_manifest
-from edgefuse.scale import iter_scaled
+from edgefuse.ort import make_session, past_inputs
 
 MOE_BLOCKS = {"mixtral": "MixtralSparseMoeBlock", "qwen2_moe": "Qwen2MoeSparseMoeBlock",
               "switch_transformers": "SwitchTransformersSparseMLP"}
@@ -169,8 +169,8 @@ def test_moe_causal_lm_with_past(tmp_path: Path, arch: str, layers: list[int] | 
 def test_moe_keep_scale_is_in_graph(tmp_path: Path) -> None:
     # the dense forward calls the experts as modules, so the scale's pre-hook is traced: the graph follows the
     # fused model, not the same model without its scale
-    from edgefuse.export_ort import build_feed, random_batch
-    from edgefuse.scale import detach_scale_
+    from edgefuse.fusion.scale import detach_scale_
+    from edgefuse.ort import build_feed, random_batch
 
     model = fused(moe_model("mixtral"))
     res = export_onnx(model, ExportConfig(task="causal-lm", with_past=False, fold_scales="keep", generate_tokens=3),
@@ -204,7 +204,7 @@ def test_switch_feature_extraction_padded(tmp_path: Path, capacity: int | None) 
 
 def test_cli_export_fused_mixtral(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edgefuse.cli import main
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.persist import save_fused
 
     src = save_fused(fused(moe_model("mixtral"), layers=[1]), tmp_path / "fused-mixtral")
     assert main(["export", str(src), str(tmp_path / "onnx"), "--task", "causal-lm", "--generate-tokens", "5",

@@ -11,16 +11,16 @@ from test_finetune_fixtures import e2e_rows, sentiment_rows, word_tokenizer, wri
 from tiny import tiny_model
 from tolerances import FP32_EXACT_ATOL, MIN_CHANGE
 
-from edgefuse.checkpoint import list_checkpoints
 from edgefuse.config.finetune import DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.errors import ConfigError, DataError, OutputExistsError
-from edgefuse.finetune import finetune_
-from edgefuse.finetune_data import load_finetune_data
-from edgefuse.finetune_eval import evaluate
-from edgefuse.fusion import fuse_mlps_
-from edgefuse.scale import iter_scaled
-from edgefuse.train_setup import build_optimizer, lr_lambda, trainable_parameters
+from edgefuse.finetune.api import finetune_
+from edgefuse.finetune.checkpoint import list_checkpoints
+from edgefuse.finetune.data import load_finetune_data
+from edgefuse.finetune.evaluate import evaluate
+from edgefuse.finetune.setup import build_optimizer, lr_lambda, trainable_parameters
+from edgefuse.fusion.api import fuse_mlps_
+from edgefuse.fusion.scale import iter_scaled
 
 
 def cls_data(tmp_path: Path, n_train: int = 96, n_val: int = 32, labels: bool = True):

@@ -9,8 +9,8 @@ import torch
 from test_finetune_fixtures import e2e_rows, saved_tiny, sentiment_rows, write_csv, write_tsv
 
 from edgefuse.cli import main
+from edgefuse.fusion.persist import SCALES_FILE
 from edgefuse.models import load_model
-from edgefuse.persist import SCALES_FILE
 
 
 @pytest.fixture(autouse=True)

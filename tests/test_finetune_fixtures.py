@@ -87,8 +87,8 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 def saved_tiny(tmp: Path, arch: str = "bert", head: str = "cls", *, fuse: float | None = None, **config: Any) -> Path:
     """Save a tiny seeded model (optionally fused at keep_ratio ``fuse``, scales unfolded) with a tokenizer."""
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.persist import save_fused
 
     model = tiny_model(arch, head=head)
     for key, value in config.items():

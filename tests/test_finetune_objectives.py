@@ -7,8 +7,8 @@ import math
 import torch
 from tolerances import FP32_EXACT_ATOL
 
-from edgefuse.finetune_data import IGNORE_INDEX
-from edgefuse.objectives import causal_lm_loss, classification_loss, hidden_state_loss, logit_distillation_loss
+from edgefuse.finetune.data import IGNORE_INDEX
+from edgefuse.finetune.objectives import causal_lm_loss, classification_loss, hidden_state_loss, logit_distillation_loss
 
 
 def test_classification_loss_is_a_sum_with_its_count():

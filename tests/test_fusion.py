@@ -10,11 +10,11 @@ from tiny import ARCHS, first_output, tiny_inputs, tiny_model
 from tolerances import DUPLICATE_FUSION_RTOL, FP32_EXACT_ATOL, MIN_CHANGE
 
 from edgefuse.config.fusion import METHODS, FusionConfig
-from edgefuse.discovery import find_mlps, read_weights, write_weights
 from edgefuse.errors import TargetNotFoundError, UnsupportedArchitectureError
-from edgefuse.fusion import fuse_mlps_, plan_fusion
-from edgefuse.persist import load_fused, save_fused
-from edgefuse.scale import SCALE_ATTR, fold_scales_, has_scales
+from edgefuse.fusion.api import fuse_mlps_, plan_fusion
+from edgefuse.fusion.persist import load_fused, save_fused
+from edgefuse.fusion.scale import SCALE_ATTR, fold_scales_, has_scales
+from edgefuse.fusion.sites import find_mlps, read_weights, write_weights
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,8 +10,8 @@ import torch
 from tiny import tiny_config, tiny_model
 
 from edgefuse.config.export import ExportConfig
-from edgefuse.export import export_onnx
-from edgefuse.graph_macs import count_macs
+from edgefuse.export.api import export_onnx
+from edgefuse.profile.macs import count_macs
 
 
 @pytest.fixture(autouse=True)

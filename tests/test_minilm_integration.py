@@ -41,9 +41,9 @@ def test_fuse_fold_save_load_real_minilm(minilm, tmp_path) -> None:
     import copy
 
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
-    from edgefuse.persist import load_fused, save_fused
-    from edgefuse.scale import fold_scales_
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.fusion.persist import load_fused, save_fused
+    from edgefuse.fusion.scale import fold_scales_
 
     model, tok = minilm
     fused = copy.deepcopy(model)
@@ -66,9 +66,9 @@ def test_export_and_int8_real_fused_minilm(minilm, tmp_path) -> None:
     from edgefuse.config.export import ExportConfig
     from edgefuse.config.fusion import FusionConfig
     from edgefuse.config.quantize import QuantizeConfig
-    from edgefuse.export import export_onnx
-    from edgefuse.fusion import fuse_mlps_
-    from edgefuse.quantize import quantize_onnx
+    from edgefuse.export.api import export_onnx
+    from edgefuse.fusion.api import fuse_mlps_
+    from edgefuse.quantize.api import quantize_onnx
 
     model, tok = minilm
     fused = copy.deepcopy(model)

@@ -13,16 +13,16 @@ from tiny import VOCAB, tiny_inputs, tiny_model
 from tolerances import DUPLICATE_FUSION_RTOL, FP32_EXACT_ATOL, MIN_CHANGE
 
 from edgefuse.cli import main
-from edgefuse.clustering import MlpWeights, subml_features
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.config.ntk import NtkConfig
-from edgefuse.discovery import find_mlps, mlp_param_count, read_weights, write_weights
 from edgefuse.errors import ConfigError, FusionError, TargetNotFoundError
-from edgefuse.fusion import fuse_mlps_
-from edgefuse.ntk import measure_ntk, reference_kernels
-from edgefuse.ntk_params import param_groups
-from edgefuse.ntk_scalar import projection_head, split_examples
-from edgefuse.scale import SCALE_ATTR, detach_scale_, get_scale
+from edgefuse.fusion.api import fuse_mlps_
+from edgefuse.fusion.clustering import MlpWeights, subml_features
+from edgefuse.fusion.scale import SCALE_ATTR, detach_scale_, get_scale
+from edgefuse.fusion.sites import find_mlps, mlp_param_count, read_weights, write_weights
+from edgefuse.ntk.api import measure_ntk, reference_kernels
+from edgefuse.ntk.params import param_groups
+from edgefuse.ntk.scalar import projection_head, split_examples
 
 COUNTS = (1, 2, 3, 4, 6, 7, 9)  # 7 distinct units duplicated to the tiny BERT's width 32
 N = 6
@@ -292,7 +292,7 @@ def test_cli_in_memory_and_saved(model_dir, tmp_path, capsys) -> None:  # type: 
     assert payload["result"]["kernel"]["sign_rel_error"] < DUPLICATE_FUSION_RTOL
     assert payload["fusion"]["method"] == "fusion"
     # the same through a saved compressed folder
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.persist import save_fused
 
     fused = compress(duplicated_bert(), width=len(COUNTS))
     save_fused(fused, tmp_path / "fused")

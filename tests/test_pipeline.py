@@ -16,8 +16,8 @@ from pipeline_tiny import base_config, one_torch_thread, save_tiny_bert
 
 from edgefuse.config.pipeline import config_from_dict, load_config
 from edgefuse.errors import ConfigError, ExportValidationError, OutputExistsError
-from edgefuse.pipeline import STAGE_NAMES, load_run, resolve_run_dir, run_pipeline
-from edgefuse.stage_store import RECORD, RunStore, hash_tree
+from edgefuse.pipeline.api import STAGE_NAMES, load_run, resolve_run_dir, run_pipeline
+from edgefuse.pipeline.store import RECORD, RunStore, hash_tree
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_changed_source_model_reruns_fusion(tmp_path: Path) -> None:
     run_pipeline(cfg, tmp_path / "run")
     from tiny import tiny_model
 
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.persist import save_fused
 
     save_fused(tiny_model("bert", seed=1), src, overwrite=True)  # same path, other weights
     assert run_pipeline(cfg, tmp_path / "run").ran == ("fuse",)

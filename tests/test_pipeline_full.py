@@ -18,7 +18,7 @@ import yaml
 from pipeline_tiny import FAST_PROFILE, base_config, one_torch_thread, save_tiny_bert, write_tsv
 
 from edgefuse.config.pipeline import config_from_dict
-from edgefuse.pipeline import run_pipeline
+from edgefuse.pipeline.api import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     assert all(r["size_mib"] > 0 and r["latency_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
 
     # the accuracy budget is measured from the same run (every stage reused)
-    from edgefuse.check import run_check
+    from edgefuse.check.api import run_check
 
     check = run_check(config_from_dict(raw), tmp_path / "run")
     assert check.pipeline.ran == ()
@@ -137,7 +137,7 @@ def test_a_killed_recovery_resumes_from_its_checkpoints(tmp_path: Path) -> None:
 def test_a_causal_lm_with_kv_cache_through_int4(tmp_path: Path) -> None:
     from tiny import tiny_model
 
-    from edgefuse.persist import save_fused
+    from edgefuse.fusion.persist import save_fused
 
     model = save_fused(tiny_model("llama"), tmp_path / "llama")  # no tokenizer: evaluation uses random tokens
     raw = {

@@ -13,9 +13,10 @@ from tolerances import FP32_EXACT_ATOL, INT8_TINY_MLP_MIN_COSINE
 from edgefuse.cli import main
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ConfigError, ProfileError, TargetNotFoundError
-from edgefuse.profile import profile_onnx
-from edgefuse.profiling.results import ProfileResult
-from edgefuse.profiling.stats import compare_outputs, cosine, latency_point
+from edgefuse.metrics import cosine
+from edgefuse.profile.api import profile_onnx
+from edgefuse.profile.results import ProfileResult
+from edgefuse.profile.stats import compare_outputs, latency_point
 
 FAST = dict(threads=[1], sequence_lengths=[8], warmup_runs=1, runs=3, op_profile_runs=2, memory_runs=1)
 
@@ -94,7 +95,7 @@ def test_parity_metric_flat(pair: tuple[Path, Path]) -> None:  # noqa: F811
 
 def test_result_round_trips_through_json(result: ProfileResult) -> None:
     d = json.loads(json.dumps(result.to_dict()))
-    assert d["kind"] == "profile" and d["schema"] == "edgefuse.profile/1"
+    assert d["kind"] == "profile" and d["schema"] == "edgefuse.profile.api/1"
     assert ProfileResult.from_dict(d) == result
 
 
@@ -170,7 +171,10 @@ def test_stats_helpers() -> None:
     assert (p.latency_ms_mean, p.latency_ms_p50, p.ratio_vs_reference_mean) == (5.0, 5.0, 2.5)
     assert p.throughput_samples_per_s == pytest.approx(400.0)
     assert cosine(np.ones(3), -np.ones(3)) == pytest.approx(-1.0)
-    assert cosine(np.zeros(2), np.zeros(2)) == 1.0 and cosine(np.zeros(2), np.ones(2)) == 0.0
+    # fails closed: an all-zero side has no direction, so even two zero outputs never pass a cosine gate
+    assert cosine(np.zeros(2), np.zeros(2)) == 0.0 and cosine(np.zeros(2), np.ones(2)) == 0.0
+    assert np.isnan(cosine(np.array([np.nan, 1.0]), np.ones(2)))
+    assert cosine(np.array([3.0, 4.0]), np.array([3.0, 4.0])) == 1.0
     par = compare_outputs({"y": np.array([1.0, 2.0]), "z": np.ones(3)}, {"y": np.array([1.0, 2.5]), "z": np.ones(2)})
     assert [o.output for o in par] == ["y"] and par[0].max_abs_diff == pytest.approx(0.5)  # z: shapes differ
     assert par[0].cosine_mean_pooled is None  # rank 1: nothing to pool

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgefuse.errors import ConfigError, DataError, TargetNotFoundError
-from edgefuse.profiling.graphs import inspect_graph, make_feeds, resolve_graphs, unique_labels
+from edgefuse.profile.graphs import inspect_graph, make_feeds, resolve_graphs, unique_labels
 
 VOCAB, D_MODEL, D_FF = 40, 32, 64
 

@@ -13,11 +13,11 @@ from tolerances import QUANT_TINY_MIN_COSINE
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import ConfigError, DataError, OutputExistsError, QuantizationError, TargetNotFoundError
-from edgefuse.export import export_onnx
+from edgefuse.export.api import export_onnx
 from edgefuse.manifest import read_manifest, sha256_file
-from edgefuse.quantize import quantize_onnx
-from edgefuse.quantize_eval import op_counts, read_labelled, read_texts, weight_matmuls
-from edgefuse.quantize_presets import PRESETS, preset_from_flags, resolve_preset
+from edgefuse.quantize.api import quantize_onnx
+from edgefuse.quantize.evaluate import op_counts, read_labelled, read_texts, weight_matmuls
+from edgefuse.quantize.presets import PRESETS, preset_from_flags, resolve_preset
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a man is eating food", "good movie", "bad movie",
          "edge models run small", "the dog is lazy", "a quick fox", "the man is good", "w7 w8 w9 the a"]
@@ -26,12 +26,11 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "a man is eating food", 
 @pytest.fixture(scope="module")
 def small_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fused BERT classifier big enough (hidden 64, intermediate 256) for int8/int4 to shrink the file."""
+    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from edgefuse.config.fusion import FusionConfig
-    from edgefuse.fusion import fuse_mlps_
-
-    import torch
+    from edgefuse.fusion.api import fuse_mlps_
 
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("q")
@@ -88,7 +87,7 @@ def test_exclude_exact_and_regex(small_bert: Path) -> None:
                                                    output_name="x.onnx"), calibration_texts=TEXTS)
     assert names[0] in res.kept_fp32 and len(res.kept_fp32) == 2
     assert res.quantized_nodes == _n_weight_matmuls(small_bert, "dynamic") - 2
-    with pytest.raises(TargetNotFoundError, match="matches no node; similar names"):
+    with pytest.raises(TargetNotFoundError, match="matches nothing; similar names"):
         quantize_onnx(small_bert, QuantizeConfig(exclude=["no_such_node"], output_name="y.onnx"))
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         quantize_onnx(small_bert, QuantizeConfig(exclude=["re:("], output_name="y.onnx"))
@@ -188,7 +187,7 @@ def test_auto_ranking_sees_massive_activations() -> None:
     rounds every other token to zero: the per-token error must show it, though the whole-tensor norm would not."""
     import numpy as np
 
-    from edgefuse.quantize_auto import relative_error
+    from edgefuse.quantize.auto import relative_error
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 16)).astype(np.float32)

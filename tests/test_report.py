@@ -17,10 +17,10 @@ from edgefuse.cli import main
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.config.report import ReportConfig
 from edgefuse.errors import ConfigError, DataError, OutputExistsError, TargetNotFoundError
-from edgefuse.profile import profile_onnx
-from edgefuse.profiling.results import ProfileResult
-from edgefuse.report import load_results, write_report
-from edgefuse.results import FusionResult, MlpPlanStep
+from edgefuse.fusion.results import FusionResult, MlpPlanStep
+from edgefuse.profile.api import profile_onnx
+from edgefuse.profile.results import ProfileResult
+from edgefuse.report.api import load_results, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VARIANTS = [{"variant": "fp32", "latency_ms": 33.0, "accuracy": 0.91},
@@ -55,7 +55,7 @@ def test_all_three_files(report: dict[str, Path]) -> None:
 
 def test_json_is_complete_and_reloadable(report: dict[str, Path], profile: ProfileResult) -> None:
     d = json.loads(report["json"].read_text())
-    assert d["schema"] == "edgefuse.report/1"
+    assert d["schema"] == "edgefuse.report.api/1"
     assert ProfileResult.from_dict(d["profiles"][0]) == profile  # nothing lost on the way
     assert d["sections"][0]["title"] == "FusionResult" and d["sections"][0]["data"]["method"] == "fusion"
     assert [v["variant"] for v in d["variants"]] == ["fp32", "fused-int8"]

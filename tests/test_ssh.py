@@ -19,7 +19,7 @@ from tolerances import INT8_TINY_MLP_MIN_COSINE
 
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ProfileError
-from edgefuse.profile import profile_onnx
+from edgefuse.profile.api import profile_onnx
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = [
@@ -98,7 +98,7 @@ def _leftovers(sshd: Sshd) -> list[Path]:
 
 def test_profile_over_ssh_loopback(sshd: Sshd, pair: tuple[Path, Path],  # noqa: F811
                                    caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="edgefuse.remote"):
+    with caplog.at_level("INFO", logger="edgefuse.profile.targets.ssh"):
         res = profile_onnx(list(pair), sshd.cfg(min_cosine=INT8_TINY_MLP_MIN_COSINE))
     assert f"working in {sshd.remote_tmp}/edgefuse-" in caplog.text  # the files really went to the device's tmp
     env = res.environment

@@ -46,12 +46,12 @@ def verdict_table(verdicts: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgefuse.budgets import failures_line
-    from edgefuse.check import run_check
+    from edgefuse.check.api import run_check
+    from edgefuse.check.budgets import failures_line
+    from edgefuse.check.junit import write_junit
     from edgefuse.cli.run import load_from_args, passive_openmp
     from edgefuse.errors import BudgetExceededError, EdgefuseError
-    from edgefuse.junit import write_junit
-    from edgefuse.pipeline import resolve_run_dir
+    from edgefuse.pipeline.api import resolve_run_dir
 
     passive_openmp()
     cfg = load_from_args(args)

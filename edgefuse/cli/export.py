@@ -93,7 +93,7 @@ def format_result(res: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from edgefuse.export import export_onnx
+    from edgefuse.export.api import export_onnx
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
     model = load_model(args.model, cfg.task, num_labels=args.num_labels, trust_remote_code=args.trust_remote_code)

@@ -220,8 +220,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 def _check_output(out: Path, args: argparse.Namespace) -> None:
     import shutil
 
-    from edgefuse.checkpoint import CKPT_DIR
     from edgefuse.errors import ConfigError, OutputExistsError
+    from edgefuse.finetune.checkpoint import CKPT_DIR
 
     ckpts = out / CKPT_DIR
     if args.overwrite:
@@ -246,12 +246,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from edgefuse.finetune import finetune_
-    from edgefuse.finetune_data import load_finetune_data
+    from edgefuse.finetune.api import finetune_
+    from edgefuse.finetune.data import load_finetune_data
+    from edgefuse.fusion.persist import save_fused
+    from edgefuse.fusion.scale import fold_scales_
     from edgefuse.io_utils import write_json_atomic
     from edgefuse.models import load_model, load_tokenizer
-    from edgefuse.persist import save_fused
-    from edgefuse.scale import fold_scales_
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -88,15 +88,15 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise first_error(exc, "fusion") from None
 
-    from edgefuse.fusion import fuse_mlps_, plan_fusion
+    from edgefuse.fusion.api import fuse_mlps_, plan_fusion
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
     model = load_model(args.model, args.task, trust_remote_code=args.trust_remote_code)
     if args.dry_run:
         result = plan_fusion(model, cfg)
     else:
-        from edgefuse.persist import save_fused
-        from edgefuse.scale import fold_scales_
+        from edgefuse.fusion.persist import save_fused
+        from edgefuse.fusion.scale import fold_scales_
 
         if not args.overwrite:
             from pathlib import Path

@@ -85,7 +85,7 @@ def format_result(result: Any) -> str:
 
 def _examples(args: argparse.Namespace, n: int) -> tuple[list[str], list[int] | None]:
     from edgefuse.errors import DataError
-    from edgefuse.finetune_data import check_columns, read_records
+    from edgefuse.finetune.data import check_columns, read_records
 
     rows = read_records(args.data)
     columns = list(rows[0].keys())
@@ -159,16 +159,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from edgefuse.fusion import fuse_mlps_
+    from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
-    from edgefuse.ntk import measure_ntk
+    from edgefuse.ntk.api import measure_ntk
 
     tok = load_tokenizer(args.original, trust_remote_code=args.trust_remote_code)
     # seeded loads: a head that the checkpoint lacks is initialised the same way in both models
     torch.manual_seed(cfg.head_seed)
     original = load_model(args.original, args.task, trust_remote_code=args.trust_remote_code)
     if getattr(original.config, "is_encoder_decoder", False):
-        raise ConfigError("encoder-decoder models need decoder inputs: use edgefuse.ntk.measure_ntk from Python")
+        raise ConfigError("encoder-decoder models need decoder inputs: use edgefuse.ntk.api.measure_ntk from Python")
     if fcfg is not None:
         compressed = copy.deepcopy(original)  # same head, same everything but the MLPs
         fuse_mlps_(compressed, fcfg)

@@ -128,7 +128,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def summary(result: Any) -> str:
     """A small human table: per graph p50 at the headline point, ratio to the reference, size, memory, cosine."""
-    from edgefuse.report_doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, headline_point, target_label
+    from edgefuse.report.doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, headline_point, target_label
 
     d = result.to_dict()
     env = d["environment"]
@@ -148,7 +148,7 @@ def summary(result: Any) -> str:
 def write_outputs(result: Any, out: Path, overwrite: bool) -> None:
     """``profile.json`` + the report files, all or nothing (one atomic folder)."""
     from edgefuse.io_utils import atomic_dir, write_json_atomic
-    from edgefuse.report import write_report
+    from edgefuse.report.api import write_report
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_json_atomic(tmp / "profile.json", result.to_dict())
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise OutputExistsError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
     from edgefuse.errors import ProfileError
-    from edgefuse.profile import profile_onnx
+    from edgefuse.profile.api import profile_onnx
 
     try:
         result = profile_onnx(args.graphs, cfg)

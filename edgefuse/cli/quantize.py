@@ -128,14 +128,14 @@ def format_result(res: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.dry_run:
-        from edgefuse.quantize import default_output_name
-        from edgefuse.quantize_presets import resolve_preset
+        from edgefuse.quantize.api import default_output_name
+        from edgefuse.quantize.presets import resolve_preset
 
         preset = resolve_preset(cfg.preset)
         print(json.dumps({"config": cfg.model_dump(mode="json"), "preset": preset.to_dict(),
                           "output_name": default_output_name(cfg, preset.name)}, indent=2))
         return 0
-    from edgefuse.quantize import quantize_onnx
+    from edgefuse.quantize.api import quantize_onnx
 
     res = quantize_onnx(Path(args.export_dir), cfg, args.out_dir)
     print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from edgefuse.config.report import ReportConfig
     from edgefuse.errors import ConfigError
     from edgefuse.io_utils import atomic_dir
-    from edgefuse.report import load_results, write_report
+    from edgefuse.report.api import load_results, write_report
 
     fields: dict[str, Any] = {"plots": not args.no_plots}
     if args.formats:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The stage table lives in edgefuse.pipeline_stages; it is repeated here so that `edgefuse --help` does not import
+# The stage table lives in edgefuse.pipeline.stages; it is repeated here so that `edgefuse --help` does not import
 # the config models (tests/test_cli_help.py checks that both lists agree).
 STAGE_NAMES: tuple[str, ...] = (
     "teacher", "search", "fuse", "recover", "export", "quantize", "reference", "evaluate", "profile", "report",
@@ -123,7 +123,7 @@ def load_from_args(args: argparse.Namespace) -> Any:
 
 def _dry_run(cfg: Any, run_dir: Any) -> str:
     from edgefuse.config.pipeline import dump_config
-    from edgefuse.pipeline import dry_run_plan
+    from edgefuse.pipeline.api import dry_run_plan
 
     plan = dry_run_plan(cfg)
     lines = [dump_config(cfg).rstrip(), "", f"run folder: {run_dir}", "stages:"]
@@ -141,7 +141,7 @@ def _dry_run(cfg: Any, run_dir: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from edgefuse.config.pipeline import dump_config
     from edgefuse.io_utils import write_text_atomic
-    from edgefuse.pipeline import resolve_run_dir
+    from edgefuse.pipeline.api import resolve_run_dir
 
     passive_openmp()
     cfg = load_from_args(args)
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(_dry_run(cfg, run_dir))
         return 0
-    from edgefuse.pipeline import run_pipeline
+    from edgefuse.pipeline.api import run_pipeline
 
     quiet = args.no_progress or args.quiet
     result = run_pipeline(cfg, run_dir, force=args.force, until=args.until, progress=not quiet and sys.stderr.isatty(),

@@ -1,4 +1,4 @@
-"""Configuration of the NTK / approximation measurement (``edgefuse ntk``, :func:`edgefuse.ntk.measure_ntk`)."""
+"""Configuration of the NTK / approximation measurement (``edgefuse ntk``, :func:`edgefuse.ntk.api.measure_ntk`)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ class QuantizeConfig(StrictModel):
     preset: Preset = Field(
         "auto",
         description="Target CPU: arm64, avx2, avx512, avx512-vnni (int8 types and reduce_range per target, see "
-        "edgefuse.quantize_presets). auto: detected from this host's CPU flags. Any preset can be built on any host.",
+        "edgefuse.quantize.presets). auto: detected from this host's CPU flags. Any preset can be built on any host.",
     )
     per_channel: bool = Field(
         True,

@@ -1,0 +1,152 @@
+"""ONNX Runtime helpers shared by export validation and quantization checks: sessions, feeds, greedy decoding.
+
+Everything here works from the graph's own input names and shapes, so the same code runs optimum's exports
+(``past_key_values.N.key``, ``position_ids``...) and edgefuse's torch exports.
+
+Example:
+    >>> import numpy as np
+    >>> ids, mask = random_batch(vocab_size=50, batch=2, seq=6, seed=0)
+    >>> ids.shape, int(mask[1].sum()) < 6
+    ((2, 6), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefuse import metrics
+
+PAST_PREFIX = "past_key_values."
+
+
+def make_session(path: Path, *, threads: int = 2, optimize: bool = True) -> Any:
+    """A CPU ``InferenceSession`` with a fixed thread count (no spinning, so a shared CI box stays usable)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 4  # errors surface as exceptions; no console noise
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def random_batch(
+    vocab_size: int, batch: int, seq: int, seed: int, *, left_pad: bool = False, low: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded token ids and an attention mask; row ``i >= 1`` has ``i * seq // (2 * batch)`` padded positions
+    (at least one), on the right for encoders and on the left for decoders."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(min(low, vocab_size - 1), vocab_size, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    for i in range(1, batch):
+        pad = max(1, min(seq - 1, i * seq // (2 * batch)))
+        if left_pad:
+            mask[i, :pad] = 0
+        else:
+            mask[i, seq - pad :] = 0
+    return ids, mask
+
+
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], max_length: int, *, left_pad: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize ``texts`` into padded int64 arrays (padding side chosen by the caller, restored after)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left" if left_pad else "right"
+    try:
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def position_ids_from_mask(mask: np.ndarray, past_len: int = 0) -> np.ndarray:
+    """Positions as transformers (and optimum's ORTModelForCausalLM) derive them: cumsum of the mask, padded -> 1."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos = np.where(mask == 0, 1, pos)
+    return pos[:, past_len:].astype(np.int64)
+
+
+def past_inputs(session: Any) -> list[Any]:
+    """The ``past_key_values.*`` inputs of a KV-cache graph, in order (empty for graphs without past)."""
+    return [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
+
+
+def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past tensors (``[batch, kv_heads, 0, head_dim]``) for the first forward of a KV-cache graph."""
+    feed = {}
+    for inp in past_inputs(session):
+        dims = [d if isinstance(d, int) else 0 for d in inp.shape]
+        dims[0] = batch
+        feed[inp.name] = np.zeros(dims, dtype=np.float32)
+    return feed
+
+
+def build_feed(
+    session: Any,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    past: dict[str, np.ndarray] | None = None,
+    full_mask: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The input dict of ``session`` for these tokens (``full_mask`` covers past + new tokens when given)."""
+    names = {i.name for i in session.get_inputs()}
+    total_mask = mask if full_mask is None else full_mask
+    past_len = total_mask.shape[1] - ids.shape[1]
+    feed: dict[str, np.ndarray] = {"input_ids": ids}
+    if "attention_mask" in names:
+        feed["attention_mask"] = total_mask
+    if "token_type_ids" in names:
+        feed["token_type_ids"] = np.zeros_like(ids)
+    if "position_ids" in names:
+        feed["position_ids"] = position_ids_from_mask(total_mask, past_len)
+    if "decoder_input_ids" in names:  # encoder-decoder feature extraction: a short decoder prefix
+        feed["decoder_input_ids"] = ids[:, : min(4, ids.shape[1])]
+    if past_inputs(session):
+        feed.update(past if past is not None else empty_past(session, ids.shape[0]))
+    return feed
+
+
+def task_vectors(session: Any, task: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One row per sample (feature-extraction: mean-pooled embedding; classification: logits) or per real
+    token (causal-lm: next-token logits), for comparing a quantized graph with fp32."""
+    out = session.run(None, build_feed(session, ids, mask))[0]
+    return metrics.task_vectors(task, out, mask)
+
+
+def greedy_generate(
+    session: Any, ids: np.ndarray, mask: np.ndarray, n_tokens: int, *, suppress: Sequence[int] = ()
+) -> np.ndarray:
+    """Greedy decoding through a graph: with the KV cache when the graph has past inputs, else by re-running
+    the whole sequence. ``suppress`` ids (EOS, as ``min_new_tokens`` does) are never chosen. Returns the new
+    tokens ``[batch, n_tokens]``."""
+    output_names = [o.name for o in session.get_outputs()]
+    has_past = bool(past_inputs(session))
+    cur_ids, cur_mask, past = ids, mask, None
+    all_ids, new = ids, []
+    for _ in range(n_tokens):
+        feed = build_feed(session, cur_ids, cur_mask if not has_past else cur_mask[:, -cur_ids.shape[1] :],
+                          past=past, full_mask=cur_mask)
+        outs = dict(zip(output_names, session.run(None, feed), strict=True))
+        logits = outs["logits"][:, -1, :].astype(np.float64)
+        if suppress:
+            logits[:, list(suppress)] = -np.inf
+        nxt = logits.argmax(axis=-1).astype(np.int64)[:, None]
+        new.append(nxt)
+        cur_mask = np.concatenate([cur_mask, np.ones_like(nxt)], axis=1)
+        all_ids = np.concatenate([all_ids, nxt], axis=1)
+        if has_past:
+            past = {n.replace("present.", PAST_PREFIX): v for n, v in outs.items() if n.startswith("present.")}
+            cur_ids = nxt
+        else:
+            cur_ids = all_ids
+    return np.concatenate(new, axis=1)

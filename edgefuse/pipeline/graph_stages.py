@@ -1,0 +1,272 @@
+"""The ONNX stages of the pipeline: ``export``, ``quantize``, ``reference``, ``evaluate``, ``profile``, ``report``.
+
+Graphs are referred to by *role*: ``reference`` (the unfused teacher in fp32, the baseline of ratios),
+``fp32`` (the final model's export) and ``quantized``. Each stage stores the paths of what it wrote relative
+to its own folder (``"graph": "onnx/model.onnx"``), so a run folder can be moved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgefuse.pipeline.context import StageContext, producer
+
+logger = logging.getLogger(__name__)
+
+# graph folder per role; the names become the profiler's labels ("fp32/model", "reference-fp32/model")
+ONNX_DIRS = {"fp32": "fp32", "reference": "reference-fp32", "quantized": "quantized"}
+ROLES: tuple[str, ...] = ("reference", "fp32", "quantized")
+ROLE_STAGE = {"reference": "reference", "fp32": "export", "quantized": "quantize"}
+
+
+def graph_paths(ctx: StageContext) -> dict[str, Path]:
+    """``role -> graph file`` for every graph this run has produced so far."""
+    return graphs_of(ctx.records, ctx.store)
+
+
+def graphs_of(records: dict[str, Any], store: Any) -> dict[str, Path]:
+    """``role -> graph file`` from a run's records."""
+    out = {}
+    for role in ROLES:
+        stage = ROLE_STAGE[role]
+        if stage in records:
+            out[role] = store.stage_dir(stage) / records[stage].result["graph"]
+    return out
+
+
+def run_summary(records: dict[str, Any], store: Any) -> dict[str, Any]:
+    """Headline numbers of a finished run: one row per graph, the report files, fusion and recovery figures."""
+    summary: dict[str, Any] = {}
+    if "search" in records:
+        summary["search_keep_ratio"] = records["search"].result.get("keep_ratio")
+    if "fuse" in records:
+        fusion = records["fuse"].result.get("fusion", {})
+        summary["params_before"] = fusion.get("params_total_before")
+        summary["params_after"] = fusion.get("params_total_after")
+    if "recover" in records:
+        ft = records["recover"].result.get("finetune", {})
+        summary["recover_steps"] = ft.get("steps_run")
+        summary["recover_metrics"] = ft.get("final_metrics")
+    summary["graphs"] = variant_rows(records, {r: str(p) for r, p in graphs_of(records, store).items()})
+    if "report" in records:
+        files = records["report"].result.get("files", {})
+        summary["report_files"] = {fmt: str(store.stage_dir("report") / rel) for fmt, rel in files.items()}
+    return summary
+
+
+def graph_size_bytes(path: Path) -> int | None:
+    """Bytes on disk of a graph and its external-data files (``model.onnx_data``, ``model.onnx.data``)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    extra = [p for p in path.parent.glob(path.name + "*") if p != path and p.is_file()]
+    return path.stat().st_size + sum(p.stat().st_size for p in extra)
+
+
+def _relative(ctx: StageContext, path: Path) -> str:
+    return Path(path).relative_to(ctx.out).as_posix()
+
+
+def _export(ctx: StageContext, role: str, folder: str) -> dict[str, Any]:
+    from edgefuse.export.api import export_onnx
+
+    model = ctx.load_model(role)  # type: ignore[arg-type]
+    result = export_onnx(model, ctx.cfg.export, ctx.out / folder, tokenizer=ctx.tokenizer())
+    data = result.to_dict()
+    data["out_dir"], data["onnx_path"] = folder, _relative(ctx, result.onnx_path)
+    return {"graph": _relative(ctx, result.onnx_path), "export": data}
+
+
+def run_export(ctx: StageContext) -> dict[str, Any]:
+    """Export the final model (fused and recovered) to a validated fp32 ONNX folder."""
+    return _export(ctx, "final", ONNX_DIRS["fp32"])
+
+
+def run_reference(ctx: StageContext) -> dict[str, Any]:
+    """Export the unfused teacher in fp32 with the same settings: the baseline of every ratio."""
+    return _export(ctx, "base", ONNX_DIRS["reference"])
+
+
+def run_quantize(ctx: StageContext) -> dict[str, Any]:
+    """Quantize the fp32 graph (int8 dynamic/static or int4) into this stage's folder."""
+    from edgefuse.quantize.api import quantize_onnx
+
+    qcfg = ctx.cfg.quantize
+    src = graph_paths(ctx)["fp32"]
+    # calibrate and compare on the task's own text unless the quantize section names a file
+    texts = None if qcfg.calibration_data is not None else ctx.texts(qcfg.calibration_samples)
+    result = quantize_onnx(src, qcfg, ctx.out / ONNX_DIRS["quantized"], calibration_texts=texts)
+    data = result.to_dict()
+    data["src_path"] = str(src)
+    data["onnx_path"] = _relative(ctx, Path(result.onnx_path))
+    return {"graph": data["onnx_path"], "quantize": data}
+
+
+def run_evaluate(ctx: StageContext) -> dict[str, Any]:
+    """Every graph against the PyTorch model it was exported from and against the teacher, on the same text;
+    accuracy where the data has labels. Batches are processed one at a time (causal-LM logits are large)."""
+    from edgefuse.metrics import Agreement, onnx_vectors, torch_vectors
+    from edgefuse.ort import make_session
+
+    cfg, ev = ctx.cfg, ctx.cfg.evaluate
+    task = cfg.model.task
+    final = ctx.load_model("final")
+    same = producer(cfg, "final") == producer(cfg, "base")
+    teacher = final if same else ctx.load_model("base")
+    batches = ctx.eval_batches(ev.max_examples, vocab_size=int(final.config.vocab_size), batch_size=ev.batch_size)
+    graphs = graph_paths(ctx)
+    sessions = {role: make_session(path, threads=ev.threads) for role, path in graphs.items()}
+    vs_torch = {role: Agreement() for role in graphs}
+    vs_teacher = {role: Agreement() for role in graphs}
+    final_vs_teacher = Agreement()
+    correct = {role: 0 for role in [*graphs, "pytorch", "teacher"]}
+    total = 0
+    for batch in batches:
+        t_final = torch_vectors(final, task, batch)
+        t_teacher = t_final if same else torch_vectors(teacher, task, batch)
+        final_vs_teacher.update(t_teacher, t_final)
+        outputs = {"pytorch": t_final, "teacher": t_teacher}
+        for role, session in sessions.items():
+            vec = onnx_vectors(session, task, batch)
+            vs_torch[role].update(t_teacher if role == "reference" else t_final, vec)
+            vs_teacher[role].update(t_teacher, vec)
+            outputs[role] = vec
+        if batch.labels is not None:
+            total += int(batch.labels.size)
+            for role, vec in outputs.items():
+                correct[role] += int((vec.argmax(axis=-1) == batch.labels).sum())
+    accuracy = {role: (correct[role] / total if total else None) for role in correct}
+    source = "random tokens" if cfg.data is None or ctx.tokenizer() is None else (
+        "validation" if (cfg.data.validation or cfg.data.validation_fraction) else "train")
+    result: dict[str, Any] = {
+        "examples": sum(int(b.input_ids.shape[0]) for b in batches),
+        "text": source,
+        "task_vector": {"feature-extraction": "mean-pooled embedding", "sequence-classification": "logits",
+                        "causal-lm": "next-token logits of every real token"}[task],
+        "pytorch": {"accuracy": accuracy["pytorch"], "teacher_accuracy": accuracy["teacher"],
+                    "vs_teacher": final_vs_teacher.result()},
+        "graphs": {},
+    }
+    for role in graphs:
+        result["graphs"][role] = {
+            "vs_pytorch": vs_torch[role].result(),
+            "vs_teacher": vs_teacher[role].result(),
+            "accuracy": accuracy[role],
+            "accuracy_drop_vs_teacher": None if accuracy[role] is None else accuracy["teacher"] - accuracy[role],
+        }
+    return result
+
+
+def run_profile(ctx: StageContext) -> dict[str, Any]:
+    """Profile every graph interleaved; the first (the reference, else the fp32 graph) is the ratios' baseline."""
+    from edgefuse.profile.api import profile_onnx
+
+    graphs = graph_paths(ctx)
+    order = [r for r in ROLES if r in graphs]
+    pcfg = ctx.cfg.profile
+    if "reference" in graphs and pcfg.min_cosine is not None:
+        # the reference is another model (unfused); output agreement with it is judged by evaluate and check,
+        # not by the profiler's parity floor, which is meant for the same model on another machine
+        logger.info("profile: output parity against the unfused reference is reported, not enforced")
+        pcfg = pcfg.model_copy(update={"min_cosine": None})
+    if pcfg.inputs_npz is None:
+        # KV-cache graphs: time the prefill of a prompt with an empty cache (the profiler's random feeds assume
+        # (batch, sequence) inputs only); every graph of the run has the same inputs
+        npz = ctx.out / "prefill_inputs.npz"
+        if _write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
+            pcfg = pcfg.model_copy(update={"inputs_npz": npz})
+    result = profile_onnx([graphs[r] for r in order], pcfg)
+    from edgefuse.io_utils import write_json_atomic
+
+    write_json_atomic(ctx.out / "profile.json", result.to_dict())
+    roles: dict[str, Any] = {}
+    for role, g in zip(order, result.graphs, strict=True):
+        first = g.latency[0] if g.latency else None
+        roles[role] = {
+            "label": g.label,
+            "file_size_bytes": g.file_size_bytes,
+            "latency_ms_p50": None if first is None else first.latency_ms_p50,
+            "ratio_vs_reference_p50": None if first is None else first.ratio_vs_reference_p50,
+            "peak_rss_mib": None if g.memory is None else g.memory.peak_rss_mib,
+        }
+    return {"profile": "profile.json", "reference_role": order[0], "roles": roles,
+            "emulated": result.environment.emulated, "target": result.environment.target}
+
+
+def _write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
+    """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors.
+
+    Returns False, writing nothing, for a graph without ``past_key_values.*`` inputs."""
+    import numpy as np
+    import onnx
+
+    from edgefuse.ort import PAST_PREFIX
+
+    model = onnx.load(str(graph), load_external_data=False)
+    if not any(i.name.startswith(PAST_PREFIX) for i in model.graph.input):
+        return False
+    config = graph.parent / "config.json"
+    vocab = int(json.loads(config.read_text()).get("vocab_size", 100)) if config.is_file() else 100
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {"input_ids": rng.integers(min(3, vocab - 1), vocab, (batch, seq), dtype=np.int64)}
+    for inp in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        if inp.name == "attention_mask":
+            arrays[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        elif inp.name == "position_ids":
+            arrays[inp.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif inp.name.startswith(PAST_PREFIX):  # (batch, kv_heads, past_len = 0, head_dim)
+            arrays[inp.name] = np.zeros((batch, dims[1] or 1, 0, dims[3] or 1), dtype=np.float32)
+    np.savez(out, **arrays)  # type: ignore[arg-type]
+    return True
+
+
+def read_profile(ctx_or_dir: StageContext | Path) -> dict[str, Any]:
+    """The full profile result dict of a run (``profile/profile.json``)."""
+    folder = ctx_or_dir.stage_dir("profile") if isinstance(ctx_or_dir, StageContext) else Path(ctx_or_dir)
+    return json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+
+
+def run_report(ctx: StageContext) -> dict[str, Any]:
+    """The JSON / Markdown / HTML report of the run: every stage's result, the profile, and one row per graph."""
+    from edgefuse.report.api import write_report
+
+    results: list[Any] = []
+    titles = {"search": "keep_ratio search", "fuse": "Fusion", "teacher": "Teacher fine-tune",
+              "recover": "Recovery", "export": "Export (fp32)", "reference": "Reference export (unfused fp32)",
+              "quantize": "Quantization", "evaluate": "Agreement with PyTorch and the teacher"}
+    for stage, title in titles.items():
+        if stage in ctx.records:
+            results.append({"title": title, "data": ctx.records[stage].result})
+    if "profile" in ctx.records:
+        results.insert(0, read_profile(ctx))
+    rows = variant_rows(ctx.records, {r: str(p) for r, p in graph_paths(ctx).items()})
+    written = write_report(results, ctx.out, cfg=ctx.cfg.report, variants=rows)
+    return {"files": {fmt: _relative(ctx, path) for fmt, path in written.items()}}
+
+
+def variant_rows(records: dict[str, Any], graphs: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per graph: size, latency, ratio, memory, agreement and accuracy (what the summary table shows)."""
+    names = {"reference": "unfused fp32", "fp32": "final fp32", "quantized": "final quantized"}
+    profile = records["profile"].result.get("roles", {}) if "profile" in records else {}
+    evaluate = records["evaluate"].result.get("graphs", {}) if "evaluate" in records else {}
+    rows = []
+    for role in ROLES:
+        if role not in graphs:
+            continue
+        prof, ev = profile.get(role, {}), evaluate.get(role, {})
+        size = graph_size_bytes(Path(graphs[role]))
+        rows.append({
+            "variant": names[role],
+            "size_mib": None if size is None else size / 2**20,
+            "latency_ms": prof.get("latency_ms_p50"),
+            "latency_ratio": prof.get("ratio_vs_reference_p50"),
+            "peak_rss_mib": prof.get("peak_rss_mib"),
+            "cosine": (ev.get("vs_teacher") or {}).get("cosine_mean"),
+            "cosine_vs_pytorch": (ev.get("vs_pytorch") or {}).get("cosine_mean"),
+            "accuracy": ev.get("accuracy"),
+        })
+    return rows

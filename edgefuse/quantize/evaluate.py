@@ -1,0 +1,182 @@
+"""Inputs and checks for the quantize stage: calibration/evaluation texts, token batches, the comparison of a
+quantized graph with fp32 (cosine, max difference, accuracy) and the node counts that prove it was quantized.
+
+Example:
+    >>> counts = {"MatMulInteger": 6, "MatMul": 2}
+    >>> quantized_matmuls("dynamic", counts, qdq_matmuls=0)
+    6
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefuse.errors import DataError, TargetNotFoundError
+from edgefuse.metrics import rowwise_cosine
+from edgefuse.ort import random_batch, task_vectors, tokenize
+
+# Used when no calibration data is given: varied English, short and long, so ranges are not degenerate.
+BUILTIN_TEXTS: tuple[str, ...] = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome and the actors were brilliant.",
+    "The service at this restaurant was slow, and the soup arrived cold.",
+    "Edge devices run small language models without a network connection.",
+    "Quantization stores weights in eight bits instead of thirty-two.",
+    "The cat sat quietly on the warm windowsill, watching the rain.",
+    "Stock markets fell sharply after the central bank raised interest rates again.",
+    "Please restart the router and check whether the green light is on.",
+    "She finished the marathon in under four hours despite the heat.",
+    "An old lighthouse stands at the end of the rocky peninsula.",
+    "This is the worst product I have ever bought; it broke after a day.",
+    "Researchers trained the network on millions of labelled images.",
+    "The train to Paris leaves at seven from platform nine.",
+    "He plays the violin beautifully, though he never took lessons.",
+    "Heavy snow closed the mountain pass for three days.",
+)
+TEXT_COLUMNS = ("sentence", "text", "ref", "mr")
+BATCH = 8
+
+
+def _dialect(path: Path) -> str:
+    return "excel-tab" if path.suffix.lower() in (".tsv", ".tab") else "excel"
+
+
+def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    if not path.is_file():
+        raise TargetNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh, dialect=_dialect(path))
+            header = next(reader, None)
+            rows = [r for r in reader if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {str(path)!r}: {exc}") from None
+    if header is None or not rows:
+        raise DataError(f"{str(path)!r} has no rows below its header")
+    return header, rows
+
+
+def read_texts(path: Path, limit: int) -> list[str]:
+    """Up to ``limit`` texts from a TSV/CSV with a header (column sentence/text/ref/mr, else the first)."""
+    header, rows = _rows(Path(path))
+    col = next((header.index(c) for c in TEXT_COLUMNS if c in header), 0)
+    return [r[col] for r in rows[:limit] if len(r) > col]
+
+
+def read_labelled(path: Path, limit: int | None) -> tuple[list[str], list[int]]:
+    """``sentence`` and integer ``label`` columns of a labelled TSV (GLUE format).
+
+    Raises:
+        DataError: a column is missing or a label is not an integer.
+    """
+    header, rows = _rows(Path(path))
+    missing = [c for c in ("sentence", "label") if c not in header]
+    if missing:
+        raise DataError(f"{str(path)!r} lacks column(s) {missing}; its header is {header}")
+    s, lab = header.index("sentence"), header.index("label")
+    rows = rows[:limit] if limit else rows
+    try:
+        return [r[s] for r in rows], [int(r[lab]) for r in rows]
+    except (ValueError, IndexError) as exc:
+        raise DataError(f"{str(path)!r}: bad row ({exc}); labels must be integers") from None
+
+
+def folder_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in an export folder, or None when it has none."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def folder_vocab(folder: Path) -> int:
+    cfg = folder / "config.json"
+    try:
+        return int(json.loads(cfg.read_text()).get("vocab_size", 100)) if cfg.is_file() else 100
+    except (OSError, ValueError):
+        return 100
+
+
+def token_batches(
+    texts: Sequence[str] | None, tokenizer: Any, *, task: str, max_length: int, vocab: int, seed: int = 0,
+    uniform: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batches of (ids, mask): tokenized ``texts`` when there is a tokenizer, else seeded random ids.
+
+    ``uniform`` gives one row per batch, all padded to the same length: onnxruntime's histogram calibrators
+    (percentile, entropy) stack every batch's tensors and need equal shapes.
+    """
+    left = task == "causal-lm"
+    n = len(texts) if texts else len(BUILTIN_TEXTS)
+    if tokenizer is None or not texts:
+        if uniform:
+            return [random_batch(vocab, 1, min(max_length, 24), seed + i, left_pad=left) for i in range(n)]
+        return [random_batch(vocab, min(BATCH, n - i), min(max_length, 24), seed + i, left_pad=left)
+                for i in range(0, n, BATCH)]
+    if uniform:
+        ids, mask = tokenize(tokenizer, texts, max_length, left_pad=left)
+        return [(ids[i : i + 1], mask[i : i + 1]) for i in range(ids.shape[0])]
+    return [tokenize(tokenizer, texts[i : i + BATCH], max_length, left_pad=left) for i in range(0, len(texts), BATCH)]
+
+
+def reference_vectors(session: Any, task: str, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """The fp32 task outputs per batch (computed once, compared with every candidate)."""
+    return [task_vectors(session, task, ids, mask) for ids, mask in batches]
+
+
+def compare(
+    session: Any, task: str, batches: list[tuple[np.ndarray, np.ndarray]], refs: list[np.ndarray]
+) -> tuple[float, float, float, int]:
+    """(mean cosine, min cosine, max |diff|, rows) of ``session``'s task outputs against ``refs``."""
+    cos, diff = [], 0.0
+    for (ids, mask), ref in zip(batches, refs, strict=True):
+        got = task_vectors(session, task, ids, mask)
+        cos.append(rowwise_cosine(got, ref))
+        diff = max(diff, float(np.abs(got - ref).max()))
+    allc = np.concatenate(cos)
+    return float(allc.mean()), float(allc.min()), diff, int(allc.size)
+
+
+def accuracy(session: Any, batches: list[tuple[np.ndarray, np.ndarray]], labels: Sequence[int]) -> float:
+    """Share of argmax(logits) equal to ``labels`` (sequence-classification graphs)."""
+    preds = np.concatenate([task_vectors(session, "sequence-classification", i, m).argmax(-1) for i, m in batches])
+    return float((preds == np.asarray(labels[: preds.size])).mean())
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    """Node count per operator type of an ``onnx.ModelProto`` (main graph)."""
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def qdq_matmul_count(model: Any) -> int:
+    """MatMul nodes whose weight input comes from a DequantizeLinear (QDQ-quantized MatMuls)."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+               and producers.get(n.input[1]) == "DequantizeLinear")
+
+
+def quantized_matmuls(mode: str, counts: dict[str, int], *, qdq_matmuls: int) -> int:
+    """How many MatMuls run quantized: MatMulInteger (dynamic), QDQ MatMuls (static), MatMulNBits (int4)."""
+    if mode == "dynamic":
+        return counts.get("MatMulInteger", 0) + counts.get("DynamicQuantizeMatMul", 0)
+    if mode == "static":
+        return qdq_matmuls
+    return counts.get("MatMulNBits", 0)
+
+
+def weight_matmuls(model: Any) -> list[str]:
+    """Names of the MatMul nodes whose second input is an initializer (the ones quantization targets)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]

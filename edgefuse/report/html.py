@@ -1,0 +1,58 @@
+"""One self-contained HTML page: inline CSS, tables, and plots embedded as base64 PNG (no external resource).
+
+Example:
+    >>> from edgefuse.report.doc import Heading
+    >>> "<h1>T &amp; U</h1>" in render_html([Heading(1, "T & U")], title="T & U")
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from collections.abc import Sequence
+
+from edgefuse.report.doc import Block, Heading, Para, Plot, Table
+
+logger = logging.getLogger(__name__)
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;
+padding:0 1em}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f0f3f7}
+tr:nth-child(even) td{background:#fafafa}
+figure{margin:1em 0 2em}
+figcaption,caption{font-size:12px;color:#555;caption-side:bottom;text-align:left}
+img{max-width:100%;border:1px solid #eee}
+h2{border-bottom:2px solid #dde;padding-bottom:4px;margin-top:2em}
+"""
+
+
+def render_html(blocks: Sequence[Block], *, title: str) -> str:
+    """The HTML page of ``blocks``; each :class:`Plot` is rendered now and inlined as a data URI."""
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{e(title)}</title><style>{CSS}</style></head><body>"]
+    n_plot = 0
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            parts.append(f"<p>{e(b.text)}</p>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{e(h)}</th>" for h in b.headers)
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            cap = f"<caption>{e(b.caption)}</caption>" if b.caption else ""
+            parts.append(f'<table class="edgefuse-table">{cap}<thead><tr>{head}</tr></thead>'
+                         f"<tbody>{body}</tbody></table>")
+        elif isinstance(b, Plot):
+            n_plot += 1
+            data = base64.b64encode(b.render()).decode("ascii")
+            parts.append(f'<figure class="edgefuse-plot" id="plot-{n_plot}"><img alt="{e(b.title)}" '
+                         f'src="data:image/png;base64,{data}"><figcaption>{e(b.title)}</figcaption></figure>')
+    parts.append("</body></html>")
+    logger.debug("HTML report with %d plot(s)", n_plot)
+    return "\n".join(parts)

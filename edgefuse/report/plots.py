@@ -1,0 +1,153 @@
+"""Report plots, made with matplotlib's Agg canvas (no display, no pyplot global state) and returned as PNG bytes.
+
+Every function takes the plain dicts of the JSON report, so a report can be rebuilt from ``profile.json`` files.
+Titles of plots from emulated profiles say so.
+
+Example:
+    >>> png = latency_vs_quality([{"variant": "fp32", "latency_ms": 30.0, "cosine": 1.0}])
+    >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _title(ax: Any, text: str) -> None:
+    # Long titles (target + the EMULATED warning) wrap instead of being cut at the figure's edge.
+    ax.set_title(textwrap.fill(text, 70), fontsize=9)
+
+
+def _png(fig: Any, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _suffix(prof: Mapping[str, Any]) -> str:
+    env = prof["environment"]
+    return f" - {env['target']}" + (" [EMULATED, not device latency]" if env.get("emulated") else "")
+
+
+def latency_distributions(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
+    """Box plots of every graph's timed runs at the headline point (first shape, most threads)."""
+    from edgefuse.report.doc import headline_point
+
+    graphs = prof["graphs"]
+    fig = _figure(max(5.0, 1.4 * len(graphs) + 2), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [headline_point(g) for g in graphs]
+    ax.boxplot([p["samples_ms"] if p else [0.0] for p in pts], showfliers=True)
+    ax.set_xticks(range(1, len(graphs) + 1), [g["label"] for g in graphs], rotation=15)
+    p0 = pts[0] or {}
+    ax.set_ylabel("latency per run (ms)")
+    _title(ax, f"threads={p0.get('threads')} batch={p0.get('batch_size')} seq={p0.get('sequence_length')}"
+           f"{_suffix(prof)}")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig, dpi)
+
+
+def latency_vs_threads(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
+    """p50 latency against intra-op threads, one line per (graph, shape)."""
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for g in prof["graphs"]:
+        shapes = sorted({(p["batch_size"], p["sequence_length"]) for p in g["latency"]})
+        for b, s in shapes:
+            pts = sorted((p["threads"], p["latency_ms_p50"]) for p in g["latency"]
+                         if (p["batch_size"], p["sequence_length"]) == (b, s))
+            ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=f"{g['label']} b{b} s{s}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("intra-op threads")
+    ax.set_ylabel("p50 latency (ms)")
+    _title(ax, "Thread sweep" + _suffix(prof))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig, dpi)
+
+
+def memory_bars(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
+    """Stacked bars: empty process, what ``import onnxruntime`` adds, and what the graph adds at its peak."""
+    graphs = [g for g in prof["graphs"] if g.get("memory")]
+    fig = _figure(max(5.0, 1.3 * len(graphs) + 2), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [g["label"] for g in graphs]
+    empty = [g["memory"]["process_baseline_rss_mib"] for g in graphs]
+    runtime = [g["memory"]["runtime_baseline_rss_mib"] - e for g, e in zip(graphs, empty, strict=True)]
+    model = [g["memory"]["model_peak_rss_mib"] for g in graphs]
+    x = range(len(graphs))
+    ax.bar(x, empty, label="empty process", color="#bbbbbb")
+    ax.bar(x, runtime, bottom=empty, label="import onnxruntime", color="#7fa7d6")
+    ax.bar(x, model, bottom=[a + b for a, b in zip(empty, runtime, strict=True)], label="model (peak)", color="#d6877f")
+    ax.set_xticks(list(x), labels, rotation=15)
+    ax.set_ylabel("RSS (MiB)")
+    _title(ax, "Peak memory, one fresh process per graph" + _suffix(prof))
+    ax.legend(fontsize=7)
+    return _png(fig, dpi)
+
+
+def op_breakdown(prof: Mapping[str, Any], top: int = 8, *, dpi: int = 96) -> bytes:
+    """Horizontal stacked bars of kernel time per run by op type (the ``top`` slowest types, the rest 'other')."""
+    graphs = [g for g in prof["graphs"] if g.get("op_profile")]
+    totals: dict[str, float] = {}
+    for g in graphs:
+        for o in g["op_profile"]["by_op_type"]:
+            totals[o["op_type"]] = totals.get(o["op_type"], 0.0) + o["time_us_per_run"]
+    keep = [op for op, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+    fig = _figure(7.0, max(3.2, 0.6 * len(graphs) + 2.6))
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = __import__("matplotlib").colormaps["tab20"]
+    left = [0.0] * len(graphs)
+    for k, op in enumerate([*keep, "other"]):
+        vals = []
+        for g in graphs:
+            ops = {o["op_type"]: o["time_us_per_run"] for o in g["op_profile"]["by_op_type"]}
+            vals.append(sum(v for name, v in ops.items() if name not in keep) if op == "other" else ops.get(op, 0.0))
+        ax.barh(range(len(graphs)), [v / 1e3 for v in vals], left=left, label=op, color=cmap(k % 20))
+        left = [a + v / 1e3 for a, v in zip(left, vals, strict=True)]
+    ax.set_yticks(range(len(graphs)), [g["label"] for g in graphs])
+    ax.set_xlabel("kernel time per run (ms)")
+    _title(ax, "Per-operator time" + _suffix(prof))
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the axes, not on the bars
+    return _png(fig, dpi)
+
+
+def latency_vs_quality(rows: Sequence[Mapping[str, Any]], *, dpi: int = 96) -> bytes:
+    """Scatter of latency against accuracy (or cosine) for every variant; emulated rows drawn apart, hollow."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    metric = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "cosine"
+    for emulated in (False, True):
+        pts = [r for r in rows if bool(r.get("emulated")) == emulated and r.get("latency_ms") is not None
+               and r.get(metric) is not None]
+        if not pts:
+            continue
+        ax.scatter([r["latency_ms"] for r in pts], [r[metric] for r in pts],
+                   label="emulated (not device latency)" if emulated else "measured",
+                   facecolors="none" if emulated else None, edgecolors="#c0392b" if emulated else None)
+        for r in pts:
+            ax.annotate(str(r["variant"]), (r["latency_ms"], r[metric]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency (ms, log scale)")
+    ax.set_ylabel(metric)
+    _title(ax, f"Latency against {metric}, every variant")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig, dpi)
