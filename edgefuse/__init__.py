@@ -30,7 +30,7 @@ _LAZY: dict[str, str] = {
     # NTK and approximation metrics
     "NtkConfig": "edgefuse.config.ntk",
     "measure_ntk": "edgefuse.ntk.api",
-    # recover
+    # finetune (recovery after fusion)
     "FinetuneConfig": "edgefuse.config.finetune",
     "finetune_": "edgefuse.finetune.api",
     # export and quantize

@@ -232,3 +232,36 @@ def test_store_partial_cleanup_only_touches_its_own_leftovers(tmp_path: Path) ->
     (tmp_path / "keep.partial").mkdir()
     assert [p.name for p in store.clean_partials()] == [".fuse.x.partial"]
     assert (tmp_path / "keep.partial").is_dir()
+
+
+def test_recovery_is_one_stage_named_finetune_and_an_old_recover_folder_is_not_reused(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline_tiny import write_tsv
+
+    from edgefuse.pipeline.context import producer
+
+    data = {"train": str(write_tsv(tmp_path / "train.tsv", 8))}
+    cfg = config_from_dict(base_config(model_dir, data=data, finetune={"max_steps": 1, "task_weight": 0.0,
+                                                                       "hidden_weight": 1.0}))
+    assert "finetune" in STAGE_NAMES and "recover" not in STAGE_NAMES
+    assert producer(cfg, "final") == "finetune"
+    # a run folder written before the rename: its ``recover/`` stage is left alone and never read
+    old = tmp_path / "run" / "recover"
+    old.mkdir(parents=True)
+    (old / RECORD).write_text("{}", encoding="utf-8")
+    (tmp_path / "run" / "config.yaml").write_text("schema_version: 1\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="edgefuse.pipeline.api"):
+        result = run_pipeline(cfg, tmp_path / "run", until="fuse")
+    assert result.ran == ("fuse",)
+    assert "'recover' stage from an older edgefuse" in caplog.text and "now called 'finetune'" in caplog.text
+    assert (old / RECORD).is_file() and "recover" not in load_run(tmp_path / "run")
+
+
+def test_search_finetune_key_and_its_old_name() -> None:
+    from edgefuse.config.search import SearchConfig
+
+    assert SearchConfig(min_cosine=0.9, finetune=True).finetune
+    assert SearchConfig.model_validate({"min_cosine": 0.9, "recover": True}).finetune  # the 0.1 spelling
+    with pytest.raises(ValueError, match=r"give search\.finetune only"):
+        SearchConfig.model_validate({"min_cosine": 0.9, "recover": True, "finetune": False})

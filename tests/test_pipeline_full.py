@@ -53,17 +53,17 @@ def _classifier_config(tmp_path: Path, **extra: object) -> dict:
 def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     raw = _classifier_config(tmp_path, check={"budgets": {"max_accuracy_drop": 1.0, "min_cosine": 0.5}})
     result = run_pipeline(config_from_dict(raw), tmp_path / "run")
-    assert result.ran == ("teacher", "fuse", "recover", "export", "quantize", "reference", "evaluate", "profile",
+    assert result.ran == ("teacher", "fuse", "finetune", "export", "quantize", "reference", "evaluate", "profile",
                           "report")
     run = tmp_path / "run"
     # the teacher is the fine-tuned unfused model: the fusion starts from it, the reference export is of it
     fuse = json.loads((run / "fuse" / "record.json").read_text())
     assert set(fuse["inputs"]) == {"teacher"}
     assert set(json.loads((run / "reference" / "record.json").read_text())["inputs"]) == {"teacher"}
-    phases = result.stage("recover").result["phases"]
+    phases = result.stage("finetune").result["phases"]
     assert [p["steps_run"] for p in phases] == [2, 3]
     assert phases[0]["objective_weights"]["distill_hidden"] == 1.0 and phases[0]["objective_weights"]["task"] == 0.0
-    assert result.stage("recover").result["finetune"] == phases[-1]
+    assert result.stage("finetune").result["finetune"] == phases[-1]
     quant = result.stage("quantize").result
     assert quant["graph"].startswith("quantized/model_int8_avx512-vnni") and quant["quantize"]["quantized_nodes"] > 0
     # optimum-loadable folder: config and tokenizer beside the int8 graph
@@ -116,7 +116,7 @@ def test_a_killed_recovery_resumes_from_its_checkpoints(tmp_path: Path) -> None:
         deadline = time.monotonic() + 240
         found: list[Path] = []
         while time.monotonic() < deadline and not found:
-            found = list((tmp_path / "run").glob(".recover-checkpoints-*/checkpoints/step-*"))
+            found = list((tmp_path / "run").glob(".finetune-checkpoints-*/checkpoints/step-*"))
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
             time.sleep(0.2)
@@ -124,14 +124,14 @@ def test_a_killed_recovery_resumes_from_its_checkpoints(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert not (tmp_path / "run" / "recover").exists()  # the killed stage left no folder that looks complete
+    assert not (tmp_path / "run" / "finetune").exists()  # the killed stage left no folder that looks complete
 
     result = run_pipeline(config_from_dict(raw), tmp_path / "run")
     assert result.cached == ("fuse",)
-    ft = result.stage("recover").result["finetune"]
+    ft = result.stage("finetune").result["finetune"]
     assert ft["resumed_from_step"] is not None and ft["resumed_from_step"] >= 2
     assert ft["total_steps"] == 80 and ft["steps_run"] == 80 - ft["resumed_from_step"]
-    assert not list((tmp_path / "run").glob(".recover-checkpoints-*"))  # spent checkpoints are removed
+    assert not list((tmp_path / "run").glob(".finetune-checkpoints-*"))  # spent checkpoints are removed
 
 
 def test_a_causal_lm_with_kv_cache_through_int4(tmp_path: Path) -> None:

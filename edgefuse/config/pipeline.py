@@ -78,7 +78,7 @@ class EvaluateConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    """Every stage of ``edgefuse run`` / ``edgefuse check``: teacher -> search -> fuse -> recover -> export ->
+    """Every stage of ``edgefuse run`` / ``edgefuse check``: teacher -> search -> fuse -> finetune -> export ->
     quantize -> evaluate -> profile -> report. Absent sections switch their stage off.
 
     Example:

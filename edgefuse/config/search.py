@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from edgefuse.config import StrictModel
@@ -30,12 +32,22 @@ class SearchConfig(StrictModel):
         0.02, gt=0, le=1, description="Stop when the bracket [passing, failing] is narrower than this."
     )
     max_points: int = Field(10, ge=2, description="Evaluate at most this many keep_ratios.")
-    recover: bool = Field(
+    finetune: bool = Field(
         False,
         description="Run the finetune section at every point before measuring (slow, but measures what ships); "
-        "otherwise points are measured right after fusion.",
+        "otherwise points are measured right after fusion. (Old name: recover.)",
     )
     max_examples: int = Field(128, ge=1, description="Evaluation examples used to measure each point.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_recover(cls, data: Any) -> Any:
+        # edgefuse 0.1 called this key ``recover``; recovery is spelled ``finetune`` everywhere now
+        if isinstance(data, dict) and "recover" in data:
+            if "finetune" in data:
+                raise ValueError("give search.finetune only (search.recover is its old name)")
+            data = {("finetune" if k == "recover" else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:

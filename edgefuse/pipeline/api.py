@@ -147,7 +147,7 @@ def run_pipeline(
     Example:
         >>> result = run_pipeline(load_config("export_configs/default.yaml"), "runs/default")  # doctest: +SKIP
         >>> result.ran  # doctest: +SKIP
-        ('fuse', 'recover', 'export', 'quantize', 'reference', 'evaluate', 'profile', 'report')
+        ('fuse', 'finetune', 'export', 'quantize', 'reference', 'evaluate', 'profile', 'report')
     """
     _check_names(force, "--force")
     if until is not None:
@@ -163,6 +163,7 @@ def run_pipeline(
     records: dict[str, StageRecord] = {}
     with store.lock():
         store.clean_partials()
+        _note_renamed_stages(store)
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         ctx_hashes: dict[str, str] = {}  # memo of source/data hashes for this run
         stopped = False
@@ -206,12 +207,26 @@ def run_pipeline(
     return result
 
 
+# stage folders of older edgefuse versions: old name -> current name
+RENAMED_STAGES: dict[str, str] = {"recover": "finetune"}
+
+
+def _note_renamed_stages(store: RunStore) -> None:
+    """Say so when the run folder holds a stage under its old name: it is not reused, the stage runs again."""
+    for old, new in RENAMED_STAGES.items():
+        if (store.stage_dir(old) / "record.json").is_file() and not store.stage_dir(new).exists():
+            logger.warning(
+                "%s: this run folder has a %r stage from an older edgefuse; that stage is now called %r and runs "
+                "again (delete %s to reclaim its space)", store.run_dir, old, new, store.stage_dir(old),
+            )
+
+
 def load_run(run_dir: str | Path) -> dict[str, StageRecord]:
     """The records of every completed stage in ``run_dir`` (by stage name), e.g. to inspect a finished run.
 
     Example:
         >>> sorted(load_run("runs/default"))  # doctest: +SKIP
-        ['evaluate', 'export', 'fuse', 'profile', 'quantize', 'recover', 'reference', 'report']
+        ['evaluate', 'export', 'finetune', 'fuse', 'profile', 'quantize', 'reference', 'report']
     """
     store = RunStore(Path(run_dir))
     records = {}

@@ -6,7 +6,7 @@ stage producing it is off):
 
 - ``base``: the teacher. The ``teacher`` stage's output when that stage is on, else the source model;
 - ``fused``: after the ``fuse`` stage (``base`` when fusion is off);
-- ``final``: after the ``recover`` stage (``fused`` when recovery is off); this is what gets exported.
+- ``final``: after the ``finetune`` stage (``fused`` when recovery is off); this is what gets exported.
 
 Example:
     >>> from edgefuse.config.pipeline import PipelineConfig
@@ -44,7 +44,7 @@ def producer(cfg: PipelineConfig, role: Role) -> str:
     fused = "fuse" if cfg.fusion is not None else base
     if role == "fused":
         return fused
-    return "recover" if cfg.finetune is not None else fused
+    return "finetune" if cfg.finetune is not None else fused
 
 
 def source_hash(cfg: PipelineConfig) -> str:

@@ -46,10 +46,10 @@ def run_summary(records: dict[str, Any], store: Any) -> dict[str, Any]:
         fusion = records["fuse"].result.get("fusion", {})
         summary["params_before"] = fusion.get("params_total_before")
         summary["params_after"] = fusion.get("params_total_after")
-    if "recover" in records:
-        ft = records["recover"].result.get("finetune", {})
-        summary["recover_steps"] = ft.get("steps_run")
-        summary["recover_metrics"] = ft.get("final_metrics")
+    if "finetune" in records:
+        ft = records["finetune"].result.get("finetune", {})
+        summary["finetune_steps"] = ft.get("steps_run")
+        summary["finetune_metrics"] = ft.get("final_metrics")
     summary["graphs"] = variant_rows(records, {r: str(p) for r, p in graphs_of(records, store).items()})
     if "report" in records:
         files = records["report"].result.get("files", {})
@@ -236,7 +236,7 @@ def run_report(ctx: StageContext) -> dict[str, Any]:
 
     results: list[Any] = []
     titles = {"search": "keep_ratio search", "fuse": "Fusion", "teacher": "Teacher fine-tune",
-              "recover": "Recovery", "export": "Export (fp32)", "reference": "Reference export (unfused fp32)",
+              "finetune": "Recovery", "export": "Export (fp32)", "reference": "Reference export (unfused fp32)",
               "quantize": "Quantization", "evaluate": "Agreement with PyTorch and the teacher"}
     for stage, title in titles.items():
         if stage in ctx.records:

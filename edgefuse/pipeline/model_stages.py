@@ -1,4 +1,4 @@
-"""The PyTorch stages of the pipeline: ``teacher``, ``search``, ``fuse`` and ``recover``.
+"""The PyTorch stages of the pipeline: ``teacher``, ``search``, ``fuse`` and ``finetune``.
 
 Each takes a :class:`~edgefuse.pipeline.context.StageContext`, writes its model to ``ctx.out / "model"`` and
 returns a JSON-ready result (stored in the stage record). They call the library stage functions
@@ -66,7 +66,7 @@ def run_fuse(ctx: StageContext) -> dict[str, Any]:
     return {"fusion": result.to_dict(), "keep_ratio": fusion.keep_ratio, "width": fusion.width}
 
 
-def run_recover(ctx: StageContext) -> dict[str, Any]:
+def run_finetune(ctx: StageContext) -> dict[str, Any]:
     """Recover the fused model by fine-tuning/distillation from the teacher (the base model)."""
     phases = ctx.cfg.finetune_phases
     model = ctx.load_model("fused")
@@ -102,7 +102,7 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
     def measure(ratio: float) -> float:
         model = copy.deepcopy(base)
         fuse_mlps_(model, cfg.fusion.model_copy(update={"keep_ratio": ratio, "width": None}))
-        if search.recover:
+        if search.finetune:
             from edgefuse.finetune.api import finetune_
 
             tok = ctx.tokenizer(required=True)
@@ -137,7 +137,7 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
                   else f"max_accuracy_drop {search.max_accuracy_drop}")
         raise BudgetExceededError(
             f"search: no keep_ratio in [{search.low}, {search.high}] meets {budget} (tried {tried}); "
-            "raise search.high, loosen the budget, or set search.recover: true"
+            "raise search.high, loosen the budget, or set search.finetune: true"
         )
     logger.info("search chose keep_ratio %.4f after %d points (%s)", result.keep_ratio, len(result.points), tried)
     return result.to_dict()

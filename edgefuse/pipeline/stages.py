@@ -5,7 +5,7 @@ Adding a stage is one :class:`Stage` entry here plus its run function.
 
 Example:
     >>> [s.name for s in STAGES][:4]
-    ['teacher', 'search', 'fuse', 'recover']
+    ['teacher', 'search', 'fuse', 'finetune']
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
         needs=lambda c: (*_model_stage(c, "base"), DATA),
         payload=lambda c: {
             "model": _dump(c.model), "search": _dump(c.search), "fusion": _dump(c.fusion), "data": _dump(c.data),
-            "finetune": _dump(c.finetune) if c.search and c.search.recover else None,
+            "finetune": _dump(c.finetune) if c.search and c.search.finetune else None,
         },
         run=_run(_M, "run_search"),
     ),
@@ -104,11 +104,11 @@ STAGES: tuple[Stage, ...] = (
         run=_run(_M, "run_fuse"),
     ),
     Stage(
-        "recover", "finetune",
+        "finetune", "finetune",
         enabled=lambda c: c.finetune is not None,
         needs=lambda c: (*_model_stage(c, "fused", "base"), DATA),
         payload=lambda c: {"model": _dump(c.model), "finetune": _dump(c.finetune), "data": _dump(c.data)},
-        run=_run(_M, "run_recover"),
+        run=_run(_M, "run_finetune"),
     ),
     Stage(
         "export", "export",
