@@ -196,7 +196,8 @@ def cluster_activity(original: Any, batch: dict, ratio: float, seed: int, n_init
     import numpy as np
     import torch
 
-    from edgefuse.fusion.clustering import compress_mlp, subml_features
+    from edgefuse.fusion.clustering import subml_features
+    from edgefuse.fusion.methods import compress_mlp
     from edgefuse.fusion.sites import find_mlps, read_weights
 
     sites = find_mlps(original)
@@ -244,7 +245,7 @@ def split_sign_kernel(original: Any, batch: dict, layer: int, ratio: float, seed
 
     from edgefuse.config.fusion import FusionConfig
     from edgefuse.fusion.api import fuse_mlps_
-    from edgefuse.fusion.clustering import compress_mlp
+    from edgefuse.fusion.methods import compress_mlp
     from edgefuse.fusion.sites import find_mlps, read_weights
     from edgefuse.ntk.scalar import projection_head, split_examples
 

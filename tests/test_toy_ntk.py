@@ -1,5 +1,5 @@
 """The toy check of method.md 1.6, with closed-form gradients in numpy and every variant built by the shipped
-``edgefuse.fusion.clustering.compress_mlp``.
+``edgefuse.fusion.methods.compress_mlp``.
 
 One hidden layer, d = 8, 5 distinct sub-MLPs duplicated with counts {1, 2, 3, 4, 6} (p = 16), scalar output
 ``f(x) = sum_i w2_i act(w1_i . x + b1_i) + b2``, 20 random inputs. Errors are relative Frobenius errors against
@@ -21,7 +21,8 @@ from tolerances import (
     TOY_NOISY_OUTPUT_MAX,
 )
 
-from edgefuse.fusion.clustering import MlpWeights, compress_mlp
+from edgefuse.fusion.clustering import MlpWeights
+from edgefuse.fusion.methods import compress_mlp
 
 D, COUNTS, N_INPUTS, NOISE = 8, (1, 2, 3, 4, 6), 20, 0.05
 METHODS = ("fusion", "merge", "cluster", "centroid")

@@ -12,40 +12,43 @@ from typing import Any
 
 import torch
 
+from edgefuse.fusion.archs import MLP_SPECS
+
 VOCAB = 64
-ARCHS = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "switch_transformers")
+ARCHS = tuple(MLP_SPECS)  # every architecture edgefuse supports gets the parametrised tests
+
+# tiny sizes per family, in the field names of the config classes of that family
+_FAMILY: dict[str, dict[str, Any]] = {
+    "encoder": dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                    vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0),
+    "decoder": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64),
+    "encoder-decoder": {},
+}
+# what an architecture's config class names differently or needs on top of its family's sizes
+_ARCH: dict[str, dict[str, Any]] = {
+    "bert": dict(pad_token_id=0),
+    "roberta": dict(pad_token_id=1),
+    "gpt2": dict(n_embd=16, n_layer=3, n_head=2, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                 attn_pdrop=0.0),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(moe_intermediate_size=24, shared_expert_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2),
+    "switch_transformers": dict(d_model=16, d_ff=32, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2,
+                                num_experts=4, vocab_size=VOCAB, dropout_rate=0.0, num_sparse_encoder_layers=1,
+                                num_sparse_decoder_layers=1),
+}
 
 
 def tiny_config(arch: str) -> Any:
-    """The config of a tiny model (hidden 16, intermediate 32, 2-3 layers)."""
+    """The config of a tiny model (hidden 16, intermediate 32, 2-3 layers), of the architecture's config class
+    (:attr:`edgefuse.fusion.archs.ArchSpec.config_class`)."""
     import transformers as t
 
-    common_dec = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    if arch in ("bert", "roberta"):
-        cls = t.BertConfig if arch == "bert" else t.RobertaConfig
-        return cls(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-                   vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0, pad_token_id=1 if arch == "roberta" else 0)
-    if arch == "gpt2":
-        return t.GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=VOCAB, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    if arch == "llama":
-        return t.LlamaConfig(**common_dec)
-    if arch == "mistral":
-        return t.MistralConfig(**common_dec)
-    if arch == "qwen2":
-        return t.Qwen2Config(**common_dec)
-    if arch == "mixtral":
-        return t.MixtralConfig(**common_dec, num_local_experts=4, num_experts_per_tok=2)
-    if arch == "qwen2_moe":
-        return t.Qwen2MoeConfig(**common_dec, moe_intermediate_size=24, shared_expert_intermediate_size=32,
-                                num_experts=4, num_experts_per_tok=2)
-    if arch == "switch_transformers":
-        return t.SwitchTransformersConfig(d_model=16, d_ff=32, d_kv=8, num_layers=2, num_decoder_layers=2,
-                                          num_heads=2, num_experts=4, vocab_size=VOCAB, dropout_rate=0.0,
-                                          num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
-    raise KeyError(arch)
+    spec = MLP_SPECS[arch]
+    family = {} if arch == "gpt2" else _FAMILY[spec.family]  # GPT-2 names every size its own way
+    return getattr(t, spec.config_class)(**{**family, **_ARCH.get(arch, {})})
 
 
 def tiny_model(arch: str, *, seed: int = 0, head: str = "base") -> Any:
@@ -54,13 +57,14 @@ def tiny_model(arch: str, *, seed: int = 0, head: str = "base") -> Any:
 
     torch.manual_seed(seed)
     config = tiny_config(arch)
-    if arch == "switch_transformers":
-        model = t.SwitchTransformersForConditionalGeneration(config)
+    if MLP_SPECS[arch].family == "encoder-decoder":
+        model = t.AutoModelForSeq2SeqLM.from_config(config)
     elif head == "cls":
         config.num_labels = 2
         model = t.AutoModelForSequenceClassification.from_config(config)
-    elif head == "lm" or arch not in ("bert", "roberta"):
-        model = t.AutoModelForCausalLM.from_config(config) if arch not in ("bert", "roberta") else t.AutoModelForMaskedLM.from_config(config)
+    elif head == "lm" or MLP_SPECS[arch].family == "decoder":
+        lm = t.AutoModelForCausalLM if MLP_SPECS[arch].family == "decoder" else t.AutoModelForMaskedLM
+        model = lm.from_config(config)
     else:
         model = t.AutoModel.from_config(config)
     return model.eval()

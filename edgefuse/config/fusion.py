@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
 from edgefuse.config import StrictModel
 
+# the names of edgefuse.fusion.methods.METHODS (a test keeps them equal; this module must not import torch)
 FusionMethod = Literal["fusion", "merge", "cluster", "centroid", "svd", "prune", "sketch"]
-METHODS: tuple[str, ...] = ("fusion", "merge", "cluster", "centroid", "svd", "prune", "sketch")
+METHODS: tuple[str, ...] = get_args(FusionMethod)
 
 
 class FusionConfig(StrictModel):

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
 from edgefuse.config import StrictModel
 
+# the names of edgefuse.quantize.modes.MODES (a test keeps them equal; this module must not import numpy)
 QuantMode = Literal["dynamic", "static", "int4"]
-QUANT_MODES: tuple[str, ...] = ("dynamic", "static", "int4")
+QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
 Preset = Literal["auto", "arm64", "avx2", "avx512", "avx512-vnni"]
-PRESETS: tuple[str, ...] = ("auto", "arm64", "avx2", "avx512", "avx512-vnni")
+PRESETS: tuple[str, ...] = get_args(Preset)
 CalibrationMethod = Literal["minmax", "percentile", "entropy"]
-CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy")
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 
 
 class QuantizeConfig(StrictModel):

@@ -23,14 +23,17 @@ import torch
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.errors import ConfigError, MissingDependencyError
+from edgefuse.fusion.archs import MLP_SPECS
 
 logger = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
 TORCH_DEFAULT_OPSET = 18
 # optimum-onnx has no ONNX config for these model types; the dense sibling's config has identical inputs and
-# outputs (the MoE block is internal to each layer), so it serves as is.
-OPTIMUM_CONFIG_ALIASES: dict[str, str] = {"mixtral": "mistral", "qwen2_moe": "qwen2"}
+# outputs (the MoE block is internal to each layer), so it serves as is. Read from each ArchSpec.optimum_type.
+OPTIMUM_CONFIG_ALIASES: dict[str, str] = {
+    t: s.optimum_type for t, s in MLP_SPECS.items() if s.optimum_type is not None
+}
 _OPTIMUM_TASK = {"feature-extraction": "feature-extraction", "sequence-classification": "text-classification"}
 
 

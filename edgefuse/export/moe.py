@@ -74,7 +74,7 @@ def _sum_experts(experts: Any, hidden: torch.Tensor, dense: torch.Tensor) -> tor
     return out
 
 
-def _mixtral_dense_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mixtral_dense_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``MixtralSparseMoeBlock.forward`` (eval) with every expert on every token; returns (hidden, router logits)."""
     batch_size, sequence_length, hidden_dim = hidden_states.shape
     flat = hidden_states.view(-1, hidden_dim)
@@ -84,7 +84,7 @@ def _mixtral_dense_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torc
     return out.reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
-def _qwen2_moe_dense_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def qwen2_moe_dense_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Qwen2MoeSparseMoeBlock.forward`` with every expert on every token, plus the sigmoid-gated shared expert."""
     batch_size, sequence_length, hidden_dim = hidden_states.shape
     flat = hidden_states.view(-1, hidden_dim)
@@ -96,7 +96,7 @@ def _qwen2_moe_dense_forward(self: Any, hidden_states: torch.Tensor) -> tuple[to
     return out.reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
-def _switch_dense_forward(
+def switch_dense_forward(
     self: Any, hidden_states: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``SwitchTransformersSparseMLP.forward`` with every expert on every token.
@@ -116,23 +116,22 @@ def _switch_dense_forward(
     return router_probs * next_states, (router_logits, expert_index)
 
 
-# (module, class, dense forward) of every sparse block this module knows; imported lazily
-_SPARSE_BLOCKS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
-    ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", _mixtral_dense_forward),
-    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2_moe_dense_forward),
-    ("transformers.models.switch_transformers.modeling_switch_transformers", "SwitchTransformersSparseMLP",
-     _switch_dense_forward),
-)
-
-
 def _dense_forwards() -> dict[type[nn.Module], Callable[..., Any]]:
-    """Sparse block class -> its dense forward (a class this transformers does not have is skipped)."""
+    """Sparse block class -> its dense forward, from the ``sparse_block`` of every architecture in
+    :data:`edgefuse.fusion.archs.MLP_SPECS` (a class this transformers does not have is skipped)."""
+    from edgefuse.fusion.archs import MLP_SPECS
+
     table: dict[type[nn.Module], Callable[..., Any]] = {}
-    for module_name, class_name, dense in _SPARSE_BLOCKS:
+    for spec in MLP_SPECS.values():
+        block = spec.sparse_block
+        if block is None:
+            continue
         try:
-            table[getattr(importlib.import_module(module_name), class_name)] = dense
+            cls = getattr(importlib.import_module(block.module), block.cls)
         except (ImportError, AttributeError):
             continue
+        module, func = block.dense_forward.split(":")
+        table[cls] = getattr(importlib.import_module(module), func)
     return table
 
 

@@ -5,8 +5,9 @@ k-wide MLPs (k-means centroids of the width-1 sub-MLPs) and the frozen cluster-s
 :class:`~edgefuse.fusion.results.FusionResult`, and safetensors folders that reload with their widths.
 
 Modules: ``archs`` (one :class:`ArchSpec` per architecture), ``sites`` (finding MLPs), ``clustering`` (the
-math, pure tensors), ``scale`` (the frozen count scale and its fold), ``api`` (plan and apply), ``persist``
-(save/load), ``search`` (smallest keep ratio meeting a budget), ``results``.
+math, pure tensors), ``methods`` (the table of compression methods), ``scale`` (the frozen count scale and its
+fold), ``api`` (plan and apply), ``persist`` (save/load), ``search`` (smallest keep ratio meeting a budget),
+``results``.
 
 The public names load lazily (PEP 562), so importing the package imports no heavy library:
 
@@ -23,6 +24,8 @@ from edgefuse.lazy import lazy_exports
 _LAZY: dict[str, str] = {
     "FusionResult": "edgefuse.fusion.results",
     "MlpPlanStep": "edgefuse.fusion.results",
+    "METHODS": "edgefuse.fusion.methods",
+    "compress_mlp": "edgefuse.fusion.methods",
     "freeze_routers_": "edgefuse.fusion.api",
     "fuse_mlps_": "edgefuse.fusion.api",
     "plan_fusion": "edgefuse.fusion.api",

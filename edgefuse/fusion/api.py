@@ -22,7 +22,8 @@ from torch import nn
 
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.errors import TargetNotFoundError
-from edgefuse.fusion.clustering import compress_mlp, svd_rank
+from edgefuse.fusion.clustering import svd_rank
+from edgefuse.fusion.methods import compress_mlp, get_method
 from edgefuse.fusion.results import FusionResult, MlpPlanStep
 from edgefuse.fusion.scale import attach_scale_
 from edgefuse.fusion.sites import (
@@ -82,7 +83,7 @@ def _params_after(site: MlpSite, cfg: FusionConfig, k: int) -> int:
     n_in = 2 if w.gate is not None else 1
     in_bias = (w.up_bias is not None) + (w.gate_bias is not None)
     out_bias = getattr(site.down_module, "bias", None) is not None
-    if cfg.method == "svd":
+    if get_method(cfg.method).low_rank:
         t = svd_rank(p, d_in, d_out, k)
         return n_in * t * (d_in + p) + in_bias * p + t * (p + d_out) + out_bias * d_out
     return n_in * k * d_in + in_bias * k + d_out * k + out_bias * d_out
@@ -95,6 +96,7 @@ def plan_fusion(model: nn.Module, cfg: FusionConfig) -> FusionResult:
         UnsupportedArchitectureError, TargetNotFoundError: see :func:`select_sites`.
     """
     spec = model_arch(model)
+    method = get_method(cfg.method)
     steps = []
     for site in select_sites(model, cfg):
         p = read_weights(site).width
@@ -106,10 +108,10 @@ def plan_fusion(model: nn.Module, cfg: FusionConfig) -> FusionResult:
                 layer=site.layer,
                 expert=site.expert,
                 width_before=p,
-                width_after=p if cfg.method == "svd" else k,
+                width_after=p if method.low_rank else k,
                 params_before=mlp_param_count(site),
                 params_after=_params_after(site, cfg, k),
-                frozen_scale_entries=k if cfg.method == "fusion" else 0,
+                frozen_scale_entries=k if method.frozen_scale else 0,
             )
         )
     total = sum(p.numel() for p in model.parameters())
@@ -135,10 +137,11 @@ def _update_config(model: nn.Module, sites_done: dict[str, int], cfg: FusionConf
     meta = dict(getattr(config, META_KEY, None) or {})
     widths = dict(meta.get("widths", {}))
     ranks = dict(meta.get("svd_ranks", {}))
+    low_rank = get_method(cfg.method).low_rank
     for name, value in sites_done.items():
-        (ranks if cfg.method == "svd" else widths)[relative_name(model, name)] = value
+        (ranks if low_rank else widths)[relative_name(model, name)] = value
     updates: dict[str, int] = {}
-    if cfg.method != "svd":
+    if not low_rank:
         by_kind: dict[str, list[int]] = {}
         for site in find_mlps(model):
             w = site.up_module.weight

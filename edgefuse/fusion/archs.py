@@ -1,12 +1,17 @@
-"""Architecture adapters: where the MLPs of each supported model type live, and how they are laid out.
+"""Architecture adapters: everything edgefuse knows about each supported model type, in one table entry.
 
-One small table entry per architecture (optimum-onnx ``model_configs.py`` style). Adding an architecture is
-one :class:`ArchSpec` in :data:`MLP_SPECS` plus one test case in ``tests/test_archs.py``.
+One :class:`ArchSpec` per architecture (optimum-onnx ``model_configs.py`` style): where its MLPs live and how
+they are laid out (fusion), which optimum ONNX config it borrows when optimum has none (export), its sparse
+MoE block and that block's dense forward (MoE tracing, :mod:`edgefuse.export.moe`), and its transformers
+config class and family (the tiny test models of ``tests/tiny.py``). Adding an architecture is one entry in
+:data:`MLP_SPECS` plus its tests (the parametrised tests over ``tests/tiny.ARCHS`` pick it up).
 
 Example:
     >>> spec = get_arch_spec("bert")
     >>> spec.kinds[0].up, spec.kinds[0].down, spec.kinds[0].layout
     ('intermediate.dense', 'output.dense', 'linear')
+    >>> get_arch_spec("mixtral").optimum_model_type
+    'mistral'
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from edgefuse.errors import UnsupportedArchitectureError
 
 Layout = Literal["linear", "conv1d"]
 Role = Literal["dense", "expert", "shared_expert"]
+Family = Literal["encoder", "decoder", "encoder-decoder"]
 
 
 @dataclass(frozen=True)
@@ -46,47 +52,78 @@ class MlpKind:
 
 
 @dataclass(frozen=True)
+class SparseBlock:
+    """A transformers sparse MoE block class and the edgefuse function that computes it densely (every expert on
+    every token, weighted by the router), so that tracing sees no data-dependent routing. Both are named as
+    ``module`` + attribute and imported only when an export needs them."""
+
+    module: str
+    cls: str
+    dense_forward: str  # "package.module:function"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
-    """Everything fusion needs to know about one ``model_type``."""
+    """Everything edgefuse needs to know about one ``model_type``.
+
+    ``config_class``: the transformers config class (``transformers.<name>``). ``family``: encoder (feature
+    extraction, classification), decoder (causal LM) or encoder-decoder. ``optimum_type``: the model type whose
+    optimum ONNX config serves this one when optimum has none of its own (a MoE model's dense sibling: the MoE
+    block is internal to each layer, inputs and outputs are identical). ``sparse_block``: the MoE block that
+    export replaces by its dense forward.
+    """
 
     model_type: str
     kinds: tuple[MlpKind, ...]
     act_field: str
+    config_class: str
+    family: Family
     router_patterns: tuple[str, ...] = ()  # parameter-name regexes of routers/gates: frozen, never fused
+    optimum_type: str | None = None
+    sparse_block: SparseBlock | None = None
+
+    @property
+    def optimum_model_type(self) -> str:
+        """The model type optimum's ONNX config is looked up under."""
+        return self.optimum_type or self.model_type
 
     @property
     def is_moe(self) -> bool:
         return any(k.role == "expert" for k in self.kinds)
 
 
-def _bert_like(model_type: str) -> ArchSpec:
+def _bert_like(model_type: str, config_class: str) -> ArchSpec:
     return ArchSpec(
         model_type,
-        (MlpKind(r"(?:^|\.)encoder\.layer\.(?P<layer>\d+)$", "intermediate.dense", "output.dense", "intermediate_size"),),
-        act_field="hidden_act",
+        (MlpKind(r"(?:^|\.)encoder\.layer\.(?P<layer>\d+)$", "intermediate.dense", "output.dense",
+                 "intermediate_size"),),
+        act_field="hidden_act", config_class=config_class, family="encoder",
     )
 
 
-def _llama_like(model_type: str) -> ArchSpec:
+def _llama_like(model_type: str, config_class: str) -> ArchSpec:
     return ArchSpec(
         model_type,
         (MlpKind(r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp$", "up_proj", "down_proj", "intermediate_size", "gate_proj"),),
-        act_field="hidden_act",
+        act_field="hidden_act", config_class=config_class, family="decoder",
     )
 
 
+_MOE = "edgefuse.export.moe"
+
+
 MLP_SPECS: dict[str, ArchSpec] = {
-    "bert": _bert_like("bert"),
-    "roberta": _bert_like("roberta"),
+    "bert": _bert_like("bert", "BertConfig"),
+    "roberta": _bert_like("roberta", "RobertaConfig"),
     "gpt2": ArchSpec(
         "gpt2",
         # HF Conv1D: weights are [in, out] and the output width lives in `nf`.
         (MlpKind(r"(?:^|\.)h\.(?P<layer>\d+)\.mlp$", "c_fc", "c_proj", "n_inner", layout="conv1d"),),
-        act_field="activation_function",
+        act_field="activation_function", config_class="GPT2Config", family="decoder",
     ),
-    "llama": _llama_like("llama"),
-    "mistral": _llama_like("mistral"),
-    "qwen2": _llama_like("qwen2"),
+    "llama": _llama_like("llama", "LlamaConfig"),
+    "mistral": _llama_like("mistral", "MistralConfig"),
+    "qwen2": _llama_like("qwen2", "Qwen2Config"),
     "mixtral": ArchSpec(
         "mixtral",
         # w1 = gate, w3 = up, w2 = down (SiLU gated); every expert is fused on its own.
@@ -96,8 +133,11 @@ MLP_SPECS: dict[str, ArchSpec] = {
                 "w3", "w2", "intermediate_size", "w1", role="expert",
             ),
         ),
-        act_field="hidden_act",
+        act_field="hidden_act", config_class="MixtralConfig", family="decoder",
         router_patterns=(r"\.block_sparse_moe\.gate\.",),
+        optimum_type="mistral",
+        sparse_block=SparseBlock("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock",
+                                 f"{_MOE}:mixtral_dense_forward"),
     ),
     "qwen2_moe": ArchSpec(
         "qwen2_moe",
@@ -113,8 +153,11 @@ MLP_SPECS: dict[str, ArchSpec] = {
             # layers listed in `mlp_only_layers` hold a plain dense MLP
             MlpKind(r"(?:^|\.)layers\.(?P<layer>\d+)\.mlp$", "up_proj", "down_proj", "intermediate_size", "gate_proj"),
         ),
-        act_field="hidden_act",
+        act_field="hidden_act", config_class="Qwen2MoeConfig", family="decoder",
         router_patterns=(r"\.mlp\.gate\.", r"\.mlp\.shared_expert_gate\."),
+        optimum_type="qwen2",
+        sparse_block=SparseBlock("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock",
+                                 f"{_MOE}:qwen2_moe_dense_forward"),
     ),
     "switch_transformers": ArchSpec(
         "switch_transformers",
@@ -126,8 +169,10 @@ MLP_SPECS: dict[str, ArchSpec] = {
             ),
             MlpKind(r"(?:^|\.)(?:encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.mlp$", "wi", "wo", "d_ff"),
         ),
-        act_field="dense_act_fn",
+        act_field="dense_act_fn", config_class="SwitchTransformersConfig", family="encoder-decoder",
         router_patterns=(r"\.router\.",),
+        sparse_block=SparseBlock("transformers.models.switch_transformers.modeling_switch_transformers",
+                                 "SwitchTransformersSparseMLP", f"{_MOE}:switch_dense_forward"),
     ),
 }
 

@@ -4,12 +4,13 @@ An MLP ``f(x) = W2 act(W1 x + b1) + b2`` (or, gated, ``W2 (act(G x) * (U x))``) 
 sub-MLPs ``theta_i = [g_i ; u_i ; b1_i ; w2_i]`` (method.md 1.1). Every function here maps the weights of one
 MLP to a smaller one at a target width ``k``; ``b2`` is never touched.
 
+The methods built from these pieces are the table in :mod:`edgefuse.fusion.methods`.
+
 Example:
     >>> import torch
     >>> w = MlpWeights(up=torch.randn(8, 4), up_bias=torch.randn(8), down=torch.randn(4, 8))
-    >>> out = compress_mlp(w, "fusion", k=3, seed=0)
-    >>> out.weights.width, out.scale.sum().item()
-    (3, 8.0)
+    >>> svd_rank(w.width, 4, 4, 3)
+    1
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def kmeans_units(
     return split_features(centroids, w), torch.as_tensor(counts, dtype=torch.float32), labels, inertia
 
 
-def _scale_units(w: MlpWeights, *, up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> MlpWeights:
+def scale_units(w: MlpWeights, *, up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> MlpWeights:
     """Multiply unit j's up-side entries by ``up[j]`` and its down column by ``down[j]``."""
     new = w
     if up is not None:
@@ -245,55 +246,3 @@ def unit_importance(w: MlpWeights) -> torch.Tensor:
         gate = w.gate if w.gate_bias is None else torch.cat([w.gate, w.gate_bias[:, None]], dim=1)
         score = score * gate.norm(dim=1)
     return score
-
-
-def compress_mlp(
-    w: MlpWeights, method: str, k: int, *, seed: int = 0, n_init: int = 1, max_iter: int = 300
-) -> Compressed:
-    """Compress one MLP to width ``k`` with ``method`` (see :class:`edgefuse.config.fusion.FusionConfig`).
-
-    Raises:
-        ConfigError: unknown method or a width outside ``[1, p]``.
-    """
-    p = w.width
-    if not 1 <= k <= p:
-        raise ConfigError(f"target width {k} must be between 1 and the MLP width {p}")
-    if method in ("fusion", "merge", "cluster", "centroid"):
-        cent, counts, labels, inertia = kmeans_units(w, k, seed=seed, n_init=n_init, max_iter=max_iter)
-        common = {"counts": counts, "labels": labels, "inertia": inertia}
-        if method == "fusion":
-            # the counts stay a separate frozen scale between the activation and the down projection
-            return Compressed(cent, scale=counts.clone(), **common)
-        if method == "merge":
-            return Compressed(_scale_units(cent, down=counts), **common)
-        if method == "centroid":
-            return Compressed(cent, **common)
-        # cluster: sqrt(n) on both sides. Ungated: inside the activation (W1, b1), as the paper's baseline.
-        # Gated: on the linear `up` branch, the only place sqrt(n) can enter multiplicatively.
-        root = counts.sqrt()
-        return Compressed(_scale_units(cent, up=root, down=root), **common)
-    if method == "prune":
-        keep = torch.topk(unit_importance(w), k).indices.sort().values  # aligned units, original order kept
-        return Compressed(w.select(keep))
-    if method == "sketch":
-        gen = torch.Generator().manual_seed(seed)
-        s = torch.randn(p, k, generator=gen, dtype=torch.float32) / math.sqrt(k)  # (p, k), N(0, 1/k)
-        st = s.T
-        return Compressed(
-            MlpWeights(
-                up=st @ w.up.float(),
-                down=w.down.float() @ s,
-                up_bias=None if w.up_bias is None else st @ w.up_bias.float(),
-                gate=None if w.gate is None else st @ w.gate.float(),
-                gate_bias=None if w.gate_bias is None else st @ w.gate_bias.float(),
-            )
-        )
-    if method == "svd":
-        d_in = w.up.shape[1]
-        d_out = w.down.shape[0]
-        rank = svd_rank(p, d_in, d_out, k)
-        low = {"up": truncated_svd(w.up, rank), "down": truncated_svd(w.down, rank)}
-        if w.gate is not None:
-            low["gate"] = truncated_svd(w.gate, rank)
-        return Compressed(w, low_rank=low)
-    raise ConfigError(f"unknown method {method!r}; choose one of fusion, merge, cluster, centroid, svd, prune, sketch")

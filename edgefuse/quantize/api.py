@@ -3,7 +3,8 @@
 File in, file out (onnxruntime style). The result is written next to the fp32 graph under a conventional
 name (``model_int8_<preset>.onnx``, ``model_qdq_int8_<preset>.onnx``, ``model_int4_b<block>.onnx``), compared
 with the fp32 graph on task data (cosine and max difference of the task output, accuracy when labels are
-given) and counted (MatMulInteger / QDQ MatMuls / MatMulNBits), so a quantization that did nothing, or one
+given) and counted (MatMulInteger / QDQ MatMuls / MatMulNBits: each mode's entry in
+:data:`~edgefuse.quantize.modes.MODES`), so a quantization that did nothing, or one
 below ``min_cosine``, fails with :class:`QuantizationError` (exit 8) and leaves no file. The folder's
 ``manifest.json`` gets the new graph's entry.
 
@@ -19,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from edgefuse.export.results import QuantizeResult
 from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
 from edgefuse.metrics import passes_min
 from edgefuse.names import match_names
+from edgefuse.quantize.modes import QuantMode, get_mode
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +38,8 @@ SOURCE_NAME = "model.onnx"
 
 
 def default_output_name(cfg: QuantizeConfig, preset: str) -> str:
-    """The conventional file name of a quantized graph (see the module docstring)."""
-    if cfg.output_name:
-        return cfg.output_name
-    if cfg.mode == "int4":
-        return f"model_int4_b{cfg.block_size}.onnx"
-    prefix = "model_qdq_int8" if cfg.mode == "static" else "model_int8"
-    return f"{prefix}_{preset}{'' if cfg.per_channel else '_per_tensor'}.onnx"
+    """``output_name``, else the mode's conventional file name (:data:`edgefuse.quantize.modes.MODES`)."""
+    return cfg.output_name or get_mode(cfg.mode).output_name(cfg, preset)
 
 
 def _locate(src: Path) -> tuple[Path, str, dict[str, Any] | None]:
@@ -89,20 +87,202 @@ def _prepare_out(folder: Path, out_dir: Path | None, manifest: dict[str, Any] | 
     return out
 
 
-def _run(mode: str, src: Path, dst: Path, cfg: QuantizeConfig, preset: Any, exclude: list[str], feeds: list) -> dict:
-    from edgefuse.quantize import backends as qb
+@dataclass(frozen=True)
+class _Source:
+    """Where the fp32 graph is, where the quantized one goes, and what the fp32 graph holds."""
 
-    if mode == "dynamic":
-        return qb.quantize_dynamic_int8(src, dst, cfg, preset, exclude)
-    if mode == "static":
-        return qb.quantize_static_qdq(src, dst, cfg, preset, exclude, feeds)
-    return qb.quantize_int4(src, dst, cfg, exclude)
+    folder: Path
+    name: str
+    manifest: dict[str, Any] | None
+    out: Path
+    out_name: str
+    task: str
+    exclude: list[str]
+    candidates: list[str]
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def final(self) -> Path:
+        return self.out / self.out_name
+
+    @property
+    def partial(self) -> Path:
+        return self.out / f".{self.out_name}.partial.onnx"
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The texts as token batches, the fp32 reference outputs on them, and the calibration feeds."""
+
+    tokenizer: Any
+    batches: list[Any]
+    refs: list[Any]
+    ref_session: Any
+    feeds: list[dict[str, Any]]
+
+
+@dataclass
+class _Attempts:
+    """Quantize into the partial file with a given exclusion list and measure it; the auto fallback calls it
+    once per MatMul it keeps in fp32. ``settings`` holds the backend's settings of the latest attempt."""
+
+    mode: QuantMode
+    source: _Source
+    inputs: _Inputs
+    cfg: QuantizeConfig
+    preset: Any
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, exclude: list[str]) -> float:
+        from edgefuse.ort import make_session
+        from edgefuse.quantize import evaluate as qe
+
+        s, i = self.source, self.inputs
+        self.settings = self.mode.backend(s.path, s.partial, self.cfg, self.preset, exclude, i.feeds)
+        return qe.compare(make_session(s.partial), s.task, i.batches, i.refs)[0]
+
+
+def _open_source(src: Path, cfg: QuantizeConfig, out_dir: Path | None, preset: str) -> _Source:
+    """Locate the fp32 graph, refuse an existing output, and read the task and the MatMuls to quantize."""
+    import onnx
+
+    from edgefuse.quantize import evaluate as qe
+
+    folder, name, manifest = _locate(Path(src))
+    out = _prepare_out(folder, out_dir, manifest)
+    out_name = default_output_name(cfg, preset)
+    if (out / out_name).exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{str(out / out_name)!r} already exists; pass --overwrite to replace it")
+    fp32 = onnx.load(str(folder / name), load_external_data=False)
+    task = (manifest or {}).get("task") or _infer_task(fp32)
+    exclude = resolve_exclude(cfg.exclude, [n.name for n in fp32.graph.node])
+    candidates = [n for n in qe.weight_matmuls(fp32) if n not in exclude]
+    return _Source(folder, name, manifest, out, out_name, task, exclude, candidates)
+
+
+def _prepare_inputs(source: _Source, cfg: QuantizeConfig, mode: QuantMode, texts: list[str] | None) -> _Inputs:
+    """Token batches of the calibration texts, the fp32 outputs on them, and the feeds to calibrate with
+    (one uniform-length row per feed when the mode calibrates: ORT's histogram calibrators stack them)."""
+    from edgefuse.ort import build_feed, make_session
+    from edgefuse.quantize import evaluate as qe
+
+    tokenizer = qe.folder_tokenizer(source.folder)
+    texts = texts or (qe.read_texts(cfg.calibration_data, cfg.calibration_samples)
+                      if cfg.calibration_data else list(qe.BUILTIN_TEXTS))
+    vocab = qe.folder_vocab(source.folder)
+    batches = qe.token_batches(texts, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab)
+    ref_session = make_session(source.path)
+    refs = qe.reference_vectors(ref_session, source.task, batches)
+    calib = batches if not mode.needs_calibration else qe.token_batches(
+        texts, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab, uniform=True)
+    feeds = [build_feed(ref_session, ids, mask) for ids, mask in calib]
+    return _Inputs(tokenizer, batches, refs, ref_session, feeds)
+
+
+def _auto_fallback(
+    attempt: _Attempts, cfg: QuantizeConfig, first_cosine: float
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Keep the most error-sensitive MatMuls in fp32 until ``auto_target_cosine`` is met (nothing when it is off
+    or already met); return (kept, steps)."""
+    if cfg.auto_target_cosine is None or passes_min(first_cosine, cfg.auto_target_cosine):
+        return [], []
+    from edgefuse.quantize.auto import auto_keep, rank_matmuls
+
+    s = attempt.source
+    ranked = rank_matmuls(s.path, attempt.inputs.feeds[0], s.candidates, mode=cfg.mode, per_channel=cfg.per_channel,
+                          reduce_range=bool(attempt.settings.get("reduce_range", False)), block_size=cfg.block_size)
+    return auto_keep(ranked, s.exclude, cfg.auto_target_cosine, cfg.auto_max_kept, attempt, first_cosine)
+
+
+def _count_quantized(source: _Source, mode: QuantMode, kept: list[str]) -> tuple[dict[str, int], int]:
+    """(op counts, quantized MatMuls) of the partial graph.
+
+    Raises:
+        QuantizationError: no MatMul runs quantized.
+    """
+    import onnx
+
+    from edgefuse.quantize import evaluate as qe
+
+    qmodel = onnx.load(str(source.partial), load_external_data=False)
+    counts, n_quant = qe.op_counts(qmodel), mode.count_quantized(qmodel)
+    if n_quant == 0:
+        raise QuantizationError(
+            f"{mode.name} quantization of {str(source.path)!r} quantized no MatMul ({len(source.candidates)} "
+            f"candidates, {len(source.exclude) + len(kept)} excluded); check --exclude and --op-types"
+        )
+    return counts, n_quant
+
+
+def _check_cosine(attempt: _Attempts, q_session: Any, cfg: QuantizeConfig) -> tuple[float, float, float, int]:
+    """(mean cosine, min cosine, max |diff|, rows) of the quantized graph against fp32.
+
+    Raises:
+        QuantizationError: the mean cosine is below ``min_cosine`` (or not a number).
+    """
+    from edgefuse.quantize import evaluate as qe
+
+    s, i = attempt.source, attempt.inputs
+    cos_mean, cos_min, max_diff, samples = qe.compare(q_session, s.task, i.batches, i.refs)
+    if cfg.min_cosine is not None and not passes_min(cos_mean, cfg.min_cosine):
+        # u8 x s8 on AVX2/AVX-512 without VNNI sums pairs in int16 and can saturate: SmolLM2-135M's int8 went
+        # from cosine -0.28 to 0.84 with reduce_range on such a host (benchmarks/results/export.md)
+        preset = attempt.preset.name
+        saturating = (attempt.mode.int8 and preset in ("avx2", "avx512")
+                      and not attempt.settings.get("reduce_range"))
+        raise QuantizationError(
+            f"{s.out_name}: mean cosine {cos_mean:.5f} against fp32 is below min_cosine {cfg.min_cosine}; exclude "
+            "sensitive MatMuls (--exclude or --auto-target-cosine) or use per-channel int8"
+            + (f"; on this {preset} preset also try --reduce-range (int16 saturation without VNNI)"
+               if saturating else "")
+        )
+    return cos_mean, cos_min, max_diff, samples
+
+
+def _eval_accuracy(
+    source: _Source, inputs: _Inputs, q_session: Any, cfg: QuantizeConfig
+) -> tuple[float | None, float | None]:
+    """(fp32 accuracy, quantized accuracy) on ``eval_data``; (None, None) without it.
+
+    Raises:
+        ConfigError: ``eval_data`` given for a graph that is not a classifier.
+    """
+    if cfg.eval_data is None:
+        return None, None
+    from edgefuse.quantize import evaluate as qe
+
+    if source.task != "sequence-classification":
+        raise ConfigError(f"eval_data needs a sequence-classification export; this folder is {source.task!r}")
+    texts, labels = qe.read_labelled(cfg.eval_data, cfg.eval_samples)
+    batches = qe.token_batches(texts, inputs.tokenizer, task=source.task, max_length=cfg.max_sequence_length,
+                               vocab=qe.folder_vocab(source.folder))
+    return qe.accuracy(inputs.ref_session, batches, labels), qe.accuracy(q_session, batches, labels)
+
+
+def _record(source: _Source, mode: QuantMode, settings: dict[str, Any], checks: dict[str, Any]) -> None:
+    """Add the new graph to the manifest of the folder it was written to (a separate ``out_dir`` gets a copy
+    of the source's manifest without its graphs)."""
+    manifest, out, folder = source.manifest, source.out, source.folder
+    if manifest is None and out == folder:
+        return
+    target = manifest if out == folder and manifest is not None else {
+        **(manifest or {}), "graphs": {}, "source_folder": str(folder)}
+    add_graph(target, out, source.out_name, kind=mode.name, settings=settings, checks=checks)
+    write_manifest(out, target)
 
 
 def quantize_onnx(
     src: Path, cfg: QuantizeConfig, out_dir: Path | None = None, *, calibration_texts: list[str] | None = None
 ) -> QuantizeResult:
     """Quantize an exported graph, check it against fp32, and record it in the folder's manifest.
+
+    The phases: open the source and refuse an existing output; tokenize the texts and run fp32 once;
+    quantize (keeping MatMuls in fp32 one by one while the auto target is missed); count the quantized
+    MatMuls; compare with fp32 (and accuracy on ``eval_data``); only then move the graph into place and
+    record it. Every failure leaves no file.
 
     Args:
         src: an export folder (its ``model.onnx`` is quantized) or a ``.onnx`` file.
@@ -121,103 +301,37 @@ def quantize_onnx(
         >>> res.onnx_path.name  # doctest: +SKIP
         'model_int8_arm64.onnx'
     """
-    import onnx
-
-    from edgefuse.ort import build_feed, make_session
-    from edgefuse.quantize import evaluate as qe
+    from edgefuse.ort import make_session
     from edgefuse.quantize.presets import resolve_preset
 
     start = time.perf_counter()
-    folder, src_name, manifest = _locate(Path(src))
-    src_path = folder / src_name
+    mode = get_mode(cfg.mode)
     preset = resolve_preset(cfg.preset)
-    out = _prepare_out(folder, out_dir, manifest)
-    name = default_output_name(cfg, preset.name)
-    final = out / name
-    if final.exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{str(final)!r} already exists; pass --overwrite to replace it")
-    fp32 = onnx.load(str(src_path), load_external_data=False)
-    task = (manifest or {}).get("task") or _infer_task(fp32)
-    exclude = resolve_exclude(cfg.exclude, [n.name for n in fp32.graph.node])
-    candidates = [n for n in qe.weight_matmuls(fp32) if n not in exclude]
-    del fp32
-
-    tokenizer = qe.folder_tokenizer(folder)
-    texts = calibration_texts or (qe.read_texts(cfg.calibration_data, cfg.calibration_samples)
-                                  if cfg.calibration_data else list(qe.BUILTIN_TEXTS))
-    batches = qe.token_batches(texts, tokenizer, task=task, max_length=cfg.max_sequence_length,
-                               vocab=qe.folder_vocab(folder))
-    ref_session = make_session(src_path)
-    refs = qe.reference_vectors(ref_session, task, batches)
-    calib = batches if cfg.mode != "static" else qe.token_batches(
-        texts, tokenizer, task=task, max_length=cfg.max_sequence_length, vocab=qe.folder_vocab(folder), uniform=True)
-    feeds = [build_feed(ref_session, ids, mask) for ids, mask in calib]
-
-    tmp = out / f".{name}.partial.onnx"
-    settings: dict[str, Any] = {}
-
-    def attempt(excl: list[str]) -> float:
-        settings.update(_run(cfg.mode, src_path, tmp, cfg, preset, excl, feeds))
-        return qe.compare(make_session(tmp), task, batches, refs)[0]
-
+    source = _open_source(Path(src), cfg, out_dir, preset.name)
+    inputs = _prepare_inputs(source, cfg, mode, calibration_texts)
+    attempt = _Attempts(mode, source, inputs, cfg, preset)
     try:
-        cos_first = attempt(exclude)
-        kept: list[str] = []
-        steps: list[dict[str, Any]] = []
-        if cfg.auto_target_cosine is not None and not passes_min(cos_first, cfg.auto_target_cosine):
-            from edgefuse.quantize.auto import auto_keep, rank_matmuls
-
-            ranked = rank_matmuls(src_path, feeds[0], candidates, mode=cfg.mode, per_channel=cfg.per_channel,
-                                  reduce_range=bool(settings.get("reduce_range", False)), block_size=cfg.block_size)
-            kept, steps = auto_keep(ranked, exclude, cfg.auto_target_cosine, cfg.auto_max_kept, attempt, cos_first)
-        qmodel = onnx.load(str(tmp), load_external_data=False)
-        counts = qe.op_counts(qmodel)
-        n_quant = qe.quantized_matmuls(cfg.mode, counts, qdq_matmuls=qe.qdq_matmul_count(qmodel))
-        del qmodel
-        if n_quant == 0:
-            raise QuantizationError(
-                f"{cfg.mode} quantization of {str(src_path)!r} quantized no MatMul ({len(candidates)} candidates, "
-                f"{len(exclude) + len(kept)} excluded); check --exclude and --op-types"
-            )
-        q_session = make_session(tmp)
-        cos_mean, cos_min, max_diff, samples = qe.compare(q_session, task, batches, refs)
-        if cfg.min_cosine is not None and not passes_min(cos_mean, cfg.min_cosine):
-            # u8 x s8 on AVX2/AVX-512 without VNNI sums pairs in int16 and can saturate: SmolLM2-135M's int8 went
-            # from cosine -0.28 to 0.84 with reduce_range on such a host (benchmarks/results/export.md)
-            saturating = cfg.mode != "int4" and preset.name in ("avx2", "avx512") and not settings.get("reduce_range")
-            raise QuantizationError(
-                f"{name}: mean cosine {cos_mean:.5f} against fp32 is below min_cosine {cfg.min_cosine}; exclude "
-                "sensitive MatMuls (--exclude or --auto-target-cosine) or use per-channel int8"
-                + (f"; on this {preset.name} preset also try --reduce-range (int16 saturation without VNNI)"
-                   if saturating else "")
-            )
-        acc_fp32 = acc = None
-        if cfg.eval_data is not None:
-            if task != "sequence-classification":
-                raise ConfigError(f"eval_data needs a sequence-classification export; this folder is {task!r}")
-            eval_texts, labels = qe.read_labelled(cfg.eval_data, cfg.eval_samples)
-            eval_batches = qe.token_batches(eval_texts, tokenizer, task=task, max_length=cfg.max_sequence_length,
-                                            vocab=qe.folder_vocab(folder))
-            acc_fp32, acc = qe.accuracy(ref_session, eval_batches, labels), qe.accuracy(q_session, eval_batches, labels)
-        os.replace(tmp, final)
+        kept, steps = _auto_fallback(attempt, cfg, attempt(source.exclude))
+        counts, n_quant = _count_quantized(source, mode, kept)
+        q_session = make_session(source.partial)
+        cos_mean, cos_min, max_diff, samples = _check_cosine(attempt, q_session, cfg)
+        acc_fp32, acc = _eval_accuracy(source, inputs, q_session, cfg)
+        os.replace(source.partial, source.final)
     finally:
-        tmp.unlink(missing_ok=True)
+        source.partial.unlink(missing_ok=True)
 
-    settings.update({"mode": cfg.mode, "preset": preset.to_dict(), "excluded": exclude, "kept_fp32_auto": kept,
-                     "source": src_name})
-    checks = {"reference": src_name, "cosine_mean": cos_mean, "cosine_min": cos_min, "max_abs_diff": max_diff,
-              "samples": samples, "quantized_matmuls": n_quant, "weight_matmuls": len(candidates) + len(exclude),
-              "op_counts": counts, "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
-    if manifest is not None or out != folder:
-        target_manifest = manifest if out == folder and manifest is not None else {
-            **(manifest or {}), "graphs": {}, "source_folder": str(folder)}
-        add_graph(target_manifest, out, name, kind=f"{cfg.mode}", settings=settings, checks=checks)
-        write_manifest(out, target_manifest)
-    logger.info("%s: %d MatMuls quantized, cosine %.5f (min %.5f)", name, n_quant, cos_mean, cos_min)
+    settings = {**attempt.settings, "mode": mode.name, "preset": preset.to_dict(), "excluded": source.exclude,
+                "kept_fp32_auto": kept, "source": source.name}
+    checks = {"reference": source.name, "cosine_mean": cos_mean, "cosine_min": cos_min, "max_abs_diff": max_diff,
+              "samples": samples, "quantized_matmuls": n_quant,
+              "weight_matmuls": len(source.candidates) + len(source.exclude), "op_counts": counts,
+              "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
+    _record(source, mode, settings, checks)
+    logger.info("%s: %d MatMuls quantized, cosine %.5f (min %.5f)", source.out_name, n_quant, cos_mean, cos_min)
     return QuantizeResult(
-        src_path=src_path, onnx_path=final, mode=cfg.mode, preset=preset.name, settings=settings, op_counts=counts,
-        quantized_nodes=n_quant, kept_fp32=tuple(exclude + kept), size_bytes_fp32=src_path.stat().st_size,
-        size_bytes=final.stat().st_size, cosine_mean=cos_mean, cosine_min=cos_min, max_abs_diff=max_diff,
-        samples=samples, accuracy_fp32=acc_fp32, accuracy=acc, auto_steps=tuple(steps),
-        seconds=time.perf_counter() - start,
+        src_path=source.path, onnx_path=source.final, mode=mode.name, preset=preset.name, settings=settings,
+        op_counts=counts, quantized_nodes=n_quant, kept_fp32=tuple(source.exclude + kept),
+        size_bytes_fp32=source.path.stat().st_size, size_bytes=source.final.stat().st_size, cosine_mean=cos_mean,
+        cosine_min=cos_min, max_abs_diff=max_diff, samples=samples, accuracy_fp32=acc_fp32, accuracy=acc,
+        auto_steps=tuple(steps), seconds=time.perf_counter() - start,
     )

@@ -2,8 +2,9 @@
 fp32, one at a time, until the measured end-to-end cosine reaches the target.
 
 The ranking is cheap (one fp32 run that also returns every MatMul input, then numpy): for each weight
-MatMul ``Y = X W`` it simulates the mode's arithmetic (int8: per-tensor uint8 activations x per-channel int8
-weights, as MatMulInteger does; int4: symmetric blocks along the reduction axis) and measures the mean over
+MatMul ``Y = X W`` it simulates the mode's arithmetic as its entry in :data:`edgefuse.quantize.modes.MODES`
+says (int8: per-tensor uint8 activations x per-channel int8 weights, as MatMulInteger does; int4: symmetric
+blocks along the reduction axis) and measures the mean over
 tokens (rows) of ``||y - q(x) Q(W)|| / ||y||``. Per token, not over the whole tensor: decoders such as SmolLM2
 have "massive activations" (one token, e.g. the first, with a down-projection input ~1000x the others); a
 per-tensor int8 scale then rounds every other token's input to zero, yet that token dominates a whole-tensor
@@ -28,25 +29,11 @@ from typing import Any
 import numpy as np
 
 from edgefuse.errors import QuantizationError
+from edgefuse.quantize.modes import get_mode
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 256  # rows of X kept per MatMul for the estimate (bounds memory on large decoders)
-
-
-def _fake_quant_weight(w: np.ndarray, *, mode: str, per_channel: bool, reduce_range: bool, block_size: int) -> np.ndarray:
-    """``w`` [K, N] after symmetric quantization and dequantization."""
-    if mode == "int4":
-        k, n = w.shape
-        pad = (-k) % block_size
-        wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)  # (blocks, block, N)
-        scale = np.abs(wp).max(axis=1, keepdims=True) / 7.0
-        scale[scale == 0] = 1.0
-        return (np.clip(np.round(wp / scale), -8, 7) * scale).reshape(-1, n)[:k]
-    qmax = 63.0 if reduce_range else 127.0
-    absmax = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max(keepdims=True)
-    scale = np.where(absmax > 0, absmax / qmax, 1.0)
-    return np.clip(np.round(w / scale), -qmax, qmax) * scale
 
 
 def _fake_quant_activation(x: np.ndarray) -> np.ndarray:
@@ -60,14 +47,15 @@ def _fake_quant_activation(x: np.ndarray) -> np.ndarray:
 def relative_error(
     x: np.ndarray, w: np.ndarray, *, mode: str, per_channel: bool, reduce_range: bool, block_size: int
 ) -> float:
-    """Mean over the rows (tokens) of ``||x w - q(x) q(w)|| / ||x w||`` for one MatMul (activations quantized only
-    in int8 modes; the activation scale is still per tensor, as at run time). Rows whose output is zero are
-    skipped."""
+    """Mean over the rows (tokens) of ``||x w - q(x) q(w)|| / ||x w||`` for one MatMul, simulated as the mode's
+    table entry says (:data:`edgefuse.quantize.modes.MODES`: activations quantized only in the int8 modes, with
+    a per-tensor scale as at run time). Rows whose output is zero are skipped."""
     x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)[:MAX_TOKENS]
     w64 = w.astype(np.float64)
     ref = x64 @ w64  # (tokens, N)
-    xq = x64 if mode == "int4" else _fake_quant_activation(x64)
-    wq = _fake_quant_weight(w64, mode=mode, per_channel=per_channel, reduce_range=reduce_range, block_size=block_size)
+    spec = get_mode(mode)
+    xq = _fake_quant_activation(x64) if spec.quantizes_activations else x64
+    wq = spec.simulate_weight(w64, per_channel=per_channel, reduce_range=reduce_range, block_size=block_size)
     num, den = np.linalg.norm(ref - xq @ wq, axis=1), np.linalg.norm(ref, axis=1)
     live = den > 0
     return float(np.mean(num[live] / den[live])) if live.any() else 0.0

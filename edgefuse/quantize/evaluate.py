@@ -1,10 +1,10 @@
 """Inputs and checks for the quantize stage: calibration/evaluation texts, token batches, the comparison of a
-quantized graph with fp32 (cosine, max difference, accuracy) and the node counts that prove it was quantized.
+quantized graph with fp32 (cosine, max difference, accuracy) and the node counts of a graph (how many run
+quantized is each mode's own count, :data:`edgefuse.quantize.modes.MODES`).
 
 Example:
-    >>> counts = {"MatMulInteger": 6, "MatMul": 2}
-    >>> quantized_matmuls("dynamic", counts, qdq_matmuls=0)
-    6
+    >>> BUILTIN_TEXTS[0]
+    'A man is eating food.'
 """
 
 from __future__ import annotations
@@ -158,22 +158,6 @@ def accuracy(session: Any, batches: list[tuple[np.ndarray, np.ndarray]], labels:
 def op_counts(model: Any) -> dict[str, int]:
     """Node count per operator type of an ``onnx.ModelProto`` (main graph)."""
     return dict(Counter(n.op_type for n in model.graph.node))
-
-
-def qdq_matmul_count(model: Any) -> int:
-    """MatMul nodes whose weight input comes from a DequantizeLinear (QDQ-quantized MatMuls)."""
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
-               and producers.get(n.input[1]) == "DequantizeLinear")
-
-
-def quantized_matmuls(mode: str, counts: dict[str, int], *, qdq_matmuls: int) -> int:
-    """How many MatMuls run quantized: MatMulInteger (dynamic), QDQ MatMuls (static), MatMulNBits (int4)."""
-    if mode == "dynamic":
-        return counts.get("MatMulInteger", 0) + counts.get("DynamicQuantizeMatMul", 0)
-    if mode == "static":
-        return qdq_matmuls
-    return counts.get("MatMulNBits", 0)
 
 
 def weight_matmuls(model: Any) -> list[str]:

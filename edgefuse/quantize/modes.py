@@ -1,0 +1,152 @@
+"""The table of quantization modes: one :class:`QuantMode` per name in ``QuantizeConfig.mode``.
+
+Each entry says everything the quantize stage needs about a mode: the onnxruntime backend that writes the
+graph, the conventional output file name, whether it calibrates activation ranges on data, how to count the
+MatMuls that really run quantized (the proof that quantization did something), and how to simulate its
+error on one MatMul for the auto fp32 fallback (:mod:`edgefuse.quantize.auto`). The config's ``QuantMode``
+literal lists the same names (a test keeps them equal).
+
+Adding a mode is one backend function and one entry in :data:`MODES` (plus its name in ``QuantMode``, a
+row in the docs, and its tests).
+
+Example:
+    >>> from edgefuse.config.quantize import QuantizeConfig
+    >>> MODES["int4"].output_name(QuantizeConfig(mode="int4", block_size=64), "avx2")
+    'model_int4_b64.onnx'
+    >>> [m.name for m in MODES.values() if m.needs_calibration]
+    ['static']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.errors import ConfigError
+from edgefuse.quantize.presets import QuantPreset
+
+# backend(src, dst, cfg, preset, exclude, calibration feeds) -> the settings it used (for the manifest)
+Backend = Callable[[Path, Path, QuantizeConfig, QuantPreset, list[str], Sequence[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    """One quantization mode.
+
+    ``count_quantized(model)`` counts the MatMuls of a quantized ``onnx.ModelProto`` that run quantized.
+    ``simulate_weight(w, per_channel=, reduce_range=, block_size=)`` returns the weight ``[K, N]`` after
+    quantization and dequantization; ``quantizes_activations`` says whether the activations are quantized
+    too (per tensor, uint8, as ``DynamicQuantizeLinear`` does). ``int8`` marks the modes whose u8 x s8
+    products can saturate int16 on x86 without VNNI (the error message then suggests ``--reduce-range``).
+    """
+
+    name: str
+    description: str
+    backend: Backend
+    output_name: Callable[[QuantizeConfig, str], str]
+    needs_calibration: bool
+    count_quantized: Callable[[Any], int]
+    simulate_weight: Callable[..., np.ndarray]
+    quantizes_activations: bool
+    int8: bool
+
+
+def _dynamic(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
+             feeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from edgefuse.quantize.backends import quantize_dynamic_int8
+
+    return quantize_dynamic_int8(src, dst, cfg, preset, exclude)
+
+
+def _static(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
+            feeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from edgefuse.quantize.backends import quantize_static_qdq
+
+    return quantize_static_qdq(src, dst, cfg, preset, exclude, feeds)
+
+
+def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
+          feeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from edgefuse.quantize.backends import quantize_int4
+
+    return quantize_int4(src, dst, cfg, exclude)
+
+
+def _int8_name(prefix: str) -> Callable[[QuantizeConfig, str], str]:
+    def name(cfg: QuantizeConfig, preset: str) -> str:
+        return f"{prefix}_{preset}{'' if cfg.per_channel else '_per_tensor'}.onnx"
+
+    return name
+
+
+def _count_ops(*op_types: str) -> Callable[[Any], int]:
+    def count(model: Any) -> int:
+        return sum(1 for n in model.graph.node if n.op_type in op_types)
+
+    return count
+
+
+def count_qdq_matmuls(model: Any) -> int:
+    """MatMul nodes whose weight input comes from a DequantizeLinear (QDQ-quantized MatMuls)."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+               and producers.get(n.input[1]) == "DequantizeLinear")
+
+
+def int8_weight(w: np.ndarray, *, per_channel: bool, reduce_range: bool, block_size: int = 0) -> np.ndarray:
+    """``w`` [K, N] after symmetric int8 quantization (per output channel or per tensor) and dequantization."""
+    qmax = 63.0 if reduce_range else 127.0
+    absmax = np.abs(w).max(axis=0, keepdims=True) if per_channel else np.abs(w).max(keepdims=True)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0)
+    return np.clip(np.round(w / scale), -qmax, qmax) * scale
+
+
+def int4_weight(w: np.ndarray, *, block_size: int, per_channel: bool = True, reduce_range: bool = False) -> np.ndarray:
+    """``w`` [K, N] after symmetric 4-bit blocks along the reduction axis, and dequantization."""
+    k, n = w.shape
+    pad = (-k) % block_size
+    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)  # (blocks, block, N)
+    scale = np.abs(wp).max(axis=1, keepdims=True) / 7.0
+    scale[scale == 0] = 1.0
+    return (np.clip(np.round(wp / scale), -8, 7) * scale).reshape(-1, n)[:k]
+
+
+MODES: dict[str, QuantMode] = {
+    m.name: m
+    for m in (
+        QuantMode(
+            "dynamic", "int8 weights, activations quantized at run time (MatMulInteger)", _dynamic,
+            output_name=_int8_name("model_int8"), needs_calibration=False,
+            count_quantized=_count_ops("MatMulInteger", "DynamicQuantizeMatMul"),
+            simulate_weight=int8_weight, quantizes_activations=True, int8=True,
+        ),
+        QuantMode(
+            "static", "int8 QDQ with activation ranges calibrated on data", _static,
+            output_name=_int8_name("model_qdq_int8"), needs_calibration=True, count_quantized=count_qdq_matmuls,
+            simulate_weight=int8_weight, quantizes_activations=True, int8=True,
+        ),
+        QuantMode(
+            "int4", "weight-only 4-bit blocks (MatMulNBits)", _int4,
+            output_name=lambda cfg, preset: f"model_int4_b{cfg.block_size}.onnx", needs_calibration=False,
+            count_quantized=_count_ops("MatMulNBits"), simulate_weight=int4_weight, quantizes_activations=False,
+            int8=False,
+        ),
+    )
+}
+
+
+def get_mode(name: str) -> QuantMode:
+    """The table entry of ``name``.
+
+    Raises:
+        ConfigError: unknown mode (the message lists the known ones).
+    """
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ConfigError(f"unknown quantization mode {name!r}; choose one of {', '.join(MODES)}") from None
