@@ -60,7 +60,8 @@ def tiny_model(arch: str, *, seed: int = 0, head: str = "base") -> Any:
         config.num_labels = 2
         model = t.AutoModelForSequenceClassification.from_config(config)
     elif head == "lm" or arch not in ("bert", "roberta"):
-        model = t.AutoModelForCausalLM.from_config(config) if arch not in ("bert", "roberta") else t.AutoModelForMaskedLM.from_config(config)
+        auto = t.AutoModelForCausalLM if arch not in ("bert", "roberta") else t.AutoModelForMaskedLM
+        model = auto.from_config(config)
     else:
         model = t.AutoModel.from_config(config)
     return model.eval()

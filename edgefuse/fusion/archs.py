@@ -62,7 +62,8 @@ class ArchSpec:
 def _bert_like(model_type: str) -> ArchSpec:
     return ArchSpec(
         model_type,
-        (MlpKind(r"(?:^|\.)encoder\.layer\.(?P<layer>\d+)$", "intermediate.dense", "output.dense", "intermediate_size"),),
+        (MlpKind(r"(?:^|\.)encoder\.layer\.(?P<layer>\d+)$", "intermediate.dense", "output.dense",
+                 "intermediate_size"),),
         act_field="hidden_act",
     )
 

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 MAX_TOKENS = 256  # rows of X kept per MatMul for the estimate (bounds memory on large decoders)
 
 
-def _fake_quant_weight(w: np.ndarray, *, mode: str, per_channel: bool, reduce_range: bool, block_size: int) -> np.ndarray:
+def _fake_quant_weight(
+    w: np.ndarray, *, mode: str, per_channel: bool, reduce_range: bool, block_size: int
+) -> np.ndarray:
     """``w`` [K, N] after symmetric quantization and dequantization."""
     if mode == "int4":
         k, n = w.shape
