@@ -167,7 +167,7 @@ def finetune_(
         ConfigError: missing teacher, no trainable parameter, a checkpoint that does not fit.
         DataError: data that does not fit the task or the model (e.g. more classes than the head has).
 
-    Example:
+    Example (the skipped lines are not run: needs a fine-tuned teacher and minutes of CPU):
         >>> from edgefuse.models import load_model, load_tokenizer  # doctest: +SKIP
         >>> from edgefuse.fusion.api import fuse_mlps_  # doctest: +SKIP
         >>> from edgefuse.config.fusion import FusionConfig  # doctest: +SKIP
