@@ -169,17 +169,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "peak_gmac_per_s": peaks, "graphs": rows},
                                                    indent=2) + "\n")
-    lines = [f"Command: `{meta['command']}`", "", f"CPU: {cpu}, {meta['cores']} cores, onnxruntime {meta['onnxruntime']}",
+    lines = [f"Command: `{meta['command']}`", "",
+             f"CPU: {cpu}, {meta['cores']} cores, onnxruntime {meta['onnxruntime']}",
              "", f"Kernel throughput (MatMul {m}x{k} @ {k}x{n}, best of 3 interleaved rounds):", "",
              "| threads | fp32 GMAC/s | int8 GMAC/s | int4 GMAC/s |", "|---|---|---|---|"]
     for t, pk in peaks.items():
         lines.append(f"| {t} | {pk['fp32']:.1f} | {pk['int8']:.1f} | {pk.get('int4', float('nan')):.1f} |")
     if rows:
         lines += ["", f"Graphs at batch {args.batch} x {args.seq} tokens:", "",
-                  "| graph | threads | GMAC (fp32/int8/int4) | bound ms | p50 ms | p50 / bound |", "|---|---|---|---|---|---|"]
+                  "| graph | threads | GMAC (fp32/int8/int4) | bound ms | p50 ms | p50 / bound |",
+                  "|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['graph']} | {r['threads']} | {r['gmacs']:.3f} ({r['fp32_gmacs']:.3f}/{r['int8_gmacs']:.3f}/"
-                         f"{r['int4_gmacs']:.3f}) | {r['bound_ms']:.2f} | {r['p50_ms']:.2f} | {r['multiple_of_bound']:.2f}x |")
+            lines.append(f"| {r['graph']} | {r['threads']} | {r['gmacs']:.3f} "
+                         f"({r['fp32_gmacs']:.3f}/{r['int8_gmacs']:.3f}/{r['int4_gmacs']:.3f}) "
+                         f"| {r['bound_ms']:.2f} | {r['p50_ms']:.2f} | {r['multiple_of_bound']:.2f}x |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

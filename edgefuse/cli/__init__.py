@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="edgefuse",
-        description="Ship language models to edge devices: fuse MLPs, fine-tune to recover accuracy, export to ONNX, quantize, profile.",
+        description=(
+            "Ship language models to edge devices: fuse MLPs, fine-tune to recover accuracy, export to ONNX, "
+            "quantize, profile."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -55,13 +55,14 @@ def format_plan(result: Any) -> str:
     rows = [("MLP", "width", "params")]
     for s in result.steps:
         rows.append((s.name, f"{s.width_before} -> {s.width_after}", f"{s.params_before:,} -> {s.params_after:,}"))
-    rows.append(("MLPs total", f"{len(result.steps)} fused", f"{result.mlp_params_before:,} -> {result.mlp_params_after:,}"))
+    rows.append(("MLPs total", f"{len(result.steps)} fused",
+                 f"{result.mlp_params_before:,} -> {result.mlp_params_after:,}"))
     pct = 100.0 * (1 - result.params_total_after / result.params_total_before)
     rows.append(("model total", "", f"{result.params_total_before:,} -> {result.params_total_after:,} (-{pct:.1f}%)"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{result.method} on {result.model_type}"]
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0 or i == len(rows) - 3:
             lines.append("  ".join("-" * w for w in widths))
     scale = sum(s.frozen_scale_entries for s in result.steps)
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             from edgefuse.errors import OutputExistsError
 
             if Path(args.out_dir).exists():
-                raise OutputExistsError(f"output folder {args.out_dir!r} already exists; pass --overwrite to replace it")
+                raise OutputExistsError(
+                    f"output folder {args.out_dir!r} already exists; pass --overwrite to replace it")
         result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty())
         if args.fold:
             fold_scales_(model)

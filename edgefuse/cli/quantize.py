@@ -22,7 +22,8 @@ or is below --min-cosine fails with exit code 8 and is not written.
 examples:
   edgefuse quantize out/minilm-onnx --mode dynamic
   edgefuse quantize out/minilm-onnx --mode dynamic --preset arm64 --exclude 're:/output/dense/MatMul$'
-  edgefuse quantize out/minilm-onnx --mode static --calibration-data ../shared/data/sst2/train.tsv --calibration-method percentile
+  edgefuse quantize out/minilm-onnx --mode static --calibration-data ../shared/data/sst2/train.tsv \\
+      --calibration-method percentile
   edgefuse quantize out/smol-onnx --mode int4 --block-size 32
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
   edgefuse quantize out/sst2-onnx --eval-data ../shared/data/sst2/validation.tsv
@@ -62,13 +63,16 @@ def register(sub: Any) -> None:
                    help="int8: one scale per weight tensor (default: per channel; far less accurate on MiniLM)")
     p.add_argument("--reduce-range", action="store_true", default=None,
                    help="int8: 7-bit weights (against saturation on non-VNNI x86; default: off)")
-    p.add_argument("--op-types", nargs="+", metavar="OP", help="int8: operator types to quantize (default MatMul Gather)")
+    p.add_argument("--op-types", nargs="+", metavar="OP",
+                   help="int8: operator types to quantize (default MatMul Gather)")
     p.add_argument("--exclude", action="append", metavar="NODE",
                    help="node name kept in fp32; 're:' prefix for a regex (repeatable)")
     p.add_argument("--calibration-data", type=Path, metavar="FILE",
                    help="TSV/CSV with a text column to calibrate and compare on (default: built-in sentences)")
-    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="static: minmax (default), percentile, entropy")
-    p.add_argument("--calibration-samples", type=int, metavar="N", help="texts read from --calibration-data (default 64)")
+    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
+                   help="static: minmax (default), percentile, entropy")
+    p.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="texts read from --calibration-data (default 64)")
     p.add_argument("--max-seq-len", dest="max_sequence_length", type=int, metavar="N",
                    help="tokens per calibration text (default 128)")
     p.add_argument("--block-size", type=int, help="int4: block size 16/32/64/128/256 (default 32)")
@@ -90,8 +94,9 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-_KEYS = ("mode", "preset", "per_channel", "reduce_range", "op_types", "exclude", "calibration_data", "calibration_method",
-         "calibration_samples", "max_sequence_length", "block_size", "int4_symmetric", "int4_accuracy_level",
+_KEYS = ("mode", "preset", "per_channel", "reduce_range", "op_types", "exclude", "calibration_data",
+         "calibration_method", "calibration_samples", "max_sequence_length", "block_size", "int4_symmetric",
+         "int4_accuracy_level",
          "auto_target_cosine", "auto_max_kept", "min_cosine", "eval_data", "eval_samples", "output_name", "overwrite")
 
 

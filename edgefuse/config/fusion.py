@@ -32,7 +32,8 @@ class FusionConfig(StrictModel):
     )
     width: int | None = Field(None, ge=1, description="Absolute target width; exclusive with keep_ratio.")
     round_to: int = Field(
-        1, ge=1, description="Round the target width up to a multiple of this (e.g. 16 or 32 for fast int8/int4 kernels)."
+        1, ge=1,
+        description="Round the target width up to a multiple of this (e.g. 16 or 32 for fast int8/int4 kernels).",
     )
     layers: list[int] | None = Field(
         None, description="Transformer layer indices to fuse (all experts of a MoE layer). None: every layer."

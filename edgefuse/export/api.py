@@ -9,7 +9,7 @@ The frozen fusion scale (:mod:`edgefuse.fusion.scale`) is handled by ``ExportCon
 is never modified (folding happens on a copy). Sparse MoE blocks (Mixtral, Qwen2-MoE, Switch) are traced with
 an equivalent dense-routing forward (:mod:`edgefuse.export.moe`), set on the block instances for the trace only.
 
-Example:
+Example (the skipped lines are not run: the export and its validation take tens of seconds):
     >>> import tempfile, pathlib
     >>> from transformers import BertConfig, BertModel
     >>> from edgefuse.config.export import ExportConfig

@@ -4,7 +4,8 @@
 distillation (method.md 1.7), with AdamW, warm-up and decay, gradient clipping, a step and/or wall-clock budget,
 periodic evaluation that keeps the best weights, atomic resumable checkpoints, and data parallelism under
 ``torchrun``. The frozen fusion scale is a buffer: it is never an optimiser parameter and never changes. After
-training, fold it with :func:`edgefuse.fusion.scale.fold_scales_` and save with :func:`edgefuse.fusion.persist.save_fused`.
+training, fold it with :func:`edgefuse.fusion.scale.fold_scales_` and save with
+:func:`edgefuse.fusion.persist.save_fused`.
 
 Example:
     >>> import torch
@@ -166,9 +167,10 @@ def finetune_(
         ConfigError: missing teacher, no trainable parameter, a checkpoint that does not fit.
         DataError: data that does not fit the task or the model (e.g. more classes than the head has).
 
-    Example:
+    Example (the skipped lines are not run: needs a fine-tuned teacher and minutes of CPU):
         >>> from edgefuse.models import load_model, load_tokenizer  # doctest: +SKIP
-        >>> from edgefuse.fusion.api import fuse_mlps_; from edgefuse.config.fusion import FusionConfig  # doctest: +SKIP
+        >>> from edgefuse.fusion.api import fuse_mlps_  # doctest: +SKIP
+        >>> from edgefuse.config.fusion import FusionConfig  # doctest: +SKIP
         >>> teacher = load_model("./sst2-teacher", "sequence-classification")  # doctest: +SKIP
         >>> student = load_model("./sst2-teacher", "sequence-classification")  # doctest: +SKIP
         >>> _ = fuse_mlps_(student, FusionConfig(keep_ratio=0.5))  # doctest: +SKIP

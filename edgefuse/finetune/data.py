@@ -276,9 +276,9 @@ def tokenize_causal_lm(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Data
 def load_finetune_data(cfg: DataConfig, tokenizer: Any, task: str) -> FinetuneData:
     """Read, split and tokenize the data that ``cfg`` names for ``task``.
 
-    Example:
-        >>> import tempfile, pathlib
+    Example (not run: needs a data file and a tokenizer):
         >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tok = AutoTokenizer.from_pretrained("./sst2-teacher")  # doctest: +SKIP
         >>> data = load_finetune_data(DataConfig(train="train.tsv"), tok, "sequence-classification")  # doctest: +SKIP
 
     Raises:

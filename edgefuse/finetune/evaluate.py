@@ -71,7 +71,7 @@ def evaluate(
     The model is put in eval mode for the call and its previous mode restored afterwards. An empty dict means
     there was nothing to measure (no labels and no teacher).
 
-    Example:
+    Example (the skipped lines are not run: needs a model and tokenized data):
         >>> metrics = evaluate(model, data.validation, "sequence-classification", pad_token_id=0)  # doctest: +SKIP
         >>> sorted(metrics)  # doctest: +SKIP
         ['accuracy', 'examples', 'loss']

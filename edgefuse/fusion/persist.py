@@ -80,13 +80,18 @@ def _resize_to_metadata(model: nn.Module, meta: dict[str, Any]) -> None:
             write_low_rank(site, low)
         elif key in widths and widths[key] != w.width:
             k = widths[key]
-            bias = (lambda b: None if b is None else torch.empty(k))
             write_weights(
                 site,
                 MlpWeights(up=torch.empty(k, w.up.shape[1]), down=torch.empty(w.down.shape[0], k),
-                           up_bias=bias(w.up_bias), gate=None if w.gate is None else torch.empty(k, w.up.shape[1]),
-                           gate_bias=bias(w.gate_bias)),
+                           up_bias=_placeholder(w.up_bias, k),
+                           gate=None if w.gate is None else torch.empty(k, w.up.shape[1]),
+                           gate_bias=_placeholder(w.gate_bias, k)),
             )
+
+
+def _placeholder(bias: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """An uninitialised bias of ``width`` where the MLP has one (the checkpoint overwrites it)."""
+    return None if bias is None else torch.empty(width)
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -319,7 +319,7 @@ def measure_ntk(
         TargetNotFoundError: ``params="fused-mlp"`` but the compressed model has no compressed MLP.
         FusionError: a fusion scale that is a trainable parameter.
 
-    Example:
+    Example (the skipped lines are not run: needs two models and a tokenizer):
         >>> measure_ntk(orig, comp, tok(texts, padding=True, return_tensors="pt"))  # doctest: +SKIP
     """
     cfg = cfg or NtkConfig()
@@ -372,7 +372,7 @@ def reference_kernels(
     """The original's kernels for the MLPs that ``compressed`` changed, to pass as ``reference`` to
     :func:`measure_ntk` for every model compressed at the same layers (e.g. several methods or seeds).
 
-    Example:
+    Example (the skipped lines are not run: needs two models and a tokenized batch):
         >>> ref = reference_kernels(orig, comp, batch, cfg)  # doctest: +SKIP
         >>> measure_ntk(orig, comp, batch, cfg, reference=ref)  # doctest: +SKIP
     """

@@ -6,7 +6,7 @@ stages it reads and, where it reads them, the source model's files and the data 
 stage whose input hash is unchanged (and whose files are intact); a run that was interrupted resumes at the
 first stage without a complete folder, because stage folders appear atomically.
 
-Example:
+Example (the skipped lines are not run: the last line runs the pipeline on a model folder):
     >>> from edgefuse.config.pipeline import PipelineConfig
     >>> cfg = PipelineConfig(schema_version=1, model={"name_or_path": "./tiny"}, fusion={"keep_ratio": 0.5})
     >>> [s.name for s in enabled_stages(cfg)]
@@ -144,7 +144,7 @@ def run_pipeline(
         OutputExistsError: another process is running in ``run_dir``.
         EdgefuseError: whatever a stage raises (its completed predecessors stay valid for the next run).
 
-    Example:
+    Example (the skipped lines are not run: runs the whole pipeline, minutes):
         >>> result = run_pipeline(load_config("export_configs/default.yaml"), "runs/default")  # doctest: +SKIP
         >>> result.ran  # doctest: +SKIP
         ('fuse', 'finetune', 'export', 'quantize', 'reference', 'evaluate', 'profile', 'report')
@@ -224,7 +224,7 @@ def _note_renamed_stages(store: RunStore) -> None:
 def load_run(run_dir: str | Path) -> dict[str, StageRecord]:
     """The records of every completed stage in ``run_dir`` (by stage name), e.g. to inspect a finished run.
 
-    Example:
+    Example (the skipped lines are not run: needs a finished run):
         >>> sorted(load_run("runs/default"))  # doctest: +SKIP
         ['evaluate', 'export', 'finetune', 'fuse', 'profile', 'quantize', 'reference', 'report']
     """
@@ -244,7 +244,7 @@ def dry_run_plan(cfg: PipelineConfig) -> dict[str, Any]:
     only; no weight is read). A source folder that is itself a fused edgefuse model is loaded (its widths
     live in its metadata).
 
-    Example:
+    Example (the skipped lines are not run: reads a model's config from the repository's export_configs):
         >>> plan = dry_run_plan(load_config("export_configs/default.yaml"))  # doctest: +SKIP
         >>> plan["fusion"].steps[0].width_after  # doctest: +SKIP
         768

@@ -11,7 +11,7 @@ device over ssh) with the one self-contained runner (``edgefuse/profile/runner/o
 4. the outputs on the target are compared with the first graph's outputs computed on this machine (for an
    emulated or remote target: the x86 fp32 reference when the first graph is fp32).
 
-Example:
+Example (the skipped lines are not run: they need two exported graphs):
     >>> from edgefuse.config.profile import ProfileConfig
     >>> res = profile_onnx(["a.onnx", "a_int8.onnx"], ProfileConfig(threads=[1], runs=5))  # doctest: +SKIP
     >>> res.graph("a_int8").latency[0].ratio_vs_reference_p50  # doctest: +SKIP
@@ -71,7 +71,7 @@ def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) 
             reference is below ``cfg.min_cosine`` (the result is attached as ``exc.result``).
         MissingDependencyError: the emulated or ssh target lacks a host tool.
 
-    Example:
+    Example (the skipped lines are not run: the profiling calls need an exported graph):
         >>> cfg = ProfileConfig(threads=[1], sequence_lengths=[16], runs=3, memory=False)
         >>> profile_onnx(["tiny.onnx"], cfg).graphs[0].latency[0].latency_ms_p50 > 0  # doctest: +SKIP
         True

@@ -173,7 +173,7 @@ def ensure_sandbox(
         MissingDependencyError: qemu-user-static or debootstrap is missing.
         ProfileError: the build or the import check under qemu failed.
 
-    Example:
+    Example (the skipped lines are not run: builds a Debian arm64 sandbox under qemu, minutes):
         >>> box = ensure_sandbox("neoverse-n1")  # doctest: +SKIP
         >>> subprocess.run(box.command("-c", "import onnxruntime"), env=box.env(), check=True)  # doctest: +SKIP
     """

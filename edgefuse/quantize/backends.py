@@ -47,7 +47,9 @@ def _reduce_range(cfg: QuantizeConfig, preset: QuantPreset) -> bool:
     return preset.reduce_range if cfg.reduce_range is None else cfg.reduce_range
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str]) -> dict[str, Any]:
+def quantize_dynamic_int8(
+    src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str]
+) -> dict[str, Any]:
     """int8 weights, uint8 activations quantized per tensor at run time (QOperator: MatMulInteger)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -107,7 +109,8 @@ def quantize_int4(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str])
     model = onnx.load(str(src))
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.int4_symmetric,
-        accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
+        accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=list(exclude),
+        op_types_to_quantize=("MatMul",),
     )
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=_external(src))

@@ -56,7 +56,7 @@ def write_report(
     Raises:
         ConfigError: an unknown format or a variant row without ``variant``.
 
-    Example:
+    Example (the skipped lines are not run: needs a profile result):
         >>> write_report([profile_result], Path("out"))  # doctest: +SKIP
         {'json': PosixPath('out/report.json'), 'md': PosixPath('out/report.md'), 'html': PosixPath('out/report.html')}
     """
