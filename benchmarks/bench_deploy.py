@@ -36,13 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as common
 import numpy as np
+from _common import RESULTS, ROOT, SST2, matmul_graphs, ort_session, sample_texts
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-WORK = ROOT / "benchmarks" / "_work" / "deploy"
-RESULTS = ROOT / "benchmarks" / "results"
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
+WORK = common.WORK / "deploy"
 RECOVERY = {"teacher": "recovery_teacher.json"}
 TASK = "sequence-classification"
 log = logging.getLogger("bench_deploy")
@@ -64,12 +62,6 @@ def variants(ratios: list[str]) -> list[dict[str, str]]:
                   "what": f"edgefuse fused {r}, edgefuse quantize auto: MatMuls kept fp32 until the logits cosine "
                           "target"}]
     return rows
-
-
-def _texts(path: Path, n: int) -> list[str]:
-    from edgefuse.quantize.evaluate import read_texts
-
-    return read_texts(path, n)
 
 
 # ----------------------------------------------------------------------------------------------------- build
@@ -110,7 +102,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     record = WORK / "build.json"
     previous = json.loads(record.read_text()) if record.is_file() else {}
     # Calibration/selection texts come from the TRAIN split: the auto mode must not be tuned on validation.
-    texts = _texts(SST2 / "train.tsv", args.calib)
+    texts = sample_texts(args.calib, SST2 / "train.tsv")
     sources = {"baseline": Path(args.teacher), **{f"fused-{r}": Path(d) for r, d in zip(args.ratios, args.fused,
                                                                                          strict=True)}}
     for name, src in sources.items():
@@ -167,7 +159,7 @@ def make_inputs(n_tokens: int) -> Path:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(WORK / "baseline")
-    enc = tok(" ".join(_texts(SST2 / "validation.tsv", 200)), truncation=True, max_length=n_tokens, return_tensors="np")
+    enc = tok(" ".join(sample_texts(200)), truncation=True, max_length=n_tokens, return_tensors="np")
     ids = enc["input_ids"].astype(np.int64)
     if ids.shape[1] != n_tokens:
         raise RuntimeError(f"joined text gave {ids.shape[1]} tokens, expected {n_tokens}")
@@ -195,19 +187,16 @@ def cpu_time(rows: list[dict[str, str]], args: argparse.Namespace, inputs: Path)
     32, but 46 GMAC/s in CPU time, the same as a 128x384x1536 one that fits in a time slice), which makes a
     wall-clock kernel peak, and so the bound, about 2.3x too slow.
     """
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_limit import _matmul_graphs, _session
-
     folder = WORK / "kernels" / "x".join(map(str, args.mkn))
     folder.mkdir(parents=True, exist_ok=True)
-    kernels = _matmul_graphs(folder, *args.mkn)
+    kernels = matmul_graphs(folder, *args.mkn)
     with np.load(inputs) as npz:
         text = {k: npz[k] for k in npz.files}
     jobs = []
     for r in rows:
-        sess = _session(str(WORK / r["folder"] / r["graph"]), 1)
+        sess = ort_session(WORK / r["folder"] / r["graph"], 1)
         jobs.append((r["label"], sess, {i.name: text[i.name] for i in sess.get_inputs()}))
-    jobs += [(f"kernel_{k}", _session(kernels[k][0], 1), kernels[k][1]) for k in KERNELS]
+    jobs += [(f"kernel_{k}", ort_session(kernels[k][0], 1), kernels[k][1]) for k in KERNELS]
     for _, sess, feeds in jobs:
         for _ in range(args.warmup):
             sess.run(None, feeds)

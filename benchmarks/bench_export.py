@@ -17,39 +17,33 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-WORK = ROOT / "benchmarks" / "_work" / "export"
-RESULTS = ROOT / "benchmarks" / "results"
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
-E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+import _common as common
+from _common import (
+    E2E,
+    RESULTS,
+    SMOL_FUSED_LAYERS,
+    SMOL_GREEDY_TOKENS,
+    SMOL_INT8_EXCLUDE,
+    SST2,
+    environment,
+    sample_texts,
+    smol_export_config,
+    smol_fusion_config,
+    smol_quant_settings,
+)
 
-
-def _texts(n: int, path: Path = SST2 / "validation.tsv") -> list[str]:
-    from edgefuse.quantize.evaluate import read_texts
-
-    return read_texts(path, n)
+WORK = common.EXPORT_WORK
 
 
 def _export(model, tok, cfg, name):
-    from edgefuse.export.api import export_onnx
+    return common.export_row(model, tok, cfg, WORK / name)
 
-    t = time.perf_counter()
-    res = export_onnx(model, cfg, WORK / name, tokenizer=tok, overwrite=True)
-    row = {"folder": name, "exporter": res.exporter, "fold": res.fold_scales, "size_bytes": res.graph_size_bytes,
-           "max_abs_diff": res.max_abs_diff, "min_cosine": res.min_cosine, "export_s": res.export_seconds,
-           "validate_s": res.validate_seconds, "wall_s": time.perf_counter() - t,
-           "cases": [{"label": c.label, "max_abs_diff": max(o.max_abs_diff for o in c.outputs)} for c in res.cases]}
-    if res.greedy is not None:
-        row["greedy"] = {"match": res.greedy.match, "torch": list(res.greedy.torch_tokens),
-                         "onnx": list(res.greedy.onnx_tokens)}
-    print(json.dumps(row), flush=True)
-    return row
+
+def _reused_row(model, cfg, name: str) -> dict | None:
+    return common.reused_export_row(model, cfg, WORK / name)
 
 
 def _quant(name, texts, **kw):
@@ -75,7 +69,7 @@ def minilm() -> dict:
     from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.models import load_model, load_tokenizer
 
-    texts = _texts(64)
+    texts = sample_texts(64)
     tok = load_tokenizer("minilm")
     out = {"exports": [], "quant": []}
     model = load_model("minilm", "feature-extraction")
@@ -97,61 +91,6 @@ def minilm() -> dict:
         out["quant"].append(_quant(name, texts, mode="dynamic"))
         out["quant"].append(_quant(name, texts, mode="int4"))
     return out
-
-
-SMOL_FUSED_LAYERS = list(range(15, 30))  # the upper half of SmolLM2's 30 layers
-SMOL_GREEDY_TOKENS = 32
-# The 9 down projections with the largest simulated per-token int8 error on plain SmolLM2 (edgefuse.quantize.auto
-# ranking on 8 E2E references): the layers with "massive activations" (one token's input ~100-3000x the others).
-SMOL_INT8_EXCLUDE = r"re:^/model/layers\.(1|2|3|8|9|10|11|28|29)/mlp/down_proj/MatMul$"
-
-
-def smol_quant_settings(preset: str) -> list[tuple[str, dict]]:
-    """(label, QuantizeConfig keywords) of every quantized SmolLM2 graph the benchmarks build."""
-    return [
-        ("int8, preset defaults", {"mode": "dynamic"}),
-        ("int8, reduce_range", {"mode": "dynamic", "reduce_range": True,
-                                "output_name": f"model_int8_{preset}_rr.onnx"}),
-        ("int8, reduce_range, 9 down_proj fp32", {"mode": "dynamic", "reduce_range": True,
-                                                  "exclude": [SMOL_INT8_EXCLUDE],
-                                                  "output_name": f"model_int8_{preset}_rr_x9.onnx"}),
-        ("int4, block 32", {"mode": "int4", "block_size": 32}),
-    ]
-
-
-def smol_fusion_config():
-    """The fusion used for SmolLM2 in every benchmark: keep_ratio 0.5 in layers 15..29 (of 30)."""
-    from edgefuse.config.fusion import FusionConfig
-
-    return FusionConfig(keep_ratio=0.5, layers=SMOL_FUSED_LAYERS)
-
-
-def smol_export_config():
-    from edgefuse.config.export import ExportConfig
-
-    # 30 layers: fp32 kernels differ by up to 1.3e-4 (measured) -> atol 5e-4, as platform.md found with optimum
-    return ExportConfig(task="causal-lm", generate_tokens=SMOL_GREEDY_TOKENS, atol=5e-4)
-
-
-def _reused_row(model, cfg, name: str) -> dict | None:
-    """The export row of an existing folder made from the same model and settings (None: export again)."""
-    path = WORK / name / "manifest.json"
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    meta = getattr(model.config, "edgefuse", None) or {}
-    if manifest.get("export_config") != cfg.model_dump(mode="json") or (manifest.get("fusion") or {}) != meta:
-        return None
-    checks = manifest["graphs"]["model.onnx"]["checks"]
-    greedy = checks["greedy"]
-    row = {"folder": name, "reused": True, "exporter": manifest["exporter"], "fold": manifest["fold_scales"],
-           "size_bytes": manifest["graphs"]["model.onnx"]["size_bytes"], "max_abs_diff": checks["max_abs_diff"],
-           "min_cosine": checks["min_cosine"],
-           "cases": [{"label": c["label"], "max_abs_diff": max(o["max_abs_diff"] for o in c["outputs"])}
-                     for c in checks["cases"]],
-           "greedy": {"match": greedy["match"], "torch": greedy["torch_tokens"], "onnx": greedy["onnx_tokens"]}}
-    print(json.dumps(row), flush=True)
-    return row
 
 
 def _greedy_agreement(name: str, graph: str, export_row: dict, eos_ids: list[int], tok) -> dict:
@@ -220,7 +159,7 @@ def _smol_context() -> dict:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return {"exports": [], "quant": [], "fused_layers": SMOL_FUSED_LAYERS, "greedy_tokens": SMOL_GREEDY_TOKENS,
-            "int8_exclude": SMOL_INT8_EXCLUDE, "_tok": tok, "_texts": _texts(32, E2E)}
+            "int8_exclude": SMOL_INT8_EXCLUDE, "_tok": tok, "_texts": sample_texts(32, E2E)}
 
 
 def _fold_study(out: dict, model, prefix: str, settings: list[tuple[str, dict]], *, reuse: bool,
@@ -337,13 +276,17 @@ def sst2(folder: str) -> dict:
     model = load_model(folder, "sequence-classification")
     out = {"source": folder, "exports": [_export(model, tok, ExportConfig(task="sequence-classification"), "sst2")]}
     eval_tsv = SST2 / "validation.tsv"
-    out["quant"] = [_quant("sst2", _texts(64, SST2 / "train.tsv"), mode="dynamic", eval_data=eval_tsv),
-                    _quant("sst2", _texts(64, SST2 / "train.tsv"), mode="int4", eval_data=eval_tsv)]
+    out["quant"] = [_quant("sst2", sample_texts(64, SST2 / "train.tsv"), mode="dynamic", eval_data=eval_tsv),
+                    _quant("sst2", sample_texts(64, SST2 / "train.tsv"), mode="int4", eval_data=eval_tsv)]
     return out
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
+    parts = ("minilm", "smollm2", "smollm2-recovered", "smollm2-md", "smollm2-recovered-md", "sst2")
+    if len(sys.argv) < 2 or sys.argv[1] not in parts:
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     part = sys.argv[1]
     WORK.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -361,12 +304,9 @@ def main() -> None:
         data = smollm2_recovered_folds(sys.argv[2], **flags)
     else:
         data = minilm()
-    from edgefuse.manifest import library_versions
     from edgefuse.quantize.presets import detect_host_preset
 
-    data.update({"command": " ".join(["python", "benchmarks/bench_export.py", *sys.argv[1:]]),
-                 "host_preset": detect_host_preset(), "machine": platform.machine(),
-                 "versions": library_versions(), "total_s": time.perf_counter() - start})
+    data.update({**environment(host_preset=detect_host_preset()), "total_s": time.perf_counter() - start})
     data = {k: v for k, v in data.items() if not k.startswith("_")}
     (RESULTS / f"export_{part.replace('-', '_')}.json").write_text(json.dumps(data, indent=2) + "\n")
 

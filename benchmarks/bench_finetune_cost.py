@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
-WORK = ROOT / "benchmarks" / "_work" / "cost"
+import _common as common
+from _common import RESULTS, environment
+
+WORK = common.WORK / "cost"
 
 TASK = {"minilm": "sequence-classification", "smollm2": "causal-lm"}
 
@@ -201,12 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "summary": summary,
         "unfused_trainable_params": rounds[0]["unfused"]["trainable_params"],
-        "env": {
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_end": os.getloadavg(),
-        },
+        "env": environment(),  # its load_average is the one at the end of the run
     }
     from edgefuse.io_utils import write_json_atomic
 

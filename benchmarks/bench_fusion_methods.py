@@ -23,20 +23,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results"
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"
+import _common as common
+from _common import RESULTS, SST2
+
 METHODS = ("fusion", "merge", "cluster", "centroid", "svd", "prune", "sketch")
 DETERMINISTIC = ("svd", "prune")  # no seed: one run
 
@@ -52,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kernel parameter set; 'all' also reports the fused-MLP kernels (they are its blocks)")
     p.add_argument("--max-gradient-mib", type=float, default=3072.0, help="memory of one gradient chunk")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--data", default=str(SST2))
+    p.add_argument("--data", default=str(SST2 / "validation.tsv"))
     p.add_argument("--out", default=str(RESULTS / "fusion_methods"), help="output path without extension")
     p.add_argument("--diagnose", action="store_true",
                    help="instead of the comparison: analyse fusion's largest k-means cluster per layer (first ratio "
@@ -64,15 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def environment(threads: int) -> dict[str, Any]:
     import sklearn
-    import torch
-    import transformers
-    from bench_env import git_commit
 
-    commit = git_commit(ROOT)
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "scikit_learn": sklearn.__version__, "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": __import__("os").cpu_count(), "torch_threads": threads, "git_commit": commit,
-            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return common.environment(torch_threads=threads, scikit_learn=sklearn.__version__)
 
 
 def run_one(original: Any, batch: dict, method: str, ratio: float, seed: int, args: argparse.Namespace,

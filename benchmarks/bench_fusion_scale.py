@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _common import RESULTS, environment, markdown_table
+
 CASES = {
     # name: (kind, hidden, intermediate, layers)
     "llama-h128-l4": ("llama", 128, 512, 4),
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--n-init", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="0: library defaults")
-    ap.add_argument("--out", default=str(HERE / "results" / "fusion_scale"))
+    ap.add_argument("--out", default=str(RESULTS / "fusion_scale"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -91,21 +91,20 @@ def main() -> None:
         print(f"{case:16s} {row['mlps']:4d} MLPs  fuse {row['fuse_s']:7.2f} s ({row['fuse_s_per_mlp']:.2f} s/MLP)  "
               f"extra peak RSS {row['peak_rss_extra_mib']:7.1f} MiB", flush=True)
     meta = {
-        "command": "python " + " ".join(sys.argv), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "threads": args.threads or "default", "keep_ratio": args.keep_ratio, "n_init": args.n_init,
+        **environment(), "cpus": os.cpu_count(), "threads": args.threads or "default", "keep_ratio": args.keep_ratio,
+        "n_init": args.n_init,
         "note": "shared 2-core VM: other processes may have been running; times are upper bounds",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"Command: `{meta['command']}` (keep_ratio {args.keep_ratio}, n_init {args.n_init}, "
              f"threads {meta['threads']})", "",
-             "| case | hidden | intermediate | MLPs | params before -> after | fuse s | s/MLP | extra peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['hidden']} | {r['intermediate']} | {r['mlps']} | "
-                     f"{r['params_before']:,} -> {r['params_after']:,} | {r['fuse_s']:.2f} | "
-                     f"{r['fuse_s_per_mlp']:.2f} | {r['peak_rss_extra_mib']:.1f} |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+             markdown_table(("case", "hidden", "intermediate", "MLPs", "params before -> after", "fuse s", "s/MLP",
+                             "extra peak RSS MiB"),
+                            [(r["case"], r["hidden"], r["intermediate"], r["mlps"],
+                              f"{r['params_before']:,} -> {r['params_after']:,}", f"{r['fuse_s']:.2f}",
+                              f"{r['fuse_s_per_mlp']:.2f}", f"{r['peak_rss_extra_mib']:.1f}") for r in rows])]
+    Path(args.out + ".md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

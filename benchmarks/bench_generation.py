@@ -67,7 +67,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -75,15 +74,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    E2E,
+    EXPORT_WORK,
+    RESULTS,
+    ROOT,
+    WORK,
+    environment,
+    export_row,
+    reused_export_row,
+    sample_texts,
+    smol_export_config,
+    smol_fusion_config,
+    smol_quant_settings,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = ROOT / "benchmarks" / "results"
-E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 INT4_BLOCK = 32
 MAX_LENGTH = 96  # as the recovery benchmark truncates E2E
-DEFAULT_RECOVERED = ROOT / "benchmarks" / "_work" / "gen" / "smol-recovered" / "model"
+DEFAULT_RECOVERED = WORK / "gen" / "smol-recovered" / "model"
 # The recovered model's export disagrees with PyTorch by 1.1e-3 on the logits (batch 1 x seq 13, cosine 1.000000,
 # measured): fp32 reassociation of the folded fusion scale through 30 fine-tuned layers, above bench_export's 5e-4
 # for the pretrained weights. The perplexity of the graph against PyTorch's (same references) is the end-to-end check.
@@ -132,8 +140,6 @@ def recovery_info(model_dir: Path) -> dict[str, Any] | None:
 
 def _smol_model(variant: str, recovered: Path | None) -> Any:
     """The PyTorch model of a variant (fused: freshly fused, deterministic from the seed)."""
-    from bench_export import smol_fusion_config
-
     from edgefuse.fusion.api import fuse_mlps_
     from edgefuse.fusion.persist import load_fused
     from edgefuse.models import load_model
@@ -147,10 +153,8 @@ def _smol_model(variant: str, recovered: Path | None) -> Any:
 
 
 def precisions(variant: str = "plain") -> dict[str, tuple[str, dict]]:
-    """precision label -> (graph file, QuantizeConfig keywords or {} for fp32), from bench_export's settings.
+    """precision label -> (graph file, QuantizeConfig keywords or {} for fp32), from the SmolLM2 recipe in _common.
     ``int8-all`` (every MatMul quantized: the saturating setting) only for the plain model, as the diagnostic row."""
-    from bench_export import smol_quant_settings
-
     from edgefuse.config.quantize import QuantizeConfig
     from edgefuse.quantize.api import default_output_name
     from edgefuse.quantize.presets import detect_host_preset
@@ -179,9 +183,6 @@ def folder_name(variant: str, model: Any) -> str:
 
 def build_folder(variant: str, model: Any, tok: Any, texts: list[str], rebuild: bool) -> dict[str, Any]:
     """Export (unless bench_export's folder for the same model and settings exists) and quantize what is missing."""
-    from bench_export import WORK as EXPORT_WORK
-    from bench_export import _export, _reused_row, smol_export_config
-
     from edgefuse.config.quantize import QuantizeConfig
     from edgefuse.export.api import resolve_fold
     from edgefuse.quantize.api import quantize_onnx
@@ -192,8 +193,8 @@ def build_folder(variant: str, model: Any, tok: Any, texts: list[str], rebuild: 
     cfg = smol_export_config() if fold == "none" else smol_export_config().model_copy(update={"fold_scales": fold})
     if variant == "recovered":
         cfg = cfg.model_copy(update={"atol": RECOVERED_ATOL})
-    row = None if rebuild else _reused_row(model, cfg, name)
-    row = row or _export(model, tok, cfg, name)
+    row = None if rebuild else reused_export_row(model, cfg, EXPORT_WORK / name)
+    row = row or export_row(model, tok, cfg, EXPORT_WORK / name)
     folder = EXPORT_WORK / name
     graphs = set(json.loads((folder / "manifest.json").read_text())["graphs"])
     quantized = {}
@@ -346,13 +347,12 @@ def time_graphs(graphs: dict[str, Path], threads: int, prompt_ids: np.ndarray, n
 
 # ------------------------------------------------------------------------------------------------ report
 def _env() -> dict[str, Any]:
-    from edgefuse.manifest import library_versions
     from edgefuse.quantize.presets import detect_host_preset
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "host_preset": detect_host_preset(),
-            "versions": library_versions(), "load_average_start": os.getloadavg()}
+    env = environment(host_preset=detect_host_preset())
+    # the report reads these names (results of earlier runs have them too)
+    return {**env, "cpu": env["cpu_model"], "cpu_count": env["cores_logical"],
+            "load_average_start": env["load_average"]}
 
 
 def _label(key: str) -> str:
@@ -503,7 +503,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     import torch
-    from bench_export import _texts
 
     from edgefuse.finetune.evaluate import evaluate
     from edgefuse.models import load_tokenizer
@@ -519,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         tok.pad_token = tok.eos_token
     data = e2e_validation(tok, args.n_eval)
     split, pad = data.validation, data.pad_token_id
-    calib = _texts(32, E2E)
+    calib = sample_texts(32, E2E)
     recovered = None
     if "recovered" in args.variants:
         recovered = find_recovered() if args.recovered == "auto" else Path(args.recovered)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,20 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-
-def _session(path: str, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # fair on a shared machine
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+from _common import RESULTS, cpu_model, load_average, markdown_table, matmul_graphs, ort_session
 
 
 def _time(sess, feeds, runs: int, warmup: int = 3) -> list[float]:
@@ -51,42 +37,6 @@ def _time(sess, feeds, runs: int, warmup: int = 3) -> list[float]:
         sess.run(None, feeds)
         out.append(time.perf_counter() - t0)
     return out
-
-
-def _matmul_graphs(tmp: Path, m: int, k: int, n: int) -> dict[str, tuple[str, dict]]:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    graphs: dict[str, tuple[str, dict]] = {}
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "w"], ["y"])], "fp32",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [numpy_helper.from_array(w, "w")])
-    p = tmp / "fp32.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), p)
-    graphs["fp32"] = (str(p), {"a": rng.standard_normal((m, k)).astype(np.float32)})
-    wq = rng.integers(-127, 128, (k, n), dtype=np.int8)
-    g = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "w", "az"], ["y"])], "int8",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
-        [numpy_helper.from_array(wq, "w"), numpy_helper.from_array(np.array(128, np.uint8), "az")])
-    p = tmp / "int8.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), p)
-    graphs["int8"] = (str(p), {"a": rng.integers(0, 256, (m, k), dtype=np.uint8)})
-    try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(tmp / "fp32.onnx"), block_size=32, is_symmetric=True, bits=4)
-        q.process()
-        p = tmp / "int4.onnx"
-        onnx.save(q.model.model, p)
-        graphs["int4"] = (str(p), graphs["fp32"][1])
-    except Exception as exc:  # older onnxruntime without the NBits quantizer: report int4 as unmeasured
-        print(f"int4 kernel not measured: {exc}", file=sys.stderr)
-    return graphs
 
 
 def _graph_feeds(path: str, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -113,7 +63,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--mkn", type=int, nargs=3, default=[512, 1536, 1536], metavar=("M", "K", "N"))
     ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--out", default=str(HERE / "results" / "limit"))
+    ap.add_argument("--out", default=str(RESULTS / "limit"))
     args = ap.parse_args()
 
     from edgefuse.profile.macs import count_macs
@@ -122,10 +72,10 @@ def main() -> None:
     kernel_macs = m * k * n
     peaks: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        kernels = _matmul_graphs(Path(tmp), m, k, n)
+        kernels = matmul_graphs(Path(tmp), m, k, n)
         for threads in args.threads:
             peaks[threads] = {}
-            sessions = {name: (_session(p, threads), feeds) for name, (p, feeds) in kernels.items()}
+            sessions = {name: (ort_session(p, threads), feeds) for name, (p, feeds) in kernels.items()}
             best = {name: float("inf") for name in sessions}
             for _ in range(3):  # interleaved rounds; keep the best (the machine is shared)
                 for name, (sess, feeds) in sessions.items():
@@ -147,7 +97,7 @@ def main() -> None:
             bound_s = macs.fp32 / (pk["fp32"] * 1e9) + macs.int8 / (pk["int8"] * 1e9)
             if macs.int4:
                 bound_s += macs.int4 / (pk.get("int4", pk["fp32"]) * 1e9)
-            lat = _time(_session(path, threads), _graph_feeds(path, args.batch, args.seq), args.runs)
+            lat = _time(ort_session(path, threads), _graph_feeds(path, args.batch, args.seq), args.runs)
             p50 = statistics.median(lat)
             rows.append({"graph": label, "path": path, "threads": threads, "gmacs": macs.total / 1e9,
                          "fp32_gmacs": macs.fp32 / 1e9, "int8_gmacs": macs.int8 / 1e9, "int4_gmacs": macs.int4 / 1e9,
@@ -160,10 +110,10 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     meta = {"command": "python " + " ".join(sys.argv), "cpu": cpu, "cores": os.cpu_count(),
-            "onnxruntime": ort.__version__, "kernel_mkn": [m, k, n], "batch": args.batch, "seq": args.seq,
+            "load_average": load_average(), "onnxruntime": ort.__version__, "kernel_mkn": [m, k, n],
+            "batch": args.batch, "seq": args.seq,
             "note": "shared VM: throughput is the best of 3 interleaved rounds; latencies are medians"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,18 +122,17 @@ def main() -> None:
     lines = [f"Command: `{meta['command']}`", "",
              f"CPU: {cpu}, {meta['cores']} cores, onnxruntime {meta['onnxruntime']}",
              "", f"Kernel throughput (MatMul {m}x{k} @ {k}x{n}, best of 3 interleaved rounds):", "",
-             "| threads | fp32 GMAC/s | int8 GMAC/s | int4 GMAC/s |", "|---|---|---|---|"]
-    for t, pk in peaks.items():
-        lines.append(f"| {t} | {pk['fp32']:.1f} | {pk['int8']:.1f} | {pk.get('int4', float('nan')):.1f} |")
+             markdown_table(("threads", "fp32 GMAC/s", "int8 GMAC/s", "int4 GMAC/s"),
+                            [(t, f"{pk['fp32']:.1f}", f"{pk['int8']:.1f}", f"{pk.get('int4', float('nan')):.1f}")
+                             for t, pk in peaks.items()])]
     if rows:
-        lines += ["", f"Graphs at batch {args.batch} x {args.seq} tokens:", "",
-                  "| graph | threads | GMAC (fp32/int8/int4) | bound ms | p50 ms | p50 / bound |",
-                  "|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['graph']} | {r['threads']} | {r['gmacs']:.3f} "
-                         f"({r['fp32_gmacs']:.3f}/{r['int8_gmacs']:.3f}/{r['int4_gmacs']:.3f}) "
-                         f"| {r['bound_ms']:.2f} | {r['p50_ms']:.2f} | {r['multiple_of_bound']:.2f}x |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        lines += [f"Graphs at batch {args.batch} x {args.seq} tokens:", "",
+                  markdown_table(("graph", "threads", "GMAC (fp32/int8/int4)", "bound ms", "p50 ms", "p50 / bound"),
+                                 [(r["graph"], r["threads"],
+                                   f"{r['gmacs']:.3f} ({r['fp32_gmacs']:.3f}/{r['int8_gmacs']:.3f}/"
+                                   f"{r['int4_gmacs']:.3f})", f"{r['bound_ms']:.2f}", f"{r['p50_ms']:.2f}",
+                                   f"{r['multiple_of_bound']:.2f}x") for r in rows])]
+    out.with_suffix(".md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

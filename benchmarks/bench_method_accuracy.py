@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -57,12 +56,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common as common
+from _common import RESULTS, ROOT, SST2, cls_config
 
-RESULTS = ROOT / "benchmarks" / "results"
-WORK = ROOT / "benchmarks" / "_work" / "method_accuracy"
+WORK = common.WORK / "method_accuracy"
 METHODS = ("fusion", "merge", "cluster", "centroid", "svd", "prune", "sketch")
 REFERENCE = "none"  # the unfused model, fully fine-tuned
 DEFAULT_STEPS = 150
@@ -119,8 +116,6 @@ def run_one(s: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from bench_recovery import SST2, _cls_config
-
     from edgefuse.config.finetune import DataConfig, FinetuneConfig
     from edgefuse.config.fusion import FusionConfig
     from edgefuse.finetune.api import finetune_
@@ -145,7 +140,7 @@ def run_one(s: dict[str, Any]) -> dict[str, Any]:
                   "mlp_params_after": fres.mlp_params_after, "seconds": fres.seconds}
     # bench_recovery's paper-phase settings (batch 32, warmup 0.06, weight decay 0.01, clipping 1.0, final weights),
     # with this run's seed for the data order and dropout
-    base = _cls_config(s["steps"], s["learning_rate"], None)
+    base = cls_config(s["steps"], s["learning_rate"], None)
     cfg = FinetuneConfig(**{**base.model_dump(), "seed": s["seed"]})
     assert cfg.batch_size == s["batch_size"] and cfg.warmup_ratio == s["warmup_ratio"]
     res = finetune_(model, cfg, data, progress=False)
@@ -167,25 +162,12 @@ def run_one(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "cpu part", "hardware")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict[str, Any]:
-    import torch
-    import transformers
-    from bench_env import git_commit
-
-    commit = git_commit(ROOT)
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads_per_run": 1, "git_commit": commit}
+    env = common.environment(torch_threads_per_run=1)
+    versions = env["versions"]
+    # the report reads these names (results of earlier runs have them too)
+    return {**env, "cpu": env["cpu_model"], "cpu_count": env["cores_logical"], "python": versions["python"],
+            "torch": versions["torch"], "transformers": versions["transformers"], "git_commit": env["commit"]}
 
 
 def _load_done(s: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,12 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-WORK = ROOT / "benchmarks" / "_work" / "profile"
+import _common as common
+from _common import RESULTS, ROOT, SST2, environment
+
+WORK = common.WORK / "profile"
 GRAPHS = WORK / "graphs"
-RESULTS = ROOT / "benchmarks" / "results"
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"
 NAMES = ("plain_fp32", "plain_int8", "fused_fp32", "fused_int8")
 
 
@@ -34,7 +33,7 @@ def _inputs(tok) -> Path:
     """128 real tokens: SST-2 validation sentences joined until the window is full."""
     import numpy as np
 
-    lines = SST2.read_text(encoding="utf-8").splitlines()[1:60]
+    lines = (SST2 / "validation.tsv").read_text(encoding="utf-8").splitlines()[1:60]
     text = " ".join(line.split("\t")[0] for line in lines)
     enc = tok(text, truncation=True, max_length=128, padding="max_length", return_tensors="np")
     path = WORK / "inputs_sst2_b1_s128.npz"
@@ -125,11 +124,14 @@ def main(part: str) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     fn = {"graphs": graphs, "x86": x86, "arm": arm, "report": report}[part]
     t = time.perf_counter()
-    res = fn()
+    res = {**fn(), "run_environment": environment()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"profile_{part}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     logging.info("%s done in %.1f s", part, time.perf_counter() - t)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] not in (["graphs"], ["x86"], ["arm"], ["report"]):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     main(sys.argv[1])

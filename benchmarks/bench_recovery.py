@@ -24,36 +24,20 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import E2E, RESULTS, ROOT, WORK, cls_config, environment, sst2_data
 
-RESULTS = ROOT / "benchmarks" / "results"
-WORK = ROOT / "benchmarks" / "_work"
-SST2 = ROOT.parent / "shared" / "data" / "sst2"
-E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 TEACHER_DIR = WORK / "sst2-teacher"
 
 logger = logging.getLogger("bench_recovery")
 
 
 def _env(threads: int) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": threads,
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": __import__("os").cpu_count(),
-    }
+    return environment(threads=threads)
 
 
 def _write(name: str, obj: dict[str, Any]) -> Path:
@@ -65,46 +49,10 @@ def _write(name: str, obj: dict[str, Any]) -> Path:
     return path
 
 
-def _sst2_data(tok: Any, max_length: int = 64) -> Any:
-    from edgefuse.config.finetune import DataConfig
-    from edgefuse.finetune.data import load_finetune_data
-
-    cfg = DataConfig(
-        train=str(SST2 / "train.tsv"),
-        validation=str(SST2 / "validation.tsv"),
-        text_column="sentence",
-        label_column="label",
-        max_length=max_length,
-    )
-    return load_finetune_data(cfg, tok, "sequence-classification")
-
-
 def _accuracy(model: Any, data: Any) -> float:
     from edgefuse.finetune.evaluate import evaluate
 
     return evaluate(model, data.validation, "sequence-classification", pad_token_id=data.pad_token_id)["accuracy"]
-
-
-def _cls_config(steps: int, lr: float, eval_every: int | None, **kw: Any) -> Any:
-    from edgefuse.config.finetune import FinetuneConfig
-
-    # keep_best=False: the validation set is also the reported test set, so the final weights are reported
-    # (selecting the best of several evaluations on it would be optimistic)
-    return FinetuneConfig(
-        task="sequence-classification",
-        max_steps=steps,
-        batch_size=32,
-        learning_rate=lr,
-        warmup_ratio=0.06,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        eval_every_steps=eval_every,
-        keep_best=False,
-        log_every_steps=10,
-        seed=0,
-        group_by_length=True,
-        **kw,
-    )
 
 
 def phase_teacher(args: argparse.Namespace) -> None:
@@ -115,10 +63,10 @@ def phase_teacher(args: argparse.Namespace) -> None:
     from edgefuse.models import load_model, load_tokenizer
 
     tok = load_tokenizer("minilm")
-    data = _sst2_data(tok)
+    data = sst2_data(tok)
     torch.manual_seed(0)  # the classification head's initialisation
     model = load_model("minilm", "sequence-classification", num_labels=2)
-    cfg = _cls_config(args.steps, args.lr, args.eval_every)
+    cfg = cls_config(args.steps, args.lr, args.eval_every)
     res = finetune_(model, cfg, data, progress=args.progress)
     save_fused(model, TEACHER_DIR, tokenizer=tok, overwrite=True)
     _write(
@@ -175,7 +123,7 @@ def phase_recover(args: argparse.Namespace) -> None:
     if args.steps > teacher_steps / 4:
         raise SystemExit(f"recovery budget {args.steps} steps is above a quarter of the teacher's {teacher_steps}")
     tok = load_tokenizer(str(TEACHER_DIR))
-    data = _sst2_data(tok)
+    data = sst2_data(tok)
     teacher = load_model(str(TEACHER_DIR), "sequence-classification")
     teacher_acc = _accuracy(teacher, data)
     student = copy.deepcopy(teacher)
@@ -189,7 +137,7 @@ def phase_recover(args: argparse.Namespace) -> None:
     }
     layerwise = _layerwise(student, teacher, data, args)
     steps = args.steps - (args.layerwise_steps or 0)
-    cfg = _cls_config(steps, args.lr, args.eval_every, temperature=args.temperature, **weights)
+    cfg = cls_config(steps, args.lr, args.eval_every, temperature=args.temperature, **weights)
     res = finetune_(student, cfg, data, teacher=teacher, progress=args.progress)
     fold_scales_(student)
     folded_acc = _accuracy(student, data)
@@ -236,7 +184,7 @@ def phase_paper(args: argparse.Namespace) -> None:
     from edgefuse.models import load_model, load_tokenizer
 
     tok = load_tokenizer("minilm")
-    data = _sst2_data(tok)
+    data = sst2_data(tok)
     torch.manual_seed(0)  # same head initialisation for every method
     model = load_model("minilm", "sequence-classification", num_labels=2)
     fusion: dict[str, Any] = {}
@@ -253,7 +201,7 @@ def phase_paper(args: argparse.Namespace) -> None:
             "params_after": fres.params_total_after,
             "mlp_params_after": fres.mlp_params_after,
         }
-    cfg = _cls_config(args.steps - (args.layerwise_steps or 0), args.lr, args.eval_every)
+    cfg = cls_config(args.steps - (args.layerwise_steps or 0), args.lr, args.eval_every)
     res = finetune_(model, cfg, data, progress=args.progress)
     tag = args.method if args.method == "none" else f"{args.method}-kr{args.keep_ratio:g}"
     tag += f"-{args.tag}" if args.tag else ""

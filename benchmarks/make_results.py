@@ -9,9 +9,10 @@ in ``results/_summary.md``. Run it after any benchmark:
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 
-HERE = Path(__file__).resolve().parent
+from _common import BENCH, RESULTS
+
 SECTIONS = [
     ("fusion_methods", "Fusion: kernel and output approximation of every method (issue 2, issue 6 item 1)"),
     ("method_accuracy", "Fusion: SST-2 accuracy of every method after the same fine-tuning budget (issue 6 item 1)"),
@@ -26,9 +27,10 @@ SECTIONS = [
 
 
 def main() -> None:
-    parts = [(HERE / "results" / "_summary.md").read_text().rstrip() + "\n"]
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parts = [(RESULTS / "_summary.md").read_text().rstrip() + "\n"]
     for name, title in SECTIONS:
-        path = HERE / "results" / f"{name}.md"
+        path = RESULTS / f"{name}.md"
         if not path.is_file():
             parts.append(f"\n## {title}\n\nNot measured in this version (no `results/{name}.md`).\n")
             continue
@@ -36,7 +38,7 @@ def main() -> None:
         # demote the file's own headings by two levels so that they nest under the section title
         body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
         parts.append(f"\n## {title}\n\nSource: `benchmarks/results/{name}.md`\n\n{body}\n")
-    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    (BENCH / "RESULTS.md").write_text("\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def library_versions() -> dict[str, str]:
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (graphs are hundreds of MB)."""
+    """Hex sha256 of a file, read in chunks (graphs are hundreds of MB); the one file hash of edgefuse (manifests,
+    the pipeline's stage records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk_bytes):

@@ -140,17 +140,6 @@ def torch_vectors(model: Any, task: str, batch: EvalBatch) -> np.ndarray:
     return task_vectors(task, first.float().numpy(), batch.attention_mask)
 
 
-def onnx_vectors(session: Any, task: str, batch: EvalBatch) -> np.ndarray:
-    """Task vectors of an onnxruntime session on ``batch`` (feeds built from the graph's own input names)."""
-    from edgefuse.ort import build_feed
-
-    feed = build_feed(session, batch.input_ids, batch.attention_mask)
-    if batch.token_type_ids is not None and "token_type_ids" in feed:
-        feed["token_type_ids"] = batch.token_type_ids
-    first = session.run(None, feed)[0]
-    return task_vectors(task, first, batch.attention_mask)
-
-
 def accuracy(batches: Iterable[EvalBatch], vectors: Iterable[np.ndarray]) -> float | None:
     """Share of examples whose argmax equals the label (None when the batches carry no labels)."""
     correct = total = 0
@@ -160,35 +149,6 @@ def accuracy(batches: Iterable[EvalBatch], vectors: Iterable[np.ndarray]) -> flo
         correct += int((vec.argmax(axis=-1) == batch.labels).sum())
         total += int(batch.labels.size)
     return correct / total if total else None
-
-
-def batches_from_split(split: Any, pad_token_id: int, batch_size: int, max_examples: int) -> list[EvalBatch]:
-    """Cut a tokenized split (:class:`edgefuse.data.TokenizedSplit`) into padded :class:`EvalBatch` es.
-
-    Example:
-        >>> from edgefuse.finetune.data import TokenizedSplit
-        >>> split = TokenizedSplit(input_ids=[[1, 2, 3], [4, 5]], labels=[0, 1])
-        >>> b = batches_from_split(split, pad_token_id=0, batch_size=8, max_examples=10)[0]
-        >>> b.input_ids.tolist(), b.labels.tolist()
-        ([[1, 2, 3], [4, 5, 0]], [0, 1])
-    """
-    from edgefuse.finetune.data import collate
-
-    n = min(len(split), max_examples)
-    out = []
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        t = collate(split, idx, pad_token_id)
-        labels = t.get("labels")
-        out.append(
-            EvalBatch(
-                input_ids=t["input_ids"].numpy(),
-                attention_mask=t["attention_mask"].numpy(),
-                token_type_ids=t["token_type_ids"].numpy() if "token_type_ids" in t else None,
-                labels=labels.numpy() if labels is not None and split.labels is not None else None,
-            )
-        )
-    return out
 
 
 def random_batches(

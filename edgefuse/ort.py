@@ -123,6 +123,15 @@ def task_vectors(session: Any, task: str, ids: np.ndarray, mask: np.ndarray) -> 
     return metrics.task_vectors(task, out, mask)
 
 
+def onnx_vectors(session: Any, task: str, batch: metrics.EvalBatch) -> np.ndarray:
+    """Task vectors of an onnxruntime session on ``batch`` (feeds built from the graph's own input names)."""
+    feed = build_feed(session, batch.input_ids, batch.attention_mask)
+    if batch.token_type_ids is not None and "token_type_ids" in feed:
+        feed["token_type_ids"] = batch.token_type_ids
+    first = session.run(None, feed)[0]
+    return metrics.task_vectors(task, first, batch.attention_mask)
+
+
 def greedy_generate(
     session: Any, ids: np.ndarray, mask: np.ndarray, n_tokens: int, *, suppress: Sequence[int] = ()
 ) -> np.ndarray:

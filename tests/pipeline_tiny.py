@@ -63,19 +63,3 @@ FAST_PROFILE = {
     "threads": [1], "batch_sizes": [1], "sequence_lengths": [16], "warmup_runs": 1, "runs": 3,
     "op_profile": False, "memory": True, "memory_runs": 1,
 }
-
-
-def one_torch_thread() -> Any:
-    """Generator for an autouse fixture: tiny models on one torch thread.
-
-    Tiny models gain nothing from a second thread, and on a shared machine the spinning OpenMP threads of a
-    2-thread pool fight other processes for the cores. The pipeline/check/config/CLI test files took 436 s with
-    conftest's 2 threads, 147 s with this fixture, and 84 s with OMP_WAIT_POLICY=PASSIVE set before torch is
-    imported, each under a load average of about 8-9 on the shared 2-core machine.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,21 +8,20 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pytest
 import yaml
-from pipeline_tiny import FAST_PROFILE, base_config, one_torch_thread, save_tiny_bert
+from pipeline_tiny import FAST_PROFILE, base_config, save_tiny_bert
+from tolerances import FP32_ONNX_MAX_ABS_DIFF, FP32_ONNX_MIN_COSINE
 
 from edgefuse.check.budgets import BUDGET_SPECS, failures_line, judge
 from edgefuse.check.junit import junit_xml
 from edgefuse.config.check import BudgetsConfig
 from edgefuse.errors import EXIT_CODES
+from edgefuse.metrics import Agreement
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------------------------ pure verdicts
@@ -56,6 +55,20 @@ def test_verdicts_cover_every_set_budget_in_table_order() -> None:
     assert [v.passed for v in verdicts] == [False, True, True]
     assert failures_line(verdicts) == "1 of 3 budgets failed: max_size_mib: measured 12 MiB, limit <= 10 MiB"
     assert set(BUDGET_SPECS) == set(BudgetsConfig.model_fields) - {"latency_statistic"}
+
+
+def test_zero_outputs_fail_the_cosine_budgets() -> None:
+    """A candidate whose outputs went to zeros, or a reference and candidate that both did, has no direction: the
+    one cosine rule gives 0.0 and the cosine budgets fail (the old inline rule gave 1.0 and passed)."""
+    reference = np.array([[0.3, -1.2, 0.5], [1.0, 0.0, 2.0]])
+    for ref, cand in ((reference, np.zeros_like(reference)), (np.zeros((2, 3)), np.zeros((2, 3)))):
+        acc = Agreement()
+        acc.update(ref, cand)
+        result = acc.result()
+        assert result["cosine_mean"] == 0.0 and result["cosine_min"] == 0.0 and result["rows"] == 2
+        verdicts = judge(BudgetsConfig(min_cosine=0.5, min_teacher_cosine=0.5),
+                         {"cosine": result["cosine_mean"], "teacher_cosine": result["cosine_mean"]})
+        assert [v.passed for v in verdicts] == [False, False]
 
 
 def test_exit_code_of_a_failed_budget_is_documented() -> None:
@@ -163,7 +176,7 @@ def test_check_json_output_has_every_measurement(sane_config: Path, capsys: pyte
     assert 0 < measured["max_size_mib"] < 1  # a tiny graph
     assert 0 < measured["max_size_ratio"] < 1  # fused graph smaller than the unfused one
     assert measured["max_latency_ratio"] > 0 and measured["max_peak_rss_mib"] > 10
-    assert measured["min_cosine"] > 0.999 and measured["max_abs_diff"] < 1e-3
+    assert measured["min_cosine"] > FP32_ONNX_MIN_COSINE and measured["max_abs_diff"] < FP32_ONNX_MAX_ABS_DIFF
     assert data["candidate_graph"].endswith("export/fp32/model.onnx")
     assert data["reference_graph"].endswith("reference/reference-fp32/model.onnx")
 

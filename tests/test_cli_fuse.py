@@ -48,6 +48,7 @@ def test_fold_leaves_no_scale_file(bert_dir: Path, tmp_path: Path) -> None:
         (["--keep-ratio", "1.5"], 2, "keep_ratio"),
         (["--keep-ratio", "0.5", "--layers", "9"], 3, "[9]"),
         (["--keep-ratio", "0.5", "--target", "nope"], 3, "similar names"),
+        (["--keep-ratio", "0.5", "--target", "re:("], 2, "not a valid regular expression"),
     ],
 )
 def test_user_errors_exit_codes(bert_dir: Path, tmp_path: Path, capsys, extra, code, needle) -> None:

@@ -22,15 +22,13 @@ def test_the_pipeline_commands_are_registered() -> None:
     names = _registered()
     for name in ("run", "check", "schema"):
         assert name in names
-    assert [n for n in SUBCOMMANDS if n in names] == names  # shown in the documented order
+    assert names == list(SUBCOMMANDS)  # every documented subcommand, shown in the documented order
 
 
 @pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
 def test_help_exits_zero(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     from edgefuse.cli import main
 
-    if command is not None and command not in _registered():
-        pytest.skip(f"subcommand {command!r} is not part of this build yet")
     argv = ["--help"] if command is None else [command, "--help"]
     with pytest.raises(SystemExit) as exc:
         main(argv)

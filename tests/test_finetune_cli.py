@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_finetune_fixtures import e2e_rows, saved_tiny, sentiment_rows, write_csv, write_tsv
 
 from edgefuse.cli import main
 from edgefuse.fusion.persist import SCALES_FILE
 from edgefuse.models import load_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture

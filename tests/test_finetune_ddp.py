@@ -15,6 +15,8 @@ from test_finetune_fixtures import e2e_rows, saved_tiny, sentiment_rows, write_c
 from tolerances import DDP_LOSS_CURVE_RTOL
 
 ROOT = Path(__file__).resolve().parents[1]
+# torchrun with 2 processes against 1, twice per task: 30-50 s per test on the shared 2-core machine
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

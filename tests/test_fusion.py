@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from tiny import ARCHS, first_output, tiny_inputs, tiny_model
-from tolerances import DUPLICATE_FUSION_RTOL, FP32_EXACT_ATOL, MIN_CHANGE
+from tolerances import DUPLICATE_FUSION_RTOL, FP32_EXACT_ATOL, FP32_EXACT_RTOL, MIN_CHANGE
 
 from edgefuse.config.fusion import METHODS, FusionConfig
 from edgefuse.errors import TargetNotFoundError, UnsupportedArchitectureError
@@ -106,7 +106,7 @@ def test_scale_is_frozen_buffer_and_fold_is_exact() -> None:
     assert scale.dtype == torch.float32 and scale.sum().item() == 32 and not scale.requires_grad
     out = first_output(model, inputs)
     assert fold_scales_(model) == 3 and not has_scales(model)
-    torch.testing.assert_close(first_output(model, inputs), out, atol=FP32_EXACT_ATOL, rtol=1e-5)
+    torch.testing.assert_close(first_output(model, inputs), out, atol=FP32_EXACT_ATOL, rtol=FP32_EXACT_RTOL)
 
 
 def test_fold_into_up_is_exact_for_relu() -> None:
@@ -115,7 +115,7 @@ def test_fold_into_up_is_exact_for_relu() -> None:
     fuse_mlps_(model, FusionConfig(keep_ratio=0.5))
     out = first_output(model, inputs)
     assert fold_scales_(model, into="up") > 0 and not has_scales(model)
-    torch.testing.assert_close(first_output(model, inputs), out, atol=FP32_EXACT_ATOL, rtol=1e-5)
+    torch.testing.assert_close(first_output(model, inputs), out, atol=FP32_EXACT_ATOL, rtol=FP32_EXACT_RTOL)
 
 
 def test_deterministic_bit_identical() -> None:

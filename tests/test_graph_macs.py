@@ -6,17 +6,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
 from tiny import tiny_config, tiny_model
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.export.api import export_onnx
 from edgefuse.profile.macs import count_macs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _bert_macs(batch: int, seq: int, *, pooler: bool) -> int:
@@ -36,3 +32,14 @@ def test_optimum_bert_export_fully_resolved(tmp_path: Path, batch: int, seq: int
     # onnx's own shape inference left every MatMul of optimum's BERT unresolved (batch unknown): this is the guard
     assert macs.unresolved_nodes == 0
     assert macs.total == macs.fp32 == _bert_macs(batch, seq, pooler=pooler)
+
+
+def test_one_op_type_table() -> None:
+    """The host's op counts, the MAC counter and the runner's per-operator profile share the runner's table."""
+    from edgefuse.profile import graphs, macs
+    from edgefuse.profile.runner import ort_runner
+
+    assert graphs.QUANTIZED_MATMULS is ort_runner.QUANTIZED_MATMULS and graphs.FP_MATMULS is ort_runner.FP_MATMULS
+    assert set(macs.MATMUL_OPS) <= ort_runner.FP_MATMULS | ort_runner.QUANTIZED_MATMULS
+    assert not ort_runner.FP_MATMULS & ort_runner.QUANTIZED_MATMULS
+    assert not ort_runner.INT8_MATMULS & ort_runner.INT4_MATMULS

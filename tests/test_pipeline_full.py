@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from pipeline_tiny import FAST_PROFILE, base_config, one_torch_thread, save_tiny_bert, write_tsv
+from pipeline_tiny import FAST_PROFILE, base_config, save_tiny_bert, write_tsv
+from tolerances import FP32_ONNX_MIN_COSINE, INT4_TINY_LM_MIN_COSINE
 
 from edgefuse.config.pipeline import config_from_dict
 from edgefuse.pipeline.api import run_pipeline
@@ -23,9 +23,7 @@ from edgefuse.pipeline.api import run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _classifier_config(tmp_path: Path, **extra: object) -> dict:
@@ -76,8 +74,8 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
         graph = ev["graphs"][role]
         assert 0.0 <= graph["accuracy"] <= 1.0
         assert graph["vs_pytorch"]["rows"] == 32
-    assert ev["graphs"]["fp32"]["vs_pytorch"]["cosine_mean"] > 0.9999  # fp32 ONNX == PyTorch
-    assert ev["graphs"]["reference"]["vs_teacher"]["cosine_mean"] > 0.9999  # the reference IS the teacher
+    assert ev["graphs"]["fp32"]["vs_pytorch"]["cosine_mean"] > FP32_ONNX_MIN_COSINE  # fp32 ONNX == PyTorch
+    assert ev["graphs"]["reference"]["vs_teacher"]["cosine_mean"] > FP32_ONNX_MIN_COSINE  # the reference IS the teacher
     assert ev["graphs"]["fp32"]["accuracy_drop_vs_teacher"] == pytest.approx(
         ev["pytorch"]["teacher_accuracy"] - ev["graphs"]["fp32"]["accuracy"])
 
@@ -101,6 +99,7 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     assert check.passed
 
 
+@pytest.mark.slow  # 16 s: a recovery killed with SIGKILL in a subprocess, then resumed
 def test_a_killed_recovery_resumes_from_its_checkpoints(tmp_path: Path) -> None:
     raw = _classifier_config(tmp_path)
     for key in ("teacher", "export", "quantize", "profile", "report"):
@@ -154,8 +153,9 @@ def test_a_causal_lm_with_kv_cache_through_int4(tmp_path: Path) -> None:
     assert "MatMulNBits" in result.stage("quantize").result["quantize"]["op_counts"]
     ev = result.stage("evaluate").result
     assert ev["text"] == "random tokens" and ev["task_vector"].startswith("next-token logits")
-    assert ev["graphs"]["fp32"]["vs_pytorch"]["cosine_mean"] > 0.9999
-    assert 0.5 < ev["graphs"]["quantized"]["vs_pytorch"]["cosine_mean"] < 1.0  # int4 moved it, but not far
+    assert ev["graphs"]["fp32"]["vs_pytorch"]["cosine_mean"] > FP32_ONNX_MIN_COSINE
+    int4 = ev["graphs"]["quantized"]["vs_pytorch"]["cosine_mean"]
+    assert INT4_TINY_LM_MIN_COSINE < int4 < 1.0  # int4 moved it, but not far
     # the prefill of a prompt with an empty KV cache is what gets timed
     assert (tmp_path / "run" / "profile" / "prefill_inputs.npz").is_file()
     assert set(result.stage("profile").result["roles"]) == {"reference", "fp32", "quantized"}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from test_export import fused, tiny_tokenizer
-from tolerances import QUANT_TINY_MIN_COSINE
+from tolerances import QUANT_MODEL_CALM_MAX_ERROR, QUANT_MODEL_OUTLIER_MIN_ERROR, QUANT_TINY_MIN_COSINE
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.quantize import QuantizeConfig
@@ -182,6 +183,9 @@ def test_cli_quantize(small_bert: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["quantize", str(small_bert), "--dry-run", "--preset", "avx512-vnni"]) == 0
     out = capsys.readouterr()
     assert '"output_name": "model_int8_avx512-vnni.onnx"' in out.out and "block_size" in out.err
+    assert main(["quantize", str(small_bert), "--exclude", "re:(", "--output-name", "z.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid regular expression" in err and "re:(" in err and "Traceback" not in err
 
 
 def test_auto_ranking_sees_massive_activations() -> None:
@@ -197,5 +201,45 @@ def test_auto_ranking_sees_massive_activations() -> None:
     kw = {"mode": "dynamic", "per_channel": True, "reduce_range": False, "block_size": 32}
     calm = relative_error(x, w, **kw)
     x[0] *= 3000.0  # the first token
-    assert calm < 0.05
-    assert relative_error(x, w, **kw) > 0.5  # the 31 other tokens are lost
+    assert calm < QUANT_MODEL_CALM_MAX_ERROR
+    assert relative_error(x, w, **kw) > QUANT_MODEL_OUTLIER_MIN_ERROR  # the 31 other tokens are lost
+
+
+def _zero_output_copy(folder: Path, dst: Path) -> Path:
+    """A copy of an export folder whose graph multiplies its logits by 0 (manifest re-recorded for the edit)."""
+    import shutil
+
+    from onnx import helper, numpy_helper
+
+    from edgefuse.manifest import add_graph, write_manifest
+
+    shutil.copytree(folder, dst, ignore=lambda _, names: [n for n in names if n.endswith(".onnx")])
+    model = onnx.load(str(folder / "model.onnx"))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{out}_before_zero" if o == out else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((), dtype=np.float32), "zero"))
+    model.graph.node.append(helper.make_node("Mul", [f"{out}_before_zero", "zero"], [out], name="times_zero"))
+    onnx.save(model, str(dst / "model.onnx"))
+    manifest = read_manifest(dst)
+    entry = manifest["graphs"]["model.onnx"]
+    manifest["graphs"] = {}  # the module's other tests quantized into the source folder; none was copied
+    add_graph(manifest, dst, "model.onnx", kind=entry["kind"], settings=entry["settings"], checks=entry["checks"])
+    write_manifest(dst, manifest)
+    return dst
+
+
+def test_zero_output_graph_fails_the_min_cosine_gate(small_bert: Path, tmp_path: Path, capsys) -> None:
+    """All-zero outputs have no direction: cosine 0.0, so the gate fails (it passed with cosine 1.0 before)."""
+    from edgefuse.cli import main
+    from edgefuse.ort import make_session
+
+    zero = _zero_output_copy(small_bert, tmp_path / "zero")
+    session = make_session(zero / "model.onnx")
+    feed = {i.name: np.ones((1, 4), dtype=np.int64) for i in session.get_inputs()}
+    assert not session.run(None, feed)[0].any()  # the edit really zeroed the output
+    with pytest.raises(QuantizationError, match=r"mean cosine 0\.00000 against fp32 is below min_cosine"):
+        quantize_onnx(zero, QuantizeConfig(mode="dynamic", min_cosine=0.5), calibration_texts=TEXTS)
+    assert main(["quantize", str(zero), "--mode", "dynamic", "--min-cosine", "0.5"]) == 8
+    assert "below min_cosine" in capsys.readouterr().err
+    assert sorted(p.name for p in zero.glob("*.onnx")) == ["model.onnx"]  # nothing written

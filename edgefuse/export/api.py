@@ -45,7 +45,8 @@ POSITIVE_HOMOGENEOUS = ("relu", "leaky_relu")
 def up_fold_is_exact(model: Any) -> bool:
     """Whether folding the sizes into the up projection is exact: a gated MLP (the sizes go into the linear
     ``up`` branch of ``act(gate x) * (up x)``) or a positively homogeneous activation such as ReLU."""
-    from edgefuse.fusion.sites import find_fused_sites, find_mlps, model_arch
+    from edgefuse.fusion.scale import find_fused_sites
+    from edgefuse.fusion.sites import find_mlps, model_arch
 
     sites = list(find_fused_sites(model)) or find_mlps(model)
     if sites and all(s.kind.gate is not None for s in sites):

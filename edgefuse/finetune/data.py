@@ -1,5 +1,6 @@
-"""Training data for the recovery stage: read TSV/CSV/JSONL files or Hugging Face datasets, check columns,
-split by group, tokenize once, and pad each batch only to its own longest sequence (dynamic padding).
+"""Training data for the recovery stage: rows from :mod:`edgefuse.records` (TSV/CSV/JSONL/text files or Hugging
+Face datasets), checked columns, split by group, tokenize once, and pad each batch only to its own longest
+sequence (dynamic padding).
 
 Example:
     >>> import tempfile, pathlib
@@ -11,24 +12,21 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgefuse.config.finetune import DataConfig
-from edgefuse.errors import DataError, MissingDependencyError, TargetNotFoundError
+from edgefuse.errors import DataError
+from edgefuse.metrics import EvalBatch
+from edgefuse.records import check_columns, read_records
 
 logger = logging.getLogger(__name__)
 
-HF_PREFIX = "hf:"
 IGNORE_INDEX = -100  # label value that the causal-LM loss skips (prompt tokens and padding)
 
 
@@ -60,120 +58,7 @@ class FinetuneData:
     source: str = ""
 
 
-# ---------------------------------------------------------------------------------------------- reading rows
-def _read_delimited(path: Path, delimiter: str) -> list[dict[str, str]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    # GLUE TSVs are unquoted (a sentence may contain a lone '"'); CSVs (E2E) quote fields with commas
-    quoting: Any = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
-        if not reader.fieldnames:
-            raise DataError(f"data file {str(path)!r} is empty (expected a header row with column names)")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            if None in row:  # more fields than header columns
-                raise DataError(
-                    f"{path}:{line_no}: {len(row) - 1 + len(row[None])} fields but the header has "
-                    f"{len(reader.fieldnames)}; check the delimiter/quoting of this row"
-                )
-            rows.append(row)
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{line_no}: not valid JSON ({exc.msg}); a .jsonl file has one object per line"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _read_txt(path: Path) -> list[dict[str, Any]]:
-    """One text per non-empty line, in a column named ``text`` (unlabeled data for distillation)."""
-    with path.open(encoding="utf-8") as fh:
-        return [{"text": line.strip()} for line in fh if line.strip()]
-
-
-def _read_hf(spec: str) -> list[dict[str, Any]]:
-    """``hf:NAME[:CONFIG][@SPLIT]`` -> rows, through ``datasets.load_dataset`` (split defaults to train)."""
-    body = spec[len(HF_PREFIX) :]
-    body, _, split = body.partition("@")
-    name, _, config = body.partition(":")
-    if not name:
-        raise DataError(
-            f"data source {spec!r} names no dataset; write hf:NAME[:CONFIG][@SPLIT], e.g. hf:glue:sst2@train"
-        )
-    try:
-        import datasets
-    except ImportError:
-        raise MissingDependencyError(
-            f"data source {spec!r} needs the Hugging Face datasets package: pip install datasets"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
-    except Exception as exc:  # datasets raises many unrelated types for "not found / offline / bad split"
-        raise DataError(f"could not load Hugging Face dataset {spec!r}: {exc}".splitlines()[0]) from exc
-    return [dict(r) for r in ds]
-
-
-def read_records(source: str) -> list[dict[str, Any]]:
-    """Read all rows of a data source as dicts (column name -> value).
-
-    Args:
-        source: a ``.tsv``, ``.csv``, ``.jsonl``/``.json`` (one object per line) or ``.txt`` (one text per line,
-            column ``text``) file, or
-            ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset.
-
-    Raises:
-        TargetNotFoundError: the file does not exist.
-        DataError: unknown extension, malformed row, or an empty file.
-        MissingDependencyError: an ``hf:`` source without the ``datasets`` package.
-    """
-    if source.startswith(HF_PREFIX):
-        rows = _read_hf(source)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise TargetNotFoundError(f"data file {source!r} does not exist (for a Hugging Face dataset write hf:NAME)")
-        suffix = path.suffix.lower()
-        if suffix == ".tsv":
-            rows = _read_delimited(path, "\t")
-        elif suffix == ".csv":
-            rows = _read_delimited(path, ",")
-        elif suffix in (".jsonl", ".json"):
-            rows = _read_jsonl(path)
-        elif suffix == ".txt":
-            rows = _read_txt(path)
-        else:
-            raise DataError(
-                f"data file {source!r} has extension {suffix!r}; use .tsv, .csv, .jsonl or .txt (or hf:NAME)"
-            )
-    if not rows:
-        raise DataError(f"data source {source!r} has no rows")
-    return rows
-
-
-def check_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str], source: str) -> None:
-    """Raise :class:`DataError` naming ``source`` and the column when a needed column is absent."""
-    present = list(rows[0].keys())
-    for col in columns:
-        if col not in present:
-            raise DataError(
-                f"data source {source!r} has no column {col!r}; its columns are {present} "
-                "(set the column with --text-column/--label-column or the data config)"
-            )
-
-
+# ------------------------------------------------------------------------------------- holding out rows
 def split_by_group(
     rows: Sequence[dict[str, Any]], fraction: float, *, group_column: str | None, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -377,3 +262,29 @@ def epoch_order(
     rest = [i for b in batches if len(b) != batch_size for i in b]
     perm = torch.randperm(len(full), generator=gen).tolist()
     return [i for k in perm for i in full[k]] + rest
+
+
+def batches_from_split(split: Any, pad_token_id: int, batch_size: int, max_examples: int) -> list[EvalBatch]:
+    """Cut a tokenized split (:class:`TokenizedSplit`) into padded :class:`EvalBatch` es.
+
+    Example:
+        >>> split = TokenizedSplit(input_ids=[[1, 2, 3], [4, 5]], labels=[0, 1])
+        >>> b = batches_from_split(split, pad_token_id=0, batch_size=8, max_examples=10)[0]
+        >>> b.input_ids.tolist(), b.labels.tolist()
+        ([[1, 2, 3], [4, 5, 0]], [0, 1])
+    """
+    n = min(len(split), max_examples)
+    out = []
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        t = collate(split, idx, pad_token_id)
+        labels = t.get("labels")
+        out.append(
+            EvalBatch(
+                input_ids=t["input_ids"].numpy(),
+                attention_mask=t["attention_mask"].numpy(),
+                token_type_ids=t["token_type_ids"].numpy() if "token_type_ids" in t else None,
+                labels=labels.numpy() if labels is not None and split.labels is not None else None,
+            )
+        )
+    return out

@@ -73,7 +73,7 @@ _NORM_HINTS = ("layernorm", "layer_norm", "rmsnorm", "norm.weight", "ln_", "_nor
 def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, nn.Parameter]]:
     """The parameters that ``cfg.trainable`` selects (and that require grad, e.g. not frozen MoE routers)."""
     if cfg.trainable == "fused-mlps":
-        from edgefuse.fusion.sites import find_fused_sites
+        from edgefuse.fusion.scale import find_fused_sites
 
         sites = list(find_fused_sites(model))
         if not sites:

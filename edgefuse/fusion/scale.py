@@ -27,6 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from edgefuse.fusion.sites import MlpSite, find_mlps, layout_of
+
 SCALE_ATTR = "edgefuse_scale"
 
 
@@ -103,6 +105,13 @@ def fold_into_up_(up: nn.Module, down: nn.Module, *, layout: str) -> torch.Tenso
     return scale
 
 
+def find_fused_sites(model: nn.Module) -> Iterator[MlpSite]:
+    """The MLPs of ``model`` whose down projection carries a fusion scale."""
+    for site in find_mlps(model):
+        if get_scale(site.down_module) is not None:
+            yield site
+
+
 def fold_scales_(model: nn.Module, *, into: str = "down") -> int:
     """Fold every fusion scale of ``model`` into its weights for inference and export; return how many.
 
@@ -123,15 +132,11 @@ def fold_scales_(model: nn.Module, *, into: str = "down") -> int:
     if into not in ("down", "up"):
         raise ConfigError(f"fold target {into!r} is not one of 'down', 'up'")
     if into == "down":
-        from edgefuse.fusion.sites import layout_of
-
         count = 0
         for _, module in list(iter_scaled(model)):
             fold_module_(module, layout=layout_of(module))
             count += 1
         return count
-    from edgefuse.fusion.sites import find_fused_sites
-
     count = 0
     for site in find_fused_sites(model):
         fold_into_up_(site.up_module, site.down_module, layout=site.kind.layout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -73,15 +72,6 @@ def find_mlps(model: nn.Module, spec: ArchSpec | None = None) -> list[MlpSite]:
             sites.append(MlpSite(name, kind, int(m.group("layer")), None if expert is None else int(expert), module))
             break
     return sites
-
-
-def find_fused_sites(model: nn.Module) -> Iterator[MlpSite]:
-    """The MLPs of ``model`` whose down projection carries a fusion scale."""
-    from edgefuse.fusion.scale import get_scale
-
-    for site in find_mlps(model):
-        if get_scale(site.down_module) is not None:
-            yield site
 
 
 def layout_of(module: nn.Module) -> str:

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from edgefuse.config.pipeline import PipelineConfig
 from edgefuse.errors import ConfigError
-from edgefuse.pipeline.store import RunStore, StageRecord, hash_file, hash_path
+from edgefuse.manifest import sha256_file
+from edgefuse.pipeline.store import RunStore, StageRecord, hash_path
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def data_hash(cfg: PipelineConfig) -> str:
         if source is None:
             continue
         path = Path(source).expanduser()
-        parts[key] = hash_file(path) if path.is_file() else f"name:{source}"
+        parts[key] = sha256_file(path) if path.is_file() else f"name:{source}"
     return hash_json(parts)
 
 
@@ -145,12 +146,12 @@ class StageContext:
     def eval_batches(self, max_examples: int, *, vocab_size: int, batch_size: int = 16) -> list[Any]:
         """Evaluation batches: the validation split of ``data`` (the training split when there is none), or
         seeded random tokens when the config has no data or the model no tokenizer."""
-        from edgefuse.metrics import batches_from_split, random_batches
+        from edgefuse.metrics import random_batches
 
         tok = self.tokenizer()
         if self.cfg.data is None or tok is None:
             return random_batches(vocab_size, batches=max(1, min(4, max_examples // 4)), batch_size=4)
-        from edgefuse.finetune.data import load_finetune_data
+        from edgefuse.finetune.data import batches_from_split, load_finetune_data
 
         task = self.cfg.model.task
         dcfg = self.cfg.data

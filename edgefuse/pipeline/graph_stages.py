@@ -108,8 +108,8 @@ def run_quantize(ctx: StageContext) -> dict[str, Any]:
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     """Every graph against the PyTorch model it was exported from and against the teacher, on the same text;
     accuracy where the data has labels. Batches are processed one at a time (causal-LM logits are large)."""
-    from edgefuse.metrics import Agreement, onnx_vectors, torch_vectors
-    from edgefuse.ort import make_session
+    from edgefuse.metrics import Agreement, torch_vectors
+    from edgefuse.ort import make_session, onnx_vectors
 
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
     task = cfg.model.task

@@ -33,21 +33,12 @@ from typing import Any
 
 from edgefuse.errors import ConfigError, OutputExistsError
 from edgefuse.io_utils import atomic_dir, write_json_atomic
+from edgefuse.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
 
 RECORD = "record.json"
 RECORD_VERSION = 1
-_CHUNK = 1 << 20
-
-
-def hash_file(path: Path) -> str:
-    """sha256 of a file's bytes, hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_tree(folder: Path, *, exclude: tuple[str, ...] = (RECORD,)) -> str:
@@ -61,7 +52,7 @@ def hash_tree(folder: Path, *, exclude: tuple[str, ...] = (RECORD,)) -> str:
         rel = path.relative_to(folder).as_posix()
         if rel in exclude:
             continue
-        h.update(rel.encode() + b"\0" + hash_file(path).encode() + b"\n")
+        h.update(rel.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -72,8 +63,8 @@ def hash_json(obj: Any) -> str:
 
 
 def hash_path(path: Path) -> str:
-    """Content hash of a file or folder (see :func:`hash_file`, :func:`hash_tree`)."""
-    return hash_tree(path, exclude=()) if Path(path).is_dir() else hash_file(path)
+    """Content hash of a file or folder (see :func:`edgefuse.manifest.sha256_file`, :func:`hash_tree`)."""
+    return hash_tree(path, exclude=()) if Path(path).is_dir() else sha256_file(path)
 
 
 @dataclass(frozen=True)

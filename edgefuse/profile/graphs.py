@@ -16,14 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from edgefuse.errors import ConfigError, DataError, TargetNotFoundError
+from edgefuse.profile.runner.ort_runner import FP_MATMULS, QUANTIZED_MATMULS
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_MATMULS = frozenset(
-    {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits", "MatMulIntegerToFloat", "QGemm",
-     "MatMulBnb4"}
-)
-FP_MATMULS = frozenset({"MatMul", "Gemm", "FusedMatMul"})
 _NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_, 2: np.uint8,
              3: np.int8}
 

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefuse.profile.runner.ort_runner import INT4_MATMULS, INT8_MATMULS
+
+# The operators whose MACs this module can count (their K comes from an input shape or an attribute); which
+# precision each one has comes from the one op-type table in the runner.
 MATMUL_OPS = ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
               "FusedMatMul")
-INT8_OPS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul")
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,9 @@ def count_macs(model: Any, dims: dict[str, int]) -> MacCount:
         for d in out:
             macs *= int(d)
         total += macs
-        if node.op_type in INT8_OPS:
+        if node.op_type in INT8_MATMULS:
             int8 += macs
-        elif node.op_type == "MatMulNBits":
+        elif node.op_type in INT4_MATMULS:
             int4 += macs
         else:
             fp32 += macs

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -18,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from edgefuse.errors import DataError, TargetNotFoundError
+from edgefuse.errors import DataError
 from edgefuse.metrics import rowwise_cosine
 from edgefuse.ort import random_batch, task_vectors, tokenize
+from edgefuse.records import read_records
 
 # Used when no calibration data is given: varied English, short and long, so ranges are not degenerate.
 BUILTIN_TEXTS: tuple[str, ...] = (
@@ -45,47 +45,32 @@ TEXT_COLUMNS = ("sentence", "text", "ref", "mr")
 BATCH = 8
 
 
-def _dialect(path: Path) -> str:
-    return "excel-tab" if path.suffix.lower() in (".tsv", ".tab") else "excel"
-
-
-def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    if not path.is_file():
-        raise TargetNotFoundError(f"data file {str(path)!r} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh, dialect=_dialect(path))
-            header = next(reader, None)
-            rows = [r for r in reader if r]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {str(path)!r}: {exc}") from None
-    if header is None or not rows:
-        raise DataError(f"{str(path)!r} has no rows below its header")
-    return header, rows
-
-
 def read_texts(path: Path, limit: int) -> list[str]:
-    """Up to ``limit`` texts from a TSV/CSV with a header (column sentence/text/ref/mr, else the first)."""
-    header, rows = _rows(Path(path))
-    col = next((header.index(c) for c in TEXT_COLUMNS if c in header), 0)
-    return [r[col] for r in rows[:limit] if len(r) > col]
+    """Up to ``limit`` texts from a data file with a header (column sentence/text/ref/mr, else the first column).
+
+    Raises:
+        TargetNotFoundError, DataError: see :func:`edgefuse.records.read_records`.
+    """
+    rows = read_records(str(path))
+    header = list(rows[0])
+    col = next((c for c in TEXT_COLUMNS if c in header), header[0])
+    return [str(r[col]) for r in rows[:limit] if r.get(col) is not None]
 
 
 def read_labelled(path: Path, limit: int | None) -> tuple[list[str], list[int]]:
-    """``sentence`` and integer ``label`` columns of a labelled TSV (GLUE format).
+    """``sentence`` and integer ``label`` columns of a labelled data file (GLUE format).
 
     Raises:
         DataError: a column is missing or a label is not an integer.
     """
-    header, rows = _rows(Path(path))
-    missing = [c for c in ("sentence", "label") if c not in header]
+    rows = read_records(str(path))
+    missing = [c for c in ("sentence", "label") if c not in rows[0]]
     if missing:
-        raise DataError(f"{str(path)!r} lacks column(s) {missing}; its header is {header}")
-    s, lab = header.index("sentence"), header.index("label")
+        raise DataError(f"{str(path)!r} lacks column(s) {missing}; its header is {list(rows[0])}")
     rows = rows[:limit] if limit else rows
     try:
-        return [r[s] for r in rows], [int(r[lab]) for r in rows]
-    except (ValueError, IndexError) as exc:
+        return [str(r["sentence"]) for r in rows], [int(r["label"]) for r in rows]
+    except (ValueError, TypeError) as exc:
         raise DataError(f"{str(path)!r}: bad row ({exc}); labels must be integers") from None
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from edgefuse.report.plots import headline_point
+
 
 @dataclass(frozen=True)
 class Heading:
@@ -129,16 +131,6 @@ def build_blocks(data: ReportData, *, top_ops: int, top_nodes: int, plots: bool,
 def _target_cell(row: Mapping[str, Any]) -> str:
     t = str(row.get("target", "-"))
     return t + " (EMULATED)" if row.get("emulated") else t
-
-
-def headline_point(graph: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The latency point used in summaries: the first shape at the largest thread count."""
-    pts = graph.get("latency") or []
-    if not pts:
-        return None
-    first = (pts[0]["batch_size"], pts[0]["sequence_length"])
-    same = [p for p in pts if (p["batch_size"], p["sequence_length"]) == first]
-    return max(same, key=lambda p: p["threads"])
 
 
 def profile_variant_rows(prof: Mapping[str, Any]) -> list[dict[str, Any]]:

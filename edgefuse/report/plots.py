@@ -43,10 +43,18 @@ def _suffix(prof: Mapping[str, Any]) -> str:
     return f" - {env['target']}" + (" [EMULATED, not device latency]" if env.get("emulated") else "")
 
 
+def headline_point(graph: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The latency point used in summaries: the first shape at the largest thread count."""
+    pts = graph.get("latency") or []
+    if not pts:
+        return None
+    first = (pts[0]["batch_size"], pts[0]["sequence_length"])
+    same = [p for p in pts if (p["batch_size"], p["sequence_length"]) == first]
+    return max(same, key=lambda p: p["threads"])
+
+
 def latency_distributions(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
     """Box plots of every graph's timed runs at the headline point (first shape, most threads)."""
-    from edgefuse.report.doc import headline_point
-
     graphs = prof["graphs"]
     fig = _figure(max(5.0, 1.4 * len(graphs) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)

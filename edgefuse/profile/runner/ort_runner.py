@@ -47,10 +47,15 @@ ARM_PARTS = {
     "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710", "0xd48": "Cortex-X2",
     "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2", "0xd80": "Cortex-A520", "0xd81": "Cortex-A720",
 }
-QUANTIZED_MATMULS = frozenset(
-    {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits", "MatMulIntegerToFloat", "QGemm",
-     "MatMulBnb4", "DynamicQuantizeLSTM"}
+# The one op-type table of edgefuse: the matrix-product operators by precision. It lives here because this file
+# must stay self-contained; host code (profile/graphs.py, profile/macs.py) imports it from this module. The fp
+# set includes the fused kernels that onnxruntime's graph optimizer makes (FusedGemm, Attention), which appear in
+# the per-operator profile of the optimized graph but not in the exported file.
+INT8_MATMULS = frozenset(
+    {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM"}
 )
+INT4_MATMULS = frozenset({"MatMulNBits", "MatMulBnb4"})
+QUANTIZED_MATMULS = INT8_MATMULS | INT4_MATMULS
 FP_MATMULS = frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Attention", "MultiHeadAttention"})
 
 
