@@ -78,7 +78,8 @@ def format_result(res: Any) -> str:
     """Human summary: the exporter, then one line per validation case and output."""
     lines = [f"exported {res.model_type} ({res.task}) with {res.exporter}",
              f"  fusion scale: {res.fold_scales} ({res.fused_mlps} fused MLPs); opset {res.opset}; "
-             f"{res.graph_size_bytes / 1e6:.1f} MB; export {res.export_seconds:.1f} s, validation {res.validate_seconds:.1f} s",
+             f"{res.graph_size_bytes / 1e6:.1f} MB; export {res.export_seconds:.1f} s, "
+             f"validation {res.validate_seconds:.1f} s",
              f"  validation vs PyTorch (atol {res.atol:g}, rtol {res.rtol:g}):"]
     for case in res.cases:
         worst = max(case.outputs, key=lambda o: o.max_abs_diff)
@@ -94,10 +95,13 @@ def format_result(res: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from edgefuse.export.api import export_onnx
+    from edgefuse.io_utils import check_output_dir
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
+    check_output_dir(args.out_dir, overwrite=args.overwrite, inputs=[args.model])  # before 20 s of work
     model = load_model(args.model, cfg.task, num_labels=args.num_labels, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if has_tokenizer(args.model) else None
+    trust = args.trust_remote_code
+    tokenizer = load_tokenizer(args.model, trust_remote_code=trust) if has_tokenizer(args.model) else None
     res = export_onnx(model, cfg, Path(args.out_dir), tokenizer=tokenizer, overwrite=args.overwrite)
     print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))
     return 0

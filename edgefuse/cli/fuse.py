@@ -55,13 +55,14 @@ def format_plan(result: Any) -> str:
     rows = [("MLP", "width", "params")]
     for s in result.steps:
         rows.append((s.name, f"{s.width_before} -> {s.width_after}", f"{s.params_before:,} -> {s.params_after:,}"))
-    rows.append(("MLPs total", f"{len(result.steps)} fused", f"{result.mlp_params_before:,} -> {result.mlp_params_after:,}"))
+    rows.append(("MLPs total", f"{len(result.steps)} fused",
+                 f"{result.mlp_params_before:,} -> {result.mlp_params_after:,}"))
     pct = 100.0 * (1 - result.params_total_after / result.params_total_before)
     rows.append(("model total", "", f"{result.params_total_before:,} -> {result.params_total_after:,} (-{pct:.1f}%)"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{result.method} on {result.model_type}"]
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0 or i == len(rows) - 3:
             lines.append("  ".join("-" * w for w in widths))
     scale = sum(s.frozen_scale_entries for s in result.steps)
@@ -89,22 +90,17 @@ def run(args: argparse.Namespace) -> int:
         raise first_error(exc, "fusion") from None
 
     from edgefuse.fusion.api import fuse_mlps_, plan_fusion
+    from edgefuse.io_utils import check_output_dir
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
+    if not args.dry_run:  # before the model loads: an existing or forbidden OUT_DIR is reported at once
+        check_output_dir(args.out_dir, overwrite=args.overwrite, inputs=[args.model])
     model = load_model(args.model, args.task, trust_remote_code=args.trust_remote_code)
     if args.dry_run:
         result = plan_fusion(model, cfg)
     else:
         from edgefuse.fusion.persist import save_fused
         from edgefuse.fusion.scale import fold_scales_
-
-        if not args.overwrite:
-            from pathlib import Path
-
-            from edgefuse.errors import OutputExistsError
-
-            if Path(args.out_dir).exists():
-                raise OutputExistsError(f"output folder {args.out_dir!r} already exists; pass --overwrite to replace it")
         result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty())
         if args.fold:
             fold_scales_(model)

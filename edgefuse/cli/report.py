@@ -51,12 +51,16 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"report config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    from edgefuse.io_utils import check_output_dir
+
+    inputs = [*args.results, *([args.variants] if args.variants else [])]
+    check_output_dir(Path(args.out), overwrite=args.overwrite, inputs=inputs)
     results = load_results(args.results)
     variants: list[dict[str, Any]] = []
     if args.variants:
         variants = _read_variants(Path(args.variants))
     out = Path(args.out)
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
         written = write_report(results, tmp, variants=variants, cfg=cfg)
     for fmt in written:
         print(f"{fmt}: {out / written[fmt].name}")

@@ -101,7 +101,7 @@ def save_checkpoint(
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, overwrite=True, require_marker=False) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
@@ -165,7 +165,7 @@ def save_best(output_dir: str | Path, model: nn.Module, step: int, metric: float
     from safetensors.torch import save_model
 
     final = Path(output_dir) / CKPT_DIR / BEST_DIR
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, overwrite=True, require_marker=False) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         write_json_atomic(tmp / "best.json", {"step": step, "metric": metric})
     return final

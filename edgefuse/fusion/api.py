@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgefuse.config.fusion import FusionConfig
-from edgefuse.errors import TargetNotFoundError
+from edgefuse.errors import ConfigError, TargetNotFoundError
 from edgefuse.fusion.clustering import compress_mlp, svd_rank
 from edgefuse.fusion.results import FusionResult, MlpPlanStep
 from edgefuse.fusion.scale import attach_scale_
@@ -98,6 +98,11 @@ def plan_fusion(model: nn.Module, cfg: FusionConfig) -> FusionResult:
     steps = []
     for site in select_sites(model, cfg):
         p = read_weights(site).width
+        if cfg.width is not None and cfg.width > p:
+            raise ConfigError(
+                f"width {cfg.width} is larger than the MLP {site.name!r} ({p} units): nothing would be compressed; "
+                f"give a width below {p} or use --keep-ratio"
+            )
         k = cfg.target_width(p)
         steps.append(
             MlpPlanStep(

@@ -144,7 +144,7 @@ class RunStore:
 
         Call :meth:`commit_record` inside the ``with`` block so that the record is part of the rename.
         """
-        with atomic_dir(self.stage_dir(stage), overwrite=True) as tmp:
+        with atomic_dir(self.stage_dir(stage), overwrite=True, require_marker=False) as tmp:
             yield tmp
 
     def commit_record(

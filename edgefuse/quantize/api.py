@@ -15,16 +15,28 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import ConfigError, OutputExistsError, QuantizationError, TargetNotFoundError
 from edgefuse.export.results import QuantizeResult
+from edgefuse.io_utils import (
+    MARKER,
+    atomic_dir,
+    clean_stale_partials,
+    is_marked,
+    publish_file,
+    refuse_dot_outputs,
+    refuse_symlink,
+    write_marker,
+)
 from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
 from edgefuse.metrics import passes_min
 from edgefuse.names import match_names
@@ -77,16 +89,53 @@ def resolve_exclude(patterns: list[str], node_names: list[str]) -> list[str]:
     return match_names(patterns, node_names, what="exclude entry")
 
 
-def _prepare_out(folder: Path, out_dir: Path | None, manifest: dict[str, Any] | None) -> Path:
-    """The folder to write into; a separate ``out_dir`` gets the config and tokenizer files copied."""
+@contextlib.contextmanager
+def _output_folder(folder: Path, out_dir: Path | None, overwrite: bool) -> Iterator[tuple[Path, Path]]:
+    """(folder to build in, folder the result ends up in).
+
+    In place: both are the export folder. A new ``out_dir`` is built whole in a temporary sibling (config,
+    tokenizer, graph, manifest) and appears only when complete; an existing one must be an edgefuse output.
+    """
     if out_dir is None or Path(out_dir).resolve() == folder.resolve():
-        return folder
+        yield folder, folder
+        return
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in folder.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name != MANIFEST_NAME and not f.name.startswith("."):
-            shutil.copy2(f, out / f.name)
-    return out
+    refuse_dot_outputs(out)
+    refuse_symlink(out, "--out-dir")
+    if out.exists():
+        if not is_marked(out):
+            raise OutputExistsError(
+                f"--out-dir {str(out)!r} exists and edgefuse did not write it (no {MARKER} file); give a new folder"
+            )
+        yield out, out
+        return
+    with atomic_dir(out, inputs=[folder]) as tmp:
+        for f in folder.iterdir():
+            if f.is_file() and not f.is_symlink() and f.suffix != ".onnx" and f.name != MANIFEST_NAME \
+                    and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        yield tmp, out
+
+
+@contextlib.contextmanager
+def _quantizer_workspace(work: Path, src_path: Path, out_name: str) -> Iterator[tuple[Path, Path]]:
+    """A private folder (mkdtemp, 0700) in ``work`` with a link to the source graph and the output's temp path.
+
+    onnxruntime writes helper files beside its *input* (``<name>-inferred.onnx`` during calibration): giving it a
+    link inside our own folder keeps the export folder untouched (it may be read-only) and no planted file or
+    symlink there is ever written through.
+    """
+    clean_stale_partials(work / src_path.name)  # the workspace of a killed run
+    private = Path(tempfile.mkdtemp(prefix=f".{src_path.name}.", suffix=".partial", dir=work))
+    try:
+        write_marker(private, kind="quantize-workspace")
+        for f in src_path.parent.glob(f"{src_path.name}*"):  # the graph and any external-data files
+            if f.is_file():
+                (private / f.name).symlink_to(f.resolve())
+        (private / "out").mkdir()
+        yield private / src_path.name, private / "out" / out_name
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _run(mode: str, src: Path, dst: Path, cfg: QuantizeConfig, preset: Any, exclude: list[str], feeds: list) -> dict:
@@ -121,9 +170,7 @@ def quantize_onnx(
         >>> res.onnx_path.name  # doctest: +SKIP
         'model_int8_arm64.onnx'
     """
-    import onnx
-
-    from edgefuse.ort import build_feed, make_session
+    from edgefuse.ort import build_feed, load_graph, make_session
     from edgefuse.quantize import evaluate as qe
     from edgefuse.quantize.presets import resolve_preset
 
@@ -131,12 +178,21 @@ def quantize_onnx(
     folder, src_name, manifest = _locate(Path(src))
     src_path = folder / src_name
     preset = resolve_preset(cfg.preset)
-    out = _prepare_out(folder, out_dir, manifest)
     name = default_output_name(cfg, preset.name)
+    out = folder if out_dir is None else Path(out_dir)
     final = out / name
-    if final.exists() and not cfg.overwrite:
+    refuse_symlink(final)
+    if final.exists() and not cfg.overwrite:  # before any work: fail fast
         raise OutputExistsError(f"{str(final)!r} already exists; pass --overwrite to replace it")
-    fp32 = onnx.load(str(src_path), load_external_data=False)
+    if cfg.calibration_data is not None and not Path(cfg.calibration_data).is_file():
+        raise TargetNotFoundError(f"calibration data {str(cfg.calibration_data)!r} does not exist")
+    if cfg.eval_data is not None and not Path(cfg.eval_data).is_file():
+        raise TargetNotFoundError(f"eval data {str(cfg.eval_data)!r} does not exist")
+    if manifest is not None:
+        from edgefuse.manifest import verify_graph
+
+        verify_graph(folder, src_name, manifest)
+    fp32 = load_graph(src_path)
     task = (manifest or {}).get("task") or _infer_task(fp32)
     exclude = resolve_exclude(cfg.exclude, [n.name for n in fp32.graph.node])
     candidates = [n for n in qe.weight_matmuls(fp32) if n not in exclude]
@@ -153,24 +209,24 @@ def quantize_onnx(
         texts, tokenizer, task=task, max_length=cfg.max_sequence_length, vocab=qe.folder_vocab(folder), uniform=True)
     feeds = [build_feed(ref_session, ids, mask) for ids, mask in calib]
 
-    tmp = out / f".{name}.partial.onnx"
     settings: dict[str, Any] = {}
+    with _output_folder(folder, out_dir, cfg.overwrite) as (work, out), \
+            _quantizer_workspace(work, src_path, name) as (src_link, tmp):
 
-    def attempt(excl: list[str]) -> float:
-        settings.update(_run(cfg.mode, src_path, tmp, cfg, preset, excl, feeds))
-        return qe.compare(make_session(tmp), task, batches, refs)[0]
+        def attempt(excl: list[str]) -> float:
+            settings.update(_run(cfg.mode, src_link, tmp, cfg, preset, excl, feeds))
+            return qe.compare(make_session(tmp), task, batches, refs)[0]
 
-    try:
         cos_first = attempt(exclude)
         kept: list[str] = []
         steps: list[dict[str, Any]] = []
         if cfg.auto_target_cosine is not None and not passes_min(cos_first, cfg.auto_target_cosine):
             from edgefuse.quantize.auto import auto_keep, rank_matmuls
 
-            ranked = rank_matmuls(src_path, feeds[0], candidates, mode=cfg.mode, per_channel=cfg.per_channel,
+            ranked = rank_matmuls(src_link, feeds[0], candidates, mode=cfg.mode, per_channel=cfg.per_channel,
                                   reduce_range=bool(settings.get("reduce_range", False)), block_size=cfg.block_size)
             kept, steps = auto_keep(ranked, exclude, cfg.auto_target_cosine, cfg.auto_max_kept, attempt, cos_first)
-        qmodel = onnx.load(str(tmp), load_external_data=False)
+        qmodel = load_graph(tmp)
         counts = qe.op_counts(qmodel)
         n_quant = qe.quantized_matmuls(cfg.mode, counts, qdq_matmuls=qe.qdq_matmul_count(qmodel))
         del qmodel
@@ -199,20 +255,23 @@ def quantize_onnx(
             eval_batches = qe.token_batches(eval_texts, tokenizer, task=task, max_length=cfg.max_sequence_length,
                                             vocab=qe.folder_vocab(folder))
             acc_fp32, acc = qe.accuracy(ref_session, eval_batches, labels), qe.accuracy(q_session, eval_batches, labels)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-    settings.update({"mode": cfg.mode, "preset": preset.to_dict(), "excluded": exclude, "kept_fp32_auto": kept,
-                     "source": src_name})
-    checks = {"reference": src_name, "cosine_mean": cos_mean, "cosine_min": cos_min, "max_abs_diff": max_diff,
-              "samples": samples, "quantized_matmuls": n_quant, "weight_matmuls": len(candidates) + len(exclude),
-              "op_counts": counts, "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
-    if manifest is not None or out != folder:
-        target_manifest = manifest if out == folder and manifest is not None else {
-            **(manifest or {}), "graphs": {}, "source_folder": str(folder)}
-        add_graph(target_manifest, out, name, kind=f"{cfg.mode}", settings=settings, checks=checks)
-        write_manifest(out, target_manifest)
+        for f in sorted(tmp.parent.iterdir(), key=lambda p: p == tmp):  # external data first, the graph last
+            publish_file(f, work / f.name, overwrite=cfg.overwrite)
+        settings.update({"mode": cfg.mode, "preset": preset.to_dict(), "excluded": exclude, "kept_fp32_auto": kept,
+                         "source": src_name})
+        checks = {"reference": src_name, "cosine_mean": cos_mean, "cosine_min": cos_min, "max_abs_diff": max_diff,
+                  "samples": samples, "quantized_matmuls": n_quant, "weight_matmuls": len(candidates) + len(exclude),
+                  "op_counts": counts, "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
+        if manifest is not None or out != folder:
+            if out == folder and manifest is not None:
+                target_manifest = manifest
+            elif (work / MANIFEST_NAME).is_file():  # an earlier quantize into the same --out-dir
+                target_manifest = read_manifest(work)
+            else:
+                target_manifest = {**(manifest or {}), "graphs": {}, "source_folder": str(folder)}
+            add_graph(target_manifest, work, name, kind=f"{cfg.mode}", settings=settings, checks=checks)
+            write_manifest(work, target_manifest)
+    final = out / name
     logger.info("%s: %d MatMuls quantized, cosine %.5f (min %.5f)", name, n_quant, cos_mean, cos_min)
     return QuantizeResult(
         src_path=src_path, onnx_path=final, mode=cfg.mode, preset=preset.name, settings=settings, op_counts=counts,
