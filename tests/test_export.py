@@ -177,6 +177,7 @@ def test_existing_output(tmp_path: Path) -> None:
         export_onnx(fused("bert", "base"), ExportConfig(), out, overwrite=True)
     assert (out / "keep.txt").is_file()
     (out / "keep.txt").unlink()
+    out.rmdir()
     export_onnx(fused("bert", "base"), ExportConfig(), out)
     (out / "extra.txt").write_text("x")
     export_onnx(fused("bert", "base"), ExportConfig(), out, overwrite=True)  # ours (marked): replaced whole
