@@ -37,6 +37,9 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_ALIASES = 100
 """Most alias references (``*name``) one YAML config may hold: a real config has none, a bomb has thousands."""
 
+MAX_YAML_NODES = 100_000
+"""Most values a YAML config may hold once its aliases are expanded (a real config: a few hundred)."""
+
 _PARTIAL = ".partial"
 
 
@@ -384,15 +387,42 @@ def parse_yaml(text: str, source: str) -> Any:
 
     try:
         aliases = sum(1 for ev in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(ev, yaml.AliasEvent))
-        if aliases > MAX_YAML_ALIASES:
-            raise ConfigError(f"{source} uses {aliases} YAML aliases (limit {MAX_YAML_ALIASES}); refusing what looks "
-                              "like an alias bomb: write the values out")
+        expanded = _expanded_nodes(yaml.compose(text, Loader=yaml.SafeLoader)) if aliases else 0
+        if aliases > MAX_YAML_ALIASES or expanded > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source} uses {aliases} YAML aliases that expand to {expanded:,} values "
+                f"(limits {MAX_YAML_ALIASES} aliases, {MAX_YAML_NODES:,} values); refusing what looks like an alias "
+                "bomb: write the values out"
+            )
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or exc.__class__.__name__
         raise ConfigError(f"{source} is not valid YAML{where}: {problem}") from None
+
+
+def _expanded_nodes(root: Any) -> int:
+    """How many values the composed YAML graph ``root`` holds with every alias expanded (shared nodes memoised,
+    so this is linear in the file, not in the expansion)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # a recursive alias counts once instead of looping
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        sizes[key] = total
+        return total
+
+    return 0 if root is None else size(root)
 
 
 def read_yaml(path: Path, what: str = "config file") -> Any:

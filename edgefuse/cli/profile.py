@@ -110,18 +110,9 @@ def _float(text: str, flag: str) -> float:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from edgefuse.io_utils import read_yaml_mapping
 
-    from edgefuse.errors import ConfigError, TargetNotFoundError
-
-    if not path.is_file():
-        raise TargetNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{str(path)!r} is not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} must hold a mapping of profile keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     section = data.get("profile", data) if "profile" in data else data
     return {k: v for k, v in section.items() if k != "schema_version"} if isinstance(section, dict) else {}
 
