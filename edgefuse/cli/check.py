@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace, classname: str, props: dict[str, str]) -> int
     run_dir = resolve_run_dir(cfg, args.config, args.run_dir)
     quiet = args.no_progress or args.quiet
     props["run_dir"] = str(run_dir)
-    result = run_check(cfg, run_dir, force=args.force, progress=not quiet and sys.stderr.isatty(),
+    result = run_check(cfg, run_dir, force=args.force, progress=not quiet,
                        on_event=stage_printer(quiet))
     table = verdict_table(result.verdicts)
     if args.junit:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from edgefuse.config.fusion import METHODS
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from edgefuse.fusion.persist import save_fused
         from edgefuse.fusion.scale import fold_scales_
-        result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty())
+        result = fuse_mlps_(model, cfg, progress=not args.quiet)  # a bar on a terminal, else a 30 s heartbeat
         if args.fold:
             fold_scales_(model)
         tokenizer = (

@@ -194,9 +194,9 @@ def run_loop(
     order_epoch = -1
     bar = None
     if progress and ctx.is_main:
-        from tqdm.auto import tqdm
+        from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
 
-        bar = tqdm(total=total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total_steps, initial=state.step, desc="finetune", unit="step")
     model.train()
     start_step = state.step
     t0 = time.perf_counter()

@@ -184,12 +184,12 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
     sites = {s.name: s for s in select_sites(model, cfg)}
     done: dict[str, int] = {}
     steps = []
-    iterator = plan.steps
+    bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
 
-        iterator = tqdm(plan.steps, desc=f"{cfg.method} k-means", unit="mlp")
-    for step in iterator:
+        bar = progress_bar(len(plan.steps), desc=f"{cfg.method} k-means", unit="mlp")
+    for step in plan.steps:
         site = sites[step.name]
         weights = read_weights(site)
         k = cfg.target_width(weights.width)
@@ -211,6 +211,10 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
             )
         )
         logger.debug("fused %s: %d -> %d", site.name, step.width_before, step.width_after)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     freeze_routers_(model)
     updates = _update_config(model, done, cfg)
     total_after = sum(p.numel() for p in model.parameters())
