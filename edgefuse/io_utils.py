@@ -216,8 +216,6 @@ def check_replaceable(final: Path, *, inputs: Iterable[str | Path] = (), require
         src = Path(item).expanduser()
         if src.exists() and _contains(resolved, src.resolve()):
             raise refuse(f"it holds the input {str(item)!r}")
-        if src.exists() and _contains(src.resolve(), resolved):
-            raise refuse(f"it lies inside the input {str(item)!r}")
     if final.exists() and not final.is_dir():
         raise refuse("it is a file, not an output folder of edgefuse")
     if require_marker and final.is_dir() and not is_marked(final) and any(final.iterdir()):
@@ -282,7 +280,12 @@ def check_output_dir(final: Path, *, overwrite: bool, inputs: Iterable[str | Pat
 
 @contextlib.contextmanager
 def atomic_dir(
-    final: Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = (), require_marker: bool = True
+    final: Path,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    require_marker: bool = True,
+    user_modes: bool = True,
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to ``final`` in one step.
 
@@ -295,6 +298,8 @@ def atomic_dir(
         inputs: the command's inputs; a folder holding one of them is never replaced.
         require_marker: False only for folders whose name edgefuse chose inside a folder it owns (stage folders
             of a locked run folder, checkpoints, its cache).
+        user_modes: give files written private (0600, as safetensors and mkstemp make them) the user's umask
+            before the rename; False for a tree whose modes matter as they are (the ARM sandbox's root).
 
     Raises:
         OutputExistsError: ``final`` exists and ``overwrite`` is False, or it appeared while we worked, or it may
@@ -323,10 +328,24 @@ def atomic_dir(
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the final folder gets the usual permissions
         write_marker(tmp)
         yield tmp
+        if user_modes:
+            apply_umask(tmp)
         _publish_dir(tmp, final, overwrite=overwrite, inputs=inputs, require_marker=require_marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def apply_umask(folder: Path) -> None:
+    """Give every file under ``folder`` that was created private (mode 0600) the mode of a normal file under the
+    user's umask (0644 under 022): libraries such as safetensors create files 0600, which another user or a
+    non-root container could not read. Other modes (executables, anything deliberate) are left alone."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if path.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            os.chmod(path, mode)
 
 
 def _publish_dir(tmp: Path, final: Path, *, overwrite: bool, inputs: list, require_marker: bool) -> None:
@@ -465,7 +484,8 @@ def describe_os_error(exc: OSError) -> str | None:
 
 
 __all__ = [
-    "MARKER", "MAX_CONFIG_BYTES", "MAX_YAML_ALIASES", "OutputWriteError", "atomic_dir", "check_output_dir",
+    "MARKER", "MAX_CONFIG_BYTES", "MAX_YAML_ALIASES", "MAX_YAML_NODES", "OutputWriteError", "apply_umask",
+    "atomic_dir", "check_output_dir",
     "check_replaceable", "clean_stale_partials", "current_umask", "describe_os_error", "is_marked", "parse_yaml",
     "publish_file", "read_text_file", "read_yaml", "read_yaml_mapping", "refuse_dot_outputs", "refuse_symlink",
     "temp_file", "write_json_atomic", "write_marker", "write_text_atomic",

@@ -61,7 +61,16 @@ def run(args: argparse.Namespace) -> int:
         variants = _read_variants(Path(args.variants))
     out = Path(args.out)
     with atomic_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
-        written = write_report(results, tmp, variants=variants, cfg=cfg)
+        try:
+            written = write_report(results, tmp, variants=variants, cfg=cfg)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:  # JSON of another shape than a result
+            from edgefuse.errors import DataError
+
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise DataError(
+                f"{', '.join(map(repr, inputs))} do not have the shape of an edgefuse result ({what}); pass the "
+                "profile.json / report.json / stage JSON that edgefuse wrote"
+            ) from None
     for fmt in written:
         print(f"{fmt}: {out / written[fmt].name}")
     return 0

@@ -313,7 +313,8 @@ def _check_parity(result: ProfileResult, cfg: ProfileConfig) -> None:
         return
     env = result.environment
     where = env.target + (" (emulated)" if env.emulated else "")
-    worst = ", ".join(f"{g.label}: {g.parity.min_cosine:.4f}" for g in bad if g.parity)
+    worst = ", ".join(f"{g.label}: {g.parity.min_cosine:.6f} against {g.parity.reference_label!r}"
+                      for g in bad if g.parity)
     machine = bad[0].parity.reference_machine if bad[0].parity else "?"
     blind = [g.label for g in bad if g.parity and g.parity.min_cosine != g.parity.min_cosine]
     if blind:  # nan: no output in common, or a nan in the outputs; a check that measured nothing fails
@@ -325,7 +326,7 @@ def _check_parity(result: ProfileResult, cfg: ProfileConfig) -> None:
         err.result = result  # type: ignore[attr-defined]
         raise err
     err = ProfileError(
-        f"output {cfg.parity_metric} cosine against the reference {result.reference_label!r} computed on {machine} "
+        f"output {cfg.parity_metric} cosine against the reference computed on {machine} "
         f"is below min_cosine={cfg.min_cosine} on {where} for {worst}; check the graph (or its quantization), "
         f"or lower --min-cosine"
     )
