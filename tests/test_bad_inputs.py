@@ -23,6 +23,7 @@ from edgefuse.io_utils import MARKER, atomic_dir, read_yaml, write_json_atomic, 
 
 CONFIG, NOT_FOUND, UNSUPPORTED, DATA = 2, 3, 4, 6
 QUANT, PROFILE, EXISTS, WRITE = 8, 9, 12, 13
+SHAPES = ("--validate-shape", "1", "5", "--validate-shape", "2", "7")
 DISTILL = {"task_weight": 0.0, "hidden_weight": 1.0, "max_steps": 1}
 BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
     f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
@@ -63,7 +64,7 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def export_dir(bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e") / "onnx"
-    assert main(["export", str(bert), str(out), "--validate-shape", "1", "5", "--validate-shape", "2", "7"]) == 0
+    assert main(["export", str(bert), str(out), *SHAPES]) == 0
     return out
 
 
@@ -136,7 +137,7 @@ def test_dot_and_dotdot_are_never_outputs(out, overwrite, bert, tmp_path, monkey
 
 
 def test_root_is_never_replaced(bert, capsys) -> None:
-    code, line = call(capsys, "export", bert, "/", "--overwrite")
+    code, _ = call(capsys, "export", bert, "/", "--overwrite")
     assert code == EXISTS
     assert Path("/").is_dir()
 
@@ -195,11 +196,10 @@ def test_a_marked_output_is_replaced_whole(bert, tmp_path, capsys) -> None:
 # ------------------------------------------------------------------------------- atomic folders and files
 def test_rename_fails_when_the_target_appeared_meanwhile(tmp_path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(OutputExistsError, match="appeared while edgefuse was writing"):
-        with atomic_dir(out) as tmp:
-            (tmp / "mine.txt").write_text("mine")
-            out.mkdir()
-            (out / "theirs.txt").write_text("theirs")
+    with pytest.raises(OutputExistsError, match="appeared while edgefuse was writing"), atomic_dir(out) as tmp:
+        (tmp / "mine.txt").write_text("mine")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
     assert no_partials(tmp_path)
 
@@ -259,7 +259,7 @@ def test_outputs_follow_the_umask_not_0600(bert, tmp_path) -> None:
 def test_quantize_out_dir_failure_leaves_nothing(export_dir, tmp_path, capsys) -> None:
     out = tmp_path / "q"
     before = snapshot(export_dir)
-    code, line = call(capsys, "quantize", export_dir, "--out-dir", out, "--exclude", "re:.", "--preset", "arm64")
+    code, _ = call(capsys, "quantize", export_dir, "--out-dir", out, "--exclude", "re:.", "--preset", "arm64")
     assert code in (NOT_FOUND, QUANT)  # every node excluded: nothing to quantize
     assert not out.exists() and no_partials(tmp_path)
     assert snapshot(export_dir) == before
@@ -372,8 +372,8 @@ def test_argparse_errors_are_one_line(capsys) -> None:
 
 
 def _check_config(tmp_path: Path, bert: Path) -> Path:
-    raw = base_config(bert, run_dir=str(tmp_path / "run"), export={"validate_shapes": [[1, 5], [2, 7]]}, profile=FAST_PROFILE,
-                      check={"candidate": "fp32", "budgets": {"max_size_mib": 5}})
+    raw = base_config(bert, run_dir=str(tmp_path / "run"), export={"validate_shapes": [[1, 5], [2, 7]]},
+                      profile=FAST_PROFILE, check={"candidate": "fp32", "budgets": {"max_size_mib": 5}})
     path = tmp_path / "check.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -565,7 +565,7 @@ def test_non_utf8_training_data(tmp_path) -> None:
 
 def test_eval_labels_that_do_not_fit_the_head(bert, tmp_path, capsys) -> None:
     cls = tmp_path / "cls"
-    assert main(["export", str(bert), str(cls), "--task", "sequence-classification", "--validate-shape", "1", "5", "--validate-shape", "2", "7"]) == 0
+    assert main(["export", str(bert), str(cls), "--task", "sequence-classification", *SHAPES]) == 0
     capsys.readouterr()
     data = tmp_path / "eval.tsv"
     data.write_text("sentence\tlabel\nw1 w2\t0\nw3 w4\t7\n")
@@ -643,7 +643,7 @@ def _bare_copy(graph: Path, folder: Path) -> Path:
 
 def test_profile_fails_when_nothing_could_be_compared(export_dir, bert, tmp_path, capsys) -> None:
     cls = tmp_path / "cls"
-    assert main(["export", str(bert), str(cls), "--task", "sequence-classification", "--validate-shape", "1", "5", "--validate-shape", "2", "7"]) == 0
+    assert main(["export", str(bert), str(cls), "--task", "sequence-classification", *SHAPES]) == 0
     capsys.readouterr()
     a = _bare_copy(export_dir / "model.onnx", tmp_path / "a")  # outputs last_hidden_state
     b = _bare_copy(cls / "model.onnx", tmp_path / "b")  # outputs logits: nothing in common
@@ -659,7 +659,7 @@ def test_profile_compares_each_graph_with_its_own_lineage(export_dir, bert, tmp_
 
     other = tmp_path / "other"
     assert main(["fuse", str(bert), str(tmp_path / "f"), "--keep-ratio", "0.25"]) == 0
-    assert main(["export", str(tmp_path / "f"), str(other), "--validate-shape", "1", "5", "--validate-shape", "2", "7"]) == 0
+    assert main(["export", str(tmp_path / "f"), str(other), *SHAPES]) == 0
     q = tmp_path / "q"
     assert main(["quantize", str(export_dir), "--out-dir", str(q), "--preset", "arm64"]) == 0
     capsys.readouterr()
@@ -766,3 +766,13 @@ def test_training_data_fixture_roundtrip(tmp_path) -> None:
 
     data = write_tsv(tmp_path / "t.tsv", 4)
     check_input_files(config_from_dict(base_config(tmp_path, data={"train": str(data)}, finetune=DISTILL)))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/cli.md"])
+def test_every_exit_code_is_documented(doc) -> None:
+    import re
+
+    text = (Path(__file__).parents[1] / doc).read_text(encoding="utf-8")
+    table = {int(m) for m in re.findall(r"^\| (\d+) \|", text, flags=re.MULTILINE)}
+    assert set(EXIT_CODES.values()) | {0, 1, 130} <= table
+    assert "OutputWriteError" in text
