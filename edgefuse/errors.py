@@ -20,7 +20,10 @@ code  error                           meaning
 9     ProfileError                    profiling failed (runner crashed, target unreachable)
 10    MissingDependencyError          an optional tool or package is not installed
 11    BudgetExceededError             ``edgefuse check``: at least one budget failed
-12    OutputExistsError               the output exists; pass --overwrite
+12    OutputExistsError               the output exists (pass --overwrite), or may not be replaced (not
+                                      written by edgefuse, holds an input, ``.``/``/``/home, a symlink)
+13    OutputWriteError                the output could not be written: full disk, read-only or forbidden
+                                      folder (the message names the path); nothing complete was left behind
 130   (KeyboardInterrupt)             interrupted; no partial artifact was left behind
 ====  ==============================  ===============================================
 """
@@ -95,9 +98,15 @@ class BudgetExceededError(EdgefuseError):
 
 
 class OutputExistsError(EdgefuseError, FileExistsError):
-    """The output path exists and ``overwrite`` was not given."""
+    """The output exists and ``overwrite`` was not given, or it is not edgefuse's to replace."""
 
     exit_code = 12
+
+
+class OutputWriteError(EdgefuseError, OSError):
+    """The output could not be written: no space left, a read-only file system, or permission denied."""
+
+    exit_code = 13
 
 
 EXIT_CODES: dict[str, int] = {
@@ -114,5 +123,6 @@ EXIT_CODES: dict[str, int] = {
         MissingDependencyError,
         BudgetExceededError,
         OutputExistsError,
+        OutputWriteError,
     )
 }

@@ -35,7 +35,58 @@ def make_session(path: Path, *, threads: int = 2, optimize: bool = True) -> Any:
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    check_graph_file(path)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, InvalidGraph...)
+        from edgefuse.errors import TargetNotFoundError
+
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise TargetNotFoundError(
+            f"{str(path)!r} is not a loadable ONNX graph ({first}); re-export it with `edgefuse export`"
+        ) from None
+
+
+def check_graph_file(path: Path) -> None:
+    """Refuse a missing, empty or non-protobuf (text) ``.onnx`` file with one line, before a library sees it.
+
+    Raises:
+        TargetNotFoundError: the file is missing, empty, or plain text.
+    """
+    from edgefuse.errors import TargetNotFoundError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TargetNotFoundError(f"ONNX graph {str(path)!r} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not head:
+        raise TargetNotFoundError(f"ONNX graph {str(path)!r} is empty (0 bytes; an interrupted copy?); re-export it")
+    if head.lstrip()[:1] in (b"{", b"<", b"#") or head.startswith(b"ir_version"):
+        raise TargetNotFoundError(f"{str(path)!r} is text, not a binary ONNX graph; re-export it")
+
+
+def load_graph(path: Path, *, load_external_data: bool = False) -> Any:
+    """``onnx.load`` with one-line errors: a corrupt, empty, truncated or text file is refused.
+
+    Raises:
+        TargetNotFoundError: the file is not a valid ONNX model (no graph, or it does not parse).
+    """
+    import onnx
+
+    from edgefuse.errors import TargetNotFoundError
+
+    check_graph_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is damaged
+        raise TargetNotFoundError(
+            f"{str(path)!r} is not a valid ONNX graph ({type(exc).__name__}: {str(exc)[:120]}); truncated or "
+            "damaged? re-export it"
+        ) from None
+    if not model.graph.node or not model.ir_version:
+        raise TargetNotFoundError(f"{str(path)!r} holds no ONNX graph (truncated or damaged?); re-export it")
+    return model
 
 
 def random_batch(

@@ -44,6 +44,14 @@ def _read_delimited(path: Path, delimiter: str) -> list[dict[str, str]]:
     return rows
 
 
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    return _read_delimited(path, "\t")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    return _read_delimited(path, ",")
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8") as fh:
@@ -110,18 +118,17 @@ def read_records(source: str) -> list[dict[str, Any]]:
         if not path.is_file():
             raise TargetNotFoundError(f"data file {source!r} does not exist (for a Hugging Face dataset write hf:NAME)")
         suffix = path.suffix.lower()
-        if suffix == ".tsv":
-            rows = _read_delimited(path, "\t")
-        elif suffix == ".csv":
-            rows = _read_delimited(path, ",")
-        elif suffix in (".jsonl", ".json"):
-            rows = _read_jsonl(path)
-        elif suffix == ".txt":
-            rows = _read_txt(path)
-        else:
+        readers = {".tsv": _read_tsv, ".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl, ".txt": _read_txt}
+        if suffix not in readers:
             raise DataError(
                 f"data file {source!r} has extension {suffix!r}; use .tsv, .csv, .jsonl or .txt (or hf:NAME)"
             )
+        try:
+            rows = readers[suffix](path)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"data file {source!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        except csv.Error as exc:
+            raise DataError(f"cannot read data file {source!r}: {exc}") from None
     if not rows:
         raise DataError(f"data source {source!r} has no rows")
     return rows

@@ -173,8 +173,15 @@ def test_existing_output(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_onnx(fused("bert", "base"), ExportConfig(), out)
     assert (out / "keep.txt").is_file()
-    export_onnx(fused("bert", "base"), ExportConfig(), out, overwrite=True)
-    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    with pytest.raises(OutputExistsError, match="edgefuse did not write it"):  # never delete a folder not ours
+        export_onnx(fused("bert", "base"), ExportConfig(), out, overwrite=True)
+    assert (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    export_onnx(fused("bert", "base"), ExportConfig(), out)
+    (out / "extra.txt").write_text("x")
+    export_onnx(fused("bert", "base"), ExportConfig(), out, overwrite=True)  # ours (marked): replaced whole
+    assert (out / "model.onnx").is_file() and not (out / "extra.txt").exists()
 
 
 def test_config_errors() -> None:

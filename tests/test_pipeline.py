@@ -34,7 +34,8 @@ def test_fuse_stage_writes_a_record_and_is_skipped_when_unchanged(model_dir: Pat
     assert [s.status for s in first.stages if s.name != "fuse"] == ["off"] * (len(STAGE_NAMES) - 1)
     record = json.loads((tmp_path / "run" / "fuse" / RECORD).read_text())
     assert record["output_hash"] == hash_tree(tmp_path / "run" / "fuse")
-    assert set(record["inputs"]) == {"source"}
+    # edgefuse: its version and code (a code change reruns the stage)
+    assert set(record["inputs"]) == {"source", "edgefuse"}
     assert record["result"]["fusion"]["params_total_after"] < record["result"]["fusion"]["params_total_before"]
     assert (tmp_path / "run" / "fuse" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "pipeline.json").is_file()

@@ -194,7 +194,8 @@ def test_cli_profile_json_and_out(tmp_path: Path, pair: tuple[Path, Path], capsy
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert [g["label"] for g in printed["graphs"]] == ["mlp", "mlp_int8"]
-    assert sorted(p.name for p in out.iterdir()) == ["profile.json", "report.html", "report.json", "report.md"]
+    expected = [".edgefuse", "profile.json", "report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == expected
     assert json.loads((out / "profile.json").read_text())["graphs"][1]["latency"][0]["timed_runs"] == 2
     assert main(["profile", str(pair[0]), "--out", str(out), "--runs", "1"]) == 12  # exists, no --overwrite
 

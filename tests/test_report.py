@@ -129,7 +129,7 @@ def test_cli_report(tmp_path: Path, profile: ProfileResult, capsys: pytest.Captu
             "--variants", str(tmp_path / "variants.json"), "--formats", "md", "json", "--title", "PR 42"]
     assert main(args) == 0
     assert "md: " in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".edgefuse", "report.json", "report.md"]
     md = (out / "report.md").read_text()
     assert md.startswith("# PR 42") and "sst2_accuracy" in md and "fused-int8" in md
     assert main(args) == OutputExistsError.exit_code

@@ -62,7 +62,7 @@ def junit_xml(
             ET.SubElement(props, "property", name=str(key), value=str(value))
     if error:
         case = ET.SubElement(ts, "testcase", classname=classname, name="pipeline", time="0")
-        ET.SubElement(case, "error", message=error.splitlines()[0] if error else "", type="EdgefuseError").text = error
+        ET.SubElement(case, "error", message=error.splitlines()[0], type=error.split(":", 1)[0]).text = error
     for v in verdicts:
         case = ET.SubElement(ts, "testcase", classname=classname, name=v.budget, time="0")
         if not v.passed:

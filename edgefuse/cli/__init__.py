@@ -15,6 +15,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from edgefuse.errors import EdgefuseError
 
@@ -34,14 +35,22 @@ SUBCOMMANDS: tuple[str, ...] = (
 
 EPILOG = """exit codes: 0 ok, 2 bad argument/config, 3 not found, 4 unsupported architecture, 5 fusion failed,
 6 bad data, 7 export validation failed, 8 quantization failed, 9 profiling failed, 10 missing dependency,
-11 budget exceeded, 12 output exists (use --overwrite), 130 interrupted, 1 internal error (a bug)."""
+11 budget exceeded, 12 output exists (use --overwrite) or may not be replaced, 13 output could not be written
+(disk full, read-only), 130 interrupted, 1 internal error (a bug)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (``edgefuse fuse: error: ...; see --help``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every subcommand registered."""
     from edgefuse import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="edgefuse",
         description=(
             "Ship language models to edge devices: fuse MLPs, fine-tune to recover accuracy, export to ONNX, "
@@ -87,12 +96,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose, args.quiet)
     try:
         return int(args.run(args) or 0)
-    except EdgefuseError as exc:
-        print(f"edgefuse: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("edgefuse: interrupted; no partial output was left behind", file=sys.stderr)
-        return 130
+    except BaseException as exc:  # the last line of defence: one line and an exit code, always
+        code, line = error_line(exc, verbose=args.verbose)
+        if code is None:
+            raise
+        print(line, file=sys.stderr)
+        return code
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: its lines joined with ``; `` (a user error is one line on stderr)."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def error_line(exc: BaseException, *, verbose: int = 0) -> tuple[int | None, str]:
+    """(exit code, the line to print) for an exception that reached :func:`main`; (None, "") for SystemExit.
+
+    Example:
+        >>> error_line(ValueError("boom"))
+        (1, 'edgefuse: internal error: ValueError: boom (a bug in edgefuse; run with -vv for the traceback)')
+    """
+    from edgefuse.io_utils import describe_os_error
+
+    if isinstance(exc, SystemExit):
+        return None, ""
+    if isinstance(exc, EdgefuseError):
+        return exc.exit_code, f"edgefuse: error: {one_line(exc)}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "edgefuse: interrupted; no partial output was left behind"
+    if isinstance(exc, OSError) and (text := describe_os_error(exc)):
+        from edgefuse.errors import OutputWriteError
+
+        return OutputWriteError.exit_code, f"edgefuse: error: {text}"
+    if verbose >= 2:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return 1, (f"edgefuse: internal error: {type(exc).__name__}: {one_line(exc)[:300]} (a bug in edgefuse; "
+               "run with -vv for the traceback)")
 
 
 if __name__ == "__main__":

@@ -46,26 +46,38 @@ def verdict_table(verdicts: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgefuse.check.junit import write_junit
+
+    classname = f"edgefuse.check.{Path(args.config).stem}"
+    props = {"config": str(args.config), "overrides": " ".join(args.overrides)}
+    try:
+        return _run(args, classname, props)
+    except BaseException as exc:
+        if args.junit and not getattr(exc, "junit_written", False):
+            # CI still gets a report that says why nothing could be judged, whatever the failure was
+            from edgefuse.cli import error_line
+
+            line = error_line(exc)[1] or f"{type(exc).__name__}: {exc}"
+            write_junit(args.junit, [], classname=classname, properties=props,
+                        error=f"{type(exc).__name__}: {line.removeprefix('edgefuse: ').removeprefix('error: ')}")
+        raise
+
+
+def _run(args: argparse.Namespace, classname: str, props: dict[str, str]) -> int:
     from edgefuse.check.api import run_check
     from edgefuse.check.budgets import failures_line
     from edgefuse.check.junit import write_junit
     from edgefuse.cli.run import load_from_args, passive_openmp
-    from edgefuse.errors import BudgetExceededError, EdgefuseError
+    from edgefuse.errors import BudgetExceededError
     from edgefuse.pipeline.api import resolve_run_dir
 
     passive_openmp()
     cfg = load_from_args(args)
     run_dir = resolve_run_dir(cfg, args.config, args.run_dir)
     quiet = args.no_progress or args.quiet
-    props = {"config": str(args.config), "run_dir": str(run_dir), "overrides": " ".join(args.overrides)}
-    classname = f"edgefuse.check.{Path(args.config).stem}"
-    try:
-        result = run_check(cfg, run_dir, force=args.force, progress=not quiet and sys.stderr.isatty(),
-                           on_event=stage_printer(quiet))
-    except EdgefuseError as exc:
-        if args.junit:  # CI still gets a report that says why nothing could be judged
-            write_junit(args.junit, [], classname=classname, properties=props, error=f"{type(exc).__name__}: {exc}")
-        raise
+    props["run_dir"] = str(run_dir)
+    result = run_check(cfg, run_dir, force=args.force, progress=not quiet,
+                       on_event=stage_printer(quiet))
     table = verdict_table(result.verdicts)
     if args.junit:
         props.update({"candidate": result.candidate_graph, "reference": result.reference_graph or ""})
@@ -83,5 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.junit and not quiet:
         print(f"JUnit XML: {args.junit}", file=sys.stderr)
     if not result.passed:
-        raise BudgetExceededError(failures_line(result.verdicts))
+        exc = BudgetExceededError(failures_line(result.verdicts))
+        exc.junit_written = True  # type: ignore[attr-defined]  # the verdicts are the report; no <error> case
+        raise exc
     return 0

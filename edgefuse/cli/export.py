@@ -95,11 +95,13 @@ def format_result(res: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from edgefuse.export.api import export_onnx
+    from edgefuse.io_utils import check_output_dir
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
+    check_output_dir(args.out_dir, overwrite=args.overwrite, inputs=[args.model])  # before 20 s of work
     model = load_model(args.model, cfg.task, num_labels=args.num_labels, trust_remote_code=args.trust_remote_code)
-    tokenizer = (load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-                 if has_tokenizer(args.model) else None)
+    trust = args.trust_remote_code
+    tokenizer = load_tokenizer(args.model, trust_remote_code=trust) if has_tokenizer(args.model) else None
     res = export_onnx(model, cfg, Path(args.out_dir), tokenizer=tokenizer, overwrite=args.overwrite)
     print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))
     return 0

@@ -174,21 +174,19 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     Raises:
         ConfigError: an invalid value or combination (the message names the key).
     """
-    import yaml
     from pydantic import ValidationError
 
     from edgefuse.config.finetune import DataConfig, FinetuneConfig
     from edgefuse.config.messages import first_error
-    from edgefuse.errors import ConfigError, TargetNotFoundError
+    from edgefuse.errors import ConfigError
 
     ft: dict[str, Any] = {}
     data: dict[str, Any] = {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise TargetNotFoundError(f"config file {args.config!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict) or set(raw) - {"finetune", "data"}:
+        from edgefuse.io_utils import read_yaml_mapping
+
+        raw = read_yaml_mapping(Path(args.config))
+        if set(raw) - {"finetune", "data"}:
             raise ConfigError(f"config {args.config!r} must hold only the sections 'finetune' and 'data'")
         ft, data = dict(raw.get("finetune") or {}), dict(raw.get("data") or {})
     data.update({k: getattr(args, k) for k in _DATA_FLAGS if getattr(args, k) is not None})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from edgefuse.config.fusion import METHODS
@@ -90,24 +89,18 @@ def run(args: argparse.Namespace) -> int:
         raise first_error(exc, "fusion") from None
 
     from edgefuse.fusion.api import fuse_mlps_, plan_fusion
+    from edgefuse.io_utils import check_output_dir
     from edgefuse.models import has_tokenizer, load_model, load_tokenizer
 
+    if not args.dry_run:  # before the model loads: an existing or forbidden OUT_DIR is reported at once
+        check_output_dir(args.out_dir, overwrite=args.overwrite, inputs=[args.model])
     model = load_model(args.model, args.task, trust_remote_code=args.trust_remote_code)
     if args.dry_run:
         result = plan_fusion(model, cfg)
     else:
         from edgefuse.fusion.persist import save_fused
         from edgefuse.fusion.scale import fold_scales_
-
-        if not args.overwrite:
-            from pathlib import Path
-
-            from edgefuse.errors import OutputExistsError
-
-            if Path(args.out_dir).exists():
-                raise OutputExistsError(
-                    f"output folder {args.out_dir!r} already exists; pass --overwrite to replace it")
-        result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty())
+        result = fuse_mlps_(model, cfg, progress=not args.quiet)  # a bar on a terminal, else a 30 s heartbeat
         if args.fold:
             fold_scales_(model)
         tokenizer = (

@@ -110,18 +110,9 @@ def _float(text: str, flag: str) -> float:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from edgefuse.io_utils import read_yaml_mapping
 
-    from edgefuse.errors import ConfigError, TargetNotFoundError
-
-    if not path.is_file():
-        raise TargetNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{str(path)!r} is not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} must hold a mapping of profile keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     section = data.get("profile", data) if "profile" in data else data
     return {k: v for k, v in section.items() if k != "schema_version"} if isinstance(section, dict) else {}
 
@@ -145,12 +136,12 @@ def summary(result: Any) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: Any, out: Path, overwrite: bool) -> None:
+def write_outputs(result: Any, out: Path, overwrite: bool, inputs: Any = ()) -> None:
     """``profile.json`` + the report files, all or nothing (one atomic folder)."""
     from edgefuse.io_utils import atomic_dir, write_json_atomic
     from edgefuse.report.api import write_report
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_json_atomic(tmp / "profile.json", result.to_dict())
         write_report([result], tmp)
 
@@ -162,10 +153,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump({"profile": cfg.model_dump(mode="json")}, sort_keys=False), end="")
         return 0
-    if args.out and not args.overwrite and Path(args.out).exists():
-        from edgefuse.errors import OutputExistsError
+    if args.out:  # before any graph is timed
+        from edgefuse.io_utils import check_output_dir
 
-        raise OutputExistsError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
+        check_output_dir(Path(args.out), overwrite=args.overwrite, inputs=args.graphs)
     from edgefuse.errors import ProfileError
     from edgefuse.profile.api import profile_onnx
 
@@ -175,10 +166,10 @@ def run(args: argparse.Namespace) -> int:
         partial = getattr(exc, "result", None)
         if partial is not None:  # the parity check failed: keep what was measured, then fail
             if args.out:
-                write_outputs(partial, Path(args.out), args.overwrite)
+                write_outputs(partial, Path(args.out), args.overwrite, args.graphs)
             print(json.dumps(partial.to_dict(), indent=2) if args.json else summary(partial))
         raise
     if args.out:
-        write_outputs(result, Path(args.out), args.overwrite)
+        write_outputs(result, Path(args.out), args.overwrite, args.graphs)
     print(json.dumps(result.to_dict(), indent=2) if args.json else summary(result))
     return 0

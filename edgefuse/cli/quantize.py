@@ -37,19 +37,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
         TargetNotFoundError: the file does not exist.
         ConfigError: it is not valid YAML or not a mapping.
     """
-    import yaml
+    from edgefuse.io_utils import read_yaml_mapping
 
-    from edgefuse.errors import ConfigError, TargetNotFoundError
-
-    if not Path(path).is_file():
-        raise TargetNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} must hold a mapping of settings, not {type(data).__name__}")
-    return data
+    return read_yaml_mapping(Path(path))
 
 
 def register(sub: Any) -> None:

@@ -51,13 +51,26 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"report config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    from edgefuse.io_utils import check_output_dir
+
+    inputs = [*args.results, *([args.variants] if args.variants else [])]
+    check_output_dir(Path(args.out), overwrite=args.overwrite, inputs=inputs)
     results = load_results(args.results)
     variants: list[dict[str, Any]] = []
     if args.variants:
         variants = _read_variants(Path(args.variants))
     out = Path(args.out)
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        written = write_report(results, tmp, variants=variants, cfg=cfg)
+    with atomic_dir(out, overwrite=args.overwrite, inputs=inputs) as tmp:
+        try:
+            written = write_report(results, tmp, variants=variants, cfg=cfg)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:  # JSON of another shape than a result
+            from edgefuse.errors import DataError
+
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise DataError(
+                f"{', '.join(map(repr, inputs))} do not have the shape of an edgefuse result ({what}); pass the "
+                "profile.json / report.json / stage JSON that edgefuse wrote"
+            ) from None
     for fmt in written:
         print(f"{fmt}: {out / written[fmt].name}")
     return 0

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from edgefuse.pipeline.api import run_pipeline
 
     quiet = args.no_progress or args.quiet
-    result = run_pipeline(cfg, run_dir, force=args.force, until=args.until, progress=not quiet and sys.stderr.isatty(),
+    result = run_pipeline(cfg, run_dir, force=args.force, until=args.until, progress=not quiet,
                           on_event=stage_printer(quiet))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgefuse.config import StrictModel
 
@@ -51,6 +51,14 @@ class FusionConfig(StrictModel):
         description="k-means restarts. 1 keeps MiniLM under 15 s; the paper used 30 (better clusters, 30x slower).",
     )
     max_iter: int = Field(300, ge=1, description="Maximum Lloyd iterations per k-means run.")
+
+    @field_validator("keep_ratio", "width", mode="before")
+    @classmethod
+    def _no_bool(cls, value: object) -> object:
+        # YAML reads `keep_ratio: true` as a bool, which pydantic would take as 1.0: a typo, not a ratio
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, not the boolean {str(value).lower()}")
+        return value
 
     @model_validator(mode="after")
     def _one_width(self) -> FusionConfig:

@@ -26,7 +26,7 @@ from edgefuse.config.profile import ProfileConfig
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.config.report import ReportConfig
 from edgefuse.config.search import SearchConfig
-from edgefuse.errors import ConfigError, TargetNotFoundError
+from edgefuse.errors import ConfigError
 from edgefuse.models import Task
 
 SCHEMA_VERSION = 1
@@ -266,18 +266,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     Example:
         >>> cfg = load_config("export_configs/default.yaml", ["fusion.keep_ratio=0.25"])  # doctest: +SKIP
     """
-    import yaml
+    from edgefuse.io_utils import read_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise TargetNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or exc.__class__.__name__
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    data = read_yaml(Path(path))  # size cap, UTF-8, alias-bomb limit, safe_load
     if data is None:
         data = {}
     if overrides and isinstance(data, dict):

@@ -101,7 +101,7 @@ def save_checkpoint(
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, overwrite=True, require_marker=False) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
@@ -140,8 +140,17 @@ def load_checkpoint(
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise TargetNotFoundError(f"{str(folder)!r} is not a checkpoint folder (no {STATE_FILE})")
-    raw = json.loads((folder / STATE_FILE).read_text())
-    groups = raw.pop("optimizer_param_groups")
+    from edgefuse.models import check_safetensors_file
+
+    damaged = (f"checkpoint {str(folder)!r} is damaged; delete that folder to resume from the previous checkpoint, "
+               "or start a new output folder")
+    try:
+        raw = json.loads((folder / STATE_FILE).read_bytes().decode("utf-8"))
+        groups = raw.pop("optimizer_param_groups")
+        for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            check_safetensors_file(folder / name)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, TargetNotFoundError) as exc:
+        raise TargetNotFoundError(f"{damaged} ({one_line_reason(exc)})") from None
     try:
         load_model(model, str(folder / "model.safetensors"), strict=True)
         _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), groups)
@@ -150,7 +159,10 @@ def load_checkpoint(
             f"checkpoint {str(folder)!r} does not fit this model/optimiser ({str(exc).splitlines()[0]}); "
             "resume with the same model and settings, or start a new output folder"
         ) from exc
-    state = TrainState(**raw)
+    try:
+        state = TrainState(**raw)
+    except TypeError as exc:
+        raise TargetNotFoundError(f"{damaged} ({one_line_reason(exc)})") from None
     if scheduler is not None and state.scheduler:
         scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
     rng = load_file(str(folder / "rng.safetensors"))
@@ -160,12 +172,17 @@ def load_checkpoint(
     return state
 
 
+def one_line_reason(exc: BaseException) -> str:
+    """The first line of an exception, with its type (for error messages that must stay one line)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+
+
 def save_best(output_dir: str | Path, model: nn.Module, step: int, metric: float) -> Path:
     """Keep the best weights so far in ``<output_dir>/checkpoints/best`` (atomically replaced)."""
     from safetensors.torch import save_model
 
     final = Path(output_dir) / CKPT_DIR / BEST_DIR
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, overwrite=True, require_marker=False) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         write_json_atomic(tmp / "best.json", {"step": step, "metric": metric})
     return final

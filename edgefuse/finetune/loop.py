@@ -374,9 +374,9 @@ def run_loop(
                        metric=main_metric(cfg.task, has_labels=data.train.labels is not None))
     bar = None
     if progress and ctx.is_main:
-        from tqdm.auto import tqdm
+        from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
 
-        bar = tqdm(total=plan.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True)
+        bar = progress_bar(plan.total_steps, initial=state.step, desc="finetune", unit="step")
     model.train()
     start_step, elapsed0, t0 = state.step, state.elapsed_s, time.perf_counter()
     stopped_by = "max_steps"

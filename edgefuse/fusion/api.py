@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgefuse.config.fusion import FusionConfig
-from edgefuse.errors import TargetNotFoundError
+from edgefuse.errors import ConfigError, TargetNotFoundError
 from edgefuse.fusion.clustering import svd_rank
 from edgefuse.fusion.methods import compress_mlp, get_method
 from edgefuse.fusion.results import FusionResult, MlpPlanStep
@@ -100,6 +100,11 @@ def plan_fusion(model: nn.Module, cfg: FusionConfig) -> FusionResult:
     steps = []
     for site in select_sites(model, cfg):
         p = read_weights(site).width
+        if cfg.width is not None and cfg.width > p:
+            raise ConfigError(
+                f"width {cfg.width} is larger than the MLP {site.name!r} ({p} units): nothing would be compressed; "
+                f"give a width below {p} or use --keep-ratio"
+            )
         k = cfg.target_width(p)
         steps.append(
             MlpPlanStep(
@@ -182,12 +187,12 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
     sites = {s.name: s for s in select_sites(model, cfg)}
     done: dict[str, int] = {}
     steps = []
-    iterator = plan.steps
+    bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
 
-        iterator = tqdm(plan.steps, desc=f"{cfg.method} k-means", unit="mlp")
-    for step in iterator:
+        bar = progress_bar(len(plan.steps), desc=f"{cfg.method} k-means", unit="mlp")
+    for step in plan.steps:
         site = sites[step.name]
         weights = read_weights(site)
         k = cfg.target_width(weights.width)
@@ -209,6 +214,10 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
             )
         )
         logger.debug("fused %s: %d -> %d", site.name, step.width_before, step.width_after)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     freeze_routers_(model)
     updates = _update_config(model, done, cfg)
     total_after = sum(p.numel() for p in model.parameters())

@@ -155,6 +155,7 @@ def run_pipeline(
         if until not in [s.name for s in enabled_stages(cfg)]:
             raise ConfigError(f"--until {until!r}: that stage is off in this config")
     emit = on_event or (lambda kind, stage, info: None)
+    check_input_files(cfg)
     run_dir = Path(run_dir)
     ensure_run_dir_usable(run_dir)
     store = RunStore(run_dir)
@@ -237,6 +238,32 @@ def load_run(run_dir: str | Path) -> dict[str, StageRecord]:
     return records
 
 
+def check_input_files(cfg: PipelineConfig) -> None:
+    """Fail fast, before any model loads: every data file the config names must exist (``hf:`` sources are
+    fetched later and not checked here).
+
+    Raises:
+        TargetNotFoundError: the first missing file, with the config key that names it.
+
+    Example:
+        >>> check_input_files(PipelineConfig(schema_version=1))  # no data section: nothing to check
+    """
+    from edgefuse.errors import TargetNotFoundError
+
+    files: list[tuple[str, Any]] = []
+    if cfg.data is not None:
+        files += [("data.train", cfg.data.train), ("data.validation", cfg.data.validation)]
+    if cfg.quantize is not None:
+        files += [("quantize.calibration_data", cfg.quantize.calibration_data),
+                  ("quantize.eval_data", cfg.quantize.eval_data)]
+    for key, value in files:
+        if value is None or str(value).startswith("hf:"):
+            continue
+        if not Path(value).expanduser().is_file():
+            raise TargetNotFoundError(f"{key}: data file {str(value)!r} does not exist (paths are relative to "
+                                      f"the folder you run edgefuse in: {Path.cwd()})")
+
+
 def dry_run_plan(cfg: PipelineConfig) -> dict[str, Any]:
     """What a run of ``cfg`` would do, without touching a model weight: each stage on or off, and the fusion plan.
 
@@ -249,6 +276,7 @@ def dry_run_plan(cfg: PipelineConfig) -> dict[str, Any]:
         >>> plan["fusion"].steps[0].width_after  # doctest: +SKIP
         768
     """
+    check_input_files(cfg)
     stages = [(s.name, "on" if s.enabled(cfg) else "off") for s in STAGES]
     fusion = None
     if cfg.fusion is not None:

@@ -16,7 +16,14 @@ from typing import Any
 
 from edgefuse.config.pipeline import PipelineConfig
 from edgefuse.pipeline.context import SOURCE, StageContext, data_hash, producer, source_hash
-from edgefuse.pipeline.store import StageRecord
+from edgefuse.pipeline.store import StageRecord, host_hash, tool_hash
+
+TOOL = "edgefuse"
+"""Input of every stage: edgefuse's version and code (:func:`edgefuse.pipeline.store.tool_hash`)."""
+HOST = "host"
+"""Input of the stages whose output depends on this machine's CPU (profile; quantize through its preset)."""
+PRESET = "preset"
+"""Input of quantize: the preset ``auto`` resolves to on this host (avx512-vnni, arm64, ...)."""
 
 DATA = "data"
 
@@ -120,7 +127,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "quantize", "quantize",
         enabled=lambda c: c.export is not None and c.quantize is not None,
-        needs=lambda c: ("export", DATA),
+        needs=lambda c: ("export", DATA, PRESET),
         payload=lambda c: {"quantize": _dump(c.quantize), "data": _dump(c.data)},
         run=_run(_G, "run_quantize"),
     ),
@@ -141,7 +148,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "profile", "profile",
         enabled=lambda c: c.export is not None and c.profile is not None,
-        needs=lambda c: _graph_stages(c),
+        needs=lambda c: (*_graph_stages(c), HOST),
         payload=lambda c: {"profile": _dump(c.profile)},
         run=_run(_G, "run_profile"),
     ),
@@ -158,12 +165,21 @@ STAGES: tuple[Stage, ...] = (
 def input_hashes(
     stage: Stage, cfg: PipelineConfig, records: dict[str, StageRecord], memo: dict[str, str]
 ) -> dict[str, str]:
-    """What the stage reads, as ``name -> hash`` (earlier stages' output hashes, the source model, the data).
+    """What the stage reads, as ``name -> hash``: earlier stages' output hashes, the source model, the data,
+    edgefuse's own version and code (every stage), the host (profile) and the resolved quantize preset.
 
     ``memo`` caches the source and data hashes for the duration of one run.
     """
-    out: dict[str, str] = {}
+    out: dict[str, str] = {TOOL: tool_hash()}
     for name in stage.needs(cfg):
+        if name == HOST:
+            out[HOST] = host_hash()
+            continue
+        if name == PRESET:
+            from edgefuse.quantize.presets import resolve_preset
+
+            out[PRESET] = resolve_preset(cfg.quantize.preset).name if cfg.quantize is not None else "none"
+            continue
         if name == SOURCE:
             if SOURCE not in memo:
                 memo[SOURCE] = source_hash(cfg)

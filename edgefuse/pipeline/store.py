@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -60,6 +61,49 @@ def hash_json(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def tool_hash() -> str:
+    """Hash of what edgefuse itself is: its version, every ``.py`` file of the package, and the versions of the
+    libraries that shape its outputs. A stage recorded under another hash runs again, so a change to edgefuse's
+    code (a broken quantizer in a pull request) can never pass on a cached result.
+
+    Example:
+        >>> len(tool_hash())
+        64
+    """
+    from importlib import metadata
+
+    from edgefuse import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(f"edgefuse {__version__}\n".encode())
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "numpy"):
+        try:
+            h.update(f"{name} {metadata.version(name)}\n".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name} missing\n".encode())
+    return h.hexdigest()
+
+
+def host_description() -> dict[str, Any]:
+    """The host that runs the stage: CPU model, the ISA flags that choose onnxruntime's kernels, cores, machine."""
+    import platform
+
+    from edgefuse.profile.runner.ort_runner import cpuinfo
+
+    info = cpuinfo()
+    return {"cpu_model": info.get("cpu_model"), "isa_flags": sorted(info.get("isa_flags") or []),
+            "cores": info.get("cores_available", info.get("cores_logical")), "machine": platform.machine(),
+            "system": platform.system()}
+
+
+def host_hash() -> str:
+    """Hash of :func:`host_description`: a cached ``profile`` stage never survives a change of host."""
+    return hash_json(host_description())
 
 
 def hash_path(path: Path) -> str:
@@ -135,7 +179,7 @@ class RunStore:
 
         Call :meth:`commit_record` inside the ``with`` block so that the record is part of the rename.
         """
-        with atomic_dir(self.stage_dir(stage), overwrite=True) as tmp:
+        with atomic_dir(self.stage_dir(stage), overwrite=True, require_marker=False) as tmp:
             yield tmp
 
     def commit_record(

@@ -180,15 +180,17 @@ def _parity(
                          "outputs_npz": str((work / "host_outputs.npz").resolve())})
         host = _load_npz(Path(res["outputs_npz"]))
     out: list[ParityResult | None] = []
+    lineage = [fp32_lineage(info.path) for info in infos]
     for i in range(len(infos)):
+        ref, relation = _reference_of(i, infos, lineage)
         got = _outputs_of(target_outputs, i)
-        compared = compare_outputs(got, _outputs_of(host, 0))
+        compared = compare_outputs(got, _outputs_of(host, ref))
         same = compare_outputs(got, _outputs_of(host, i)) if session.name != "local" else ()
         values = [_metric(o, cfg.parity_metric) for o in compared]
         # nan anywhere (or nothing compared) must stay nan: min() would silently skip a nan that is not first
         worst = float("nan") if not values or any(v != v for v in values) else min(values)
         out.append(ParityResult(
-            reference_label=infos[0].label,
+            reference_label=infos[ref].label,
             reference_machine=platform.machine(),
             batch_size=shapes[0][0],
             sequence_length=shapes[0][1],
@@ -196,10 +198,52 @@ def _parity(
             metric=cfg.parity_metric,
             min_cosine=worst,
             min_cosine_vs_same_graph_here=min((o.cosine for o in same), default=None),
-            # fails closed: nothing compared, or a nan cosine, is a failure when a minimum is set
-            passed=None if cfg.min_cosine is None else passes_min(worst, cfg.min_cosine),
+            # fails closed: nothing compared, or a nan cosine, is a failure when a minimum is set; another
+            # model's outputs are agreement to report, not a gate
+            passed=None if cfg.min_cosine is None or relation == "other model" else passes_min(worst, cfg.min_cosine),
+            relation=relation,
         ))
     return out
+
+
+def fp32_lineage(path: Path) -> Path | None:
+    """The fp32 graph a graph was made from, read from its folder's ``manifest.json`` (itself for an fp32
+    graph; the quantizer's ``source`` for a quantized one); None when no manifest says.
+
+    Example:
+        >>> fp32_lineage(Path("/nonexistent/model.onnx")) is None
+        True
+    """
+    import json
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
+        entry = manifest["graphs"][path.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("kind") == "fp32":
+        return path.resolve()
+    source = (entry.get("settings") or {}).get("source")
+    if not isinstance(source, str):
+        return None
+    folder = Path(manifest.get("source_folder") or path.parent)
+    return (folder / source).resolve()
+
+
+def _reference_of(i: int, infos: list[GraphInfo], lineage: list[Path | None]) -> tuple[int, str]:
+    """(index of the graph whose host outputs graph ``i`` is compared with, how they are related)."""
+    mine = lineage[i]
+    if mine is None or lineage[0] is None:
+        return 0, "first graph"  # lineage unknown: the first graph, gated as before
+    for j, info in enumerate(infos):
+        if info.path.resolve() == mine:
+            return j, "own fp32"
+    if mine == lineage[0]:
+        return 0, "first graph"  # same model, its fp32 not profiled: the first graph is of the same lineage
+    return 0, "other model"
 
 
 def _graph_profile(
@@ -269,10 +313,20 @@ def _check_parity(result: ProfileResult, cfg: ProfileConfig) -> None:
         return
     env = result.environment
     where = env.target + (" (emulated)" if env.emulated else "")
-    worst = ", ".join(f"{g.label}: {g.parity.min_cosine:.4f}" for g in bad if g.parity)
+    worst = ", ".join(f"{g.label}: {g.parity.min_cosine:.6f} against {g.parity.reference_label!r}"
+                      for g in bad if g.parity)
     machine = bad[0].parity.reference_machine if bad[0].parity else "?"
+    blind = [g.label for g in bad if g.parity and g.parity.min_cosine != g.parity.min_cosine]
+    if blind:  # nan: no output in common, or a nan in the outputs; a check that measured nothing fails
+        err = ProfileError(
+            f"output check: nothing could be compared for {', '.join(blind)} against the reference "
+            f"{result.reference_label!r} on {where} (no output of the same name and shape, or nan outputs); "
+            "profile graphs of the same model, or pass --no-check-outputs to skip the check"
+        )
+        err.result = result  # type: ignore[attr-defined]
+        raise err
     err = ProfileError(
-        f"output {cfg.parity_metric} cosine against the reference {result.reference_label!r} computed on {machine} "
+        f"output {cfg.parity_metric} cosine against the reference computed on {machine} "
         f"is below min_cosine={cfg.min_cosine} on {where} for {worst}; check the graph (or its quantization), "
         f"or lower --min-cosine"
     )

@@ -187,12 +187,13 @@ def ensure_sandbox(
     cache.mkdir(parents=True, exist_ok=True)
     with _lock(cache / ".arm64.lock"):
         if not (base / "sandbox.json").is_file():
-            logger.info("building the arm64 sandbox in %s (once; about a minute)", base)
-            with atomic_dir(base, overwrite=True) as tmp:
+            logger.warning("building the arm64 emulation sandbox once in %s (about a minute; downloads a minimal "
+                           "Debian arm64 root and the aarch64 onnxruntime and numpy wheels); later runs reuse it", base)
+            with atomic_dir(base, overwrite=True, require_marker=False, user_modes=False) as tmp:
                 _build_base(tmp, tools, version, suite)
         meta = json.loads((base / "sandbox.json").read_text())
         if not (final / "sandbox.json").is_file():
-            with atomic_dir(final, overwrite=True) as tmp:
+            with atomic_dir(final, overwrite=True, require_marker=False, user_modes=False) as tmp:
                 # Hard links: the per-CPU root costs no disk; only its proc/cpuinfo is its own file.
                 subprocess.run(["cp", "-al", str(base / "rootfs"), str(tmp / "rootfs")], check=True)
                 (tmp / "rootfs" / "proc").mkdir(exist_ok=True)

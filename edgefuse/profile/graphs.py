@@ -98,14 +98,11 @@ def inspect_graph(path: Path, label: str) -> GraphInfo:
     """Read inputs, op counts and external-data files of a graph (weights are not loaded).
 
     Raises:
-        DataError: the file is not a readable ONNX model.
+        TargetNotFoundError: the file is not a readable ONNX model.
     """
-    import onnx
+    from edgefuse.ort import load_graph
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError/google.protobuf errors, not one class
-        raise DataError(f"{str(path)!r} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    model = load_graph(path)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     extra_files = sorted(

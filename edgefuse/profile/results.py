@@ -151,6 +151,9 @@ class ParityResult:
     # The same graph on this machine vs on the target: isolates the target's kernels from quantization error.
     min_cosine_vs_same_graph_here: float | None
     passed: bool | None
+    # what the reference is to this graph: "own fp32" (its lineage in the manifest), "first graph" (lineage
+    # unknown: gated as before), or "other model" (a different lineage: agreement reported, never gated)
+    relation: str = "first graph"
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,16 @@ from typing import Any
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import ConfigError, OutputExistsError, QuantizationError, TargetNotFoundError
 from edgefuse.export.results import QuantizeResult
+from edgefuse.io_utils import (
+    MARKER,
+    atomic_dir,
+    clean_stale_partials,
+    is_marked,
+    publish_file,
+    refuse_dot_outputs,
+    refuse_symlink,
+    write_marker,
+)
 from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
 from edgefuse.metrics import passes_min
 from edgefuse.names import match_names
@@ -75,16 +87,53 @@ def resolve_exclude(patterns: list[str], node_names: list[str]) -> list[str]:
     return match_names(patterns, node_names, what="exclude entry")
 
 
-def _prepare_out(folder: Path, out_dir: Path | None, manifest: dict[str, Any] | None) -> Path:
-    """The folder to write into; a separate ``out_dir`` gets the config and tokenizer files copied."""
+@contextlib.contextmanager
+def _output_folder(folder: Path, out_dir: Path | None, overwrite: bool) -> Iterator[tuple[Path, Path]]:
+    """(folder to build in, folder the result ends up in).
+
+    In place: both are the export folder. A new ``out_dir`` is built whole in a temporary sibling (config,
+    tokenizer, graph, manifest) and appears only when complete; an existing one must be an edgefuse output.
+    """
     if out_dir is None or Path(out_dir).resolve() == folder.resolve():
-        return folder
+        yield folder, folder
+        return
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in folder.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name != MANIFEST_NAME and not f.name.startswith("."):
-            shutil.copy2(f, out / f.name)
-    return out
+    refuse_dot_outputs(out)
+    refuse_symlink(out, "--out-dir")
+    if out.exists():
+        if not is_marked(out):
+            raise OutputExistsError(
+                f"--out-dir {str(out)!r} exists and edgefuse did not write it (no {MARKER} file); give a new folder"
+            )
+        yield out, out
+        return
+    with atomic_dir(out, inputs=[folder]) as tmp:
+        for f in folder.iterdir():
+            if f.is_file() and not f.is_symlink() and f.suffix != ".onnx" and f.name != MANIFEST_NAME \
+                    and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        yield tmp, out
+
+
+@contextlib.contextmanager
+def _quantizer_workspace(work: Path, src_path: Path, out_name: str) -> Iterator[tuple[Path, Path]]:
+    """A private folder (mkdtemp, 0700) in ``work`` with a link to the source graph and the output's temp path.
+
+    onnxruntime writes helper files beside its *input* (``<name>-inferred.onnx`` during calibration): giving it a
+    link inside our own folder keeps the export folder untouched (it may be read-only) and no planted file or
+    symlink there is ever written through.
+    """
+    clean_stale_partials(work / src_path.name)  # the workspace of a killed run
+    private = Path(tempfile.mkdtemp(prefix=f".{src_path.name}.", suffix=".partial", dir=work))
+    try:
+        write_marker(private, kind="quantize-workspace")
+        for f in src_path.parent.glob(f"{src_path.name}*"):  # the graph and any external-data files
+            if f.is_file():
+                (private / f.name).symlink_to(f.resolve())
+        (private / "out").mkdir()
+        yield private / src_path.name, private / "out" / out_name
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -108,10 +157,6 @@ class _Source:
     def final(self) -> Path:
         return self.out / self.out_name
 
-    @property
-    def partial(self) -> Path:
-        return self.out / f".{self.out_name}.partial.onnx"
-
 
 @dataclass(frozen=True)
 class _Inputs:
@@ -134,6 +179,8 @@ class _Attempts:
     inputs: _Inputs
     cfg: QuantizeConfig
     preset: Any
+    graph: Path  # the source graph as the quantizer sees it (a link in the private workspace)
+    partial: Path  # where the quantizer writes, inside the private workspace
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, exclude: list[str]) -> float:
@@ -141,22 +188,30 @@ class _Attempts:
         from edgefuse.quantize import evaluate as qe
 
         s, i = self.source, self.inputs
-        self.settings = self.mode.backend(s.path, s.partial, self.cfg, self.preset, exclude, i.feeds)
-        return qe.compare(make_session(s.partial), s.task, i.batches, i.refs)[0]
+        self.settings = self.mode.backend(self.graph, self.partial, self.cfg, self.preset, exclude, i.feeds)
+        return qe.compare(make_session(self.partial), s.task, i.batches, i.refs)[0]
 
 
 def _open_source(src: Path, cfg: QuantizeConfig, out_dir: Path | None, preset: str) -> _Source:
-    """Locate the fp32 graph, refuse an existing output, and read the task and the MatMuls to quantize."""
-    import onnx
-
+    """Locate the fp32 graph, refuse an existing output or a missing data file before any work, and read the
+    task and the MatMuls to quantize."""
+    from edgefuse.ort import load_graph
     from edgefuse.quantize import evaluate as qe
 
     folder, name, manifest = _locate(Path(src))
-    out = _prepare_out(folder, out_dir, manifest)
+    out = folder if out_dir is None else Path(out_dir)
     out_name = default_output_name(cfg, preset)
-    if (out / out_name).exists() and not cfg.overwrite:
+    refuse_symlink(out / out_name)
+    if (out / out_name).exists() and not cfg.overwrite:  # before any work: fail fast
         raise OutputExistsError(f"{str(out / out_name)!r} already exists; pass --overwrite to replace it")
-    fp32 = onnx.load(str(folder / name), load_external_data=False)
+    for what, path in (("calibration data", cfg.calibration_data), ("eval data", cfg.eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise TargetNotFoundError(f"{what} {str(path)!r} does not exist")
+    if manifest is not None:
+        from edgefuse.manifest import verify_graph
+
+        verify_graph(folder, name, manifest)
+    fp32 = load_graph(folder / name)
     task = (manifest or {}).get("task") or _infer_task(fp32)
     exclude = resolve_exclude(cfg.exclude, [n.name for n in fp32.graph.node])
     candidates = [n for n in qe.weight_matmuls(fp32) if n not in exclude]
@@ -192,22 +247,23 @@ def _auto_fallback(
     from edgefuse.quantize.auto import auto_keep, rank_matmuls
 
     s = attempt.source
-    ranked = rank_matmuls(s.path, attempt.inputs.feeds[0], s.candidates, mode=cfg.mode, per_channel=cfg.per_channel,
-                          reduce_range=bool(attempt.settings.get("reduce_range", False)), block_size=cfg.block_size)
+    ranked = rank_matmuls(attempt.graph, attempt.inputs.feeds[0], s.candidates, mode=cfg.mode,
+                          per_channel=cfg.per_channel, reduce_range=bool(attempt.settings.get("reduce_range", False)),
+                          block_size=cfg.block_size)
     return auto_keep(ranked, s.exclude, cfg.auto_target_cosine, cfg.auto_max_kept, attempt, first_cosine)
 
 
-def _count_quantized(source: _Source, mode: QuantMode, kept: list[str]) -> tuple[dict[str, int], int]:
+def _count_quantized(attempt: _Attempts, kept: list[str]) -> tuple[dict[str, int], int]:
     """(op counts, quantized MatMuls) of the partial graph.
 
     Raises:
         QuantizationError: no MatMul runs quantized.
     """
-    import onnx
-
+    from edgefuse.ort import load_graph
     from edgefuse.quantize import evaluate as qe
 
-    qmodel = onnx.load(str(source.partial), load_external_data=False)
+    source, mode = attempt.source, attempt.mode
+    qmodel = load_graph(attempt.partial)
     counts, n_quant = qe.op_counts(qmodel), mode.count_quantized(qmodel)
     if n_quant == 0:
         raise QuantizationError(
@@ -262,16 +318,22 @@ def _eval_accuracy(
     return qe.accuracy(inputs.ref_session, batches, labels), qe.accuracy(q_session, batches, labels)
 
 
-def _record(source: _Source, mode: QuantMode, settings: dict[str, Any], checks: dict[str, Any]) -> None:
-    """Add the new graph to the manifest of the folder it was written to (a separate ``out_dir`` gets a copy
-    of the source's manifest without its graphs)."""
+def _record(
+    source: _Source, work: Path, mode: QuantMode, settings: dict[str, Any], checks: dict[str, Any]
+) -> None:
+    """Add the new graph to the manifest of the folder it is built in (``work``): the export folder's own, an
+    earlier quantize's in the same ``out_dir``, or a copy of the source's manifest without its graphs."""
     manifest, out, folder = source.manifest, source.out, source.folder
     if manifest is None and out == folder:
         return
-    target = manifest if out == folder and manifest is not None else {
-        **(manifest or {}), "graphs": {}, "source_folder": str(folder)}
-    add_graph(target, out, source.out_name, kind=mode.name, settings=settings, checks=checks)
-    write_manifest(out, target)
+    if out == folder and manifest is not None:
+        target = manifest
+    elif (work / MANIFEST_NAME).is_file():
+        target = read_manifest(work)
+    else:
+        target = {**(manifest or {}), "graphs": {}, "source_folder": str(folder)}
+    add_graph(target, work, source.out_name, kind=mode.name, settings=settings, checks=checks)
+    write_manifest(work, target)
 
 
 def quantize_onnx(
@@ -309,24 +371,23 @@ def quantize_onnx(
     preset = resolve_preset(cfg.preset)
     source = _open_source(Path(src), cfg, out_dir, preset.name)
     inputs = _prepare_inputs(source, cfg, mode, calibration_texts)
-    attempt = _Attempts(mode, source, inputs, cfg, preset)
-    try:
+    with _output_folder(source.folder, out_dir, cfg.overwrite) as (work, _final_dir), \
+            _quantizer_workspace(work, source.path, source.out_name) as (graph, partial):
+        attempt = _Attempts(mode, source, inputs, cfg, preset, graph=graph, partial=partial)
         kept, steps = _auto_fallback(attempt, cfg, attempt(source.exclude))
-        counts, n_quant = _count_quantized(source, mode, kept)
-        q_session = make_session(source.partial)
+        counts, n_quant = _count_quantized(attempt, kept)
+        q_session = make_session(partial)
         cos_mean, cos_min, max_diff, samples = _check_cosine(attempt, q_session, cfg)
         acc_fp32, acc = _eval_accuracy(source, inputs, q_session, cfg)
-        os.replace(source.partial, source.final)
-    finally:
-        source.partial.unlink(missing_ok=True)
-
-    settings = {**attempt.settings, "mode": mode.name, "preset": preset.to_dict(), "excluded": source.exclude,
-                "kept_fp32_auto": kept, "source": source.name}
-    checks = {"reference": source.name, "cosine_mean": cos_mean, "cosine_min": cos_min, "max_abs_diff": max_diff,
-              "samples": samples, "quantized_matmuls": n_quant,
-              "weight_matmuls": len(source.candidates) + len(source.exclude), "op_counts": counts,
-              "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
-    _record(source, mode, settings, checks)
+        for f in sorted(partial.parent.iterdir(), key=lambda p: p == partial):  # external data first, graph last
+            publish_file(f, work / f.name, overwrite=cfg.overwrite)
+        settings = {**attempt.settings, "mode": mode.name, "preset": preset.to_dict(), "excluded": source.exclude,
+                    "kept_fp32_auto": kept, "source": source.name}
+        checks = {"reference": source.name, "cosine_mean": cos_mean, "cosine_min": cos_min,
+                  "max_abs_diff": max_diff, "samples": samples, "quantized_matmuls": n_quant,
+                  "weight_matmuls": len(source.candidates) + len(source.exclude), "op_counts": counts,
+                  "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
+        _record(source, work, mode, settings, checks)
     logger.info("%s: %d MatMuls quantized, cosine %.5f (min %.5f)", source.out_name, n_quant, cos_mean, cos_min)
     return QuantizeResult(
         src_path=source.path, onnx_path=source.final, mode=mode.name, preset=preset.name, settings=settings,

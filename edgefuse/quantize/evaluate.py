@@ -135,8 +135,18 @@ def compare(
 
 
 def accuracy(session: Any, batches: list[tuple[np.ndarray, np.ndarray]], labels: Sequence[int]) -> float:
-    """Share of argmax(logits) equal to ``labels`` (sequence-classification graphs)."""
-    preds = np.concatenate([task_vectors(session, "sequence-classification", i, m).argmax(-1) for i, m in batches])
+    """Share of argmax(logits) equal to ``labels`` (sequence-classification graphs).
+
+    Raises:
+        DataError: a label that the graph's head cannot output (label >= number of logits, or negative).
+    """
+    logits = [task_vectors(session, "sequence-classification", i, m) for i, m in batches]
+    classes = int(logits[0].shape[-1]) if logits else 0
+    bad = sorted({int(v) for v in labels if not 0 <= int(v) < classes})
+    if bad:
+        raise DataError(f"labels {bad[:5]} do not fit the graph's head of {classes} classes (0..{classes - 1}); "
+                        "use the data the model was trained on, or re-export it with --num-labels")
+    preds = np.concatenate([lg.argmax(-1) for lg in logits])
     return float((preds == np.asarray(labels[: preds.size])).mean())
 
 
