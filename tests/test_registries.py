@@ -118,6 +118,6 @@ def test_tiny_models_cover_every_architecture() -> None:
 
     from edgefuse.fusion.archs import MLP_SPECS
 
-    assert ARCHS == tuple(MLP_SPECS)
+    assert tuple(MLP_SPECS) == ARCHS
     for arch in ARCHS:
         assert tiny_model(arch).config.model_type == arch
