@@ -24,7 +24,7 @@ made with
     python -m edgefuse finetune benchmarks/_work/gen/smol-fused benchmarks/_work/gen/smol-recovered \
         --task causal-lm --train ../shared/data/e2e/devset.csv --validation-fraction 0.1 --group-column mr \
         --prompt-column mr --text-column ref --max-length 96 --max-validation-examples 200 \
-        --objective distill-logits --teacher smollm2 --temperature 1 --lr 1e-4 --batch-size 8 --max-steps 80 \
+        --objective logits --teacher smollm2 --temperature 1 --lr 1e-4 --batch-size 8 --max-steps 80 \
         --warmup-ratio 0.06 --weight-decay 0 --group-by-length --eval-batch-size 16 --eval-before --no-fold \
         --threads 1 --seed 0
 

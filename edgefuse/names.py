@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from edgefuse.errors import ConfigError, TargetNotFoundError
+
+T = TypeVar("T")
 
 
 def compile_pattern(pattern: str, *, what: str = "pattern") -> re.Pattern[str] | None:
@@ -59,3 +62,19 @@ def match_names(patterns: Sequence[str], names: Sequence[str], *, what: str = "e
             )
         chosen.extend(h for h in hits if h not in chosen)
     return chosen
+
+
+def table_entry(table: Mapping[str, T], name: str, *, what: str) -> T:
+    """The entry ``name`` of an extension-point table (compression methods, quantization modes, ...).
+
+    Raises:
+        ConfigError: no such entry; the message lists the names there are.
+
+    Example:
+        >>> table_entry({"a": 1, "b": 2}, "b", what="letter")
+        2
+    """
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {what} {name!r}; choose one of {', '.join(table)}") from None

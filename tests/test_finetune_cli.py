@@ -28,7 +28,7 @@ def test_help_explains_objectives_and_examples(capsys):
         main(["finetune", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for word in ("distill-logits", "distill-hidden", "--teacher", "--resume", "--no-fold", "torchrun", "examples:"):
+    for word in ("logits", "hidden", "--teacher", "--resume", "--no-fold", "torchrun", "examples:"):
         assert word in out
 
 
@@ -50,7 +50,7 @@ def test_recovers_folds_and_saves(tmp_path, sst, capsys):
             "--objective",
             "task",
             "--objective",
-            "distill-logits",
+            "logits",
             "--teacher",
             str(teacher),
             "--max-steps",
@@ -68,7 +68,7 @@ def test_recovers_folds_and_saves(tmp_path, sst, capsys):
     result = json.loads((out / "finetune_result.json").read_text())
     assert result["steps_run"] == 6 and result["folded_scales"] == 3
     assert set(result["initial_metrics"]) == {"accuracy", "loss", "teacher_agreement", "examples"}
-    assert result["objective_weights"] == {"task": 1.0, "distill_logits": 1.0, "distill_hidden": 0.0}
+    assert result["objective_weights"] == {"task": 1.0, "logits": 1.0, "hidden": 0.0}
     assert not (out / "model" / SCALES_FILE).exists()  # folded: ready for export
     model = load_model(str(out / "model"), "sequence-classification")
     assert model.config.intermediate_size == 16  # the fused width survives the round trip

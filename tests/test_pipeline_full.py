@@ -60,7 +60,7 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     assert set(json.loads((run / "reference" / "record.json").read_text())["inputs"]) == {"teacher"}
     phases = result.stage("finetune").result["phases"]
     assert [p["steps_run"] for p in phases] == [2, 3]
-    assert phases[0]["objective_weights"]["distill_hidden"] == 1.0 and phases[0]["objective_weights"]["task"] == 0.0
+    assert phases[0]["objective_weights"]["hidden"] == 1.0 and phases[0]["objective_weights"]["task"] == 0.0
     assert result.stage("finetune").result["finetune"] == phases[-1]
     quant = result.stage("quantize").result
     assert quant["graph"].startswith("quantized/model_int8_avx512-vnni") and quant["quantize"]["quantized_nodes"] > 0

@@ -3,6 +3,8 @@
 Thin layer over the stage functions. Each subcommand lives in its own module ``edgefuse/cli/<name>.py``
 that defines ``register(subparsers)`` (builds its parser; imports nothing heavy) and
 ``run(args) -> int`` (imports torch/onnxruntime only when called), so ``edgefuse --help`` stays fast.
+Options that set a config key are derived from the typed config (:mod:`edgefuse.cli.options`); every
+subcommand takes its positionals anywhere among the options and ``-v``/``-q`` after its name.
 
 User mistakes raise :class:`edgefuse.errors.EdgefuseError`; :func:`main` prints them as one line and returns
 the documented exit code (see ``edgefuse/errors.py`` and the README).
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from edgefuse.cli.options import CommandParser, add_verbosity
 from edgefuse.errors import EdgefuseError
 
 # Order is the order shown by `edgefuse --help`: the pipeline stages, then the whole-pipeline commands.
@@ -52,17 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(
         prog="edgefuse",
-        description=(
-            "Ship language models to edge devices: fuse MLPs, fine-tune to recover accuracy, export to ONNX, "
-            "quantize, profile."
-        ),
+        description="Ship language models to edge devices: fuse MLPs, fine-tune to recover accuracy, export to "
+        "ONNX, quantize, profile.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgefuse {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f"edgefuse.cli.{name}")
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+        add_verbosity(sub.choices[name])
     return parser
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgefuse.cli.options import format_table
 from edgefuse.cli.run import add_config_arguments, stage_printer
 
 HELP = """Run the pipeline of CONFIG (reusing every stage whose inputs did not change) and judge each budget of its
@@ -34,15 +35,12 @@ def register(sub: Any) -> None:
 
 def verdict_table(verdicts: Any) -> str:
     """One line per budget: name, limit, measured value, PASS/FAIL, and where the value came from."""
-    rows = [("budget", "limit", "measured", "result", "source")]
+    rows = []
     for v in verdicts:
         unit = "" if not v.unit else (v.unit if v.unit == "x" else f" {v.unit}")
         measured = "not measured" if v.measured is None else f"{v.measured:.4g}{unit}"
         rows.append((v.budget, f"{v.op} {v.limit:g}{unit}", measured, "PASS" if v.passed else "FAIL", v.detail))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
-    return "\n".join(lines)
+    return format_table(rows, header=("budget", "limit", "measured", "result", "source"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.config.export import EXPORT_TASKS, EXPORTERS, FOLD_CHOICES
+from edgefuse.cli.options import Flag, add_flags, add_task, flag_values
+from edgefuse.config.export import EXPORT_TASKS, ExportConfig
 
 HELP = """Export a model to ONNX and validate the graph against PyTorch on shapes other than the traced one,
 padding included. A miss fails with exit code 7 and leaves nothing behind (optimum only warns).
@@ -24,27 +25,32 @@ examples:
 """
 
 
+# the ExportConfig keys this command sets (type, choices and help come from the config); ``task`` takes optimum's
+# names too, and ``validate_shapes`` pairs are given one --validate-shape BATCH SEQ at a time
+EXPORT_FLAGS = (
+    Flag("with_past", "--no-past", negate=True, extra="Give --no-past to export without it."),
+    Flag("exporter"),
+    Flag("torch_dynamo", "--dynamo"),
+    Flag("opset"),
+    Flag("fold_scales"),
+    Flag("atol"),
+    Flag("rtol"),
+    Flag("generate_tokens", metavar="N"),
+    Flag("seed"),
+)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("export", help="export to ONNX, validated against PyTorch", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder (fused or not), Hub id, or built-in alias: minilm, smollm2")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--config", type=Path, metavar="YAML", help="export settings file (keys of ExportConfig)")
-    p.add_argument("--task", choices=EXPORT_TASKS, help="graph to export (default: feature-extraction)")
-    p.add_argument("--no-past", dest="with_past", action="store_false", default=None,
-                   help="causal-lm: export without the KV cache (logits only)")
-    p.add_argument("--exporter", choices=EXPORTERS, help="auto (default): optimum-onnx where it can, else torch.onnx")
-    p.add_argument("--dynamo", dest="torch_dynamo", action="store_true", default=None,
-                   help="torch exporter: use dynamo instead of the TorchScript tracer")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: optimum's for the architecture, 18 for torch)")
-    p.add_argument("--fold-scales", choices=FOLD_CHOICES,
-                   help="fusion scale: keep (separate Mul), down, up (gated/ReLU only); auto (default): measured best")
-    p.add_argument("--atol", type=float, help="absolute tolerance against PyTorch (default 1e-4)")
-    p.add_argument("--rtol", type=float, help="relative tolerance against PyTorch (default 1e-3)")
-    p.add_argument("--validate-shape", type=int, nargs=2, action="append", metavar=("BATCH", "SEQ"),
-                   dest="validate_shapes", help="validation shape (repeatable; default 1 13 and 3 21)")
-    p.add_argument("--generate-tokens", type=int, help="causal-lm: greedy tokens compared with PyTorch (default 8)")
-    p.add_argument("--seed", type=int, help="seed of the validation token ids (default 0)")
+    add_task(p, EXPORT_TASKS, help="graph to export (default: feature-extraction);")
+    add_flags(p, ExportConfig, EXPORT_FLAGS)
+    p.add_argument("--validate-shape", dest="validate_shapes", type=int, nargs=2, action="append",
+                   metavar=("BATCH", "SEQ"), help=ExportConfig.model_fields["validate_shapes"].description
+                   + " One pair per --validate-shape (repeatable).")
     p.add_argument("--num-labels", type=int, default=2, help="sequence-classification: labels of a fresh head")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -55,7 +61,6 @@ def register(sub: Any) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from edgefuse.config.export import ExportConfig
     from edgefuse.config.messages import first_error
 
     values: dict[str, Any] = {}
@@ -63,11 +68,12 @@ def _config(args: argparse.Namespace) -> Any:
         from edgefuse.cli.quantize import load_yaml
 
         values.update(load_yaml(args.config))
-    for key in ("task", "with_past", "exporter", "torch_dynamo", "opset", "fold_scales", "atol", "rtol",
-                "validate_shapes", "generate_tokens", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            values[key] = value
+    values.update(flag_values(args, EXPORT_FLAGS))
+    for key in ("task", "validate_shapes"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.task_alias == "text-generation" and args.with_past is None:
+        values["with_past"] = False  # optimum's text-generation is the graph without the KV cache
     try:
         return ExportConfig(**values)
     except ValidationError as exc:

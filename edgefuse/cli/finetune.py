@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgefuse.cli.options import Flag, add_flags, add_task, flag_values
+from edgefuse.config.finetune import FINETUNE_TASKS, OBJECTIVES, DataConfig, FinetuneConfig
+
 HELP = """Fine-tune a (fused) model briefly so that it gets back the original's accuracy, then fold the frozen
 fusion scale into the weights and save it, ready for `edgefuse export`.
 
-Objectives (alone or combined, each with a weight):
-  task            cross-entropy on the labels (classification) or next-token loss (causal-lm)
-  distill-logits  KL to the unfused teacher's logits at --temperature (no labels needed)
-  distill-hidden  layer-wise MSE to the teacher's hidden states (method.md 1.7; no labels needed)
+Objectives (alone or combined, each with a weight; config keys task_weight, logits_weight, hidden_weight):
+  task    cross-entropy on the labels (classification) or next-token loss (causal-lm)
+  logits  logit distillation: KL to the unfused teacher's logits at --temperature (no labels needed)
+  hidden  layer-wise hidden-state distillation: MSE to the teacher's hidden states (method.md 1.7)
 
 The frozen scale (the cluster sizes) is never trained. Data: .tsv/.csv/.jsonl/.txt files or hf:NAME[:CONFIG][@SPLIT].
 Output: OUT_DIR/model (the saved model + tokenizer), OUT_DIR/finetune_result.json, OUT_DIR/checkpoints/.
@@ -25,16 +28,65 @@ examples:
   edgefuse fuse ./sst2-model out/fused --keep-ratio 0.5 --task sequence-classification
   edgefuse finetune out/fused out/recovered --task sequence-classification \\
       --train ../shared/data/sst2/train.tsv --validation ../shared/data/sst2/validation.tsv \\
-      --objective task --objective distill-logits --teacher ./sst2-model --max-steps 200
+      --objective task --objective logits --teacher ./sst2-model --max-steps 200
   # causal LM on E2E, split by meaning representation, prompt = mr
   edgefuse finetune out/smol-fused out/smol-rec --task causal-lm --train ../shared/data/e2e/devset.csv \\
       --validation-fraction 0.1 --group-column mr --prompt-column mr --text-column ref --max-steps 150
   # no labels: distil a fused sentence encoder on plain text
   edgefuse finetune out/minilm-fused out/minilm-rec --task feature-extraction --train corpus.txt \\
-      --text-column text --objective distill-hidden --teacher minilm --max-steps 100
+      --text-column text --objective hidden --teacher minilm --max-steps 100
 """
 
-OBJECTIVES = ("task", "distill-logits", "distill-hidden")
+# the spellings of edgefuse 0.1's --objective, still accepted
+OLD_OBJECTIVES = {"distill-logits": "logits", "distill-hidden": "hidden"}
+
+
+# the DataConfig and FinetuneConfig keys this command sets (type, choices and help come from the configs)
+DATA_FLAGS = (
+    Flag("train"),
+    Flag("validation"),
+    Flag("validation_fraction"),
+    Flag("group_column"),
+    Flag("text_column"),
+    Flag("text_pair_column"),
+    Flag("label_column"),
+    Flag("prompt_column"),
+    Flag("loss_on_prompt"),
+    Flag("max_length"),
+    Flag("max_train_examples", metavar="N"),
+    Flag("max_validation_examples", metavar="N"),
+)
+WEIGHT_FLAGS = (Flag("task_weight"), Flag("logits_weight"), Flag("hidden_weight"))
+OBJECTIVE_FLAGS = (
+    Flag("temperature"),
+    Flag("hidden_layers", metavar="I"),
+    Flag("trainable"),
+)
+OPTIM_FLAGS = (
+    Flag("learning_rate", "--lr", aliases=("--learning-rate",)),
+    Flag("weight_decay"),
+    Flag("optimizer"),
+    Flag("scheduler"),
+    Flag("warmup_ratio"),
+    Flag("max_grad_norm"),
+    Flag("batch_size"),
+    Flag("gradient_accumulation_steps", metavar="N"),
+    Flag("max_steps"),
+    Flag("epochs"),
+    Flag("max_time_s"),
+    Flag("group_by_length"),
+    Flag("seed"),
+)
+EVAL_FLAGS = (
+    Flag("eval_every_steps", "--eval-every", metavar="N"),
+    Flag("eval_batch_size"),
+    Flag("eval_before"),
+    Flag("keep_best", both=True),
+    Flag("checkpoint_every_steps", "--checkpoint-every", metavar="N"),
+    Flag("num_samples"),
+    Flag("log_every_steps", "--log-every", metavar="N"),
+)
+FT_FLAGS = OBJECTIVE_FLAGS + OPTIM_FLAGS + EVAL_FLAGS
 
 
 def register(sub: Any) -> None:
@@ -49,68 +101,25 @@ def register(sub: Any) -> None:
     p.add_argument("--config", metavar="YAML", help="YAML with 'finetune:' and 'data:' sections; flags override it")
     p.add_argument("--print-config", action="store_true", help="print the equivalent YAML config and exit")
     g = p.add_argument_group("task and data")
-    g.add_argument(
-        "--task",
-        choices=("sequence-classification", "causal-lm", "feature-extraction"),
-        help="default: sequence-classification",
-    )
+    add_task(g, FINETUNE_TASKS, help="default: sequence-classification;")
     g.add_argument("--num-labels", type=int, default=None, help="classification head size (default: from the data)")
-    g.add_argument("--train", help="training data: .tsv/.csv/.jsonl/.txt file or hf:NAME[:CONFIG][@SPLIT]")
-    g.add_argument("--validation", help="validation data (same forms)")
-    g.add_argument("--validation-fraction", type=float, help="hold out this fraction of --train for validation")
-    g.add_argument("--group-column", help="keep rows with the same value of this column on one side of the split")
-    g.add_argument("--text-column", help="input text column (default: sentence)")
-    g.add_argument("--text-pair-column", help="second text column for sentence-pair classification")
-    g.add_argument("--label-column", help="label column (default: label)")
+    add_flags(g, DataConfig, DATA_FLAGS)
     g.add_argument("--no-labels", action="store_true", help="unlabeled data: train with distillation objectives only")
-    g.add_argument("--prompt-column", help="causal-lm: column placed before the text (e.g. mr for E2E)")
-    g.add_argument("--max-length", type=int, help="truncate sequences to this many tokens (default 128)")
-    g.add_argument("--max-train-examples", type=int, help="use only the first N training rows")
-    g.add_argument("--max-validation-examples", type=int, help="use only the first N validation rows")
     o = p.add_argument_group("objectives")
     o.add_argument(
         "--objective",
         action="append",
-        choices=OBJECTIVES,
-        help="objective to use (repeatable); default: task. Weights below (default 1 each)",
+        choices=(*OBJECTIVES, *OLD_OBJECTIVES),
+        metavar="{" + ",".join(OBJECTIVES) + "}",
+        help="objective to use (repeatable); default: task. Each chosen one gets weight 1 unless its weight "
+        "below is given; the others get 0",
     )
-    o.add_argument("--task-weight", type=float)
-    o.add_argument("--logits-weight", type=float)
-    o.add_argument("--hidden-weight", type=float)
-    o.add_argument("--temperature", type=float, help="logit distillation temperature (default 2)")
-    o.add_argument("--hidden-layers", type=int, nargs="+", metavar="I", help="hidden-state indices to match")
-    o.add_argument("--teacher", help="the unfused teacher model (needed by the distill-* objectives)")
-    o.add_argument("--trainable", choices=("all", "fused-mlps"), help="what is trained (default: all)")
-    t = p.add_argument_group("optimisation and budget")
-    t.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="peak learning rate (5e-5)")
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--optimizer", choices=("adamw", "adam"))
-    t.add_argument("--scheduler", choices=("linear", "cosine", "constant"))
-    t.add_argument("--warmup-ratio", type=float)
-    t.add_argument("--max-grad-norm", type=float)
-    t.add_argument("--batch-size", type=int, help="examples per step per process (default 16)")
-    t.add_argument("--gradient-accumulation-steps", type=int)
-    t.add_argument("--max-steps", type=int, help="optimiser steps")
-    t.add_argument("--epochs", type=float, help="passes over the data, when --max-steps is not given")
-    t.add_argument("--max-time-s", type=float, help="wall-clock budget in seconds")
-    t.add_argument("--group-by-length", action="store_true", default=None, help="batch similar lengths together")
-    t.add_argument("--seed", type=int)
+    add_flags(o, FinetuneConfig, WEIGHT_FLAGS + OBJECTIVE_FLAGS)
+    o.add_argument("--teacher", help="the unfused teacher model (needed by the logits and hidden objectives)")
+    add_flags(p.add_argument_group("optimisation and budget"), FinetuneConfig, OPTIM_FLAGS)
     e = p.add_argument_group("evaluation, checkpoints, output")
-    e.add_argument("--eval-every", dest="eval_every_steps", type=int, help="evaluate every N steps (and at the end)")
-    e.add_argument("--eval-batch-size", type=int)
-    e.add_argument("--eval-before", action="store_true", default=None, help="also evaluate before training")
-    e.add_argument(
-        "--keep-best",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="restore the best evaluated weights at the end (default: on)",
-    )
-    e.add_argument(
-        "--checkpoint-every", dest="checkpoint_every_steps", type=int, help="write a resumable checkpoint every N steps"
-    )
+    add_flags(e, FinetuneConfig, EVAL_FLAGS)
     e.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT_DIR")
-    e.add_argument("--num-samples", type=int, help="causal-lm: greedy samples to print (default 3)")
-    e.add_argument("--log-every", dest="log_every_steps", type=int, help="record the loss every N steps (default 10)")
     e.add_argument(
         "--fold",
         action=argparse.BooleanOptionalAction,
@@ -127,47 +136,6 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-_DATA_FLAGS = (
-    "train",
-    "validation",
-    "validation_fraction",
-    "group_column",
-    "text_column",
-    "text_pair_column",
-    "label_column",
-    "prompt_column",
-    "max_length",
-    "max_train_examples",
-    "max_validation_examples",
-)
-_FT_FLAGS = (
-    "task",
-    "temperature",
-    "hidden_layers",
-    "trainable",
-    "learning_rate",
-    "weight_decay",
-    "optimizer",
-    "scheduler",
-    "warmup_ratio",
-    "max_grad_norm",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "max_steps",
-    "epochs",
-    "max_time_s",
-    "group_by_length",
-    "seed",
-    "eval_every_steps",
-    "eval_batch_size",
-    "eval_before",
-    "keep_best",
-    "checkpoint_every_steps",
-    "num_samples",
-    "log_every_steps",
-)
-
-
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """The (FinetuneConfig, DataConfig) that the YAML file and the flags describe (flags win).
 
@@ -176,7 +144,6 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """
     from pydantic import ValidationError
 
-    from edgefuse.config.finetune import DataConfig, FinetuneConfig
     from edgefuse.config.messages import first_error
     from edgefuse.errors import ConfigError
 
@@ -189,23 +156,17 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         if set(raw) - {"finetune", "data"}:
             raise ConfigError(f"config {args.config!r} must hold only the sections 'finetune' and 'data'")
         ft, data = dict(raw.get("finetune") or {}), dict(raw.get("data") or {})
-    data.update({k: getattr(args, k) for k in _DATA_FLAGS if getattr(args, k) is not None})
+    data.update(flag_values(args, DATA_FLAGS))
     if args.no_labels:
         data["label_column"] = None
-    ft.update({k: getattr(args, k) for k in _FT_FLAGS if getattr(args, k) is not None})
+    ft.update(flag_values(args, FT_FLAGS))
+    if args.task is not None:
+        ft["task"] = args.task
+    weights = flag_values(args, WEIGHT_FLAGS)
     if args.objective:
-        chosen = set(args.objective)
-        ft["task_weight"] = (args.task_weight if args.task_weight is not None else 1.0) if "task" in chosen else 0.0
-        ft["logits_weight"] = (
-            (args.logits_weight if args.logits_weight is not None else 1.0) if "distill-logits" in chosen else 0.0
-        )
-        ft["hidden_weight"] = (
-            (args.hidden_weight if args.hidden_weight is not None else 1.0) if "distill-hidden" in chosen else 0.0
-        )
-    else:
-        for key in ("task_weight", "logits_weight", "hidden_weight"):
-            if getattr(args, key) is not None:
-                ft[key] = getattr(args, key)
+        chosen = {OLD_OBJECTIVES.get(o, o) for o in args.objective}
+        weights = {key: weights.get(key, 1.0) if name in chosen else 0.0 for name, key in OBJECTIVES.items()}
+    ft.update(weights)
     if "train" not in data:
         raise ConfigError("no training data: pass --train FILE (or data.train in --config)")
     try:

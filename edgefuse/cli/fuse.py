@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, get_args
 
-from edgefuse.config.fusion import METHODS
+from edgefuse.cli.options import Flag, add_flags, add_task, flag_values, format_table
+from edgefuse.config.fusion import FusionConfig
+from edgefuse.models import Task
 
 HELP = """Compress the MLP (feed-forward) layers of a model by MLP fusion or a baseline, and save it as safetensors.
 
@@ -21,25 +23,28 @@ examples:
 """
 
 
+# the FusionConfig keys this command sets (type, choices and help come from the config)
+WIDTH_FLAGS = (Flag("keep_ratio", metavar="R"), Flag("width", metavar="K"))
+FUSE_FLAGS = (
+    Flag("method"),
+    Flag("round_to", metavar="N"),
+    Flag("layers", metavar="I"),
+    Flag("targets", "--target", append=True, metavar="NAME", extra="(repeatable)"),
+    Flag("include_shared_experts", "--no-shared-experts", negate=True, extra="Give this flag to leave it alone."),
+    Flag("seed"),
+    Flag("n_init"),
+    Flag("max_iter"),
+)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("fuse", help="compress MLPs by fusion (or a baseline) and save", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder, Hub id, or built-in alias: minilm, smollm2")
     p.add_argument("out_dir", nargs="?", help="output folder (required unless --dry-run)")
-    width = p.add_mutually_exclusive_group(required=True)
-    width.add_argument("--keep-ratio", type=float, help="fraction of the intermediate width to keep, 0 < r <= 1")
-    width.add_argument("--width", type=int, help="absolute target intermediate width")
-    p.add_argument("--method", choices=METHODS, default="fusion", help="default: fusion (the method)")
-    p.add_argument("--round-to", type=int, default=1, metavar="N", help="round the width up to a multiple of N")
-    p.add_argument("--layers", type=int, nargs="+", metavar="I", help="layer indices to fuse (default: all)")
-    p.add_argument("--target", action="append", metavar="NAME", dest="targets",
-                   help="MLP module name to fuse; 're:' prefix for a regex (repeatable)")
-    p.add_argument("--no-shared-experts", action="store_true", help="Qwen2-MoE: leave the shared expert alone")
-    p.add_argument("--task", default="feature-extraction",
-                   choices=("feature-extraction", "sequence-classification", "causal-lm"),
-                   help="model head to load (default: feature-extraction)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
-    p.add_argument("--n-init", type=int, default=1, help="k-means restarts (default 1; the paper used 30)")
+    add_flags(p.add_mutually_exclusive_group(required=True), FusionConfig, WIDTH_FLAGS)
+    add_flags(p, FusionConfig, FUSE_FLAGS)
+    add_task(p, get_args(Task), default="feature-extraction", help="model head to load (default: feature-extraction);")
     p.add_argument("--fold", action="store_true",
                    help="fold the frozen scale into the weights before saving (for inference/export, not training)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (widths, parameters) and write nothing")
@@ -51,19 +56,14 @@ def register(sub: Any) -> None:
 
 def format_plan(result: Any) -> str:
     """A table of the fusion plan/result: per MLP its name, width and parameters before -> after, and totals."""
-    rows = [("MLP", "width", "params")]
-    for s in result.steps:
-        rows.append((s.name, f"{s.width_before} -> {s.width_after}", f"{s.params_before:,} -> {s.params_after:,}"))
+    rows = [(s.name, f"{s.width_before} -> {s.width_after}", f"{s.params_before:,} -> {s.params_after:,}")
+            for s in result.steps]
     rows.append(("MLPs total", f"{len(result.steps)} fused",
                  f"{result.mlp_params_before:,} -> {result.mlp_params_after:,}"))
     pct = 100.0 * (1 - result.params_total_after / result.params_total_before)
     rows.append(("model total", "", f"{result.params_total_before:,} -> {result.params_total_after:,} (-{pct:.1f}%)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{result.method} on {result.model_type}"]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0 or i == len(rows) - 3:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [f"{result.method} on {result.model_type}",
+             format_table(rows, header=("MLP", "width", "params"), rules=(len(result.steps) - 1,))]
     scale = sum(s.frozen_scale_entries for s in result.steps)
     if scale:
         lines.append(f"+ {scale:,} frozen scale entries (buffers, not trained; folded before export)")
@@ -73,18 +73,13 @@ def format_plan(result: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from edgefuse.config.fusion import FusionConfig
     from edgefuse.config.messages import first_error
     from edgefuse.errors import ConfigError
 
     if not args.dry_run and not args.out_dir:
         raise ConfigError("OUT_DIR is required unless --dry-run is given")
     try:
-        cfg = FusionConfig(
-            method=args.method, keep_ratio=args.keep_ratio, width=args.width, round_to=args.round_to,
-            layers=args.layers, targets=args.targets, include_shared_experts=not args.no_shared_experts,
-            seed=args.seed, n_init=args.n_init,
-        )
+        cfg = FusionConfig(**flag_values(args, WIDTH_FLAGS + FUSE_FLAGS))
     except ValidationError as exc:
         raise first_error(exc, "fusion") from None
 
@@ -100,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from edgefuse.fusion.persist import save_fused
         from edgefuse.fusion.scale import fold_scales_
+
         result = fuse_mlps_(model, cfg, progress=not args.quiet)  # a bar on a terminal, else a 30 s heartbeat
         if args.fold:
             fold_scales_(model)

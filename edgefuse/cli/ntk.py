@@ -5,10 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from edgefuse.config.fusion import METHODS
-from edgefuse.config.ntk import NTK_OUTPUTS, NTK_PARAMS
+from edgefuse.cli.options import Flag, add_flags, add_task, flag_values, format_table
+from edgefuse.config.fusion import FusionConfig
+from edgefuse.config.ntk import NtkConfig
+from edgefuse.models import Task
+
+# the FusionConfig keys of in-memory compression and the NtkConfig keys (type, choices, help from the configs)
+WIDTH_FLAGS = (Flag("keep_ratio", metavar="R"), Flag("width", metavar="K"))
+FUSION_FLAGS = (Flag("method"), Flag("layers", metavar="I"), Flag("seed"), Flag("n_init"))
+NTK_FLAGS = (
+    Flag("n_examples", "--n", metavar="N"),
+    Flag("max_length"),
+    Flag("params"),
+    Flag("output"),
+    Flag("head_seed"),
+    Flag("max_gradient_mib", metavar="MIB"),
+)
 
 HELP = """Measure, right after compression, the relative errors of a compressed model against its original:
 the Adam/SignGD kernel K = G sign(G)^T and the GD kernel G G^T of the per-example gradients G of a scalar
@@ -30,29 +44,14 @@ def register(sub: Any) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("original", help="original model folder, Hub id, or built-in alias: minilm, smollm2")
     p.add_argument("compressed", nargs="?", help="compressed model folder (or compress in memory with --keep-ratio)")
-    p.add_argument("--method", choices=METHODS, help="compression method for in-memory compression (default fusion)")
-    width = p.add_mutually_exclusive_group()
-    width.add_argument("--keep-ratio", type=float, help="compress in memory, keeping this fraction of the width")
-    width.add_argument("--width", type=int, help="compress in memory to this intermediate width")
-    p.add_argument("--layers", type=int, nargs="+", metavar="I", help="layers to compress in memory (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="k-means/sketch seed for in-memory compression (default 0)")
-    p.add_argument("--n-init", type=int, default=1, help="k-means restarts for in-memory compression (default 1)")
+    g = p.add_argument_group("in-memory compression (instead of COMPRESSED)")
+    add_flags(g.add_mutually_exclusive_group(), FusionConfig, WIDTH_FLAGS)
+    add_flags(g, FusionConfig, FUSION_FLAGS)
     p.add_argument("--data", required=True, help="examples: a .tsv/.csv/.jsonl file (e.g. SST-2 validation)")
     p.add_argument("--text-column", help="column with the text (default: 'sentence' if present, else the first)")
     p.add_argument("--label-column", help="column with integer labels, for --output gold-logit (default: 'label')")
-    p.add_argument("--n", type=int, default=64, help="number of examples: the kernels are n x n (default 64)")
-    p.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens (default 128)")
-    p.add_argument("--params", choices=NTK_PARAMS, default="fused-mlp",
-                   help="kernel parameter set: the fused MLPs' parameters, or all trainable ones (default fused-mlp)")
-    p.add_argument("--output", choices=NTK_OUTPUTS, default="auto",
-                   help="scalar output whose gradients define the kernels (default auto: class0-prob for "
-                   "classifiers, last-token-logprob for LMs, pooled-projection otherwise)")
-    p.add_argument("--task", default="feature-extraction",
-                   choices=("feature-extraction", "sequence-classification", "causal-lm"),
-                   help="model head to load (default feature-extraction)")
-    p.add_argument("--head-seed", type=int, default=0, help="seed of the random head/projection (default 0)")
-    p.add_argument("--max-gradient-mib", type=float, default=1024.0,
-                   help="memory for one chunk of per-example gradients (default 1024)")
+    add_flags(p, NtkConfig, NTK_FLAGS)
+    add_task(p, get_args(Task), default="feature-extraction", help="model head to load (default feature-extraction);")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--out", help="also write the result as JSON to this file (atomically)")
@@ -62,7 +61,7 @@ def register(sub: Any) -> None:
 
 def format_result(result: Any) -> str:
     """A table: per fused layer and in total, the sign/GD kernel errors and the hidden-state error."""
-    rows = [("group", "params orig -> comp", "sign-K rel err", "GD-K rel err", "hidden rel err")]
+    rows = []
     for k in result.per_layer:
         rows.append((k.group, f"{k.params_original:,} -> {k.params_compressed:,}", f"{k.sign_rel_error:.4g}",
                      f"{k.gd_rel_error:.4g}", f"{result.layer_hidden_rel_error[k.group]:.4g}"))
@@ -72,12 +71,9 @@ def format_result(result: Any) -> str:
     for k in totals:
         rows.append((k.group, f"{k.params_original:,} -> {k.params_compressed:,}", f"{k.sign_rel_error:.4g}",
                      f"{k.gd_rel_error:.4g}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"NTK over {result.n_examples} examples, output {result.output}, parameters {result.param_set}"]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0 or i == len(rows) - len(totals) - 1:
-            lines.append("  ".join("-" * w for w in widths))
+    header = ("group", "params orig -> comp", "sign-K rel err", "GD-K rel err", "hidden rel err")
+    lines = [f"NTK over {result.n_examples} examples, output {result.output}, parameters {result.param_set}",
+             format_table(rows, header=header, rules=(len(rows) - len(totals) - 1,))]
     lines.append(f"scalar output rel err {result.output_rel_error:.4g}; final hidden state rel err "
                  f"{result.final_hidden_rel_error:.4g}  ({result.seconds:.1f} s)")
     return "\n".join(lines)
@@ -133,9 +129,7 @@ def _share_missing_head(original: Any, compressed: Any, folder: str) -> list[str
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from edgefuse.config.fusion import FusionConfig
     from edgefuse.config.messages import first_error
-    from edgefuse.config.ntk import NtkConfig
     from edgefuse.errors import ConfigError, OutputExistsError
 
     in_memory = args.keep_ratio is not None or args.width is not None
@@ -146,10 +140,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError(f"output file {args.out!r} already exists; pass --overwrite to replace it")
     try:
-        cfg = NtkConfig(params=args.params, output=args.output, n_examples=args.n, max_length=args.max_length,
-                        head_seed=args.head_seed, max_gradient_mib=args.max_gradient_mib)
-        fcfg = FusionConfig(method=args.method or "fusion", keep_ratio=args.keep_ratio, width=args.width,
-                            layers=args.layers, seed=args.seed, n_init=args.n_init) if in_memory else None
+        cfg = NtkConfig(**flag_values(args, NTK_FLAGS))
+        fcfg = FusionConfig(**flag_values(args, WIDTH_FLAGS + FUSION_FLAGS)) if in_memory else None
     except ValidationError as exc:
         raise first_error(exc, "ntk") from None
     texts, labels = _examples(args, cfg.n_examples)

@@ -7,7 +7,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.config.profile import ARM_CPUS, OPT_LEVELS
+from edgefuse.cli.options import Flag, add_flags, flag_values, format_table
+from edgefuse.config.profile import ProfileConfig
+
+# the ProfileConfig keys this command sets (type, choices and help come from the config); --min-cosine also
+# takes 'none', so it is read by hand; every other key can be given with --set KEY=VALUE
+PROFILE_FLAGS = (
+    Flag("target"),
+    Flag("cpu"),
+    Flag("threads", metavar="N"),
+    Flag("batch_sizes", metavar="B"),
+    Flag("sequence_lengths", "--seq-lens", metavar="S"),
+    Flag("runs"),
+    Flag("warmup_runs"),
+    Flag("time_budget_s"),
+    Flag("graph_optimization_level", "--opt-level"),
+    Flag("parity_metric"),
+    Flag("inputs_npz", metavar="NPZ"),
+    Flag("memory", "--no-memory", negate=True, extra="Give --no-memory to skip it."),
+    Flag("op_profile", "--no-op-profile", negate=True, extra="Give --no-op-profile to skip it."),
+    Flag("check_outputs", "--no-check-outputs", negate=True, extra="Give --no-check-outputs to skip it."),
+    Flag("ssh_identity_file", "--ssh-identity", metavar="KEY"),
+    Flag("ssh_known_hosts_file", "--ssh-known-hosts", metavar="FILE"),
+    Flag("ssh_python"),
+)
 
 HELP = """Profile ONNX graphs: latency (mean, std, p50/p90/p99, throughput) over thread, batch and sequence
 grids, model load time, file size, peak memory (one fresh process per graph, the runtime's own baseline apart),
@@ -34,26 +57,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("profile", help="latency / memory / per-op profile of ONNX graphs (x86, ARM, ssh)",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("graphs", nargs="+", metavar="GRAPH_OR_FOLDER", help=".onnx files or folders (reference first)")
-    p.add_argument("--target", help="local (default), arm64-emulated or ssh://user@host[:port]")
-    p.add_argument("--cpu", choices=ARM_CPUS, help="emulated arm64 CPU model (default neoverse-n1)")
-    p.add_argument("--threads", type=int, nargs="+", metavar="N", help="intra-op threads to sweep (default 1..cores)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", metavar="B", help="batch sizes (default 1)")
-    p.add_argument("--seq-lens", type=int, nargs="+", metavar="S", help="sequence lengths (default 128)")
-    p.add_argument("--runs", type=int, help="timed runs per graph and point (default 20)")
-    p.add_argument("--warmup-runs", type=int, help="untimed runs before each point (default 5)")
-    p.add_argument("--time-budget-s", type=float, help="stop timing a point after this many seconds")
-    p.add_argument("--opt-level", choices=OPT_LEVELS, help="onnxruntime graph optimisation (default all)")
-    p.add_argument("--min-cosine", help="fail when an output cosine vs the first graph is below this (default "
-                   "0.99); 'none' only reports it")
-    p.add_argument("--parity-metric", choices=("flat", "mean_pooled"),
-                   help="cosine checked by --min-cosine: mean_pooled over the sequence axis (default) or flat")
-    p.add_argument("--inputs-npz", help="real inputs (.npz with arrays named like the graph inputs)")
-    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
-    p.add_argument("--no-op-profile", action="store_true", help="skip the per-operator profile")
-    p.add_argument("--no-check-outputs", action="store_true", help="skip the output parity check")
-    p.add_argument("--ssh-identity", help="ssh private key for an ssh:// target")
-    p.add_argument("--ssh-known-hosts", help="known_hosts file with the device's host key (checked strictly)")
-    p.add_argument("--ssh-python", help="python on the device (default python3)")
+    add_flags(p, ProfileConfig, PROFILE_FLAGS)
+    p.add_argument("--min-cosine", metavar="COS", help=ProfileConfig.model_fields["min_cosine"].description
+                   + " Give 'none' to only report it.")
     p.add_argument("--config", help="YAML with profile keys (top level, or under a 'profile:' section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and run nothing")
@@ -67,25 +73,14 @@ def build_config(args: argparse.Namespace) -> Any:
     """The :class:`ProfileConfig` from ``--config``, the flags, then ``--set`` (later wins)."""
     from pydantic import ValidationError
 
-    from edgefuse.config.profile import ProfileConfig
     from edgefuse.errors import ConfigError
 
     data: dict[str, Any] = {}
     if args.config:
         data = _read_yaml(Path(args.config))
-    flags = {
-        "target": args.target, "cpu": args.cpu, "threads": args.threads, "batch_sizes": args.batch_sizes,
-        "sequence_lengths": args.seq_lens, "runs": args.runs, "warmup_runs": args.warmup_runs,
-        "time_budget_s": args.time_budget_s, "graph_optimization_level": args.opt_level,
-        "inputs_npz": args.inputs_npz, "parity_metric": args.parity_metric, "ssh_identity_file": args.ssh_identity,
-        "ssh_known_hosts_file": args.ssh_known_hosts, "ssh_python": args.ssh_python,
-    }
-    data.update({k: v for k, v in flags.items() if v is not None})
+    data.update(flag_values(args, PROFILE_FLAGS))
     if args.min_cosine is not None:
         data["min_cosine"] = None if args.min_cosine.lower() == "none" else _float(args.min_cosine, "--min-cosine")
-    for flag, key in (("no_memory", "memory"), ("no_op_profile", "op_profile"), ("no_check_outputs", "check_outputs")):
-        if getattr(args, flag):
-            data[key] = False
     if args.set:
         from edgefuse.config.pipeline import apply_overrides
 
@@ -131,9 +126,7 @@ def summary(result: Any) -> str:
                      fmt_ms(p.get("latency_ms_p50")), fmt_ratio(p.get("ratio_vs_reference_p50")),
                      f"{g['file_size_bytes'] / 2**20:.2f}", fmt_mib((g.get("memory") or {}).get("peak_rss_mib")),
                      fmt_num((g.get("parity") or {}).get("min_cosine"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [target_label(env)] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
+    return target_label(env) + "\n" + format_table(rows)
 
 
 def write_outputs(result: Any, out: Path, overwrite: bool, inputs: Any = ()) -> None:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.config.quantize import CALIBRATION_METHODS, PRESETS, QUANT_MODES
+from edgefuse.cli.options import Flag, add_flags, flag_values
+from edgefuse.config.quantize import QuantizeConfig
 
 HELP = """Quantize the fp32 graph of an export folder and check the result against it.
 
@@ -42,62 +43,50 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return read_yaml_mapping(Path(path))
 
 
+# the QuantizeConfig keys this command sets (type, choices and help come from the config); every key is a flag
+QUANTIZE_FLAGS = (
+    Flag("mode"),
+    Flag("preset"),
+    Flag("per_channel", "--per-tensor", negate=True, extra="Give --per-tensor for one scale per weight tensor."),
+    Flag("reduce_range"),
+    Flag("op_types", metavar="OP"),
+    Flag("exclude", append=True, metavar="NODE", extra="(repeatable)"),
+    Flag("calibration_method"),
+    Flag("calibration_data", metavar="FILE"),
+    Flag("calibration_samples", metavar="N"),
+    Flag("max_sequence_length", "--max-seq-len", metavar="N"),
+    Flag("block_size"),
+    Flag("int4_symmetric", "--int4-asymmetric", negate=True, extra="Give --int4-asymmetric for zero points."),
+    Flag("int4_accuracy_level", "--accuracy-level"),
+    Flag("auto_target_cosine", metavar="COS"),
+    Flag("auto_max_kept", metavar="N"),
+    Flag("min_cosine", metavar="COS"),
+    Flag("eval_data", metavar="TSV"),
+    Flag("eval_samples", metavar="N"),
+    Flag("output_name"),
+    Flag("overwrite"),
+)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("quantize", help="int8 / int4 quantization of an exported graph, checked", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export_dir", help="folder written by `edgefuse export` (or a .onnx file)")
     p.add_argument("--config", type=Path, metavar="YAML", help="quantize settings file (keys of QuantizeConfig)")
-    p.add_argument("--mode", choices=QUANT_MODES, help="dynamic (default), static or int4")
-    p.add_argument("--preset", choices=PRESETS, help="target CPU; auto (default) detects this host")
-    p.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
-                   help="int8: one scale per weight tensor (default: per channel; far less accurate on MiniLM)")
-    p.add_argument("--reduce-range", action="store_true", default=None,
-                   help="int8: 7-bit weights (against saturation on non-VNNI x86; default: off)")
-    p.add_argument("--op-types", nargs="+", metavar="OP",
-                   help="int8: operator types to quantize (default MatMul Gather)")
-    p.add_argument("--exclude", action="append", metavar="NODE",
-                   help="node name kept in fp32; 're:' prefix for a regex (repeatable)")
-    p.add_argument("--calibration-data", type=Path, metavar="FILE",
-                   help="TSV/CSV with a text column to calibrate and compare on (default: built-in sentences)")
-    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
-                   help="static: minmax (default), percentile, entropy")
-    p.add_argument("--calibration-samples", type=int, metavar="N",
-                   help="texts read from --calibration-data (default 64)")
-    p.add_argument("--max-seq-len", dest="max_sequence_length", type=int, metavar="N",
-                   help="tokens per calibration text (default 128)")
-    p.add_argument("--block-size", type=int, help="int4: block size 16/32/64/128/256 (default 32)")
-    p.add_argument("--int4-asymmetric", dest="int4_symmetric", action="store_false", default=None,
-                   help="int4: asymmetric blocks with zero points (default symmetric)")
-    p.add_argument("--accuracy-level", dest="int4_accuracy_level", type=int, choices=(0, 1, 2, 3, 4),
-                   help="int4: MatMulNBits compute type (default 4: int8 activations)")
-    p.add_argument("--auto-target-cosine", type=float, metavar="COS",
-                   help="keep the most sensitive MatMuls in fp32 until the cosine against fp32 reaches COS")
-    p.add_argument("--auto-max-kept", type=int, metavar="N", help="auto: at most N MatMuls kept in fp32 (default 16)")
-    p.add_argument("--min-cosine", type=float, metavar="COS", help="fail below this mean cosine (default 0.9)")
-    p.add_argument("--eval-data", type=Path, metavar="TSV", help="labelled TSV (sentence, label) for accuracy")
-    p.add_argument("--eval-samples", type=int, metavar="N", help="rows of --eval-data (default all)")
-    p.add_argument("--output-name", help="file name of the quantized graph (default: conventional name)")
+    add_flags(p, QuantizeConfig, QUANTIZE_FLAGS)
     p.add_argument("--out-dir", type=Path, help="write into this folder instead of EXPORT_DIR")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing graph of that name")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and preset, write nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(run=run)
-
-
-_KEYS = ("mode", "preset", "per_channel", "reduce_range", "op_types", "exclude", "calibration_data",
-         "calibration_method", "calibration_samples", "max_sequence_length", "block_size", "int4_symmetric",
-         "int4_accuracy_level",
-         "auto_target_cosine", "auto_max_kept", "min_cosine", "eval_data", "eval_samples", "output_name", "overwrite")
 
 
 def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
     from edgefuse.config.messages import first_error
-    from edgefuse.config.quantize import QuantizeConfig
 
     values: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
-    values.update({k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None})
+    values.update(flag_values(args, QUANTIZE_FLAGS))
     try:
         return QuantizeConfig(**values)
     except ValidationError as exc:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgefuse.cli.options import format_table
+
 # The stage table lives in edgefuse.pipeline.stages; it is repeated here so that `edgefuse --help` does not import
 # the config models (tests/test_cli_help.py checks that both lists agree).
 STAGE_NAMES: tuple[str, ...] = (
@@ -78,20 +80,14 @@ def _cell(value: Any, fmt: str) -> str:
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The short table printed at the end of a run: one line per graph."""
     header = ("graph", "size MiB", "p50 ms", "x ref", "peak MiB", "cos teacher", "cos torch", "accuracy")
-    lines = [header]
+    lines = []
     for r in rows:
         lines.append((
             r["variant"], _cell(r.get("size_mib"), ".1f"), _cell(r.get("latency_ms"), ".2f"),
             _cell(r.get("latency_ratio"), ".2f"), _cell(r.get("peak_rss_mib"), ".0f"), _cell(r.get("cosine"), ".4f"),
             _cell(r.get("cosine_vs_pytorch"), ".4f"), _cell(r.get("accuracy"), ".4f"),
         ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-        for line in lines
-    ]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return format_table(lines, header=header, right=range(1, len(header)))
 
 
 def passive_openmp() -> None:

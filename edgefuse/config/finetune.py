@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from edgefuse.config import StrictModel
 
 FinetuneTask = Literal["sequence-classification", "causal-lm", "feature-extraction"]
+# the objectives of recovery, each spelled one way everywhere (CLI --objective, results, docs): name -> weight key
+OBJECTIVES: dict[str, str] = {"task": "task_weight", "logits": "logits_weight", "hidden": "hidden_weight"}
 FINETUNE_TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm", "feature-extraction")
 
 

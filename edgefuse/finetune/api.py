@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgefuse.config.finetune import DataConfig, FinetuneConfig
+from edgefuse.config.finetune import OBJECTIVES, DataConfig, FinetuneConfig
 from edgefuse.errors import ConfigError, DataError, UnsupportedArchitectureError
 from edgefuse.finetune.data import FinetuneData, load_finetune_data
 from edgefuse.finetune.evaluate import greedy_samples, main_metric
@@ -224,11 +224,7 @@ def finetune_(
     steps = max(outcome.steps_run, 1)
     return FinetuneResult(
         task=cfg.task,
-        objective_weights={
-            "task": cfg.task_weight,
-            "distill_logits": cfg.logits_weight,
-            "distill_hidden": cfg.hidden_weight,
-        },
+        objective_weights={name: getattr(cfg, key) for name, key in OBJECTIVES.items()},
         steps_run=outcome.steps_run,
         total_steps=outcome.total_steps,
         stopped_by=outcome.stopped_by,

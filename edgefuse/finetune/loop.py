@@ -164,6 +164,15 @@ def _place(model: nn.Module, teacher: nn.Module | None, device: torch.device) ->
             p.requires_grad_(False)
 
 
+def _data_parallel(model: nn.Module, ctx: DistContext, device: torch.device) -> Any:
+    """``model`` wrapped in ``DistributedDataParallel`` when there are several processes, else itself."""
+    if ctx.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
+
+
 def _restore_or_start(
     cfg: FinetuneConfig, output_dir: str | None, resume: bool, model: nn.Module, optimizer: Any, scheduler: Any
 ) -> tuple[TrainState, int | None]:
@@ -324,6 +333,30 @@ class _Stepper:
         return float((parts * weights).sum())
 
 
+class _Bar:
+    """The progress bar of the main process (nothing elsewhere, or without ``progress``)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self._bar = None
+        if enabled:
+            from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
+
+            self._bar = progress_bar(total, initial=initial, desc="finetune", unit="step")
+
+    def update(self, loss: float, examples_per_s: float, lr: float) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{examples_per_s:.1f}", lr=f"{lr:.2e}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _checkpoint_due(cfg: FinetuneConfig, output_dir: str | None, step: int) -> bool:
+    return bool(output_dir and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
+
+
 def _out_of_time(cfg: FinetuneConfig, state: TrainState, total_steps: int, ctx: DistContext, device: Any) -> bool:
     """``max_time_s`` is spent (decided together, so every rank stops at the same step)."""
     if cfg.max_time_s is None or state.step >= total_steps:
@@ -363,20 +396,11 @@ def run_loop(
     state, resumed_from = _restore_or_start(cfg, output_dir, resume, model, optimizer, scheduler)
     if resumed_from is None:
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout; a resumed run restored the RNG instead
-    wrapped: Any = model
-    if ctx.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
-    stepper = _Stepper(wrapped, teacher, cfg, data, ctx, device, named, optimizer, scheduler, plan,
-                       lengths=[len(x) for x in data.train.input_ids] if cfg.group_by_length else None)
+    stepper = _Stepper(_data_parallel(model, ctx, device), teacher, cfg, data, ctx, device, named, optimizer,
+                       scheduler, plan, lengths=[len(x) for x in data.train.input_ids] if cfg.group_by_length else None)
     tracker = _Tracker(model, cfg, data, teacher, ctx, output_dir, state,
                        metric=main_metric(cfg.task, has_labels=data.train.labels is not None))
-    bar = None
-    if progress and ctx.is_main:
-        from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
-
-        bar = progress_bar(plan.total_steps, initial=state.step, desc="finetune", unit="step")
+    bar = _Bar(progress and ctx.is_main, plan.total_steps, state.step)
     model.train()
     start_step, elapsed0, t0 = state.step, state.elapsed_s, time.perf_counter()
     stopped_by = "max_steps"
@@ -393,16 +417,12 @@ def run_loop(
             examples += plan.global_batch
             if state.step % cfg.log_every_steps == 0 or state.step == plan.total_steps:
                 state.loss_curve.append([float(state.step), loss_value])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}",
-                                ex_s=f"{examples / max(time.perf_counter() - t0, 1e-9):.1f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.update(loss_value, examples / max(time.perf_counter() - t0, 1e-9), scheduler.get_last_lr()[0])
             if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
                 tracker.evaluate()
                 model.train()
             state.elapsed_s = elapsed0 + (time.perf_counter() - t0)
-            if output_dir and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+            if _checkpoint_due(cfg, output_dir, state.step):
                 if ctx.is_main:
                     save_checkpoint(output_dir, state, model, optimizer, scheduler)
                 barrier(ctx)
@@ -410,8 +430,7 @@ def run_loop(
                 stopped_by = "max_time_s"
                 break
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     train_seconds = time.perf_counter() - t0
     state.elapsed_s = elapsed0 + train_seconds
     final, best_restored = tracker.final()

@@ -36,6 +36,7 @@ from edgefuse.fusion.clustering import (
     truncated_svd,
     unit_importance,
 )
+from edgefuse.names import table_entry
 
 # fn(weights, k, seed, n_init, max_iter) -> Compressed
 CompressFn = Callable[[MlpWeights, int, int, int, int], Compressed]
@@ -136,10 +137,7 @@ def get_method(name: str) -> CompressionMethod:
     Raises:
         ConfigError: unknown method (the message lists the known ones).
     """
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+    return table_entry(METHODS, name, what="method")
 
 
 def compress_mlp(

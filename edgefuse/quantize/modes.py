@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgefuse.config.quantize import QuantizeConfig
-from edgefuse.errors import ConfigError
+from edgefuse.names import table_entry
 from edgefuse.quantize.presets import QuantPreset
 
 # backend(src, dst, cfg, preset, exclude, calibration feeds) -> the settings it used (for the manifest)
@@ -146,7 +146,4 @@ def get_mode(name: str) -> QuantMode:
     Raises:
         ConfigError: unknown mode (the message lists the known ones).
     """
-    try:
-        return MODES[name]
-    except KeyError:
-        raise ConfigError(f"unknown quantization mode {name!r}; choose one of {', '.join(MODES)}") from None
+    return table_entry(MODES, name, what="quantization mode")
