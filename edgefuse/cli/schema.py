@@ -47,6 +47,7 @@ REFERENCE_SECTIONS: tuple[tuple[str, str], ...] = (
     ("search", "edgefuse.config.search:SearchConfig"),
     ("fusion", "edgefuse.config.fusion:FusionConfig"),
     ("export", "edgefuse.config.export:ExportConfig"),
+    ("optimize", "edgefuse.config.optimize:OptimizeConfig"),
     ("quantize", "edgefuse.config.quantize:QuantizeConfig"),
     ("evaluate", "edgefuse.config.pipeline:EvaluateConfig"),
     ("profile", "edgefuse.config.profile:ProfileConfig"),

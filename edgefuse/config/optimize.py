@@ -91,5 +91,8 @@ class OptimizeConfig(StrictModel):
             >>> OptimizeConfig(fusions=["attention", "gelu"], disable=["gelu"]).enabled()
             ('attention',)
         """
-        chosen = {"default": DEFAULT_FUSIONS, "none": ()}.get(self.fusions, self.fusions)  # type: ignore[arg-type]
+        if isinstance(self.fusions, str):
+            chosen: tuple[str, ...] | list[str] = DEFAULT_FUSIONS if self.fusions == "default" else ()
+        else:
+            chosen = self.fusions
         return tuple(f for f in FUSIONS if f in chosen and f not in self.disable)

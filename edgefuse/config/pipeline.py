@@ -22,6 +22,7 @@ from edgefuse.config.export import ExportConfig
 from edgefuse.config.finetune import FINETUNE_TASKS, DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.config.messages import apply_overrides, parse_override, validation_message
+from edgefuse.config.optimize import OptimizeConfig
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.config.report import ReportConfig
@@ -119,6 +120,12 @@ class PipelineConfig(StrictModel):
     export: ExportConfig | None = Field(
         None, description="Export the final model to ONNX, validated against PyTorch. None: stop after PyTorch."
     )
+    optimize: OptimizeConfig | None = Field(
+        None,
+        description="Apply onnxruntime's transformer fusions to the exported graph (checked against it); quantize "
+        "then works on the optimized graph. None (default): edgefuse's graphs stay op for op the exporter's, which "
+        "measured faster on x86 with AVX-512 VNNI (benchmarks/results/tune.md).",
+    )
     quantize: QuantizeConfig | None = Field(None, description="Quantize the exported graph. None: fp32 only.")
     reference: bool = Field(
         True,
@@ -168,7 +175,7 @@ class PipelineConfig(StrictModel):
                 problems.append(f"{key}.task {ft.task!r} differs from model.task {task!r}; remove {key}.task")
         if isinstance(self.finetune, list) and not self.finetune:
             problems.append("finetune is an empty list; give at least one phase, or null to skip recovery")
-        for key in ("quantize", "profile"):
+        for key in ("optimize", "quantize", "profile"):
             if getattr(self, key) is not None and self.export is None:
                 problems.append(f"{key} needs an export section (it works on the exported graph)")
         if self.check is not None:

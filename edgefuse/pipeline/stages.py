@@ -72,6 +72,8 @@ def _reference_enabled(cfg: PipelineConfig) -> bool:
 
 def _graph_stages(cfg: PipelineConfig) -> tuple[str, ...]:
     names = ["export"] if cfg.export is not None else []
+    if cfg.export is not None and cfg.optimize is not None:
+        names.append("optimize")
     if cfg.export is not None and cfg.quantize is not None:
         names.append("quantize")
     if _reference_enabled(cfg):
@@ -118,9 +120,16 @@ STAGES: tuple[Stage, ...] = (
         run=_run(_G, "run_export"),
     ),
     Stage(
+        "optimize", "optimize",
+        enabled=lambda c: c.export is not None and c.optimize is not None,
+        needs=lambda c: ("export",),
+        payload=lambda c: {"optimize": _dump(c.optimize)},
+        run=_run(_G, "run_optimize"),
+    ),
+    Stage(
         "quantize", "quantize",
         enabled=lambda c: c.export is not None and c.quantize is not None,
-        needs=lambda c: ("export", DATA),
+        needs=lambda c: ("optimize" if c.optimize is not None else "export", DATA),
         payload=lambda c: {"quantize": _dump(c.quantize), "data": _dump(c.data)},
         run=_run(_G, "run_quantize"),
     ),
