@@ -117,6 +117,24 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def tuned_session_options(graph: Path) -> dict[str, Any] | None:
+    """The session options ``edgefuse tune`` recorded for ``graph`` when it is its folder's tuned graph, else None.
+
+    Example:
+        >>> tuned_session_options(Path("/nonexistent/model.onnx")) is None
+        True
+    """
+    graph = Path(graph)
+    path = graph.parent / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        tuned = json.loads(path.read_text()).get("tuned") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dict(tuned.get("session_options") or {}) if tuned.get("graph") == graph.name else None
+
+
 def verify_graph(folder: Path, name: str, manifest: dict[str, Any]) -> None:
     """Check that ``folder/name`` still has the sha256 the manifest recorded.
 

@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
     p.add_argument("--runs", type=int, help="timed runs per graph and point (default 20)")
     p.add_argument("--warmup-runs", type=int, help="untimed runs before each point (default 5)")
     p.add_argument("--time-budget-s", type=float, help="stop timing a point after this many seconds")
+    p.add_argument("--clock", choices=("wall", "cpu"),
+                   help="clock of the headline figures (default wall; both are recorded): cpu is thread CPU time "
+                   "at 1 thread, process CPU time otherwise")
     p.add_argument("--opt-level", choices=OPT_LEVELS, help="onnxruntime graph optimisation (default all)")
     p.add_argument("--min-cosine", help="fail when an output cosine vs the first graph is below this (default "
                    "0.99); 'none' only reports it")
@@ -76,7 +79,8 @@ def build_config(args: argparse.Namespace) -> Any:
     flags = {
         "target": args.target, "cpu": args.cpu, "threads": args.threads, "batch_sizes": args.batch_sizes,
         "sequence_lengths": args.seq_lens, "runs": args.runs, "warmup_runs": args.warmup_runs,
-        "time_budget_s": args.time_budget_s, "graph_optimization_level": args.opt_level,
+        "time_budget_s": args.time_budget_s, "clock": getattr(args, "clock", None),
+        "graph_optimization_level": args.opt_level,
         "inputs_npz": args.inputs_npz, "parity_metric": args.parity_metric, "ssh_identity_file": args.ssh_identity,
         "ssh_known_hosts_file": args.ssh_known_hosts, "ssh_python": args.ssh_python,
     }
@@ -132,7 +136,8 @@ def summary(result: Any) -> str:
 
     d = result.to_dict()
     env = d["environment"]
-    lat = "emulated p50 ms" if env["emulated"] else "p50 ms"
+    clock = (d.get("config") or {}).get("clock", "wall")
+    lat = ("emulated " if env["emulated"] else "") + ("p50 CPU ms" if clock == "cpu" else "p50 ms")
     rows = [("graph", "threads", "b x s", lat, f"vs {d['reference_label']}", "file MiB", "peak RSS MiB", "cosine")]
     for g in d["graphs"]:
         p = headline_point(g) or {}
