@@ -193,7 +193,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
         # KV-cache graphs: time the prefill of a prompt with an empty cache (the profiler's random feeds assume
         # (batch, sequence) inputs only); every graph of the run has the same inputs
         npz = ctx.out / "prefill_inputs.npz"
-        if _write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
+        if write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
             pcfg = pcfg.model_copy(update={"inputs_npz": npz})
     result = profile_onnx([graphs[r] for r in order], pcfg)
     from edgefuse.io_utils import write_json_atomic
@@ -213,7 +213,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
             "emulated": result.environment.emulated, "target": result.environment.target}
 
 
-def _write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
+def write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
     """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors.
 
     Returns False, writing nothing, for a graph without ``past_key_values.*`` inputs."""
