@@ -176,3 +176,27 @@ def test_cli_dry_run_and_run(bert: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert main(["tune", str(folder), "--candidates", "fp32", "int8", "--budget-s", "0.5", "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "| int8 |" in out and "Winner" in out
+
+
+def test_pipeline_tune_stage_is_what_profile_and_check_time(tmp_path: Path) -> None:
+    from pipeline_tiny import base_config, save_tiny_bert
+
+    from edgefuse.check.api import run_check
+    from edgefuse.config.pipeline import config_from_dict
+
+    model_dir = save_tiny_bert(tmp_path / "bert")
+    spec = {"disabled_optimizers": ["SkipLayerNormFusion"]}
+    cfg = config_from_dict(base_config(
+        model_dir, export={}, reference=False,
+        tune={**FAST, "candidates": [{"name": "int8-noskip", "session": spec}]},
+        profile={"threads": [1], "sequence_lengths": [16], "runs": 3, "warmup_runs": 1, "memory": False,
+                 "op_profile": False, "clock": "cpu"},
+        check={"reference": "fp32", "budgets": {"max_latency_ratio": 100.0}}))
+    res = run_check(cfg, tmp_path / "run")
+    assert res.passed and res.candidate_graph.endswith("tuned/model_tuned.onnx")
+    profile = json.loads((tmp_path / "run" / "profile" / "profile.json").read_text())
+    tuned_graph = next(g for g in profile["graphs"] if "model_tuned" in g["label"])
+    assert tuned_graph["session_options"] == spec  # profiled with the options it was tuned with
+    assert profile["graphs"][0]["latency"][0]["cpu_clock"] == "thread"
+    tuned = read_manifest(tmp_path / "run" / "tune" / "tuned")["tuned"]
+    assert tuned["session_options"] == spec

@@ -19,9 +19,11 @@ from edgefuse.pipeline.context import StageContext, producer
 logger = logging.getLogger(__name__)
 
 # graph folder per role; the names become the profiler's labels ("fp32/model", "reference-fp32/model")
-ONNX_DIRS = {"fp32": "fp32", "reference": "reference-fp32", "optimized": "optimized", "quantized": "quantized"}
-ROLES: tuple[str, ...] = ("reference", "fp32", "optimized", "quantized")
-ROLE_STAGE = {"reference": "reference", "fp32": "export", "optimized": "optimize", "quantized": "quantize"}
+ONNX_DIRS = {"fp32": "fp32", "reference": "reference-fp32", "optimized": "optimized", "quantized": "quantized",
+             "tuned": "tuned"}
+ROLES: tuple[str, ...] = ("reference", "fp32", "optimized", "quantized", "tuned")
+ROLE_STAGE = {"reference": "reference", "fp32": "export", "optimized": "optimize", "quantized": "quantize",
+              "tuned": "tune"}
 
 
 def graph_paths(ctx: StageContext) -> dict[str, Path]:
@@ -120,6 +122,23 @@ def run_quantize(ctx: StageContext) -> dict[str, Any]:
     data["src_path"] = str(src)
     data["onnx_path"] = _relative(ctx, Path(result.onnx_path))
     return {"graph": data["onnx_path"], "quantize": data}
+
+
+def run_tune(ctx: StageContext) -> dict[str, Any]:
+    """The exported folder, copied into this stage's folder, tuned: the winner and its session options recorded."""
+    import shutil
+
+    from edgefuse.tune.api import tune_folder
+
+    tcfg = ctx.cfg.tune
+    folder = ctx.out / ONNX_DIRS["tuned"]
+    src = graph_paths(ctx)["fp32"].parent
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model_tuned*.onnx", "tune_report.*"))
+    texts = None if tcfg.calibration_data is not None else ctx.texts(tcfg.calibration_samples)
+    result = tune_folder(folder, tcfg, calibration_texts=texts)
+    data = result.to_dict()
+    data["folder"] = _relative(ctx, folder)
+    return {"graph": _relative(ctx, folder / result.graph), "tune": data}
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
@@ -255,6 +274,7 @@ def run_report(ctx: StageContext) -> dict[str, Any]:
     titles = {"search": "keep_ratio search", "fuse": "Fusion", "teacher": "Teacher fine-tune",
               "recover": "Recovery", "export": "Export (fp32)", "reference": "Reference export (unfused fp32)",
               "optimize": "Graph optimisation (onnxruntime fusions)", "quantize": "Quantization",
+              "tune": "Tuning on the target",
               "evaluate": "Agreement with PyTorch and the teacher"}
     for stage, title in titles.items():
         if stage in ctx.records:
@@ -269,7 +289,7 @@ def run_report(ctx: StageContext) -> dict[str, Any]:
 def variant_rows(records: dict[str, Any], graphs: dict[str, str]) -> list[dict[str, Any]]:
     """One row per graph: size, latency, ratio, memory, agreement and accuracy (what the summary table shows)."""
     names = {"reference": "unfused fp32", "fp32": "final fp32", "optimized": "final optimized fp32",
-             "quantized": "final quantized"}
+             "quantized": "final quantized", "tuned": "final tuned"}
     profile = records["profile"].result.get("roles", {}) if "profile" in records else {}
     evaluate = records["evaluate"].result.get("graphs", {}) if "evaluate" in records else {}
     rows = []

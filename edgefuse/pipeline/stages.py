@@ -76,6 +76,8 @@ def _graph_stages(cfg: PipelineConfig) -> tuple[str, ...]:
         names.append("optimize")
     if cfg.export is not None and cfg.quantize is not None:
         names.append("quantize")
+    if cfg.export is not None and cfg.tune is not None:
+        names.append("tune")
     if _reference_enabled(cfg):
         names.append("reference")
     return tuple(names)
@@ -132,6 +134,13 @@ STAGES: tuple[Stage, ...] = (
         needs=lambda c: ("optimize" if c.optimize is not None else "export", DATA),
         payload=lambda c: {"quantize": _dump(c.quantize), "data": _dump(c.data)},
         run=_run(_G, "run_quantize"),
+    ),
+    Stage(
+        "tune", "tune",
+        enabled=lambda c: c.export is not None and c.tune is not None,
+        needs=lambda c: ("export", DATA),
+        payload=lambda c: {"tune": _dump(c.tune), "data": _dump(c.data)},
+        run=_run(_G, "run_tune"),
     ),
     Stage(
         "reference", "reference",

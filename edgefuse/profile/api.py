@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -101,7 +102,8 @@ def profile_onnx(
         if cfg.check_outputs:
             parity = _parity(infos, shapes, cfg, work, session, target_outputs, env)
     result = ProfileResult(
-        graphs=tuple(_graph_profile(i, info, bench, memories, parity, cfg) for i, info in enumerate(infos)),
+        graphs=tuple(dataclasses.replace(_graph_profile(i, info, bench, memories, parity, cfg),
+                                         session_options=sessions[i]) for i, info in enumerate(infos)),
         reference_label=infos[0].label,
         environment=env,
         interleaved=len(infos) > 1,
@@ -267,8 +269,6 @@ def _graph_profile(
 
 def _latency(point: dict[str, Any], i: int, cfg: ProfileConfig) -> Any:
     """Graph ``i``'s statistics at one point on ``cfg.clock``, with both clocks' p50 and ratio recorded."""
-    import dataclasses
-
     wall, cpu = point["latencies_ms"], point.get("cpu_ms")
     if cfg.clock == "cpu" and cpu is None:
         raise ProfileError("the runner on the target recorded no CPU time (an older runner); use clock: wall")

@@ -175,6 +175,8 @@ class GraphProfile:
     memory: MemoryResult | None
     op_profile: OpProfile | None
     parity: ParityResult | None
+    # the graph's own onnxruntime session options (e.g. the ones `edgefuse tune` chose); None: the config's
+    session_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
