@@ -123,7 +123,8 @@ class TuneConfig(StrictModel):
     )
     min_cosine: float = Field(
         0.99, gt=-1, le=1, description="Gate: mean cosine of the task output (pooled embedding, logits, next-token "
-        "logits) against the fp32 graph, on this machine and on the target; a candidate below it is rejected."
+        "logits) against the fp32 graph on real text, on this machine; on a remote target the device's outputs must "
+        "also agree with this machine's run of the same graph to this cosine. A candidate below it is rejected."
     )
     calibration_data: Path | None = Field(
         None, description="TSV/CSV of texts for the gate and static calibration. None: built-in sentences."

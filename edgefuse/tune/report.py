@@ -23,7 +23,7 @@ class CandidateResult:
     reason: str = ""
     cosine_mean: float | None = None
     cosine_min: float | None = None
-    target_cosine: float | None = None
+    target_cosine: float | None = None  # remote target: its outputs vs this machine's run of the same graph
     accuracy: float | None = None
     size_bytes: int | None = None
     latency_ms_p50: float | None = None  # on the ranking clock
@@ -106,7 +106,7 @@ def markdown(result: TuneResult) -> str:
         "",
         f"**Winner: {result.winner}** ({result.graph}). {result.why}",
         "",
-        "| candidate | graph | session | cosine vs fp32 | on target | p50 ms | wall p50 ms | CPU p50 ms "
+        "| candidate | graph | session | cosine vs fp32 | target vs here | p50 ms | wall p50 ms | CPU p50 ms "
         "| vs fp32 p50 [p10-p90] | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
