@@ -17,7 +17,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,9 @@ from edgefuse.errors import ExportValidationError, OutputExistsError, TargetNotF
 from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
 from edgefuse.metrics import passes_min
 from edgefuse.optimize.results import OptimizeResult
+
+# one implementation of "write beside the source, or into out_dir with its config and tokenizer files"
+from edgefuse.quantize.api import _prepare_out
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +47,6 @@ def _locate(src: Path) -> tuple[Path, str, dict[str, Any]]:
         raise TargetNotFoundError(f"{name!r} is not listed in {str(folder / MANIFEST_NAME)!r}; export it with "
                                   "`edgefuse export` first")
     return folder, name, manifest
-
-
-def _out_folder(folder: Path, out_dir: Path | None) -> Path:
-    """The folder to write into; a separate ``out_dir`` gets the config and tokenizer files copied."""
-    if out_dir is None or Path(out_dir).resolve() == folder.resolve():
-        return folder
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in folder.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name != MANIFEST_NAME and not f.name.startswith("."):
-            shutil.copy2(f, out / f.name)
-    return out
 
 
 def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: int, fusions: tuple[str, ...],
@@ -106,7 +96,7 @@ def optimize_onnx(
     start = time.perf_counter()
     folder, src_name, manifest = _locate(Path(src))
     src_path = folder / src_name
-    out = _out_folder(folder, out_dir)
+    out = _prepare_out(folder, out_dir, manifest)
     name = cfg.output_name or DEFAULT_NAME
     final = out / name
     if final.exists() and not cfg.overwrite:
