@@ -10,7 +10,7 @@ Example:
     >>> _ = (folder / "model.onnx").write_bytes(b"graph")
     >>> m = new_manifest(task="feature-extraction", model_type="bert", exporter="torch")
     >>> _ = add_graph(m, folder, "model.onnx", kind="fp32", settings={}, checks={})
-    >>> write_manifest(folder, m)
+    >>> _ = write_manifest(folder, m)
     >>> read_manifest(folder)["graphs"]["model.onnx"]["size_bytes"]
     5
 """
