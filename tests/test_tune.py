@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_export import fused, tiny_tokenizer
+from tolerances import INT8_UNREACHABLE_MIN_COSINE, QUANT_TINY_MIN_COSINE, TUNE_TINY_DECODER_MIN_COSINE
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.tune import CandidateConfig, SessionSpec, TuneConfig
@@ -36,11 +37,11 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_a_candidate_below_the_gate_is_never_chosen(bert: Path, tmp_path: Path) -> None:
     folder = _copy(bert, tmp_path / "f")
-    # int8 cannot reach 1 - 1e-9 against fp32; the fp32 graphs (plain, or with exact fusions) can
+    # int8 cannot reach INT8_UNREACHABLE_MIN_COSINE against fp32; the fp32 graphs (plain, or with exact fusions) can
     cands = [CandidateConfig(name="int8"), CandidateConfig(name="int8-pt", per_channel=False),
              CandidateConfig(name="fp32-noskip", quantize="fp32", session=SessionSpec(
                  disabled_optimizers=["SkipLayerNormFusion"]))]
-    res = tune_folder(folder, TuneConfig(candidates=cands, min_cosine=1 - 1e-9, **FAST))
+    res = tune_folder(folder, TuneConfig(candidates=cands, min_cosine=INT8_UNREACHABLE_MIN_COSINE, **FAST))
     rows = {r.name: r for r in res.candidates}
     assert res.winner == "fp32-noskip" and rows["fp32-noskip"].status == "winner"
     for name in ("int8", "int8-pt"):
@@ -56,7 +57,7 @@ def test_default_set_winner_and_session_options_round_trip(bert: Path, tmp_path:
     names = [r.name for r in res.candidates]
     assert names[:3] == ["fp32", "int8", "int8-noskipfusion"] and "qdq-int8" in names
     winner = next(r for r in res.candidates if r.status == "winner")
-    assert winner.passed and winner.cosine_mean >= 0.99 and winner.ratio_p50 is not None
+    assert winner.passed and winner.cosine_mean >= QUANT_TINY_MIN_COSINE and winner.ratio_p50 is not None
     assert all(r.latency_ms_p50 is not None for r in res.candidates if r.passed)
     manifest = read_manifest(folder)
     tuned = manifest["tuned"]
@@ -99,7 +100,8 @@ def test_nothing_passes_fails_and_writes_nothing(bert: Path, tmp_path: Path) -> 
     folder = _copy(bert, tmp_path / "f")
     before = read_manifest(folder)
     with pytest.raises(QuantizationError, match="no candidate passed"):
-        tune_folder(folder, TuneConfig(candidates=[CandidateConfig(name="int8")], min_cosine=1 - 1e-9, **FAST))
+        tune_folder(folder, TuneConfig(candidates=[CandidateConfig(name="int8")],
+                                       min_cosine=INT8_UNREACHABLE_MIN_COSINE, **FAST))
     assert read_manifest(folder) == before
     assert not (folder / "model_tuned.onnx").exists() and not list(folder.glob(".tune-*"))
 
@@ -107,7 +109,7 @@ def test_nothing_passes_fails_and_writes_nothing(bert: Path, tmp_path: Path) -> 
 def test_decoder_with_kv_cache(tmp_path: Path) -> None:
     export_onnx(fused("llama", "lm"), ExportConfig(task="causal-lm", generate_tokens=0), tmp_path / "llama")
     cands = [CandidateConfig(name="int8"), CandidateConfig(name="opt-int8", fusions="default")]
-    res = tune_folder(tmp_path / "llama", TuneConfig(candidates=cands, min_cosine=0.9, **FAST))
+    res = tune_folder(tmp_path / "llama", TuneConfig(candidates=cands, min_cosine=TUNE_TINY_DECODER_MIN_COSINE, **FAST))
     rows = {r.name: r for r in res.candidates}
     assert "RotaryEmbedding" in rows["opt-int8"].settings.get("fused_ops", {})
     assert all(r.latency_ms_p50 is not None for r in res.candidates if r.passed)
