@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_export import fused, tiny_tokenizer
 from tiny import tiny_model
+from tolerances import APPROXIMATION_CATCHING_ATOL
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.optimize import DEFAULT_FUSIONS, FUSIONS, OptimizeConfig
@@ -93,7 +94,7 @@ def test_a_disagreeing_graph_fails_and_leaves_nothing(exports: dict[str, Path]) 
     from edgefuse.errors import ExportValidationError
 
     # the tanh approximation of GELU changes the function: a zero tolerance must catch it
-    cfg = OptimizeConfig(fusions=["gelu", "gelu_approximation"], atol=1e-12, rtol=0.0, output_name="bad.onnx")
+    cfg = OptimizeConfig(fusions=["gelu", "gelu_approximation"], atol=APPROXIMATION_CATCHING_ATOL, rtol=0.0, output_name="bad.onnx")
     with pytest.raises(ExportValidationError, match="disagrees"):
         optimize_onnx(exports["bert"], cfg)
     assert not (exports["bert"] / "bad.onnx").exists()

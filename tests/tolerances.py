@@ -56,3 +56,6 @@ INT8_UNREACHABLE_MIN_COSINE = 1 - 1e-9
 TUNE_TINY_DECODER_MIN_COSINE = 0.9
 # The same graph on an ssh loopback device (same CPU, same onnxruntime) agrees with this machine to rounding.
 SSH_LOOPBACK_SAME_GRAPH_MIN_COSINE = 0.999
+# The tanh approximation of GELU moves the tiny BERT's outputs by far more than this (measured ~1e-4): a
+# comparison at this tolerance must fail, proving that a disagreeing optimized graph is caught.
+APPROXIMATION_CATCHING_ATOL = 1e-12
