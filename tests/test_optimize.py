@@ -94,7 +94,8 @@ def test_a_disagreeing_graph_fails_and_leaves_nothing(exports: dict[str, Path]) 
     from edgefuse.errors import ExportValidationError
 
     # the tanh approximation of GELU changes the function: a zero tolerance must catch it
-    cfg = OptimizeConfig(fusions=["gelu", "gelu_approximation"], atol=APPROXIMATION_CATCHING_ATOL, rtol=0.0, output_name="bad.onnx")
+    cfg = OptimizeConfig(fusions=["gelu", "gelu_approximation"], atol=APPROXIMATION_CATCHING_ATOL, rtol=0.0,
+                         output_name="bad.onnx")
     with pytest.raises(ExportValidationError, match="disagrees"):
         optimize_onnx(exports["bert"], cfg)
     assert not (exports["bert"] / "bad.onnx").exists()
