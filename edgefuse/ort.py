@@ -47,9 +47,10 @@ def make_session(path: Path, *, threads: int = 2, optimize: bool = True, options
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **extra)
 
 
-def session(folder: Path, *, threads: int = 1) -> Any:
+def session(folder: Path, *, threads: int | None = None) -> Any:
     """The graph an export folder recommends, opened as recommended: the graph ``edgefuse tune`` chose, with the
     session options it was timed with (checked against the manifest's sha256), else the fp32 ``model.onnx``.
+    ``threads`` None: the thread count it was tuned at (1 for an untuned folder).
 
     Example:
         >>> s = session("out/minilm-onnx")  # doctest: +SKIP
@@ -63,7 +64,8 @@ def session(folder: Path, *, threads: int = 1) -> Any:
     tuned = manifest.get("tuned") or {}
     name = tuned.get("graph", "model.onnx")
     verify_graph(folder, name, manifest)
-    return make_session(folder / name, threads=threads, options=tuned.get("session_options"))
+    return make_session(folder / name, threads=threads or int(tuned.get("threads") or 1),
+                        options=tuned.get("session_options"))
 
 
 def random_batch(
