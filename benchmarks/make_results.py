@@ -23,6 +23,7 @@ SECTIONS = [
     ("profile", "Profile: x86, emulated ARM, SSH, HTML report (issue 4)"),
     ("deploy", "Deployment comparison and the physical limit (issue 6 items 2-3)"),
     ("generation", "Generation: SmolLM2 decode latency and perplexity (issue 6 item 4)"),
+    ("tune", "Host-tuned graphs: fusions, int8 and session options chosen by measurement (issue 13)"),
 ]
 
 

@@ -23,21 +23,30 @@ from edgefuse import metrics
 PAST_PREFIX = "past_key_values."
 
 
-def make_session(path: Path, *, threads: int = 2, optimize: bool = True) -> Any:
-    """A CPU ``InferenceSession`` with a fixed thread count (no spinning, so a shared CI box stays usable)."""
+def make_session(path: Path, *, threads: int = 2, optimize: bool = True, options: dict[str, Any] | None = None) -> Any:
+    """A CPU ``InferenceSession`` with a fixed thread count (no spinning, so a shared CI box stays usable).
+
+    ``options`` are the session options ``edgefuse tune`` records (``disabled_optimizers``, ``allow_spinning``,
+    ``intra_op_threads``, ``session_config``); they override the defaults.
+    """
     import onnxruntime as ort
 
+    own = options or {}
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = int(own.get("intra_op_threads") or threads)
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if own.get("allow_spinning") else "0")
+    for key, value in (own.get("session_config") or {}).items():
+        opts.add_session_config_entry(str(key), str(value))
     opts.log_severity_level = 4  # errors surface as exceptions; no console noise
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    disabled = [str(d) for d in own.get("disabled_optimizers") or ()]
+    extra = {"disabled_optimizers": disabled} if disabled else {}
     check_graph_file(path)
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **extra)
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, InvalidGraph...)
         from edgefuse.errors import TargetNotFoundError
 
@@ -87,6 +96,27 @@ def load_graph(path: Path, *, load_external_data: bool = False) -> Any:
     if not model.graph.node or not model.ir_version:
         raise TargetNotFoundError(f"{str(path)!r} holds no ONNX graph (truncated or damaged?); re-export it")
     return model
+
+
+def session(folder: Path, *, threads: int | None = None) -> Any:
+    """The graph an export folder recommends, opened as recommended: the graph ``edgefuse tune`` chose, with the
+    session options it was timed with (checked against the manifest's sha256), else the fp32 ``model.onnx``.
+    ``threads`` None: the thread count it was tuned at (1 for an untuned folder).
+
+    Example:
+        >>> s = session("out/minilm-onnx")  # doctest: +SKIP
+        >>> [i.name for i in s.get_inputs()]  # doctest: +SKIP
+        ['input_ids', 'attention_mask', 'token_type_ids']
+    """
+    from edgefuse.manifest import read_manifest, verify_graph
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tuned = manifest.get("tuned") or {}
+    name = tuned.get("graph", "model.onnx")
+    verify_graph(folder, name, manifest)
+    return make_session(folder / name, threads=threads or int(tuned.get("threads") or 1),
+                        options=tuned.get("session_options"))
 
 
 def random_batch(

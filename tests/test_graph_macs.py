@@ -43,3 +43,37 @@ def test_one_op_type_table() -> None:
     assert set(macs.MATMUL_OPS) <= ort_runner.FP_MATMULS | ort_runner.QUANTIZED_MATMULS
     assert not ort_runner.FP_MATMULS & ort_runner.QUANTIZED_MATMULS
     assert not ort_runner.INT8_MATMULS & ort_runner.INT4_MATMULS
+def _weight_macs(batch: int, seq: int) -> int:
+    """The products with a weight matrix (Q/K/V/O and the MLP); the rest are the attention scores and context."""
+    c = tiny_config("bert")
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    return layers * (4 * batch * seq * h * h + 2 * batch * seq * h * inter)
+
+
+def test_optimizer_fused_and_int8_graphs_count_the_same_macs(tmp_path: Path) -> None:
+    """Attention / QAttention graphs of onnxruntime's optimizer, and QDQ graphs, count what the plain export does."""
+    from edgefuse.config.optimize import OptimizeConfig
+    from edgefuse.config.quantize import QuantizeConfig
+    from edgefuse.optimize.api import optimize_onnx
+    from edgefuse.quantize.api import quantize_onnx
+
+    res = export_onnx(tiny_model("bert"), ExportConfig(), tmp_path / "out")
+    pooler = any(o.name == "pooler_output" for o in onnx.load(str(res.onnx_path)).graph.output)
+    want = _bert_macs(2, 9, pooler=pooler)
+    opt = optimize_onnx(tmp_path / "out", OptimizeConfig())
+    assert opt.op_counts.get("Attention") == 3
+    fused = count_macs(opt.onnx_path, {"batch": 2, "seq": 9})
+    assert fused.unresolved_nodes == 0 and fused.total == fused.fp32 == want
+    q = quantize_onnx(opt.onnx_path, QuantizeConfig(op_types=["MatMul", "Gather", "Attention",
+                                                                "EmbedLayerNormalization"], output_name="qa.onnx"))
+    assert q.op_counts.get("QAttention") == 3 and q.op_counts.get("QEmbedLayerNormalization") == 1
+    qa = count_macs(q.onnx_path, {"batch": 2, "seq": 9})
+    assert qa.unresolved_nodes == 0 and qa.total == want
+    # QAttention runs its Q/K/V projections in int8 and the score/context products in fp32
+    assert qa.int8 == _weight_macs(2, 9) and qa.fp32 == want - qa.int8
+    qdq = quantize_onnx(tmp_path / "out", QuantizeConfig(mode="static", output_name="qdq.onnx"))
+    counted = count_macs(qdq.onnx_path, {"batch": 2, "seq": 9})
+    assert counted.unresolved_nodes == 0 and counted.total == want
+    # static QDQ dequantizes both inputs of every MatMul (the scores and context too); a pooler Gemm stays fp32
+    assert counted.int8 == want - (2 * 16 * 16 if pooler else 0) and counted.fp32 == want - counted.int8
+    assert not list(Path.cwd().glob("sym_shape_infer_temp*"))

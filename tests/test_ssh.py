@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_profile_graphs import pair  # noqa: F401  (fixture)
-from tolerances import INT8_TINY_MLP_MIN_COSINE
+from tolerances import INT8_TINY_MLP_MIN_COSINE, SSH_LOOPBACK_SAME_GRAPH_MIN_COSINE
 
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ProfileError
@@ -177,3 +177,29 @@ def test_external_data_graph_over_ssh(sshd: Sshd, tmp_path: Path) -> None:
     res = profile_onnx([g], sshd.cfg(memory=False, op_profile=False))
     assert res.graphs[0].file_size_bytes == g.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
     assert res.graphs[0].parity is not None and res.graphs[0].parity.min_cosine == 1.0
+
+
+def test_tune_over_ssh_loopback(sshd: Sshd, tmp_path: Path) -> None:
+    """`edgefuse tune` times the candidates on the device; the device must agree with this machine's outputs."""
+    from test_export import fused, tiny_tokenizer
+
+    from edgefuse.config.export import ExportConfig
+    from edgefuse.config.tune import CandidateConfig, TuneConfig
+    from edgefuse.export.api import export_onnx
+    from edgefuse.manifest import read_manifest
+    from edgefuse.tune.api import tune_folder
+
+    folder = tmp_path / "bert"
+    export_onnx(fused("bert", "base"), ExportConfig(), folder, tokenizer=tiny_tokenizer(tmp_path / "tok"))
+    base = sshd.cfg()
+    settings = {"ssh_identity_file": str(base.ssh_identity_file), "ssh_python": base.ssh_python,
+                "ssh_known_hosts_file": str(base.ssh_known_hosts_file), "ssh_connect_timeout_s": 5}
+    cfg = TuneConfig(target=base.target, profile_settings=settings, budget_s=0.5, min_rounds=3, warmup_runs=1,
+                     sequence_length=16, candidates=[CandidateConfig(name="int8"), CandidateConfig(name="fp32",
+                                                                                                   quantize="fp32")])
+    res = tune_folder(folder, cfg)
+    assert res.target == base.target and res.environment["target"] == base.target
+    timed = [r for r in res.candidates if r.passed]
+    assert timed and all(r.target_cosine is not None and r.target_cosine > SSH_LOOPBACK_SAME_GRAPH_MIN_COSINE
+                         for r in timed)
+    assert read_manifest(folder)["tuned"]["target"] == base.target

@@ -101,3 +101,14 @@ TOY_SQRT_SIGN_MIN_ERROR = 0.3
 # The same on a tiny BERT with duplicated units (test_ntk.py): fusion's GD kernel error over the fused MLP is
 # far above rounding; 0.05 only proves it is not preserved (the toy gives 2.9).
 NTK_FUSION_GD_MIN_ERROR = 0.05
+# --- optimize / tune (issue 13) ---
+# A gate no int8 graph can reach against fp32 (int8 of the tiny BERT scores ~0.99998) while the fp32 graph itself
+# scores exactly 1.0 (metrics.rowwise_cosine gives identical rows 1.0): forces the tuner to reject int8.
+INT8_UNREACHABLE_MIN_COSINE = 1 - 1e-9
+# The tuner's gate on the tiny random Llama (int8 next-token logits vs fp32 measured >= 0.99): room for kernels.
+TUNE_TINY_DECODER_MIN_COSINE = 0.9
+# The same graph on an ssh loopback device (same CPU, same onnxruntime) agrees with this machine to rounding.
+SSH_LOOPBACK_SAME_GRAPH_MIN_COSINE = 0.999
+# The tanh approximation of GELU moves the tiny BERT's outputs by far more than this (measured ~1e-4): a
+# comparison at this tolerance must fail, proving that a disagreeing optimized graph is caught.
+APPROXIMATION_CATCHING_ATOL = 1e-12

@@ -118,7 +118,9 @@ def measure(
         raise ConfigError("the config has no check section; add check.budgets (see docs/cli.md)")
     store = RunStore(run_dir)
     role = "quantized" if check.candidate == "quantized" else "fp32"
-    cand = _graph(store, records, "quantize" if role == "quantized" else "export")
+    if role == "quantized" and "tune" in records:
+        role = "tuned"  # the tuned graph is what the run ships: it is the candidate
+    cand = _graph(store, records, {"quantized": "quantize", "tuned": "tune", "fp32": "export"}[role])
     ref_role = "reference" if check.reference == "original-fp32" and "reference" in records else "fp32"
     ref = _graph(store, records, "reference" if ref_role == "reference" else "export")
     values: dict[str, float | None] = {}

@@ -21,6 +21,7 @@ PROFILE_FLAGS = (
     Flag("runs"),
     Flag("warmup_runs"),
     Flag("time_budget_s"),
+    Flag("clock"),
     Flag("graph_optimization_level", "--opt-level"),
     Flag("parity_metric"),
     Flag("inputs_npz", metavar="NPZ"),
@@ -118,7 +119,8 @@ def summary(result: Any) -> str:
 
     d = result.to_dict()
     env = d["environment"]
-    lat = "emulated p50 ms" if env["emulated"] else "p50 ms"
+    clock = (d.get("config") or {}).get("clock", "wall")
+    lat = ("emulated " if env["emulated"] else "") + ("p50 CPU ms" if clock == "cpu" else "p50 ms")
     rows = [("graph", "threads", "b x s", lat, f"vs {d['reference_label']}", "file MiB", "peak RSS MiB", "cosine")]
     for g in d["graphs"]:
         p = headline_point(g) or {}

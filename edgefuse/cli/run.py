@@ -15,12 +15,14 @@ from edgefuse.cli.options import format_table
 # The stage table lives in edgefuse.pipeline.stages; it is repeated here so that `edgefuse --help` does not import
 # the config models (tests/test_cli_help.py checks that both lists agree).
 STAGE_NAMES: tuple[str, ...] = (
-    "teacher", "search", "fuse", "finetune", "export", "quantize", "reference", "evaluate", "profile", "report",
+    "teacher", "search", "fuse", "finetune", "export", "optimize", "quantize", "tune", "reference", "evaluate",
+    "profile", "report",
 )
 
 HELP = """Run every stage a config file switches on, in order:
 
-  teacher -> search -> fuse -> finetune -> export -> quantize -> reference -> evaluate -> profile -> report
+  teacher -> search -> fuse -> finetune -> export -> optimize -> quantize -> tune -> reference -> evaluate
+  -> profile -> report
 
 Each stage writes to RUN_DIR/<stage>/ with a record of its inputs. Running again skips every stage whose config
 and input files did not change; an interrupted run resumes at the first unfinished stage.

@@ -97,7 +97,8 @@ class CheckConfig(StrictModel):
     """
 
     candidate: Candidate = Field(
-        "quantized", description="The graph under test: the quantized graph, or the fp32 export."
+        "quantized", description="The graph under test: the quantized graph (the tuned graph when the run has a "
+        "tune section), or the fp32 export."
     )
     reference: Reference = Field(
         "original-fp32",

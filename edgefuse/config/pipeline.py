@@ -22,10 +22,12 @@ from edgefuse.config.export import ExportConfig
 from edgefuse.config.finetune import FINETUNE_TASKS, DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.config.messages import apply_overrides, parse_override, validation_message
+from edgefuse.config.optimize import OptimizeConfig
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.config.report import ReportConfig
 from edgefuse.config.search import SearchConfig
+from edgefuse.config.tune import TuneConfig
 from edgefuse.errors import ConfigError
 from edgefuse.models import Task
 
@@ -119,7 +121,19 @@ class PipelineConfig(StrictModel):
     export: ExportConfig | None = Field(
         None, description="Export the final model to ONNX, validated against PyTorch. None: stop after PyTorch."
     )
+    optimize: OptimizeConfig | None = Field(
+        None,
+        description="Apply onnxruntime's transformer fusions to the exported graph (checked against it); quantize "
+        "then works on the optimized graph. None (default): edgefuse's graphs stay op for op the exporter's, which "
+        "measured faster on x86 with AVX-512 VNNI (benchmarks/results/tune.md).",
+    )
     quantize: QuantizeConfig | None = Field(None, description="Quantize the exported graph. None: fp32 only.")
+    tune: TuneConfig | None = Field(
+        None,
+        description="Choose the fastest graph that passes the gate on the target by measurement (fusion subsets x "
+        "int8 modes x session options; see docs/optimize.md). Its winner is what profile times and check judges "
+        "as the candidate. None: skip.",
+    )
     reference: bool = Field(
         True,
         description="Also export the unfused (teacher) model in fp32, as the baseline that profile ratios and "
@@ -168,7 +182,7 @@ class PipelineConfig(StrictModel):
                 problems.append(f"{key}.task {ft.task!r} differs from model.task {task!r}; remove {key}.task")
         if isinstance(self.finetune, list) and not self.finetune:
             problems.append("finetune is an empty list; give at least one phase, or null to skip recovery")
-        for key in ("quantize", "profile"):
+        for key in ("optimize", "quantize", "tune", "profile"):
             if getattr(self, key) is not None and self.export is None:
                 problems.append(f"{key} needs an export section (it works on the exported graph)")
         if self.check is not None:
@@ -211,7 +225,7 @@ class PipelineConfig(StrictModel):
         problems = []
         if self.export is None:
             problems.append("check needs an export section (budgets judge an exported graph)")
-        if check.candidate == "quantized" and self.quantize is None:
+        if check.candidate == "quantized" and self.quantize is None and self.tune is None:
             problems.append("check.candidate 'quantized' needs a quantize section (or set check.candidate: fp32)")
         timed = [k for k in ("max_latency_ratio", "max_latency_ms", "max_peak_rss_mib") if k in active]
         if timed and self.profile is None:

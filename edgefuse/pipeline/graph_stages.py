@@ -1,8 +1,10 @@
-"""The ONNX stages of the pipeline: ``export``, ``quantize``, ``reference``, ``evaluate``, ``profile``, ``report``.
+"""The ONNX stages of the pipeline: ``export``, ``optimize``, ``quantize``, ``reference``, ``evaluate``, ``profile``,
+``report``.
 
 Graphs are referred to by *role*: ``reference`` (the unfused teacher in fp32, the baseline of ratios),
-``fp32`` (the final model's export) and ``quantized``. Each stage stores the paths of what it wrote relative
-to its own folder (``"graph": "onnx/model.onnx"``), so a run folder can be moved.
+``fp32`` (the final model's export), ``optimized`` (with onnxruntime's fusions) and ``quantized``. Each stage
+stores the paths of what it wrote relative to its own folder (``"graph": "onnx/model.onnx"``), so a run folder
+can be moved.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from edgefuse.pipeline.context import StageContext, producer
 logger = logging.getLogger(__name__)
 
 # graph folder per role; the names become the profiler's labels ("fp32/model", "reference-fp32/model")
-ONNX_DIRS = {"fp32": "fp32", "reference": "reference-fp32", "quantized": "quantized"}
-ROLES: tuple[str, ...] = ("reference", "fp32", "quantized")
-ROLE_STAGE = {"reference": "reference", "fp32": "export", "quantized": "quantize"}
+ONNX_DIRS = {"fp32": "fp32", "reference": "reference-fp32", "optimized": "optimized", "quantized": "quantized",
+             "tuned": "tuned"}
+ROLES: tuple[str, ...] = ("reference", "fp32", "optimized", "quantized", "tuned")
+ROLE_STAGE = {"reference": "reference", "fp32": "export", "optimized": "optimize", "quantized": "quantize",
+              "tuned": "tune"}
 
 
 def graph_paths(ctx: StageContext) -> dict[str, Path]:
@@ -90,12 +94,27 @@ def run_reference(ctx: StageContext) -> dict[str, Any]:
     return _export(ctx, "base", ONNX_DIRS["reference"])
 
 
+def run_optimize(ctx: StageContext) -> dict[str, Any]:
+    """The exported folder, copied into this stage's folder, with the configured fusions applied and checked."""
+    import shutil
+
+    from edgefuse.optimize.api import optimize_onnx
+
+    folder = ctx.out / ONNX_DIRS["optimized"]
+    shutil.copytree(graph_paths(ctx)["fp32"].parent, folder)
+    result = optimize_onnx(folder, ctx.cfg.optimize, tokenizer=ctx.tokenizer())
+    data = result.to_dict()
+    data["src_path"], data["onnx_path"] = _relative(ctx, result.src_path), _relative(ctx, result.onnx_path)
+    return {"graph": data["onnx_path"], "optimize": data}
+
+
 def run_quantize(ctx: StageContext) -> dict[str, Any]:
-    """Quantize the fp32 graph (int8 dynamic/static or int4) into this stage's folder."""
+    """Quantize the fp32 graph, or the optimized one when that stage is on, into this stage's folder."""
     from edgefuse.quantize.api import quantize_onnx
 
     qcfg = ctx.cfg.quantize
-    src = graph_paths(ctx)["fp32"]
+    graphs = graph_paths(ctx)
+    src = graphs.get("optimized", graphs["fp32"])
     # calibrate and compare on the task's own text unless the quantize section names a file
     texts = None if qcfg.calibration_data is not None else ctx.texts(qcfg.calibration_samples)
     result = quantize_onnx(src, qcfg, ctx.out / ONNX_DIRS["quantized"], calibration_texts=texts)
@@ -103,6 +122,23 @@ def run_quantize(ctx: StageContext) -> dict[str, Any]:
     data["src_path"] = str(src)
     data["onnx_path"] = _relative(ctx, Path(result.onnx_path))
     return {"graph": data["onnx_path"], "quantize": data}
+
+
+def run_tune(ctx: StageContext) -> dict[str, Any]:
+    """The exported folder, copied into this stage's folder, tuned: the winner and its session options recorded."""
+    import shutil
+
+    from edgefuse.tune.api import tune_folder
+
+    tcfg = ctx.cfg.tune
+    folder = ctx.out / ONNX_DIRS["tuned"]
+    src = graph_paths(ctx)["fp32"].parent
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model_tuned*.onnx", "tune_report.*"))
+    texts = None if tcfg.calibration_data is not None else ctx.texts(tcfg.calibration_samples)
+    result = tune_folder(folder, tcfg, calibration_texts=texts)
+    data = result.to_dict()
+    data["folder"] = _relative(ctx, folder)
+    return {"graph": _relative(ctx, folder / result.graph), "tune": data}
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
@@ -176,7 +212,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
         # KV-cache graphs: time the prefill of a prompt with an empty cache (the profiler's random feeds assume
         # (batch, sequence) inputs only); every graph of the run has the same inputs
         npz = ctx.out / "prefill_inputs.npz"
-        if _write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
+        if write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
             pcfg = pcfg.model_copy(update={"inputs_npz": npz})
     result = profile_onnx([graphs[r] for r in order], pcfg)
     from edgefuse.io_utils import write_json_atomic
@@ -196,7 +232,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
             "emulated": result.environment.emulated, "target": result.environment.target}
 
 
-def _write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
+def write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
     """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors.
 
     Returns False, writing nothing, for a graph without ``past_key_values.*`` inputs."""
@@ -237,7 +273,9 @@ def run_report(ctx: StageContext) -> dict[str, Any]:
     results: list[Any] = []
     titles = {"search": "keep_ratio search", "fuse": "Fusion", "teacher": "Teacher fine-tune",
               "finetune": "Recovery", "export": "Export (fp32)", "reference": "Reference export (unfused fp32)",
-              "quantize": "Quantization", "evaluate": "Agreement with PyTorch and the teacher"}
+              "optimize": "Graph optimisation (onnxruntime fusions)", "quantize": "Quantization",
+              "tune": "Tuning on the target",
+              "evaluate": "Agreement with PyTorch and the teacher"}
     for stage, title in titles.items():
         if stage in ctx.records:
             results.append({"title": title, "data": ctx.records[stage].result})
@@ -250,7 +288,8 @@ def run_report(ctx: StageContext) -> dict[str, Any]:
 
 def variant_rows(records: dict[str, Any], graphs: dict[str, str]) -> list[dict[str, Any]]:
     """One row per graph: size, latency, ratio, memory, agreement and accuracy (what the summary table shows)."""
-    names = {"reference": "unfused fp32", "fp32": "final fp32", "quantized": "final quantized"}
+    names = {"reference": "unfused fp32", "fp32": "final fp32", "optimized": "final optimized fp32",
+             "quantized": "final quantized", "tuned": "final tuned"}
     profile = records["profile"].result.get("roles", {}) if "profile" in records else {}
     evaluate = records["evaluate"].result.get("graphs", {}) if "evaluate" in records else {}
     rows = []

@@ -79,8 +79,12 @@ def _reference_enabled(cfg: PipelineConfig) -> bool:
 
 def _graph_stages(cfg: PipelineConfig) -> tuple[str, ...]:
     names = ["export"] if cfg.export is not None else []
+    if cfg.export is not None and cfg.optimize is not None:
+        names.append("optimize")
     if cfg.export is not None and cfg.quantize is not None:
         names.append("quantize")
+    if cfg.export is not None and cfg.tune is not None:
+        names.append("tune")
     if _reference_enabled(cfg):
         names.append("reference")
     return tuple(names)
@@ -125,11 +129,25 @@ STAGES: tuple[Stage, ...] = (
         run=_run(_G, "run_export"),
     ),
     Stage(
+        "optimize", "optimize",
+        enabled=lambda c: c.export is not None and c.optimize is not None,
+        needs=lambda c: ("export",),
+        payload=lambda c: {"optimize": _dump(c.optimize)},
+        run=_run(_G, "run_optimize"),
+    ),
+    Stage(
         "quantize", "quantize",
         enabled=lambda c: c.export is not None and c.quantize is not None,
-        needs=lambda c: ("export", DATA, PRESET),
+        needs=lambda c: ("optimize" if c.optimize is not None else "export", DATA, PRESET),
         payload=lambda c: {"quantize": _dump(c.quantize), "data": _dump(c.data)},
         run=_run(_G, "run_quantize"),
+    ),
+    Stage(
+        "tune", "tune",
+        enabled=lambda c: c.export is not None and c.tune is not None,
+        needs=lambda c: ("export", DATA),
+        payload=lambda c: {"tune": _dump(c.tune), "data": _dump(c.data)},
+        run=_run(_G, "run_tune"),
     ),
     Stage(
         "reference", "reference",

@@ -20,6 +20,7 @@ Example (the skipped lines are not run: they need two exported graphs):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -31,6 +32,7 @@ import numpy as np
 
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ProfileError
+from edgefuse.manifest import tuned_session_options
 from edgefuse.metrics import passes_min
 from edgefuse.profile.graphs import GraphInfo, inspect_graph, make_feeds, resolve_graphs, unique_labels
 from edgefuse.profile.results import (
@@ -55,12 +57,18 @@ KIB_PER_MIB = 1024.0
 __all__ = ["ProfileConfig", "ProfileResult", "profile_onnx"]
 
 
-def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) -> ProfileResult:
+def profile_onnx(
+    paths: Sequence[Path | str], cfg: ProfileConfig | None = None, *,
+    session_options: Sequence[dict[str, Any] | None] | None = None,
+) -> ProfileResult:
     """Profile one or more ONNX graphs on ``cfg.target``; the first graph is the reference of the ratios.
 
     Args:
         paths: ``.onnx`` files or folders of them (a folder expands to its ``*.onnx``, sorted).
         cfg: what to measure and where (default: local, threads 1..cores, batch 1, sequence 128).
+        session_options: per graph, onnxruntime session options of its own (``disabled_optimizers``,
+            ``allow_spinning``, ``intra_op_threads``, ``session_config``). None: a graph that ``edgefuse tune``
+            chose gets the options recorded with it in its folder's manifest; other graphs get ``cfg``'s.
 
     Returns:
         A frozen :class:`ProfileResult` with one :class:`GraphProfile` per graph and the environment.
@@ -80,18 +88,22 @@ def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) 
     start = time.perf_counter()
     graph_paths = resolve_graphs(paths)
     infos = [inspect_graph(p, lab) for p, lab in zip(graph_paths, unique_labels(graph_paths), strict=True)]
+    if session_options is not None and len(session_options) != len(infos):
+        raise ProfileError(f"{len(session_options)} session option sets for {len(infos)} graphs")
+    sessions = list(session_options) if session_options is not None else [tuned_session_options(p) for p in graph_paths]
     shapes = [(b, s) for b in cfg.batch_sizes for s in cfg.sequence_lengths]
     with tempfile.TemporaryDirectory(prefix="edgefuse-profile-") as tmp:
         work = Path(tmp)
         shapes = make_feeds(infos, shapes, work / "inputs.npz", seed=cfg.seed, inputs_npz=cfg.inputs_npz)
         with open_target(cfg, work) as session:
-            bench, memories, target_outputs = _run_on_target(session, infos, shapes, cfg, work)
+            bench, memories, target_outputs = _run_on_target(session, infos, shapes, cfg, work, sessions)
             env = _environment(bench["environment"], session, cfg)
         parity: list[ParityResult | None] = [None] * len(infos)
         if cfg.check_outputs:
             parity = _parity(infos, shapes, cfg, work, session, target_outputs, env)
     result = ProfileResult(
-        graphs=tuple(_graph_profile(i, info, bench, memories, parity, cfg) for i, info in enumerate(infos)),
+        graphs=tuple(dataclasses.replace(_graph_profile(i, info, bench, memories, parity, cfg),
+                                         session_options=sessions[i]) for i, info in enumerate(infos)),
         reference_label=infos[0].label,
         environment=env,
         interleaved=len(infos) > 1,
@@ -103,10 +115,11 @@ def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) 
 
 
 def _run_on_target(
-    session: TargetSession, infos: list[GraphInfo], shapes: list[tuple[int, int]], cfg: ProfileConfig, work: Path
+    session: TargetSession, infos: list[GraphInfo], shapes: list[tuple[int, int]], cfg: ProfileConfig, work: Path,
+    options: list[dict[str, Any] | None],
 ) -> tuple[dict[str, Any], list[dict[str, Any] | None], dict[str, np.ndarray] | None]:
     inputs = session.stage(work / "inputs.npz")
-    graphs = [{"label": info.label, "path": session.stage_group(list(info.files), f"g{i}")[0]}
+    graphs = [{"label": info.label, "path": session.stage_group(list(info.files), f"g{i}")[0], "session": options[i]}
               for i, info in enumerate(infos)]
     common = {"provider": cfg.provider, "graph_optimization_level": cfg.graph_optimization_level,
               "allow_spinning": cfg.allow_spinning, "session_config": dict(cfg.session_config),
@@ -254,11 +267,7 @@ def _graph_profile(
     parity: list[ParityResult | None],
     cfg: ProfileConfig,
 ) -> GraphProfile:
-    latency = tuple(
-        latency_point(p["latencies_ms"][i], p["latencies_ms"][0], threads=p["threads"], batch=p["batch_size"],
-                      seq=p["sequence_length"], warmup=cfg.warmup_runs)
-        for p in bench["points"]
-    )
+    latency = tuple(_latency(p, i, cfg) for p in bench["points"])
     mem = memories[i]
     memory = None
     if mem is not None:
@@ -300,6 +309,22 @@ def _graph_profile(
         op_profile=op_profile,
         parity=parity[i],
     )
+
+
+def _latency(point: dict[str, Any], i: int, cfg: ProfileConfig) -> Any:
+    """Graph ``i``'s statistics at one point on ``cfg.clock``, with both clocks' p50 and ratio recorded."""
+    wall, cpu = point["latencies_ms"], point.get("cpu_ms")
+    if cfg.clock == "cpu" and cpu is None:
+        raise ProfileError("the runner on the target recorded no CPU time (an older runner); use clock: wall")
+    main = cpu if cfg.clock == "cpu" else wall
+    lp = latency_point(main[i], main[0], threads=point["threads"], batch=point["batch_size"],
+                       seq=point["sequence_length"], warmup=cfg.warmup_runs)
+    p50 = {name: (float(np.percentile(t[i], 50)), float(np.percentile(np.divide(t[i], t[0]), 50)))
+           for name, t in (("wall", wall), ("cpu", cpu)) if t is not None}
+    return dataclasses.replace(
+        lp, clock=cfg.clock, cpu_clock=point.get("cpu_clock"),
+        wall_ms_p50=p50["wall"][0], wall_ratio_vs_reference_p50=p50["wall"][1],
+        cpu_ms_p50=p50.get("cpu", (None, None))[0], cpu_ratio_vs_reference_p50=p50.get("cpu", (None, None))[1])
 
 
 def _metric(o: OutputParity, metric: str) -> float:

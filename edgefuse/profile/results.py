@@ -58,6 +58,13 @@ class LatencyPoint:
     ratio_vs_reference_std: float
     ratio_vs_reference_p10: float
     ratio_vs_reference_p90: float
+    # which clock the figures above use (wall, or cpu: see cpu_clock), and the other clock's p50 and ratio
+    clock: str = "wall"
+    cpu_clock: str | None = None  # thread (1 intra-op thread: the calling thread's CPU time) or process
+    wall_ms_p50: float | None = None
+    wall_ratio_vs_reference_p50: float | None = None
+    cpu_ms_p50: float | None = None
+    cpu_ratio_vs_reference_p50: float | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,8 @@ class GraphProfile:
     memory: MemoryResult | None
     op_profile: OpProfile | None
     parity: ParityResult | None
+    # the graph's own onnxruntime session options (e.g. the ones `edgefuse tune` chose); None: the config's
+    session_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

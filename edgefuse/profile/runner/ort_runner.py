@@ -10,13 +10,18 @@ Modes:
 
 - ``env``: describe the machine (CPU model, ISA flags, cores, versions, providers).
 - ``bench``: load every graph in this one process and time them interleaved (A B A B ...) at every
-  (threads, batch, sequence) point, then profile per-operator time and save the outputs for parity.
+  (threads, batch, sequence) point, on two clocks: wall clock, and CPU time (the calling thread's CPU time at 1
+  thread, where onnxruntime runs every kernel on that thread; the whole process's otherwise), which a
+  preempted or shared machine does not inflate; then profile per-operator time and save the outputs for parity.
 - ``outputs``: run every graph once and save its outputs (the host's reference for the parity check).
 - ``memory``: load ONE graph in this fresh process and report the process's RSS before importing
   onnxruntime, after importing it (the runtime's baseline) and its high-water mark after running the graph.
 
 Usage:
     python ort_runner.py JOB.json
+
+A graph entry may carry its own session options (``"session": {"disabled_optimizers": [...], "allow_spinning":
+true, "intra_op_threads": 2, "session_config": {...}}``), e.g. the ones ``edgefuse tune`` chose for it.
 
 Example job (paths are as seen by the runner):
     {"mode": "memory", "graph": {"label": "a", "path": "a.onnx"}, "inputs_npz": "in.npz",
@@ -33,7 +38,7 @@ import sys
 import tempfile
 import time
 
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2
 ISA_FLAGS_X86 = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
     "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
@@ -120,11 +125,13 @@ def environment() -> dict:
     return env
 
 
-def make_session(path: str, threads: int, job: dict, profile_prefix: str | None = None):
+def make_session(path: str, threads: int, job: dict, profile_prefix: str | None = None, session: dict | None = None):
+    """An InferenceSession with the job's options, overridden by the graph's own ``session`` options."""
     import onnxruntime as ort
 
+    own = session or {}
     so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
+    so.intra_op_num_threads = int(own.get("intra_op_threads") or threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = {
@@ -135,14 +142,28 @@ def make_session(path: str, threads: int, job: dict, profile_prefix: str | None 
     }[job.get("graph_optimization_level", "all")]
     # Spinning threads burn the cores between runs; on a shared machine that steals time from the other
     # graph of an interleaved pair, so it is off unless the job asks for it.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if job.get("allow_spinning") else "0")
-    for key, value in (job.get("session_config") or {}).items():
+    spin = own.get("allow_spinning", job.get("allow_spinning"))
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    for key, value in {**(job.get("session_config") or {}), **(own.get("session_config") or {})}.items():
         so.add_session_config_entry(str(key), str(value))
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
     provider = job.get("provider", "CPUExecutionProvider")
+    disabled = [str(d) for d in own.get("disabled_optimizers") or ()]
+    if disabled:
+        return ort.InferenceSession(path, sess_options=so, providers=[provider], disabled_optimizers=disabled)
     return ort.InferenceSession(path, sess_options=so, providers=[provider])
+
+
+def effective_threads(threads: int, graphs: list) -> list:
+    """The intra-op thread count each graph runs with at a point of ``threads`` (its own setting wins)."""
+    return [int((g.get("session") or {}).get("intra_op_threads") or threads) for g in graphs]
+
+
+def cpu_clock_for(threads: list) -> str:
+    """``thread`` when every graph runs on the calling thread alone (1 intra-op thread), else ``process``."""
+    return "thread" if all(t == 1 for t in threads) else "process"
 
 
 def load_feeds(npz, graph_index: int, batch: int, seq: int) -> dict:
@@ -158,14 +179,19 @@ def thread_grid(job: dict) -> list:
     return list(range(1, cores + 1))
 
 
-def time_point(sessions: list, feeds: list, job: dict) -> tuple[list, int]:
-    """Warm up every graph, then time them interleaved, one run each per round. Returns per-graph ms lists."""
+def time_point(sessions: list, feeds: list, job: dict, clock: str = "thread") -> tuple[list, int, list]:
+    """Warm up every graph, then time them interleaved, one run each per round.
+
+    Returns per-graph wall-clock ms lists, the number of rounds, and per-graph CPU ms lists (``clock``: thread
+    or process CPU time)."""
+    cpu_time = time.thread_time if clock == "thread" else time.process_time
     warmup, runs, min_runs = int(job.get("warmup_runs", 5)), int(job.get("runs", 20)), int(job.get("min_runs", 3))
     budget = job.get("time_budget_s")
     for _ in range(warmup):
         for sess, fd in zip(sessions, feeds):  # noqa: B905 (the runner supports Python < 3.10)
             sess.run(None, fd)
     times: list = [[] for _ in sessions]
+    cpu: list = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
     while True:
@@ -176,17 +202,19 @@ def time_point(sessions: list, feeds: list, job: dict) -> tuple[list, int]:
         # Alternate the order every round so neither graph always runs right after the other (cache, turbo).
         order = range(len(sessions)) if rounds % 2 == 0 else range(len(sessions) - 1, -1, -1)
         for i in order:
-            t0 = time.perf_counter()
+            c0, t0 = cpu_time(), time.perf_counter()
             sessions[i].run(None, feeds[i])
-            times[i].append((time.perf_counter() - t0) * 1e3)
+            t1, c1 = time.perf_counter(), cpu_time()
+            times[i].append((t1 - t0) * 1e3)
+            cpu[i].append((c1 - c0) * 1e3)
         rounds += 1
-    return times, rounds
+    return times, rounds, cpu
 
 
-def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str) -> dict:
+def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str, session: dict | None = None) -> dict:
     """Per-operator kernel time from onnxruntime's profiling trace, per run, after the warm-up runs."""
     warmup, runs = int(job.get("warmup_runs", 5)), int(job.get("op_profile_runs", 5))
-    sess = make_session(path, threads, job, profile_prefix=os.path.join(workdir, "ort_profile"))
+    sess = make_session(path, threads, job, profile_prefix=os.path.join(workdir, "ort_profile"), session=session)
     for _ in range(warmup + runs):
         sess.run(None, fd)
     trace = sess.end_profiling()
@@ -235,13 +263,15 @@ def bench(job: dict) -> dict:
     shapes = [tuple(s) for s in job["shapes"]]
     points = []
     for threads in thread_grid(job):
-        sessions = [make_session(g["path"], threads, job) for g in graphs]
+        sessions = [make_session(g["path"], threads, job, session=g.get("session")) for g in graphs]
+        clock = cpu_clock_for(effective_threads(threads, graphs))
         for batch, seq in shapes:
             feeds = [load_feeds(npz, i, batch, seq) for i in range(len(graphs))]
             log(f"timing {len(graphs)} graph(s) at threads={threads} batch={batch} seq={seq}")
-            times, rounds = time_point(sessions, feeds, job)
+            times, rounds, cpu = time_point(sessions, feeds, job, clock)
             points.append({"threads": threads, "batch_size": batch, "sequence_length": seq, "rounds": rounds,
-                           "latencies_ms": times})
+                           "latencies_ms": times, "cpu_ms": cpu, "cpu_clock": clock,
+                           "graph_threads": effective_threads(threads, graphs)})
         del sessions
     result: dict = {"points": points, "op_profiles": [], "outputs_npz": None}
     threads0 = max(thread_grid(job))
@@ -251,7 +281,8 @@ def bench(job: dict) -> dict:
             for i, g in enumerate(graphs):
                 log(f"per-operator profile of {g['label']}")
                 result["op_profiles"].append(
-                    dict(op_profile(g["path"], threads0, load_feeds(npz, i, batch0, seq0), job, work),
+                    dict(op_profile(g["path"], threads0, load_feeds(npz, i, batch0, seq0), job, work,
+                                    session=g.get("session")),
                          batch_size=batch0, sequence_length=seq0)
                 )
     if job.get("outputs_npz"):
@@ -267,7 +298,7 @@ def outputs(job: dict) -> str:
     batch0, seq0 = job["shapes"][0]
     outs = {}
     for i, g in enumerate(job["graphs"]):
-        sess = make_session(g["path"], 1, job)
+        sess = make_session(g["path"], 1, job, session={**(g.get("session") or {}), "intra_op_threads": 1})
         names = [o.name for o in sess.get_outputs()]
         for name, value in zip(names, sess.run(None, load_feeds(npz, i, batch0, seq0))):  # noqa: B905
             outs[f"{i}|{name}"] = np.asarray(value)
@@ -285,7 +316,7 @@ def memory(job: dict) -> dict:
     g = job["graph"]
     npz = np.load(job["inputs_npz"], allow_pickle=False)
     t0 = time.perf_counter()
-    sess = make_session(g["path"], int(job["threads"]), job)
+    sess = make_session(g["path"], int(job["threads"]), job, session=g.get("session"))
     load_ms = (time.perf_counter() - t0) * 1e3
     rss_loaded, _ = rss_kib()
     peaks = []

@@ -1,0 +1,147 @@
+"""``optimize_onnx``: an exported fp32 graph -> the graph with the chosen onnxruntime transformer fusions.
+
+File in, file out, like the quantizer: the optimized graph is written beside its source (or into ``out_dir``,
+with the config and tokenizer files copied), compared with the fp32 graph (:mod:`edgefuse.optimize.check`),
+counted (fused operators per type) and recorded in the folder's ``manifest.json`` as kind ``optimized``.
+
+Example:
+    >>> from edgefuse.config.optimize import OptimizeConfig
+    >>> res = optimize_onnx("exported/", OptimizeConfig(disable=["skip_layer_norm"]))  # doctest: +SKIP
+    >>> res.fused_ops["Attention"]  # doctest: +SKIP
+    6
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from edgefuse.config.optimize import OptimizeConfig
+from edgefuse.errors import ExportValidationError, OutputExistsError, TargetNotFoundError
+from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
+from edgefuse.metrics import passes_min
+from edgefuse.optimize.results import OptimizeResult
+
+# one implementation of "write beside the source, or into out_dir with its config and tokenizer files"
+from edgefuse.quantize.api import _prepare_out
+
+logger = logging.getLogger(__name__)
+
+SOURCE_NAME = "model.onnx"
+DEFAULT_NAME = "model_opt.onnx"
+
+
+def _locate(src: Path) -> tuple[Path, str, dict[str, Any]]:
+    """(folder, fp32 graph name, manifest) of an export folder or of a graph file in one."""
+    src = Path(src)
+    folder, name = (src, SOURCE_NAME) if src.is_dir() else (src.parent, src.name)
+    if not (folder / name).is_file():
+        raise TargetNotFoundError(f"{str(src)!r} is neither an export folder nor an existing .onnx file")
+    manifest = read_manifest(folder)
+    if name not in manifest.get("graphs", {}):
+        raise TargetNotFoundError(f"{name!r} is not listed in {str(folder / MANIFEST_NAME)!r}; export it with "
+                                  "`edgefuse export` first")
+    return folder, name, manifest
+
+
+def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: int, fusions: tuple[str, ...],
+                  opt_level: int) -> dict[str, int]:
+    """onnxruntime's ``optimize_model`` with exactly ``fusions``; saves to ``dst``; returns its fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from edgefuse.optimize.fusions import fusion_options
+
+    # the fusion modules log every pattern they did not match, under top-level logger names (fusion_attention...)
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = optimize_model(str(src), model_type=ort_type, num_heads=heads, hidden_size=hidden,
+                                   optimization_options=fusion_options(ort_type, fusions), opt_level=opt_level)
+            stats = model.get_fused_operator_statistics()
+            model.save_model_to_file(str(dst), use_external_data_format=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    return {k: int(v) for k, v in stats.items() if v}
+
+
+def optimize_onnx(
+    src: Path, cfg: OptimizeConfig, out_dir: Path | None = None, *, tokenizer: Any = None
+) -> OptimizeResult:
+    """Apply the configured fusions to an exported graph, check it against fp32, record it in the manifest.
+
+    Args:
+        src: an export folder (its ``model.onnx`` is optimized) or a graph file listed in a folder's manifest.
+        cfg: which fusions, the optimizer class, the tolerances and shapes of the comparison.
+        out_dir: where to write (default: beside the source graph).
+        tokenizer: for a real-text comparison case (default: the folder's own tokenizer, if any).
+
+    Raises:
+        TargetNotFoundError: the source is not an exported graph.
+        UnsupportedArchitectureError: ``model_type`` auto for an architecture the fusions do not cover.
+        OutputExistsError: the output exists and ``cfg.overwrite`` is False.
+        ExportValidationError: the optimized graph disagrees with fp32 beyond atol/rtol or ``min_cosine``.
+    """
+    import onnx
+
+    from edgefuse.optimize.check import compare_graphs
+    from edgefuse.optimize.fusions import heads_and_hidden, ort_model_type
+    from edgefuse.ort import make_session
+    from edgefuse.quantize import evaluate as qe
+
+    start = time.perf_counter()
+    folder, src_name, manifest = _locate(Path(src))
+    src_path = folder / src_name
+    out = _prepare_out(folder, out_dir, manifest)
+    name = cfg.output_name or DEFAULT_NAME
+    final = out / name
+    if final.exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{str(final)!r} already exists; pass --overwrite to replace it")
+    model_type = str(manifest.get("model_type", "?"))
+    ort_type = ort_model_type(model_type, cfg.model_type)
+    heads, hidden = heads_and_hidden(folder)
+    fusions = cfg.enabled()
+    task = manifest.get("task", "feature-extraction")
+    tmp = out / f".{name}.partial.onnx"
+    try:
+        fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
+                              opt_level=cfg.opt_level)
+        cases = compare_graphs(
+            make_session(src_path), make_session(tmp), task=task, vocab=qe.folder_vocab(folder),
+            shapes=list(cfg.validate_shapes), atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed,
+            tokenizer=tokenizer if tokenizer is not None else qe.folder_tokenizer(folder))
+        outputs = [o for c in cases for o in c.outputs]
+        max_diff = max((o.max_abs_diff for o in outputs), default=float("nan"))
+        min_cos = min((o.cosine for o in outputs), default=float("nan"))
+        bad = [f"{c.label}: {o.name} max|diff| {o.max_abs_diff:.3g} cos {o.cosine:.6f}"
+               for c in cases for o in c.outputs if not o.passed]
+        if not outputs or bad or any(o.cosine != o.cosine for o in outputs) or not passes_min(min_cos, cfg.min_cosine):
+            shown = "; ".join(bad[:4]) or f"min cosine {min_cos:.6f} below {cfg.min_cosine}"
+            raise ExportValidationError(
+                f"the graph optimized with fusions {list(fusions)} disagrees with {src_name} beyond atol={cfg.atol:g}, "
+                f"rtol={cfg.rtol:g}: {shown}. Nothing was written; disable the fusion that changes it (--disable)")
+        counts = qe.op_counts(onnx.load(str(tmp), load_external_data=False))
+        counts_fp32 = qe.op_counts(onnx.load(str(src_path), load_external_data=False))
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    from onnxruntime import __version__ as ort_version
+
+    settings = {"source": src_name, "fusions": list(fusions), "ort_model_type": ort_type, "num_heads": heads,
+                "hidden_size": hidden, "opt_level": cfg.opt_level, "optimizer": f"onnxruntime {ort_version}"}
+    checks = {"reference": src_name, "atol": cfg.atol, "rtol": cfg.rtol, "max_abs_diff": max_diff,
+              "min_cosine": min_cos, "fused_ops": fused, "op_counts": counts,
+              "cases": [{"label": c.label, "outputs": [vars(o) for o in c.outputs]} for c in cases]}
+    target = manifest if out == folder else {**manifest, "graphs": {}, "source_folder": str(folder)}
+    entry = add_graph(target, out, name, kind="optimized", settings=settings, checks=checks)
+    write_manifest(out, target)
+    logger.info("%s: fusions %s -> %s (max|diff| %.2g)", name, list(fusions), fused, max_diff)
+    return OptimizeResult(
+        src_path=src_path, onnx_path=final, model_type=model_type, ort_model_type=ort_type, fusions=fusions,
+        op_counts=counts, op_counts_fp32=counts_fp32, fused_ops=fused, max_abs_diff=max_diff, min_cosine=min_cos,
+        cases=tuple(cases), size_bytes=entry["size_bytes"], seconds=time.perf_counter() - start,
+    )
