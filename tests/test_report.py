@@ -67,9 +67,10 @@ def test_json_is_complete_and_reloadable(report: dict[str, Path], profile: Profi
 def test_markdown_tables(report: dict[str, Path], profile: ProfileResult) -> None:
     md = report["md"].read_text()
     for heading in ("## Profile 1: local", "### Latency", "### Size, load time and memory", "### Per-operator time",
-                    "### Output parity", "## Variants: latency against quality", "## FusionResult"):
+                    "### Output parity", "## Variants: size, latency and quality", "## FusionResult"):
         assert heading in md, heading
-    assert "| graph | threads | batch | seq | runs | mean latency (ms)" in md
+    assert "| graph | threads | batch x seq | runs | p50 latency (ms)" in md
+    assert md.index("## Variants") < md.index("## FusionResult") < md.index("## Profile 1")
     assert "| mlp_int8 | MatMulInteger" in md or "| mlp_int8 | DynamicQuantizeMatMul" in md
     assert "quantized" in md and "fp32" in md and "EMULATED" not in md
     p50 = profile.graphs[1].latency[0].latency_ms_p50
@@ -81,8 +82,9 @@ def test_html_is_self_contained(report: dict[str, Path]) -> None:
     html = report["html"].read_text()
     imgs = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     titles = [t for t, _ in imgs]
-    assert titles == ["Latency distributions", "Latency against threads", "Peak memory", "Per-operator breakdown",
-                      "Latency against accuracy / cosine, every variant"]
+    assert titles == ["Latency against accuracy / cosine, measured", "Latency distributions",
+                      "Latency against threads", "Peak memory",
+                      "Per-operator breakdown, threads=2, batch 1 x seq 8, 2 runs"]
     import base64
 
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in imgs)
@@ -95,7 +97,8 @@ def test_emulated_profiles_are_labelled(profile: ProfileResult, tmp_path: Path) 
                         "machine": "aarch64", "emulated_cpu": "neoverse-n1"}
     md = write_report([d], tmp_path, formats=("md",))["md"].read_text()
     assert "[EMULATED under qemu: timings are not device latency]" in md
-    assert "### Latency (EMULATED)" in md and "mean emulated latency (ms)" in md
+    assert "### Latency (EMULATED)" in md and "p50 emulated latency (ms)" in md
+    assert "Per-operator time (EMULATED), threads=2" in md  # per-op tables say at which thread count they ran
     assert "| mlp | arm64-emulated (neoverse-n1) (EMULATED) |" in md  # variant rows keep the label too
 
 
