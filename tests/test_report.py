@@ -177,3 +177,23 @@ def test_html_renders_in_headless_chromium(report: dict[str, Path], profile: Pro
     with_plots, without = _colourful_pixels(shot), _colourful_pixels(shot_plain)
     assert with_plots > 10 * max(without, 100)  # the plots are really drawn on the page, not just referenced
     assert np.isfinite(with_plots)
+
+
+def test_keep_trace_is_kept_and_linked(pair: tuple[Path, Path], tmp_path: Path,  # noqa: F811
+                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "prof"
+    args = ["profile", *map(str, pair), "--threads", "1", "2", "--seq-lens", "8", "--runs", "3", "--warmup-runs", "1",
+            "--no-memory", "--min-cosine", "none"]
+    assert main([*args, "--keep-trace"]) == ConfigError.exit_code  # the traces need a folder
+    assert main([*args, "--keep-trace", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # one row per measured point (graph x threads), not only the headline
+    assert len([ln for ln in printed.splitlines() if ln.startswith(("mlp ", "mlp_int8 "))]) == 4
+    traces = sorted((out / "traces").iterdir())
+    assert [t.name for t in traces] == ["mlp.json", "mlp_int8.json"]
+    events = json.loads(traces[1].read_text())
+    assert any(e.get("cat") == "Node" and e["name"].endswith("_kernel_time") for e in events)  # a real ORT trace
+    html = (out / "report.html").read_text()
+    assert 'href="traces/mlp.json"' in html and 'href="traces/mlp_int8.json"' in html
+    profile = ProfileResult.from_dict(json.loads((out / "profile.json").read_text()))
+    assert profile.graphs[0].op_profile is not None and profile.graphs[0].op_profile.trace == "traces/mlp.json"

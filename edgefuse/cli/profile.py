@@ -51,6 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
     p.add_argument("--no-op-profile", action="store_true", help="skip the per-operator profile")
     p.add_argument("--no-check-outputs", action="store_true", help="skip the output parity check")
+    p.add_argument("--keep-trace", action="store_true", help="keep onnxruntime's raw profiler trace of each graph "
+                   "in OUT/traces/ (open it in Perfetto); the HTML report links it (needs --out)")
     p.add_argument("--ssh-identity", help="ssh private key for an ssh:// target")
     p.add_argument("--ssh-known-hosts", help="known_hosts file with the device's host key (checked strictly)")
     p.add_argument("--ssh-python", help="python on the device (default python3)")
@@ -86,6 +88,8 @@ def build_config(args: argparse.Namespace) -> Any:
     for flag, key in (("no_memory", "memory"), ("no_op_profile", "op_profile"), ("no_check_outputs", "check_outputs")):
         if getattr(args, flag):
             data[key] = False
+    if getattr(args, "keep_trace", False):
+        data["keep_trace"] = True
     if args.set:
         from edgefuse.config.pipeline import apply_overrides
 
@@ -127,31 +131,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def summary(result: Any) -> str:
-    """A small human table: per graph p50 at the headline point, ratio to the reference, size, memory, cosine."""
-    from edgefuse.report.doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, headline_point, target_label
+    """A small human table: one row per graph and measured point (threads, batch x sequence): p50, ratio to the
+    reference, size, memory, cosine."""
+    from edgefuse.report.doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, target_label
 
     d = result.to_dict()
     env = d["environment"]
     lat = "emulated p50 ms" if env["emulated"] else "p50 ms"
     rows = [("graph", "threads", "b x s", lat, f"vs {d['reference_label']}", "file MiB", "peak RSS MiB", "cosine")]
     for g in d["graphs"]:
-        p = headline_point(g) or {}
-        rows.append((g["label"], str(p.get("threads", "-")), f"{p.get('batch_size')}x{p.get('sequence_length')}",
-                     fmt_ms(p.get("latency_ms_p50")), fmt_ratio(p.get("ratio_vs_reference_p50")),
-                     f"{g['file_size_bytes'] / 2**20:.2f}", fmt_mib((g.get("memory") or {}).get("peak_rss_mib")),
-                     fmt_num((g.get("parity") or {}).get("min_cosine"))))
+        for p in g["latency"] or [{}]:
+            rows.append((g["label"], str(p.get("threads", "-")), f"{p.get('batch_size')}x{p.get('sequence_length')}",
+                         fmt_ms(p.get("latency_ms_p50")), fmt_ratio(p.get("ratio_vs_reference_p50")),
+                         f"{g['file_size_bytes'] / 2**20:.2f}", fmt_mib((g.get("memory") or {}).get("peak_rss_mib")),
+                         fmt_num((g.get("parity") or {}).get("min_cosine"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [target_label(env)] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
-def write_outputs(result: Any, out: Path, overwrite: bool) -> None:
-    """``profile.json`` + the report files, all or nothing (one atomic folder)."""
+def write_outputs(result: Any, out: Path, overwrite: bool, traces: Path | None = None) -> None:
+    """``profile.json`` + the report files (+ ``traces/``), all or nothing (one atomic folder)."""
+    import shutil
+
     from edgefuse.io_utils import atomic_dir, write_json_atomic
     from edgefuse.report.api import write_report
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_json_atomic(tmp / "profile.json", result.to_dict())
+        if traces is not None and traces.is_dir():
+            shutil.copytree(traces, tmp / traces.name)
         write_report([result], tmp)
 
 
@@ -166,19 +175,27 @@ def run(args: argparse.Namespace) -> int:
         from edgefuse.errors import OutputExistsError
 
         raise OutputExistsError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
+    import tempfile
+
     from edgefuse.errors import ProfileError
     from edgefuse.profile.api import profile_onnx
 
-    try:
-        result = profile_onnx(args.graphs, cfg)
-    except ProfileError as exc:
-        partial = getattr(exc, "result", None)
-        if partial is not None:  # the parity check failed: keep what was measured, then fail
-            if args.out:
-                write_outputs(partial, Path(args.out), args.overwrite)
-            print(json.dumps(partial.to_dict(), indent=2) if args.json else summary(partial))
-        raise
-    if args.out:
-        write_outputs(result, Path(args.out), args.overwrite)
+    if cfg.keep_trace and not args.out:
+        from edgefuse.errors import ConfigError
+
+        raise ConfigError("--keep-trace needs --out DIR (the traces are written to DIR/traces/)")
+    with tempfile.TemporaryDirectory(prefix="edgefuse-traces-") as tmp:
+        traces = Path(tmp) / "traces" if cfg.keep_trace else None
+        try:
+            result = profile_onnx(args.graphs, cfg, trace_dir=traces)
+        except ProfileError as exc:
+            partial = getattr(exc, "result", None)
+            if partial is not None:  # the parity check failed: keep what was measured, then fail
+                if args.out:
+                    write_outputs(partial, Path(args.out), args.overwrite, traces)
+                print(json.dumps(partial.to_dict(), indent=2) if args.json else summary(partial))
+            raise
+        if args.out:
+            write_outputs(result, Path(args.out), args.overwrite, traces)
     print(json.dumps(result.to_dict(), indent=2) if args.json else summary(result))
     return 0

@@ -179,7 +179,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
         npz = ctx.out / "prefill_inputs.npz"
         if _write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
             pcfg = pcfg.model_copy(update={"inputs_npz": npz})
-    result = profile_onnx([graphs[r] for r in order], pcfg)
+    result = profile_onnx([graphs[r] for r in order], pcfg, trace_dir=ctx.out / "traces" if pcfg.keep_trace else None)
     from edgefuse.io_utils import write_json_atomic
 
     write_json_atomic(ctx.out / "profile.json", result.to_dict())
@@ -260,6 +260,8 @@ def _named_profile(profile: dict[str, Any], roles: dict[str, Any]) -> dict[str, 
     profile = copy.deepcopy(profile)
     for g in profile["graphs"]:
         g["label"] = names.get(g["label"], g["label"])
+        if (g.get("op_profile") or {}).get("trace"):  # the report lives in report/, the traces in profile/
+            g["op_profile"]["trace"] = f"../profile/{g['op_profile']['trace']}"
         if g.get("parity"):
             g["parity"]["reference_label"] = names.get(g["parity"]["reference_label"], g["parity"]["reference_label"])
     profile["reference_label"] = names.get(profile["reference_label"], profile["reference_label"])

@@ -141,10 +141,11 @@ def build_blocks(data: ReportData, *, top_ops: int, top_nodes: int, plots: bool,
             variants += profile_variant_rows(prof)
     if variants:
         blocks.append(Heading(2, "Variants: size, latency and quality"))
-        keys = ["variant", "target", "size_mib", "latency_ms", "latency_ratio", "accuracy", "cosine"]
-        keys = [k for k in keys if any(r.get(k) is not None for r in variants) or k in ("variant", "latency_ms")]
-        extra = sorted({k for r in variants for k in r} - {*keys, "emulated", "label"})
-        cols = [*keys, *extra]
+        first = ["variant", "target", "size_mib", "latency_ms", "latency_ratio", "accuracy", "cosine"]
+        extra = sorted({k for r in variants for k in r} - {*first, "emulated", "label"})
+        # a column nobody measured is left out (the MiniLM demo has no labels: no accuracy column)
+        cols = [k for k in [*first, *extra]
+                if k in ("variant", "latency_ms") or any(r.get(k) is not None for r in variants)]
         blocks.append(Table(tuple(header(k) for k in cols),
                             tuple(tuple(_variant_cell(r, k) for k in cols) for r in variants),
                             caption="latency: p50 at the headline point (first shape, most threads); cosine: "

@@ -17,13 +17,15 @@ from edgefuse.report.doc import Block, Heading, Links, Para, Plot, Summary, Tabl
 
 logger = logging.getLogger(__name__)
 
-# Tables may be as wide as the page and no wider: long cells (node names, paths, hashes) wrap anywhere, so the
-# page reads at 800 px without sideways scrolling; plots shrink to the column.
+# Tables may be as wide as the page and no wider: cells wrap at spaces, and cells with a long unbroken token
+# (node names, paths, hashes: class "long") wrap anywhere, so the page reads at 800 px without sideways
+# scrolling; plots shrink to the column.
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;
 padding:0 1em}
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px;max-width:100%}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+td.long{overflow-wrap:anywhere}
 th{background:#f0f3f7}
 tr:nth-child(even) td{background:#fafafa}
 figure{margin:1em 0 2em;max-width:100%}
@@ -38,6 +40,14 @@ h2{border-bottom:2px solid #dde;padding-bottom:4px;margin-top:2em}
 .verdict dt{font-weight:600}
 .verdict dd{margin:0;overflow-wrap:anywhere}
 """
+
+
+def _td(text: str) -> str:
+    long = any(len(word) > LONG_WORD for word in text.split())
+    return f'<td class="long">{html.escape(text)}</td>' if long else f"<td>{html.escape(text)}</td>"
+
+
+LONG_WORD = 18  # characters: a token longer than this may be broken anywhere (a path, a node name, a hash)
 
 
 def render_html(blocks: Sequence[Block], *, title: str) -> str:
@@ -59,7 +69,7 @@ def render_html(blocks: Sequence[Block], *, title: str) -> str:
             parts.append(f"<p>{e(b.text)}</p>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{e(h)}</th>" for h in b.headers)
-            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in b.rows)
             cap = f"<caption>{e(b.caption)}</caption>" if b.caption else ""
             parts.append(f'<table class="edgefuse-table">{cap}<thead><tr>{head}</tr></thead>'
                          f"<tbody>{body}</tbody></table>")

@@ -115,7 +115,7 @@ def _run_row(name: str, r: Mapping[str, Any]) -> tuple[str, ...]:
         + (" (restored)" if r.get("best_restored") else ""))
     return (name, objective, f"{r['steps_run']} / {r.get('total_steps')}", str(r.get("stopped_by", "-")),
             fmt_num(r.get("final_train_loss")), best, f"{r.get('train_seconds', 0):.1f}",
-            fmt_num(r.get("examples_per_second")), fmt_num(r.get("trainable_params")))
+            fmt_num(r.get("examples_per_second")), f"{r['trainable_params']:,}" if r.get("trainable_params") else "-")
 
 
 RUN_HEADERS = ("run", "objective", "steps", "stopped by", "final train loss", "best held-out metric",
