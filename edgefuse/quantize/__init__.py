@@ -20,6 +20,7 @@ from edgefuse.lazy import lazy_exports
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "default_output_name": "edgefuse.quantize.api",
+    "variant_name": "edgefuse.quantize.api",
     "quantize_onnx": "edgefuse.quantize.api",
     "resolve_exclude": "edgefuse.quantize.api",
 }
