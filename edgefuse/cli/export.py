@@ -21,6 +21,7 @@ examples:
   edgefuse export out/minilm-fused out/minilm-fused-onnx --fold-scales down
   edgefuse export smollm2 out/smol-onnx --task causal-lm --generate-tokens 16
   edgefuse export out/sst2-classifier out/sst2-onnx --task sequence-classification --atol 1e-4 --json
+  edgefuse export out/minilm-fused out/minilm-mobile --format ort   # + model.ort for onnxruntime Mobile
 """
 
 
@@ -45,6 +46,10 @@ def register(sub: Any) -> None:
                    dest="validate_shapes", help="validation shape (repeatable; default 1 13 and 3 21)")
     p.add_argument("--generate-tokens", type=int, help="causal-lm: greedy tokens compared with PyTorch (default 8)")
     p.add_argument("--seed", type=int, help="seed of the validation token ids (default 0)")
+    p.add_argument("--format", choices=("onnx", "ort"), help="ort: also write model.ort (onnxruntime Mobile) and "
+                   "its reduced-operator config, verified against model.onnx (default onnx)")
+    p.add_argument("--ort-optimization", choices=("Fixed", "Runtime"),
+                   help="ort: Fixed (CPU, XNNPACK; default) or Runtime (NNAPI, CoreML)")
     p.add_argument("--num-labels", type=int, default=2, help="sequence-classification: labels of a fresh head")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -68,6 +73,10 @@ def _config(args: argparse.Namespace) -> Any:
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    if getattr(args, "format", None) == "ort":
+        values["ort"] = True
+    if getattr(args, "ort_optimization", None):
+        values["ort_optimization"] = args.ort_optimization
     try:
         return ExportConfig(**values)
     except ValidationError as exc:
@@ -78,7 +87,8 @@ def format_result(res: Any) -> str:
     """Human summary: the exporter, then one line per validation case and output."""
     lines = [f"exported {res.model_type} ({res.task}) with {res.exporter}",
              f"  fusion scale: {res.fold_scales} ({res.fused_mlps} fused MLPs); opset {res.opset}; "
-             f"{res.graph_size_bytes / 1e6:.1f} MB; export {res.export_seconds:.1f} s, validation {res.validate_seconds:.1f} s",
+             f"{res.graph_size_bytes / 2**20:.1f} MiB; export {res.export_seconds:.1f} s, "
+             f"validation {res.validate_seconds:.1f} s",
              f"  validation vs PyTorch (atol {res.atol:g}, rtol {res.rtol:g}):"]
     for case in res.cases:
         worst = max(case.outputs, key=lambda o: o.max_abs_diff)
@@ -87,6 +97,10 @@ def format_result(res: Any) -> str:
     if res.greedy is not None:
         lines.append(f"    greedy generation: {res.greedy.tokens_compared} tokens identical to PyTorch "
                      f"{list(res.greedy.onnx_tokens)}")
+    if res.ort:
+        lines.append(f"  {res.ort['ort']} ({res.ort['optimization_style']}, {res.ort['size_bytes'] / 2**20:.1f} MiB) vs "
+                     f"model.onnx: max|diff| {res.ort['max_abs_diff_vs_onnx']:.2e}, min cos "
+                     f"{res.ort['min_cosine_vs_onnx']:.6f}; operators for a minimal build: {res.ort['operators_config']}")
     lines.append(f"  wrote {res.out_dir}/ (model.onnx, config, tokenizer, manifest.json)")
     return "\n".join(lines)
 
