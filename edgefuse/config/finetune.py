@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgefuse.config import StrictModel
 
@@ -12,23 +12,57 @@ FinetuneTask = Literal["sequence-classification", "causal-lm", "feature-extracti
 FINETUNE_TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm", "feature-extraction")
 
 
+def first_available(sources: list[str]) -> str:
+    """The first source that can be read here (see :class:`DataConfig`); the last one when none can."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    for source in sources:
+        if source.startswith("hf:"):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+                "HF_DATASETS_OFFLINE", "0") not in ("", "0")
+            if importlib.util.find_spec("datasets") is not None and not offline:
+                return source
+        elif Path(source).expanduser().is_file():
+            return source
+    return sources[-1]
+
+
 class DataConfig(StrictModel):
     """Where the training and validation examples come from and which columns hold what.
 
     Example:
-        >>> DataConfig(train="../shared/data/sst2/train.tsv", text_column="sentence").label_column
+        >>> DataConfig(train="edgefuse/data/sst2-sample/train.tsv", text_column="sentence").label_column
         'label'
+
+    A list of sources means "the first one available": a local file that exists, or an ``hf:`` dataset when
+    the ``datasets`` package is installed and the Hub is not switched off (``HF_HUB_OFFLINE``); the last entry
+    is used when none is (its error then says what is missing). The SST-2 recipes end with the small sample
+    bundled in ``edgefuse/data/sst2-sample/``:
+
+        >>> DataConfig(train=["no/such/file.tsv", "edgefuse/data/sst2-sample/train.tsv"]).train
+        'edgefuse/data/sst2-sample/train.tsv'
     """
 
     train: str = Field(
         description="Training data: a local .tsv/.csv/.jsonl file (or .txt: one text per line, column 'text'), "
         "or a Hugging Face dataset written "
         "'hf:NAME[:CONFIG][@SPLIT]' (e.g. 'hf:glue:sst2@train'; needs `pip install datasets` and network "
-        "access unless NAME is a local folder)."
+        "access unless NAME is a local folder). A list: the first source available (see DataConfig)."
     )
     validation: str | None = Field(
         None, description="Validation data in the same forms as 'train'. None: see validation_fraction."
     )
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _first_available(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"a list of data sources must hold file paths or hf: names, got {value!r}")
+            return first_available(list(value))
+        return value
     validation_fraction: float | None = Field(
         None,
         gt=0.0,
