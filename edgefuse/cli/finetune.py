@@ -14,7 +14,7 @@ fusion scale into the weights and save it, ready for `edgefuse export`.
 Objectives (alone or combined, each with a weight):
   task            cross-entropy on the labels (classification) or next-token loss (causal-lm)
   distill-logits  KL to the unfused teacher's logits at --temperature (no labels needed)
-  distill-hidden  layer-wise MSE to the teacher's hidden states (method.md 1.7; no labels needed)
+  distill-hidden  layer-wise MSE to the teacher's hidden states (no labels needed)
 
 The frozen scale (the cluster sizes) is never trained. Data: .tsv/.csv/.jsonl/.txt files or hf:NAME[:CONFIG][@SPLIT].
 Output: OUT_DIR/model (the saved model + tokenizer), OUT_DIR/finetune_result.json, OUT_DIR/checkpoints/.
@@ -24,10 +24,10 @@ examples:
   # deployment order: fine-tuned model -> fuse -> brief recovery with distillation + labels
   edgefuse fuse ./sst2-model out/fused --keep-ratio 0.5 --task sequence-classification
   edgefuse finetune out/fused out/recovered --task sequence-classification \\
-      --train ../shared/data/sst2/train.tsv --validation ../shared/data/sst2/validation.tsv \\
+      --train data/sst2/train.tsv --validation data/sst2/validation.tsv \\
       --objective task --objective distill-logits --teacher ./sst2-model --max-steps 200
   # causal LM on E2E, split by meaning representation, prompt = mr
-  edgefuse finetune out/smol-fused out/smol-rec --task causal-lm --train ../shared/data/e2e/devset.csv \\
+  edgefuse finetune out/smol-fused out/smol-rec --task causal-lm --train data/e2e/devset.csv \\
       --validation-fraction 0.1 --group-column mr --prompt-column mr --text-column ref --max-steps 150
   # no labels: distil a fused sentence encoder on plain text
   edgefuse finetune out/minilm-fused out/minilm-rec --task feature-extraction --train corpus.txt \\

@@ -22,10 +22,10 @@ or is below --min-cosine fails with exit code 8 and is not written.
 examples:
   edgefuse quantize out/minilm-onnx --mode dynamic              # -> out/minilm-onnx-int8/model.onnx
   edgefuse quantize out/minilm-onnx --mode dynamic --preset arm64 --exclude 're:/output/dense/MatMul$'
-  edgefuse quantize out/minilm-onnx --mode static --calibration-data ../shared/data/sst2/train.tsv --calibration-method percentile
+  edgefuse quantize out/minilm-onnx --mode static --calibration-data data/sst2/train.tsv --calibration-method percentile
   edgefuse quantize out/smol-onnx --mode int4 --block-size 32
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
-  edgefuse quantize out/sst2-onnx --eval-data ../shared/data/sst2/validation.tsv
+  edgefuse quantize out/sst2-onnx --eval-data data/sst2/validation.tsv
 """
 
 

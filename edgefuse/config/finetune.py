@@ -123,7 +123,7 @@ class FinetuneConfig(StrictModel):
     hidden_weight: float = Field(
         0.0,
         ge=0.0,
-        description="Weight of layer-wise hidden-state distillation (method.md 1.7): the mean over layers of "
+        description="Weight of layer-wise hidden-state distillation: the mean over layers of "
         "the per-token squared L2 distance to the teacher's hidden states (padding excluded).",
     )
     temperature: float = Field(
@@ -135,11 +135,11 @@ class FinetuneConfig(StrictModel):
     )
     trainable: Literal["all", "fused-mlps"] = Field(
         "all",
-        description="all: every parameter is trained (method.md 1.7; the frozen scale never is). fused-mlps: only "
+        description="all: every parameter is trained (the frozen scale never is). fused-mlps: only "
         "the linear layers of fused MLPs (the method's layer-wise tuning step).",
     )
     optimizer: Literal["adamw", "adam"] = Field(
-        "adamw", description="Adam-type only: fusion preserves the Adam (sign) NTK, not the SGD one (method.md 1.5)."
+        "adamw", description="Adam-type only: fusion preserves the Adam (sign) NTK, not the SGD one."
     )
     learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0.0, description="Decoupled weight decay (AdamW).")

@@ -13,7 +13,7 @@ METHODS: tuple[str, ...] = ("fusion", "merge", "cluster", "centroid", "svd", "pr
 
 
 class FusionConfig(StrictModel):
-    """How to compress the MLPs of a model. See ``docs`` and ``method.md`` for the methods.
+    """How to compress the MLPs of a model. See docs/fusion.md for the methods.
 
     Example:
         >>> FusionConfig(keep_ratio=0.5, layers=[4, 5]).method
