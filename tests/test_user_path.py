@@ -99,3 +99,16 @@ def test_convert_to_ort_fails_closed(user: dict[str, Path], tmp_path: Path) -> N
     with pytest.raises(SystemExit) as exc:  # argparse: a usage error, exit 2
         main(["export", str(user["model"]), str(tmp_path / "x"), "--format", "tflite"])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_unsupported_python_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "version_info", (3, 12, 3, "final", 0))
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("edgefuse", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "Python 3.12.3 is not supported; use Python 3.10 or 3.11" in err
