@@ -112,3 +112,21 @@ def test_unsupported_python_is_refused_in_one_line(monkeypatch: pytest.MonkeyPat
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert "Python 3.12.3 is not supported; use Python 3.10 or 3.11" in err
+
+
+def test_fuse_says_how_far_from_the_original_and_what_next(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    mine = save_tiny_bert(tmp_path / "mine")
+    assert main(["fuse", str(mine), str(tmp_path / "fused"), "--keep-ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("vs the original on 16 built-in sentences"))
+    assert -1.0 <= float(line.split("mean cosine ")[1].split()[0]) <= 1.0
+    assert f"next: edgefuse finetune {tmp_path / 'fused'} {tmp_path / 'fused'}-recovered" in out
+    diffs = []
+    for ratio in ("0.25", "1.0"):
+        assert main(["fuse", str(mine), str(tmp_path / f"f{ratio}"), "--keep-ratio", ratio, "--json"]) == 0
+        vs = json.loads(capsys.readouterr().out)["vs_original"]
+        assert vs["rows"] == 16
+        diffs.append(vs["max_abs_diff"])
+    assert diffs[0] > 1e-4 > diffs[1]  # fusion changed the outputs; keep 1.0 (every unit its own cluster) did not
