@@ -251,3 +251,21 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path: Path, capsys: pytest.Ca
 def test_resolved_config_has_every_section() -> None:
     data = yaml.safe_load(dump_config(PipelineConfig(schema_version=1)))
     assert set(data) == set(PipelineConfig.model_fields)
+
+
+def test_data_sources_fall_back_to_the_bundled_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of data sources: the first readable one; offline, an hf: source is skipped; the SST-2 recipes end
+    with the sample that ships with edgefuse, so they run from a clone without any data."""
+    from edgefuse.config.finetune import DataConfig
+    from edgefuse.finetune.data import read_records
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mine = tmp_path / "mine.tsv"
+    sample = "edgefuse/data/sst2-sample/train.tsv"
+    assert DataConfig(train=[str(mine), "hf:glue:sst2@train", sample]).train == sample
+    mine.write_text("sentence\tlabel\ngood\t1\n")
+    assert DataConfig(train=[str(mine), "hf:glue:sst2@train", sample]).train == str(mine)
+    rows = read_records(sample)
+    assert len(rows) >= 40 and {str(r["label"]) for r in rows} == {"0", "1"}
+    with pytest.raises(ValueError, match="list of data sources"):
+        DataConfig(train=[])

@@ -63,7 +63,7 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     assert phases[0]["objective_weights"]["hidden"] == 1.0 and phases[0]["objective_weights"]["task"] == 0.0
     assert result.stage("finetune").result["finetune"] == phases[-1]
     quant = result.stage("quantize").result
-    assert quant["graph"].startswith("quantized/model_int8_avx512-vnni") and quant["quantize"]["quantized_nodes"] > 0
+    assert quant["graph"] == "quantized/model.onnx" and quant["quantize"]["quantized_nodes"] > 0
     # optimum-loadable folder: config and tokenizer beside the int8 graph
     assert (run / "quantize" / "quantized" / "config.json").is_file()
     assert (run / "quantize" / "quantized" / "tokenizer.json").is_file()

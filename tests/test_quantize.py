@@ -72,8 +72,8 @@ def test_modes_count_and_shrink(small_bert: Path, mode: str, op: str, extra: dic
 
 def test_manifest_and_names(small_bert: Path) -> None:
     res = quantize_onnx(small_bert, QuantizeConfig(preset="arm64", overwrite=True), calibration_texts=TEXTS)
-    assert res.onnx_path.name == "model_int8_arm64.onnx"
-    entry = read_manifest(small_bert)["graphs"]["model_int8_arm64.onnx"]
+    assert res.onnx_path.name == "model_int8.onnx"  # named by what differs in the bytes, not by the preset
+    entry = read_manifest(small_bert)["graphs"]["model_int8.onnx"]
     assert entry["sha256"] == sha256_file(res.onnx_path)
     assert entry["settings"]["preset"]["name"] == "arm64" and entry["settings"]["per_channel"] is True
     assert entry["checks"]["quantized_matmuls"] == res.quantized_nodes
@@ -182,10 +182,32 @@ def test_cli_quantize(small_bert: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["quantize", str(small_bert), "--exclude", "nope", "--output-name", "z.onnx"]) == 3
     assert main(["quantize", str(small_bert), "--dry-run", "--preset", "avx512-vnni"]) == 0
     out = capsys.readouterr()
-    assert '"output_name": "model_int8_avx512-vnni.onnx"' in out.out and "block_size" in out.err
+    # the default is a folder of its own, where the graph is model.onnx (what optimum's from_pretrained loads)
+    assert '"output_name": "model.onnx"' in out.out and f'"out_dir": "{small_bert}-int8"' in out.out
+    assert "block_size" in out.err
+    assert (small_bert.parent / f"{small_bert.name}-int4-b16" / "model.onnx").is_file()
     assert main(["quantize", str(small_bert), "--exclude", "re:(", "--output-name", "z.onnx"]) == 2
     err = capsys.readouterr().err
     assert "not a valid regular expression" in err and "re:(" in err and "Traceback" not in err
+
+
+def test_dynamic_int8_is_the_same_graph_for_every_preset(small_bert: Path, tmp_path: Path) -> None:
+    """Dynamic int8 uses u8 activations and s8 weights on every CPU: the presets give one graph, one name."""
+    from edgefuse.quantize.api import variant_name
+
+    shas = set()
+    for preset in ("arm64", "avx2", "avx512-vnni"):
+        cfg = QuantizeConfig(preset=preset)
+        res = quantize_onnx(small_bert, cfg, tmp_path / preset, calibration_texts=TEXTS)
+        assert res.onnx_path == tmp_path / preset / "model.onnx" and variant_name(cfg, preset) == "int8"
+        manifest = read_manifest(tmp_path / preset)
+        assert list(manifest["graphs"]) == ["model.onnx"] and manifest["graphs"]["model.onnx"]["kind"] == "dynamic"
+        assert manifest["source_folder"] == str(small_bert)  # the manifest says where it came from
+        shas.add(sha256_file(res.onnx_path))
+    assert len(shas) == 1
+    assert variant_name(QuantizeConfig(mode="static"), "avx2") == "qdq-int8-au8"
+    assert variant_name(QuantizeConfig(mode="static"), "arm64") == "qdq-int8-as8"
+    assert variant_name(QuantizeConfig(per_channel=False, reduce_range=True), "arm64") == "int8-per-tensor-reduce-range"
 
 
 def test_auto_ranking_sees_massive_activations() -> None:

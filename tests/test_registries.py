@@ -50,14 +50,16 @@ def test_unknown_method_and_bad_width_are_config_errors() -> None:
         compress_mlp(w, "fusion", 5)
 
 
-def test_every_quantization_mode_is_a_config_choice_with_a_distinct_output_name() -> None:
+def test_every_quantization_mode_is_a_config_choice_with_a_distinct_variant_name() -> None:
+    from edgefuse.quantize.presets import resolve_preset
+
     assert tuple(MODES) == get_args(QuantMode)
     described = QuantizeConfig.model_fields["mode"].description
     names = set()
     for name, entry in MODES.items():
         assert entry.name == name and f"{name}:" in described
-        names.add(entry.output_name(QuantizeConfig(mode=name), "avx2"))
-    assert len(names) == len(MODES) and "model.onnx" not in names
+        names.add(entry.variant(QuantizeConfig(mode=name), resolve_preset("avx2")))
+    assert len(names) == len(MODES)
 
 
 def test_mode_simulation_quantizes_what_the_mode_quantizes() -> None:

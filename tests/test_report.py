@@ -66,9 +66,10 @@ def test_json_is_complete_and_reloadable(report: dict[str, Path], profile: Profi
 def test_markdown_tables(report: dict[str, Path], profile: ProfileResult) -> None:
     md = report["md"].read_text()
     for heading in ("## Profile 1: local", "### Latency", "### Size, load time and memory", "### Per-operator time",
-                    "### Output parity", "## Variants: latency against quality", "## FusionResult"):
+                    "### Output parity", "## Variants: size, latency and quality", "## FusionResult"):
         assert heading in md, heading
-    assert "| graph | threads | batch | seq | runs | mean latency (ms)" in md
+    assert "| graph | threads | batch x seq | runs | p50 latency (ms)" in md
+    assert md.index("## Variants") < md.index("## FusionResult") < md.index("## Profile 1")
     assert "| mlp_int8 | MatMulInteger" in md or "| mlp_int8 | DynamicQuantizeMatMul" in md
     assert "quantized" in md and "fp32" in md and "EMULATED" not in md
     p50 = profile.graphs[1].latency[0].latency_ms_p50
@@ -80,8 +81,9 @@ def test_html_is_self_contained(report: dict[str, Path]) -> None:
     html = report["html"].read_text()
     imgs = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     titles = [t for t, _ in imgs]
-    assert titles == ["Latency distributions", "Latency against threads", "Peak memory", "Per-operator breakdown",
-                      "Latency against accuracy / cosine, every variant"]
+    assert titles == ["Latency against accuracy / cosine, measured", "Latency distributions",
+                      "Latency against threads", "Peak memory",
+                      "Per-operator breakdown, threads=2, batch 1 x seq 8, 2 runs"]
     import base64
 
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in imgs)
@@ -94,7 +96,8 @@ def test_emulated_profiles_are_labelled(profile: ProfileResult, tmp_path: Path) 
                         "machine": "aarch64", "emulated_cpu": "neoverse-n1"}
     md = write_report([d], tmp_path, formats=("md",))["md"].read_text()
     assert "[EMULATED under qemu: timings are not device latency]" in md
-    assert "### Latency (EMULATED)" in md and "mean emulated latency (ms)" in md
+    assert "### Latency (EMULATED)" in md and "p50 emulated latency (ms)" in md
+    assert "Per-operator time (EMULATED), threads=2" in md  # per-op tables say at which thread count they ran
     assert "| mlp | arm64-emulated (neoverse-n1) (EMULATED) |" in md  # variant rows keep the label too
 
 
@@ -172,3 +175,23 @@ def test_html_renders_in_headless_chromium(report: dict[str, Path], profile: Pro
     _chromium(tmp_path, f"--screenshot={shot_plain}", "--window-size=1280,6000", plain.resolve().as_uri())
     with_plots, without = _colourful_pixels(shot), _colourful_pixels(shot_plain)
     assert with_plots > 10 * max(without, 100)  # the plots are really drawn on the page, not just referenced
+
+
+def test_keep_trace_is_kept_and_linked(pair: tuple[Path, Path], tmp_path: Path,  # noqa: F811
+                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "prof"
+    args = ["profile", *map(str, pair), "--threads", "1", "2", "--seq-lens", "8", "--runs", "3", "--warmup-runs", "1",
+            "--no-memory", "--min-cosine", "none"]
+    assert main([*args, "--keep-trace"]) == ConfigError.exit_code  # the traces need a folder
+    assert main([*args, "--keep-trace", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # one row per measured point (graph x threads), not only the headline
+    assert len([ln for ln in printed.splitlines() if ln.startswith(("mlp ", "mlp_int8 "))]) == 4
+    traces = sorted((out / "traces").iterdir())
+    assert [t.name for t in traces] == ["mlp.json", "mlp_int8.json"]
+    events = json.loads(traces[1].read_text())
+    assert any(e.get("cat") == "Node" and e["name"].endswith("_kernel_time") for e in events)  # a real ORT trace
+    html = (out / "report.html").read_text()
+    assert 'href="traces/mlp.json"' in html and 'href="traces/mlp_int8.json"' in html
+    profile = ProfileResult.from_dict(json.loads((out / "profile.json").read_text()))
+    assert profile.graphs[0].op_profile is not None and profile.graphs[0].op_profile.trace == "traces/mlp.json"

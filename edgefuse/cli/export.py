@@ -22,6 +22,7 @@ examples:
   edgefuse export out/minilm-fused out/minilm-fused-onnx --fold-scales down
   edgefuse export smollm2 out/smol-onnx --task causal-lm --generate-tokens 16
   edgefuse export out/sst2-classifier out/sst2-onnx --task sequence-classification --atol 1e-4 --json
+  edgefuse export out/minilm-fused out/minilm-mobile --format ort   # + model.ort for onnxruntime Mobile
 """
 
 
@@ -37,6 +38,7 @@ EXPORT_FLAGS = (
     Flag("rtol"),
     Flag("generate_tokens", metavar="N"),
     Flag("seed"),
+    Flag("ort_optimization"),
 )
 
 
@@ -51,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--validate-shape", dest="validate_shapes", type=int, nargs=2, action="append",
                    metavar=("BATCH", "SEQ"), help=ExportConfig.model_fields["validate_shapes"].description
                    + " One pair per --validate-shape (repeatable).")
+    p.add_argument("--format", choices=("onnx", "ort"), help="ort: also write model.ort (onnxruntime Mobile) and "
+                   "its reduced-operator config, verified against model.onnx (default onnx)")
     p.add_argument("--num-labels", type=int, default=2, help="sequence-classification: labels of a fresh head")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -74,6 +78,8 @@ def _config(args: argparse.Namespace) -> Any:
             values[key] = getattr(args, key)
     if args.task_alias == "text-generation" and args.with_past is None:
         values["with_past"] = False  # optimum's text-generation is the graph without the KV cache
+    if getattr(args, "format", None) == "ort":
+        values["ort"] = True
     try:
         return ExportConfig(**values)
     except ValidationError as exc:
@@ -84,7 +90,7 @@ def format_result(res: Any) -> str:
     """Human summary: the exporter, then one line per validation case and output."""
     lines = [f"exported {res.model_type} ({res.task}) with {res.exporter}",
              f"  fusion scale: {res.fold_scales} ({res.fused_mlps} fused MLPs); opset {res.opset}; "
-             f"{res.graph_size_bytes / 1e6:.1f} MB; export {res.export_seconds:.1f} s, "
+             f"{res.graph_size_bytes / 2**20:.1f} MiB; export {res.export_seconds:.1f} s, "
              f"validation {res.validate_seconds:.1f} s",
              f"  validation vs PyTorch (atol {res.atol:g}, rtol {res.rtol:g}):"]
     for case in res.cases:
@@ -94,6 +100,11 @@ def format_result(res: Any) -> str:
     if res.greedy is not None:
         lines.append(f"    greedy generation: {res.greedy.tokens_compared} tokens identical to PyTorch "
                      f"{list(res.greedy.onnx_tokens)}")
+    if res.ort:
+        o = res.ort
+        lines.append(f"  {o['ort']} ({o['optimization_style']}, {o['size_bytes'] / 2**20:.1f} MiB) vs "
+                     f"model.onnx: max|diff| {o['max_abs_diff_vs_onnx']:.2e}, min cos "
+                     f"{o['min_cosine_vs_onnx']:.6f}; operators for a minimal build: {o['operators_config']}")
     lines.append(f"  wrote {res.out_dir}/ (model.onnx, config, tokenizer, manifest.json)")
     return "\n".join(lines)
 

@@ -27,10 +27,10 @@ examples:
   # deployment order: fine-tuned model -> fuse -> brief recovery with distillation + labels
   edgefuse fuse ./sst2-model out/fused --keep-ratio 0.5 --task sequence-classification
   edgefuse finetune out/fused out/recovered --task sequence-classification \\
-      --train ../shared/data/sst2/train.tsv --validation ../shared/data/sst2/validation.tsv \\
+      --train data/sst2/train.tsv --validation data/sst2/validation.tsv \\
       --objective task --objective logits --teacher ./sst2-model --max-steps 200
   # causal LM on E2E, split by meaning representation, prompt = mr
-  edgefuse finetune out/smol-fused out/smol-rec --task causal-lm --train ../shared/data/e2e/devset.csv \\
+  edgefuse finetune out/smol-fused out/smol-rec --task causal-lm --train data/e2e/devset.csv \\
       --validation-fraction 0.1 --group-column mr --prompt-column mr --text-column ref --max-steps 150
   # no labels: distil a fused sentence encoder on plain text
   edgefuse finetune out/minilm-fused out/minilm-rec --task feature-extraction --train corpus.txt \\

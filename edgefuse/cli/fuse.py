@@ -93,20 +93,45 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         result = plan_fusion(model, cfg)
     else:
+        import copy
+
         from edgefuse.fusion.persist import save_fused
         from edgefuse.fusion.scale import fold_scales_
 
+        original = copy.deepcopy(model)  # to say how far the fused model is from it (recover before shipping)
         result = fuse_mlps_(model, cfg, progress=not args.quiet)  # a bar on a terminal, else a 30 s heartbeat
         if args.fold:
             fold_scales_(model)
         tokenizer = (
             load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if has_tokenizer(args.model) else None
         )
+        from edgefuse.fusion.distance import distance_to_original
+
+        distance = distance_to_original(original, model, tokenizer, args.task)
+        del original
         save_fused(model, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), **({} if args.dry_run else {"vs_original": distance})}, indent=2))
     else:
         print(format_plan(result))
         if not args.dry_run:
             print(f"fused in {result.seconds:.1f} s; saved to {args.out_dir}")
+            print(next_steps(args, distance))
     return 0
+
+
+def next_steps(args: argparse.Namespace, distance: dict) -> str:
+    """How far the fused model is from the original, and the command that recovers it."""
+    what = {"feature-extraction": "mean-pooled embedding", "sequence-classification": "logits",
+            "causal-lm": "next-token logits"}[args.task]
+    objective = ("--objective hidden" if args.task == "feature-extraction"
+                 else "--objective task --objective logits")
+    data = "--train TEXTS.txt --text-column text" if args.task == "feature-extraction" else (
+        "--train TRAIN.tsv --validation VALIDATION.tsv")
+    verdict = ("close to the original" if distance["cosine_mean"] >= 0.99 else
+               "not ready to ship: recover it first" if distance["cosine_mean"] == distance["cosine_mean"]
+               else "not measurable (nan): check the model")
+    return (f"vs the original on {distance['text']}: mean cosine {distance['cosine_mean']:.4f} (min "
+            f"{distance['cosine_min']:.4f}) of the {what}; {verdict}\n"
+            f"next: edgefuse finetune {args.out_dir} {args.out_dir.rstrip('/')}-recovered --task {args.task} "
+            f"{data} {objective} --teacher {args.model} --max-steps 200")

@@ -26,16 +26,16 @@ NTK_FLAGS = (
 
 HELP = """Measure, right after compression, the relative errors of a compressed model against its original:
 the Adam/SignGD kernel K = G sign(G)^T and the GD kernel G G^T of the per-example gradients G of a scalar
-output (method.md 6.2), the final hidden states and each fused layer's output.
+output, the final hidden states and each fused layer's output.
 
 Compare a saved compressed folder with its original, or compress a copy of the original in memory with
 --keep-ratio/--width (and --method). The random head (classification head, or the projection vector of a base
 model) is the same for both models.
 
 examples:
-  edgefuse ntk minilm --keep-ratio 0.5 --data ../shared/data/sst2/validation.tsv --n 64
-  edgefuse ntk minilm --keep-ratio 0.25 --method merge --params all --data ../shared/data/sst2/validation.tsv --json
-  edgefuse ntk minilm out/minilm-fused --data ../shared/data/sst2/validation.tsv --out ntk.json
+  edgefuse ntk minilm --keep-ratio 0.5 --data data/sst2/validation.tsv --n 64
+  edgefuse ntk minilm --keep-ratio 0.25 --method merge --params all --data data/sst2/validation.tsv --json
+  edgefuse ntk minilm out/minilm-fused --data data/sst2/validation.tsv --out ntk.json
 """
 
 
@@ -106,7 +106,7 @@ def _examples(args: argparse.Namespace, n: int) -> tuple[list[str], list[int] | 
 
 def _share_missing_head(original: Any, compressed: Any, folder: str) -> list[str]:
     """Copy into ``compressed`` the original's values of the parameters its folder did not hold (a random head
-    initialised at load time): both models must share the head (method.md 5)."""
+    initialised at load time): both models must share the head."""
     from safetensors import safe_open
 
     saved: set[str] = set()

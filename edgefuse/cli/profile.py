@@ -28,6 +28,7 @@ PROFILE_FLAGS = (
     Flag("memory", "--no-memory", negate=True, extra="Give --no-memory to skip it."),
     Flag("op_profile", "--no-op-profile", negate=True, extra="Give --no-op-profile to skip it."),
     Flag("check_outputs", "--no-check-outputs", negate=True, extra="Give --no-check-outputs to skip it."),
+    Flag("keep_trace"),
     Flag("ssh_identity_file", "--ssh-identity", metavar="KEY"),
     Flag("ssh_known_hosts_file", "--ssh-known-hosts", metavar="FILE"),
     Flag("ssh_python"),
@@ -114,8 +115,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def summary(result: Any) -> str:
-    """A small human table: per graph p50 at the headline point, ratio to the reference, size, memory, cosine."""
-    from edgefuse.report.doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, headline_point, target_label
+    """A small human table: one row per graph and measured point (threads, batch x sequence): p50, ratio to the
+    reference, size, memory, cosine."""
+    from edgefuse.report.doc import fmt_mib, fmt_ms, fmt_num, fmt_ratio, target_label
 
     d = result.to_dict()
     env = d["environment"]
@@ -123,21 +125,25 @@ def summary(result: Any) -> str:
     lat = ("emulated " if env["emulated"] else "") + ("p50 CPU ms" if clock == "cpu" else "p50 ms")
     rows = [("graph", "threads", "b x s", lat, f"vs {d['reference_label']}", "file MiB", "peak RSS MiB", "cosine")]
     for g in d["graphs"]:
-        p = headline_point(g) or {}
-        rows.append((g["label"], str(p.get("threads", "-")), f"{p.get('batch_size')}x{p.get('sequence_length')}",
-                     fmt_ms(p.get("latency_ms_p50")), fmt_ratio(p.get("ratio_vs_reference_p50")),
-                     f"{g['file_size_bytes'] / 2**20:.2f}", fmt_mib((g.get("memory") or {}).get("peak_rss_mib")),
-                     fmt_num((g.get("parity") or {}).get("min_cosine"))))
+        for p in g["latency"] or [{}]:  # one row per measured point, not only the headline
+            rows.append((g["label"], str(p.get("threads", "-")), f"{p.get('batch_size')}x{p.get('sequence_length')}",
+                         fmt_ms(p.get("latency_ms_p50")), fmt_ratio(p.get("ratio_vs_reference_p50")),
+                         f"{g['file_size_bytes'] / 2**20:.2f}", fmt_mib((g.get("memory") or {}).get("peak_rss_mib")),
+                         fmt_num((g.get("parity") or {}).get("min_cosine"))))
     return target_label(env) + "\n" + format_table(rows)
 
 
-def write_outputs(result: Any, out: Path, overwrite: bool, inputs: Any = ()) -> None:
-    """``profile.json`` + the report files, all or nothing (one atomic folder)."""
+def write_outputs(result: Any, out: Path, overwrite: bool, inputs: Any = (), traces: Path | None = None) -> None:
+    """``profile.json`` + the report files (+ ``traces/``), all or nothing (one atomic folder)."""
+    import shutil
+
     from edgefuse.io_utils import atomic_dir, write_json_atomic
     from edgefuse.report.api import write_report
 
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_json_atomic(tmp / "profile.json", result.to_dict())
+        if traces is not None and traces.is_dir():
+            shutil.copytree(traces, tmp / traces.name)
         write_report([result], tmp)
 
 
@@ -152,19 +158,27 @@ def run(args: argparse.Namespace) -> int:
         from edgefuse.io_utils import check_output_dir
 
         check_output_dir(Path(args.out), overwrite=args.overwrite, inputs=args.graphs)
+    import tempfile
+
     from edgefuse.errors import ProfileError
     from edgefuse.profile.api import profile_onnx
 
-    try:
-        result = profile_onnx(args.graphs, cfg)
-    except ProfileError as exc:
-        partial = getattr(exc, "result", None)
-        if partial is not None:  # the parity check failed: keep what was measured, then fail
-            if args.out:
-                write_outputs(partial, Path(args.out), args.overwrite, args.graphs)
-            print(json.dumps(partial.to_dict(), indent=2) if args.json else summary(partial))
-        raise
-    if args.out:
-        write_outputs(result, Path(args.out), args.overwrite, args.graphs)
+    if cfg.keep_trace and not args.out:
+        from edgefuse.errors import ConfigError
+
+        raise ConfigError("--keep-trace needs --out DIR (the traces are written to DIR/traces/)")
+    with tempfile.TemporaryDirectory(prefix="edgefuse-traces-") as tmp:
+        traces = Path(tmp) / "traces" if cfg.keep_trace else None
+        try:
+            result = profile_onnx(args.graphs, cfg, trace_dir=traces)
+        except ProfileError as exc:
+            partial = getattr(exc, "result", None)
+            if partial is not None:  # the parity check failed: keep what was measured, then fail
+                if args.out:
+                    write_outputs(partial, Path(args.out), args.overwrite, args.graphs, traces)
+                print(json.dumps(partial.to_dict(), indent=2) if args.json else summary(partial))
+            raise
+        if args.out:
+            write_outputs(result, Path(args.out), args.overwrite, args.graphs, traces)
     print(json.dumps(result.to_dict(), indent=2) if args.json else summary(result))
     return 0

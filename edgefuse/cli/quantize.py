@@ -21,13 +21,13 @@ difference, accuracy with --eval-data) and its quantized MatMuls are counted; a 
 or is below --min-cosine fails with exit code 8 and is not written.
 
 examples:
-  edgefuse quantize out/minilm-onnx --mode dynamic
+  edgefuse quantize out/minilm-onnx --mode dynamic              # -> out/minilm-onnx-int8/model.onnx
   edgefuse quantize out/minilm-onnx --mode dynamic --preset arm64 --exclude 're:/output/dense/MatMul$'
-  edgefuse quantize out/minilm-onnx --mode static --calibration-data ../shared/data/sst2/train.tsv \\
+  edgefuse quantize out/minilm-onnx --mode static --calibration-data data/sst2/train.tsv \\
       --calibration-method percentile
   edgefuse quantize out/smol-onnx --mode int4 --block-size 32
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
-  edgefuse quantize out/sst2-onnx --eval-data ../shared/data/sst2/validation.tsv
+  edgefuse quantize out/sst2-onnx --eval-data data/sst2/validation.tsv
 """
 
 
@@ -74,7 +74,9 @@ def register(sub: Any) -> None:
     p.add_argument("export_dir", help="folder written by `edgefuse export` (or a .onnx file)")
     p.add_argument("--config", type=Path, metavar="YAML", help="quantize settings file (keys of QuantizeConfig)")
     add_flags(p, QuantizeConfig, QUANTIZE_FLAGS)
-    p.add_argument("--out-dir", type=Path, help="write into this folder instead of EXPORT_DIR")
+    p.add_argument("--out-dir", type=Path, help="folder of the quantized graph (model.onnx + config + tokenizer, "
+                   "loadable with optimum's from_pretrained); default EXPORT_DIR-<variant>, e.g. minilm-onnx-int8; "
+                   "EXPORT_DIR itself writes model_<variant>.onnx beside the fp32 graph")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and preset, write nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(run=run)
@@ -95,8 +97,8 @@ def _config(args: argparse.Namespace) -> Any:
 
 def format_result(res: Any) -> str:
     """Human summary of a :class:`QuantizeResult`."""
-    lines = [f"{res.onnx_path.name}: {res.mode} for {res.preset}, {res.quantized_nodes} MatMuls quantized",
-             f"  size {res.size_bytes_fp32 / 1e6:.1f} MB -> {res.size_bytes / 1e6:.1f} MB; ops "
+    lines = [f"{res.onnx_path}: {res.mode} for {res.preset}, {res.quantized_nodes} MatMuls quantized",
+             f"  size {res.size_bytes_fp32 / 2**20:.1f} MiB -> {res.size_bytes / 2**20:.1f} MiB; ops "
              + ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items())
                          if k in ("MatMul", "MatMulInteger", "MatMulNBits", "QuantizeLinear", "DequantizeLinear")),
              f"  vs fp32 on {res.samples} rows: cosine mean {res.cosine_mean:.5f} min {res.cosine_min:.5f}, "
@@ -106,6 +108,8 @@ def format_result(res: Any) -> str:
     if res.kept_fp32:
         lines.append(f"  kept in fp32: {', '.join(res.kept_fp32)}")
     lines.append(f"  {res.seconds:.1f} s; manifest updated")
+    if res.onnx_path.name == "model.onnx":
+        lines.append(f"  load it: ORTModelFor<Task>.from_pretrained({str(res.onnx_path.parent)!r})")
     return "\n".join(lines)
 
 
@@ -116,11 +120,27 @@ def run(args: argparse.Namespace) -> int:
         from edgefuse.quantize.presets import resolve_preset
 
         preset = resolve_preset(cfg.preset)
-        print(json.dumps({"config": cfg.model_dump(mode="json"), "preset": preset.to_dict(),
-                          "output_name": default_output_name(cfg, preset.name)}, indent=2))
+        out_dir = default_out_dir(Path(args.export_dir), cfg, preset.name) if args.out_dir is None else args.out_dir
+        own = out_dir is not None and Path(out_dir).resolve() != Path(args.export_dir).resolve()
+        print(json.dumps({"config": cfg.model_dump(mode="json"), "preset": preset.to_dict(), "out_dir": str(out_dir),
+                          "output_name": default_output_name(cfg, preset.name, own_folder=own)}, indent=2))
         return 0
     from edgefuse.quantize.api import quantize_onnx
+    from edgefuse.quantize.presets import resolve_preset
 
-    res = quantize_onnx(Path(args.export_dir), cfg, args.out_dir)
+    out_dir = args.out_dir
+    if out_dir is None:
+        out_dir = default_out_dir(Path(args.export_dir), cfg, resolve_preset(cfg.preset).name)
+    res = quantize_onnx(Path(args.export_dir), cfg, out_dir)
     print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))
     return 0
+
+
+def default_out_dir(src: Path, cfg: Any, preset: str) -> Path | None:
+    """``EXPORT_DIR-<variant>`` for an export folder (its own folder, graph ``model.onnx``); None for a .onnx
+    file (written beside it)."""
+    from edgefuse.quantize.api import variant_name
+
+    if not src.is_dir():
+        return None
+    return src.resolve().parent / f"{src.resolve().name}-{variant_name(cfg, preset)}"

@@ -1,7 +1,7 @@
 """Configuration of ``edgefuse check``: the budgets a shipped graph must meet.
 
 Latency is compared as a *ratio* against a reference graph measured in the same run, interleaved with the
-candidate, because absolute times on a shared machine drift by tens of percent between runs (platform.md);
+candidate, because absolute times on a shared machine drift by tens of percent between runs;
 absolute limits are allowed for dedicated hardware.
 """
 

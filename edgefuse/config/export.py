@@ -65,6 +65,13 @@ class ExportConfig(StrictModel):
         8, ge=0, description="causal-lm: greedy tokens that ONNX Runtime must produce identically to PyTorch (0: skip)."
     )
     seed: int = Field(0, description="Seed of the random token ids used for validation.")
+    ort: bool = Field(
+        False, description="Also write model.ort (onnxruntime Mobile format) and model.required_operators.config "
+        "(for a reduced-size build), converted by onnxruntime's tool and verified against model.onnx."
+    )
+    ort_optimization: Literal["Fixed", "Runtime"] = Field(
+        "Fixed", description="ORT-format optimisation style: Fixed (CPU, XNNPACK) or Runtime (NNAPI, CoreML)."
+    )
 
     @field_validator("validate_shapes")
     @classmethod

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgefuse.config import StrictModel
 
@@ -14,23 +14,57 @@ OBJECTIVES: dict[str, str] = {"task": "task_weight", "logits": "logits_weight", 
 FINETUNE_TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm", "feature-extraction")
 
 
+def first_available(sources: list[str]) -> str:
+    """The first source that can be read here (see :class:`DataConfig`); the last one when none can."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    for source in sources:
+        if source.startswith("hf:"):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+                "HF_DATASETS_OFFLINE", "0") not in ("", "0")
+            if importlib.util.find_spec("datasets") is not None and not offline:
+                return source
+        elif Path(source).expanduser().is_file():
+            return source
+    return sources[-1]
+
+
 class DataConfig(StrictModel):
     """Where the training and validation examples come from and which columns hold what.
 
     Example:
-        >>> DataConfig(train="../shared/data/sst2/train.tsv", text_column="sentence").label_column
+        >>> DataConfig(train="edgefuse/data/sst2-sample/train.tsv", text_column="sentence").label_column
         'label'
+
+    A list of sources means "the first one available": a local file that exists, or an ``hf:`` dataset when
+    the ``datasets`` package is installed and the Hub is not switched off (``HF_HUB_OFFLINE``); the last entry
+    is used when none is (its error then says what is missing). The SST-2 recipes end with the small sample
+    bundled in ``edgefuse/data/sst2-sample/``:
+
+        >>> DataConfig(train=["no/such/file.tsv", "edgefuse/data/sst2-sample/train.tsv"]).train
+        'edgefuse/data/sst2-sample/train.tsv'
     """
 
     train: str = Field(
         description="Training data: a local .tsv/.csv/.jsonl file (or .txt: one text per line, column 'text'), "
         "or a Hugging Face dataset written "
         "'hf:NAME[:CONFIG][@SPLIT]' (e.g. 'hf:glue:sst2@train'; needs `pip install datasets` and network "
-        "access unless NAME is a local folder)."
+        "access unless NAME is a local folder). A list: the first source available (see DataConfig)."
     )
     validation: str | None = Field(
         None, description="Validation data in the same forms as 'train'. None: see validation_fraction."
     )
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _first_available(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"a list of data sources must hold file paths or hf: names, got {value!r}")
+            return first_available(list(value))
+        return value
     validation_fraction: float | None = Field(
         None,
         gt=0.0,
@@ -91,7 +125,7 @@ class FinetuneConfig(StrictModel):
     hidden_weight: float = Field(
         0.0,
         ge=0.0,
-        description="Weight of layer-wise hidden-state distillation (method.md 1.7): the mean over layers of "
+        description="Weight of layer-wise hidden-state distillation: the mean over layers of "
         "the per-token squared L2 distance to the teacher's hidden states (padding excluded).",
     )
     temperature: float = Field(
@@ -103,11 +137,11 @@ class FinetuneConfig(StrictModel):
     )
     trainable: Literal["all", "fused-mlps"] = Field(
         "all",
-        description="all: every parameter is trained (method.md 1.7; the frozen scale never is). fused-mlps: only "
+        description="all: every parameter is trained (the frozen scale never is). fused-mlps: only "
         "the linear layers of fused MLPs (the method's layer-wise tuning step).",
     )
     optimizer: Literal["adamw", "adam"] = Field(
-        "adamw", description="Adam-type only: fusion preserves the Adam (sign) NTK, not the SGD one (method.md 1.5)."
+        "adamw", description="Adam-type only: fusion preserves the Adam (sign) NTK, not the SGD one."
     )
     learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0.0, description="Decoupled weight decay (AdamW).")

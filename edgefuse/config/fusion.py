@@ -14,7 +14,7 @@ METHODS: tuple[str, ...] = get_args(FusionMethod)
 
 
 class FusionConfig(StrictModel):
-    """How to compress the MLPs of a model. See ``docs`` and ``method.md`` for the methods.
+    """How to compress the MLPs of a model. See docs/fusion.md for the methods.
 
     Example:
         >>> FusionConfig(keep_ratio=0.5, layers=[4, 5]).method

@@ -15,7 +15,7 @@ NTK_OUTPUTS: tuple[str, ...] = ("auto", "class0-prob", "gold-logit", "pooled-pro
 
 
 class NtkConfig(StrictModel):
-    """How to measure the empirical NTKs of an original and a compressed model (method.md 6.2).
+    """How to measure the empirical NTKs of an original and a compressed model.
 
     Example:
         >>> NtkConfig(params="all").n_examples
@@ -31,7 +31,7 @@ class NtkConfig(StrictModel):
     output: NtkOutput = Field(
         "auto",
         description="Scalar output f(x) whose gradient defines the kernels. class0-prob: softmax(logits)[0] of a "
-        "sequence classifier (method.md 6.2). gold-logit: the logit of the example's label. pooled-projection: "
+        "sequence classifier. gold-logit: the logit of the example's label. pooled-projection: "
         "the mean-pooled last hidden state projected on a fixed seeded random unit vector (a shared random "
         "'head' for models without one). last-token-logprob: log p(last token | the tokens before it) of a "
         "language model. auto: class0-prob for classifiers, last-token-logprob for causal/seq2seq LMs, else "

@@ -1,6 +1,6 @@
 """The whole pipeline in one typed config, and :func:`load_config` that reads it from YAML.
 
-A config file is the API (style.md 3.1): everything ``edgefuse run`` does is written in one YAML file under
+A config file is the API: everything ``edgefuse run`` does is written in one YAML file under
 ``export_configs/``, validated here. A section that is absent (or ``null``) switches its stage off.
 
 Example:

@@ -68,6 +68,10 @@ class ProfileConfig(StrictModel):
     )
     op_profile: bool = Field(True, description="Record per-operator time from onnxruntime's profiler.")
     op_profile_runs: int = Field(5, ge=1, description="Runs averaged in the per-operator profile.")
+    keep_trace: bool = Field(
+        False, description="Keep onnxruntime's raw profiler trace of every graph (Chrome trace JSON: open it in "
+        "Perfetto or chrome://tracing); profile_onnx copies it into its trace_dir and the report links it."
+    )
     top_nodes: int = Field(25, ge=1, description="Slowest nodes kept per graph in the per-node table.")
     memory: bool = Field(True, description="Measure peak memory, one fresh process per graph.")
     memory_runs: int = Field(3, ge=1, description="Runs per shape in the memory process.")

@@ -90,8 +90,8 @@ class QuantizeConfig(StrictModel):
     )
     eval_samples: int | None = Field(None, ge=1, description="Rows of eval_data to use (None: all).")
     output_name: str | None = Field(
-        None, description="File name of the quantized graph. None: model_int8_<preset>.onnx, model_qdq_int8_<preset>"
-        ".onnx or model_int4_b<block>.onnx."
+        None, description="File name of the quantized graph. None: model.onnx in its own folder, or beside the fp32 "
+        "graph model_<variant>.onnx (variant: int8, qdq-int8-au8/as8, -per-tensor, -reduce-range, int4-b<block>)."
     )
     overwrite: bool = Field(False, description="Replace an existing quantized graph of the same name.")
 

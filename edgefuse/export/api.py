@@ -184,6 +184,15 @@ def export_onnx(
         }
         entry = add_graph(manifest, tmp, ONNX_NAME, kind="fp32", checks=checks,
                           settings={"opset": opset, "with_past": cfg.task == "causal-lm" and cfg.with_past})
+        ort = None
+        if cfg.ort:
+            from edgefuse.export.ort_format import convert_to_ort
+
+            conv = convert_to_ort(tmp / ONNX_NAME, optimization_style=cfg.ort_optimization, seed=cfg.seed)
+            ort = {"ort": Path(conv.ort_path).name, "operators_config": Path(conv.operators_config).name,
+                   "optimization_style": conv.optimization_style, "size_bytes": conv.size_bytes,
+                   "max_abs_diff_vs_onnx": conv.max_abs_diff, "min_cosine_vs_onnx": conv.min_cosine}
+            manifest["ort_format"] = ort
         write_manifest(tmp, manifest)
     logger.info("exported %s to %s with %s (max|diff| %.2g)", model.config.model_type, out_dir, exporter, max_diff)
     return ExportResult(
@@ -191,5 +200,5 @@ def export_onnx(
         exporter=exporter, opset=opset, fold_scales=fold, fused_mlps=fused, graph_size_bytes=entry["size_bytes"],
         sha256=entry["sha256"], atol=cfg.atol, rtol=cfg.rtol, max_abs_diff=max_diff, min_cosine=min_cos,
         cases=tuple(cases), greedy=greedy, export_seconds=export_s, validate_seconds=validate_s,
-        moe_routing=routing.to_manifest(),
+        moe_routing=routing.to_manifest(), ort=ort,
     )

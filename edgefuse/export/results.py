@@ -64,6 +64,8 @@ class ExportResult:
     validate_seconds: float
     # dense-routing export of sparse MoE blocks (edgefuse.export.moe): blocks and compute factor; None if no MoE
     moe_routing: dict[str, Any] | None = None
+    # the onnxruntime Mobile conversion (ExportConfig.ort): files and its check against model.onnx
+    ort: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

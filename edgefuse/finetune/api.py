@@ -1,7 +1,7 @@
 """Recovery: the brief fine-tune (or distillation from the unfused teacher) after fusion.
 
 :func:`finetune_` trains a model in place with the task loss, logit distillation and/or layer-wise hidden-state
-distillation (method.md 1.7), with AdamW, warm-up and decay, gradient clipping, a step and/or wall-clock budget,
+distillation, with AdamW, warm-up and decay, gradient clipping, a step and/or wall-clock budget,
 periodic evaluation that keeps the best weights, atomic resumable checkpoints, and data parallelism under
 ``torchrun``. The frozen fusion scale is a buffer: it is never an optimiser parameter and never changes. After
 training, fold it with :func:`edgefuse.fusion.scale.fold_scales_` and save with
@@ -110,7 +110,7 @@ def _prepare_model(model: nn.Module, cfg: FinetuneConfig, teacher: nn.Module | N
     except UnsupportedArchitectureError:  # no fusion adapter: still fine-tunable, just never fused
         is_moe = False
     if is_moe:
-        # routers stay frozen and their auxiliary losses off (method.md 1.8)
+        # routers stay frozen and their auxiliary losses off
         freeze_routers_(model)
         for obj in (model, model.config):
             for attr in ("router_aux_loss_coef", "router_z_loss_coef"):

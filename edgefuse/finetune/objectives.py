@@ -1,5 +1,5 @@
 """Recovery objectives: the task loss, logit distillation with a temperature, and layer-wise hidden-state
-distillation (method.md 1.7). Pure functions on tensors.
+distillation. Pure functions on tensors.
 
 Every loss is returned as ``(sum, count)`` so that data-parallel ranks can normalise by the *global* count:
 with dynamic padding the ranks hold different numbers of tokens, and averaging per-rank means would weight
@@ -70,7 +70,7 @@ def hidden_state_loss(
     attention_mask: torch.Tensor,
     layers: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer-wise distillation: ``(1/L) sum_l ||h_l - h_l^teacher||^2`` summed over real tokens (method.md 1.7).
+    """Layer-wise distillation: ``(1/L) sum_l ||h_l - h_l^teacher||^2`` summed over real tokens.
 
     Args:
         student, teacher: ``hidden_states`` tuples (index 0 the embeddings, 1..L the layer outputs), each

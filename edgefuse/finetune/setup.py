@@ -91,7 +91,7 @@ def trainable_parameters(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[st
 
 
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW (or Adam) with biases and norm weights out of weight decay (HF Trainer default, method.md 1.7)."""
+    """AdamW (or Adam) with biases and norm weights out of weight decay (HF Trainer default)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in named:

@@ -125,7 +125,7 @@ def plan_fusion(model: nn.Module, cfg: FusionConfig) -> FusionResult:
 
 
 def freeze_routers_(model: nn.Module) -> list[str]:
-    """Set ``requires_grad=False`` on every MoE router/gate parameter (method.md 1.8); return their names."""
+    """Set ``requires_grad=False`` on every MoE router/gate parameter; return their names."""
     spec = model_arch(model)
     frozen = []
     for name, param in model.named_parameters():

@@ -1,7 +1,7 @@
 """The fusion math, as pure functions on tensors: no nn.Module, no I/O.
 
 An MLP ``f(x) = W2 act(W1 x + b1) + b2`` (or, gated, ``W2 (act(G x) * (U x))``) is a sum of ``p`` width-1
-sub-MLPs ``theta_i = [g_i ; u_i ; b1_i ; w2_i]`` (method.md 1.1). Every function here maps the weights of one
+sub-MLPs ``theta_i = [g_i ; u_i ; b1_i ; w2_i]``. Every function here maps the weights of one
 MLP to a smaller one at a target width ``k``; ``b2`` is never touched.
 
 The methods built from these pieces are the table in :mod:`edgefuse.fusion.methods`.
@@ -91,7 +91,7 @@ class Compressed:
 
 
 def subml_features(w: MlpWeights) -> np.ndarray:
-    """Stack the sub-MLP vectors ``theta_i`` as rows: ``[p, F]`` float32, raw (no normalisation, method.md 1.2)."""
+    """Stack the sub-MLP vectors ``theta_i`` as rows: ``[p, F]`` float32, raw (no normalisation)."""
     return torch.cat([b.detach().to(torch.float32) for b in w.parts()], dim=1).cpu().numpy()
 
 
@@ -171,7 +171,7 @@ def kmeans_units(
 ) -> tuple[MlpWeights, torch.Tensor, np.ndarray, float]:
     """Cluster the sub-MLPs of ``w`` into ``k`` centroids: k-means++ seeding, then scikit-learn's Lloyd k-means.
 
-    ``n_init`` seedings are tried and the run with the lowest inertia is kept (method.md 1.3). Returns the
+    ``n_init`` seedings are tried and the run with the lowest inertia is kept. Returns the
     centroid MLP (centroids are the exact member means of the final labels), the counts ``n_j`` (float32,
     aligned with the centroid rows by a bincount of length k), the labels and the inertia. Deterministic for a
     given seed (its own generator; no global RNG).
@@ -204,7 +204,7 @@ def kmeans_units(
             f"k-means left {(counts == 0).sum()} of {k} clusters empty (the MLP has fewer distinct units "
             f"than the target width); lower the target width"
         )
-    # exact member means in float64, then back to float32 (theta_bar_j in method.md 1.3)
+    # exact member means in float64, then back to float32 (theta_bar_j of the method)
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     np.add.at(sums, labels, x.astype(np.float64))
     centroids = (sums / counts[:, None]).astype(np.float32)

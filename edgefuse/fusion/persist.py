@@ -149,6 +149,9 @@ def load_fused(
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and hasattr(model, prefix) and not any(k.startswith(prefix + ".") for k in state):
         target = getattr(model, prefix)  # a base checkpoint into a task model: the head stays freshly initialised
+    elif prefix and not hasattr(model, prefix) and any(k.startswith(prefix + ".") for k in state):
+        # a task checkpoint into its base model (a classifier exported for feature extraction): the head is dropped
+        state = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     missing, unexpected = target.load_state_dict(state, strict=False)
     model.tie_weights()
     loaded = {t.data_ptr() for k, t in target.state_dict().items() if k in state}

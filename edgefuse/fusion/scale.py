@@ -2,7 +2,7 @@
 
 It is a non-persistent float32 buffer ``edgefuse_scale`` on the down-projection module plus a forward
 pre-hook that multiplies the module's input by it. So the model stays an ordinary transformers model of its
-own class; the scale is not a parameter, is never in an optimizer and never trained (method.md 1.5, 5), and
+own class; the scale is not a parameter, is never in an optimizer and never trained , and
 ``save_pretrained`` leaves it out (edgefuse saves it in ``edgefuse_scales.safetensors``).
 
 With the scale in front of ``W2``, the gradient of the loss with respect to centroid j is ``n_j`` times the
@@ -40,7 +40,7 @@ def _apply_scale(module: nn.Module, args: tuple) -> tuple:
 def attach_scale_(down: nn.Module, scale: torch.Tensor) -> None:
     """Attach ``scale`` (shape ``[k]``, the input width of ``down``) as a frozen pre-multiplier of ``down``."""
     detach_scale_(down)
-    # fp32: bf16 holds integers exactly only up to 256 (method.md 5)
+    # fp32: bf16 holds integers exactly only up to 256
     down.register_buffer(SCALE_ATTR, scale.detach().to(torch.float32).clone(), persistent=False)
     down.register_forward_pre_hook(_apply_scale)
 

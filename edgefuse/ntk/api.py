@@ -1,7 +1,7 @@
 """Empirical NTKs of an original and a compressed model, and how far the compressed one is from the original.
 
 For ``n`` examples and a parameter set ``theta``, stack the per-example gradients ``g(x) = df(x)/dtheta`` as the
-rows of ``G`` (``n x P``). The kernels (method.md 1.5, 6.2) are
+rows of ``G`` (``n x P``). The kernels are
 
 - the Adam / SignGD kernel ``K = G sign(G)^T`` (asymmetric; the one fine-tuning with Adam follows), and
 - the GD kernel ``G G^T``.

@@ -77,10 +77,10 @@ def fused_site_pairs(original: nn.Module, compressed: nn.Module) -> list[tuple[M
 
 
 def check_scale_is_buffer(model: nn.Module) -> None:
-    """The frozen scale must be a buffer, never a parameter (method.md 1.5: it is not trained)."""
+    """The frozen scale must be a buffer, never a parameter (it is not trained)."""
     for name, _ in model.named_parameters():
         if name.rsplit(".", 1)[-1] == SCALE_ATTR:
-            raise FusionError(f"{name} is a Parameter; the fusion scale must stay a frozen buffer (method.md 1.5)")
+            raise FusionError(f"{name} is a Parameter; the fusion scale must stay a frozen buffer")
 
 
 def param_groups(

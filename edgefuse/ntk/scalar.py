@@ -1,7 +1,7 @@
 """The scalar output ``f(x)`` whose per-example gradient defines the empirical NTK, and the example handling.
 
-Every example is run on its own, without padding (method.md 6.2: one example at a time), so ``f(x)`` does not
-depend on what else is in a batch. The outputs (method.md 6.2 and :class:`edgefuse.config.ntk.NtkConfig`):
+Every example is run on its own, without padding (one example at a time), so ``f(x)`` does not
+depend on what else is in a batch. The outputs (:class:`edgefuse.config.ntk.NtkConfig`):
 
 - ``class0-prob``: ``softmax(logits)[0]`` of a sequence classifier (the paper's repo);
 - ``gold-logit``: ``logits[label]``;

@@ -9,6 +9,7 @@ can be moved.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -214,7 +215,7 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
         npz = ctx.out / "prefill_inputs.npz"
         if write_prefill_inputs(graphs[order[0]], pcfg.batch_sizes[0], pcfg.sequence_lengths[0], pcfg.seed, npz):
             pcfg = pcfg.model_copy(update={"inputs_npz": npz})
-    result = profile_onnx([graphs[r] for r in order], pcfg)
+    result = profile_onnx([graphs[r] for r in order], pcfg, trace_dir=ctx.out / "traces" if pcfg.keep_trace else None)
     from edgefuse.io_utils import write_json_atomic
 
     write_json_atomic(ctx.out / "profile.json", result.to_dict())
@@ -267,29 +268,48 @@ def read_profile(ctx_or_dir: StageContext | Path) -> dict[str, Any]:
 
 
 def run_report(ctx: StageContext) -> dict[str, Any]:
-    """The JSON / Markdown / HTML report of the run: every stage's result, the profile, and one row per graph."""
+    """The JSON / Markdown / HTML report of the run: a verdict at the top, one row per graph, every stage's
+    result as tables, and the profile (graphs named as the CLI's summary names them)."""
+    from edgefuse.pipeline.verdict import verdict_of
     from edgefuse.report.api import write_report
 
-    results: list[Any] = []
-    titles = {"search": "keep_ratio search", "fuse": "Fusion", "teacher": "Teacher fine-tune",
-              "finetune": "Recovery", "export": "Export (fp32)", "reference": "Reference export (unfused fp32)",
+    results: list[Any] = [verdict_of(ctx.records, ctx.store, ctx.cfg)]
+    titles = {"search": "keep_ratio search", "teacher": "Teacher fine-tune", "fuse": "Fusion",
+              "finetune": "Recovery (fine-tuning the fused model)", "export": "Export (fp32)",
+              "reference": "Reference export (unfused fp32)",
               "optimize": "Graph optimisation (onnxruntime fusions)", "quantize": "Quantization",
               "tune": "Tuning on the target",
               "evaluate": "Agreement with PyTorch and the teacher"}
     for stage, title in titles.items():
         if stage in ctx.records:
-            results.append({"title": title, "data": ctx.records[stage].result})
+            results.append({"title": title, "stage": stage, "data": ctx.records[stage].result})
     if "profile" in ctx.records:
-        results.insert(0, read_profile(ctx))
+        results.append(_named_profile(read_profile(ctx), ctx.records["profile"].result.get("roles", {})))
     rows = variant_rows(ctx.records, {r: str(p) for r, p in graph_paths(ctx).items()})
     written = write_report(results, ctx.out, cfg=ctx.cfg.report, variants=rows)
     return {"files": {fmt: _relative(ctx, path) for fmt, path in written.items()}}
 
 
-def variant_rows(records: dict[str, Any], graphs: dict[str, str]) -> list[dict[str, Any]]:
+def _named_profile(profile: dict[str, Any], roles: dict[str, Any]) -> dict[str, Any]:
+    """The profile with each graph labelled by its role's name ("final quantized"), not its file path."""
+    from edgefuse.pipeline.verdict import ROLE_NAMES
+
+    names = {r["label"]: ROLE_NAMES.get(role, role) for role, r in roles.items()}
+    profile = copy.deepcopy(profile)
+    for g in profile["graphs"]:
+        g["label"] = names.get(g["label"], g["label"])
+        if (g.get("op_profile") or {}).get("trace"):  # the report lives in report/, the traces in profile/
+            g["op_profile"]["trace"] = f"../profile/{g['op_profile']['trace']}"
+        if g.get("parity"):
+            g["parity"]["reference_label"] = names.get(g["parity"]["reference_label"], g["parity"]["reference_label"])
+    profile["reference_label"] = names.get(profile["reference_label"], profile["reference_label"])
+    return profile
+
+
+def variant_rows(records: dict[str, Any], graphs: dict[str, str], *, with_role: bool = False) -> list[dict[str, Any]]:
     """One row per graph: size, latency, ratio, memory, agreement and accuracy (what the summary table shows)."""
-    names = {"reference": "unfused fp32", "fp32": "final fp32", "optimized": "final optimized fp32",
-             "quantized": "final quantized", "tuned": "final tuned"}
+    from edgefuse.pipeline.verdict import ROLE_NAMES as names
+
     profile = records["profile"].result.get("roles", {}) if "profile" in records else {}
     evaluate = records["evaluate"].result.get("graphs", {}) if "evaluate" in records else {}
     rows = []
@@ -307,5 +327,6 @@ def variant_rows(records: dict[str, Any], graphs: dict[str, str]) -> list[dict[s
             "cosine": (ev.get("vs_teacher") or {}).get("cosine_mean"),
             "cosine_vs_pytorch": (ev.get("vs_pytorch") or {}).get("cosine_mean"),
             "accuracy": ev.get("accuracy"),
+            **({"role": role} if with_role else {}),
         })
     return rows

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgefuse.config.profile import ProfileConfig
-from edgefuse.errors import ProfileError
+from edgefuse.errors import ConfigError, ProfileError
 from edgefuse.manifest import tuned_session_options
 from edgefuse.metrics import passes_min
 from edgefuse.profile.graphs import GraphInfo, inspect_graph, make_feeds, resolve_graphs, unique_labels
@@ -59,7 +59,7 @@ __all__ = ["ProfileConfig", "ProfileResult", "profile_onnx"]
 
 def profile_onnx(
     paths: Sequence[Path | str], cfg: ProfileConfig | None = None, *,
-    session_options: Sequence[dict[str, Any] | None] | None = None,
+    session_options: Sequence[dict[str, Any] | None] | None = None, trace_dir: Path | str | None = None,
 ) -> ProfileResult:
     """Profile one or more ONNX graphs on ``cfg.target``; the first graph is the reference of the ratios.
 
@@ -69,6 +69,9 @@ def profile_onnx(
         session_options: per graph, onnxruntime session options of its own (``disabled_optimizers``,
             ``allow_spinning``, ``intra_op_threads``, ``session_config``). None: a graph that ``edgefuse tune``
             chose gets the options recorded with it in its folder's manifest; other graphs get ``cfg``'s.
+        trace_dir: with ``cfg.keep_trace``, the folder that receives each graph's raw onnxruntime profiler
+            trace (``<label>.json``, Chrome trace format: open it in Perfetto); its path relative to the folder
+            above ``trace_dir`` is recorded as ``op_profile.trace``.
 
     Returns:
         A frozen :class:`ProfileResult` with one :class:`GraphProfile` per graph and the environment.
@@ -85,6 +88,9 @@ def profile_onnx(
         True
     """
     cfg = cfg or ProfileConfig()
+    if cfg.keep_trace and (trace_dir is None or not cfg.op_profile):
+        raise ConfigError("keep_trace needs op_profile on and a folder for the traces (profile_onnx(trace_dir=...), "
+                          "or --out with edgefuse profile --keep-trace)")
     start = time.perf_counter()
     graph_paths = resolve_graphs(paths)
     infos = [inspect_graph(p, lab) for p, lab in zip(graph_paths, unique_labels(graph_paths), strict=True)]
@@ -97,6 +103,8 @@ def profile_onnx(
         shapes = make_feeds(infos, shapes, work / "inputs.npz", seed=cfg.seed, inputs_npz=cfg.inputs_npz)
         with open_target(cfg, work) as session:
             bench, memories, target_outputs = _run_on_target(session, infos, shapes, cfg, work, sessions)
+            if cfg.keep_trace and trace_dir is not None:
+                _fetch_traces(session, bench, infos, Path(trace_dir))
             env = _environment(bench["environment"], session, cfg)
         parity: list[ParityResult | None] = [None] * len(infos)
         if cfg.check_outputs:
@@ -129,6 +137,7 @@ def _run_on_target(
         **common, "mode": "bench", "graphs": graphs, "threads": cfg.threads, "warmup_runs": cfg.warmup_runs,
         "runs": cfg.runs, "time_budget_s": cfg.time_budget_s, "min_runs": cfg.min_runs,
         "op_profile": cfg.op_profile, "op_profile_runs": cfg.op_profile_runs,
+        "trace_paths": [session.remote_path(f"trace-{i}.json") for i in range(len(infos))] if cfg.keep_trace else None,
         "outputs_npz": session.remote_path("outputs.npz") if cfg.check_outputs else None,
     })
     target_outputs = None
@@ -143,6 +152,17 @@ def _run_on_target(
             memories[i] = session.run({**common, "mode": "memory", "graph": g, "graph_index": i, "threads": threads,
                                        "runs": cfg.memory_runs})
     return bench, memories, target_outputs
+
+
+def _fetch_traces(session: TargetSession, bench: dict[str, Any], infos: list[GraphInfo], trace_dir: Path) -> None:
+    """Copy each graph's raw profiler trace into ``trace_dir`` and record its path relative to the parent."""
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    for info, ops in zip(infos, bench.get("op_profiles") or [], strict=False):
+        if not ops.get("trace"):
+            continue
+        dest = trace_dir / (info.label.replace("/", "__") + ".json")
+        session.fetch(ops["trace"], dest)
+        ops["trace"] = f"{trace_dir.name}/{dest.name}"
 
 
 def _environment(raw: dict[str, Any], session: TargetSession, cfg: ProfileConfig) -> Environment:
@@ -295,6 +315,7 @@ def _graph_profile(
             matmul_fp32_nodes=sum(1 for n in ops["by_node"] if n["matmul_precision"] == "fp32"),
             by_op_type=by_op,
             by_node=tuple(NodeStat(**n) for n in ops["by_node"][: cfg.top_nodes]),
+            trace=ops.get("trace") if cfg.keep_trace else None,
         )
     return GraphProfile(
         label=info.label,

@@ -1,7 +1,7 @@
 """The arm64 sandbox: a Debian arm64 userland + aarch64 onnxruntime/numpy wheels, run under qemu-user.
 
 Built once and cached (``~/.cache/edgefuse/arm64-<cpu>-<suite>-ort<version>``), following the recipe tested in
-``platform.md`` section 4 ("route A": no binfmt, no chroot, nothing kernel-global):
+the qemu-user route ("route A": no binfmt, no chroot, nothing kernel-global):
 
 1. ``debootstrap --foreign --variant=minbase`` downloads and unpacks a minimal arm64 Debian (python3, libstdc++,
    libgomp); every downloaded ``.deb`` is then unpacked with ``dpkg-deb -x`` because the first stage leaves

@@ -104,6 +104,8 @@ class OpProfile:
     matmul_fp32_nodes: int
     by_op_type: tuple[OpStat, ...]
     by_node: tuple[NodeStat, ...]
+    # the raw onnxruntime profiler trace (keep_trace), relative to the trace folder's parent: "traces/x.json"
+    trace: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from edgefuse.lazy import lazy_exports
 _LAZY: dict[str, str] = {
     "MODES": "edgefuse.quantize.modes",
     "default_output_name": "edgefuse.quantize.api",
+    "variant_name": "edgefuse.quantize.api",
     "quantize_onnx": "edgefuse.quantize.api",
     "resolve_exclude": "edgefuse.quantize.api",
 }

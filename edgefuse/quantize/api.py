@@ -1,7 +1,11 @@
 """``quantize_onnx``: an exported fp32 graph -> a checked int8 (dynamic or static QDQ) or int4 graph.
 
-File in, file out (onnxruntime style). The result is written next to the fp32 graph under a conventional
-name (``model_int8_<preset>.onnx``, ``model_qdq_int8_<preset>.onnx``, ``model_int4_b<block>.onnx``), compared
+Names say what differs in the bytes, not which CPU asked for them: dynamic int8 graphs are identical for
+every preset (u8 activations, s8 weights), so they are ``int8``; static graphs differ by activation type
+(``qdq-int8-au8`` / ``qdq-int8-as8``); ``-per-tensor`` and ``-reduce-range`` mark the other settings;
+int4 is ``int4-b<block>``. Written into another folder (the CLI's default ``<EXPORT_DIR>-<variant>``, the
+pipeline's ``quantize/quantized``) the graph is ``model.onnx``, so ``ORTModelFor*.from_pretrained(folder)``
+loads what was shipped; written beside the fp32 graph it is ``model_<variant>.onnx``. The result is compared
 with the fp32 graph on task data (cosine and max difference of the task output, accuracy when labels are
 given) and counted (MatMulInteger / QDQ MatMuls / MatMulNBits: each mode's entry in
 :data:`~edgefuse.quantize.modes.MODES`), so a quantization that did nothing, or one
@@ -11,7 +15,9 @@ below ``min_cosine``, fails with :class:`QuantizationError` (exit 8) and leaves 
 Example:
     >>> from edgefuse.config.quantize import QuantizeConfig
     >>> default_output_name(QuantizeConfig(mode="int4", block_size=64), "avx2")
-    'model_int4_b64.onnx'
+    'model_int4-b64.onnx'
+    >>> [variant_name(QuantizeConfig(mode="dynamic"), p) for p in ("arm64", "avx2", "avx512-vnni")]
+    ['int8', 'int8', 'int8']
 """
 
 from __future__ import annotations
@@ -49,9 +55,30 @@ logger = logging.getLogger(__name__)
 SOURCE_NAME = "model.onnx"
 
 
-def default_output_name(cfg: QuantizeConfig, preset: str) -> str:
-    """``output_name``, else the mode's conventional file name (:data:`edgefuse.quantize.modes.MODES`)."""
-    return cfg.output_name or get_mode(cfg.mode).output_name(cfg, preset)
+def variant_name(cfg: QuantizeConfig, preset: str) -> str:
+    """What distinguishes the quantized graph's bytes: ``int8``, ``qdq-int8-as8``, ``int8-per-tensor``,
+    ``int8-reduce-range``, ``int4-b32`` (the preset only where it changes a type).
+
+    Example:
+        >>> variant_name(QuantizeConfig(mode="static"), "avx2"), variant_name(QuantizeConfig(), "arm64")
+        ('qdq-int8-au8', 'int8')
+    """
+    from edgefuse.quantize.presets import resolve_preset
+
+    mode, p = get_mode(cfg.mode), resolve_preset(preset)
+    name = mode.variant(cfg, p)
+    if mode.int8 and not cfg.per_channel:
+        name += "-per-tensor"
+    if mode.int8 and (p.reduce_range if cfg.reduce_range is None else cfg.reduce_range):
+        name += "-reduce-range"
+    return name
+
+
+def default_output_name(cfg: QuantizeConfig, preset: str, *, own_folder: bool = False) -> str:
+    """The file name of a quantized graph: ``model.onnx`` in its own folder, else ``model_<variant>.onnx``."""
+    if cfg.output_name:
+        return cfg.output_name
+    return SOURCE_NAME if own_folder else f"model_{variant_name(cfg, preset)}.onnx"
 
 
 def _locate(src: Path) -> tuple[Path, str, dict[str, Any] | None]:
@@ -200,7 +227,7 @@ def _open_source(src: Path, cfg: QuantizeConfig, out_dir: Path | None, preset: s
 
     folder, name, manifest = _locate(Path(src))
     out = folder if out_dir is None else Path(out_dir)
-    out_name = default_output_name(cfg, preset)
+    out_name = default_output_name(cfg, preset, own_folder=out.resolve() != folder.resolve())
     refuse_symlink(out / out_name)
     if (out / out_name).exists() and not cfg.overwrite:  # before any work: fail fast
         raise OutputExistsError(f"{str(out / out_name)!r} already exists; pass --overwrite to replace it")
@@ -349,7 +376,8 @@ def quantize_onnx(
     Args:
         src: an export folder (its ``model.onnx`` is quantized) or a ``.onnx`` file.
         cfg: mode, preset, exclusions, calibration and the checks.
-        out_dir: where to write (default: beside the source graph).
+        out_dir: where to write: another folder gets ``model.onnx`` plus the config, tokenizer and a manifest
+            (loadable with optimum's ``from_pretrained``); default: beside the source as ``model_<variant>.onnx``.
         calibration_texts: texts to calibrate and compare on (instead of ``cfg.calibration_data``).
 
     Raises:
@@ -361,7 +389,7 @@ def quantize_onnx(
         >>> from edgefuse.config.quantize import QuantizeConfig
         >>> res = quantize_onnx("exported/", QuantizeConfig(mode="dynamic", preset="arm64"))  # doctest: +SKIP
         >>> res.onnx_path.name  # doctest: +SKIP
-        'model_int8_arm64.onnx'
+        'model_int8.onnx'
     """
     from edgefuse.ort import make_session
     from edgefuse.quantize.presets import resolve_preset

@@ -1,6 +1,6 @@
 """The three onnxruntime quantizers behind ``edgefuse quantize``, each file in -> file out.
 
-All data types and options are passed explicitly (ORT's defaults changed across releases; ecosystem.md).
+All data types and options are passed explicitly (ORT's defaults changed across releases).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def quantize_dynamic_int8(
         per_channel=cfg.per_channel, reduce_range=reduce_range, weight_type=QuantType[preset.weight],
         nodes_to_exclude=exclude, use_external_data_format=_external(src),
         # graphs of optimum/torch lack some value_info: without a default type ORT stops with
-        # "Unable to find data type for weight_name" (platform.md)
+        # "Unable to find data type for weight_name"
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return settings

@@ -1,8 +1,8 @@
 """The table of quantization modes: one :class:`QuantMode` per name in ``QuantizeConfig.mode``.
 
 Each entry says everything the quantize stage needs about a mode: the onnxruntime backend that writes the
-graph, the conventional output file name, whether it calibrates activation ranges on data, how to count the
-MatMuls that really run quantized (the proof that quantization did something), and how to simulate its
+graph, the variant name (what distinguishes the graph's bytes), whether it calibrates activation ranges on
+data, how to count the MatMuls that really run quantized (the proof that quantization did something), and how to simulate its
 error on one MatMul for the auto fp32 fallback (:mod:`edgefuse.quantize.auto`). The config's ``QuantMode``
 literal lists the same names (a test keeps them equal).
 
@@ -11,8 +11,9 @@ row in the docs, and its tests).
 
 Example:
     >>> from edgefuse.config.quantize import QuantizeConfig
-    >>> MODES["int4"].output_name(QuantizeConfig(mode="int4", block_size=64), "avx2")
-    'model_int4_b64.onnx'
+    >>> from edgefuse.quantize.presets import resolve_preset
+    >>> MODES["int4"].variant(QuantizeConfig(mode="int4", block_size=64), resolve_preset("avx2"))
+    'int4-b64'
     >>> [m.name for m in MODES.values() if m.needs_calibration]
     ['static']
 """
@@ -48,7 +49,7 @@ class QuantMode:
     name: str
     description: str
     backend: Backend
-    output_name: Callable[[QuantizeConfig, str], str]
+    variant: Callable[[QuantizeConfig, QuantPreset], str]  # the name part; per-tensor/reduce-range are added
     needs_calibration: bool
     count_quantized: Callable[[Any], int]
     simulate_weight: Callable[..., np.ndarray]
@@ -77,11 +78,9 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclud
     return quantize_int4(src, dst, cfg, exclude)
 
 
-def _int8_name(prefix: str) -> Callable[[QuantizeConfig, str], str]:
-    def name(cfg: QuantizeConfig, preset: str) -> str:
-        return f"{prefix}_{preset}{'' if cfg.per_channel else '_per_tensor'}.onnx"
-
-    return name
+def _static_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
+    # static graphs differ by activation type: u8 (x86 presets) or s8 (arm64, VNNI)
+    return f"qdq-int8-a{'u8' if preset.activation_static == 'QUInt8' else 's8'}"
 
 
 def _count_ops(*op_types: str) -> Callable[[Any], int]:
@@ -121,18 +120,18 @@ MODES: dict[str, QuantMode] = {
     for m in (
         QuantMode(
             "dynamic", "int8 weights, activations quantized at run time (MatMulInteger)", _dynamic,
-            output_name=_int8_name("model_int8"), needs_calibration=False,
+            variant=lambda cfg, preset: "int8", needs_calibration=False,
             count_quantized=_count_ops("MatMulInteger", "DynamicQuantizeMatMul"),
             simulate_weight=int8_weight, quantizes_activations=True, int8=True,
         ),
         QuantMode(
             "static", "int8 QDQ with activation ranges calibrated on data", _static,
-            output_name=_int8_name("model_qdq_int8"), needs_calibration=True, count_quantized=count_qdq_matmuls,
+            variant=_static_variant, needs_calibration=True, count_quantized=count_qdq_matmuls,
             simulate_weight=int8_weight, quantizes_activations=True, int8=True,
         ),
         QuantMode(
             "int4", "weight-only 4-bit blocks (MatMulNBits)", _int4,
-            output_name=lambda cfg, preset: f"model_int4_b{cfg.block_size}.onnx", needs_calibration=False,
+            variant=lambda cfg, preset: f"int4-b{cfg.block_size}", needs_calibration=False,
             count_quantized=_count_ops("MatMulNBits"), simulate_weight=int4_weight, quantizes_activations=False,
             int8=False,
         ),

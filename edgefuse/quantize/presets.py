@@ -2,7 +2,7 @@
 
 One table, one line of rationale per entry (optimum's ``AutoQuantizationConfig`` has one function per target).
 Weights are signed int8 on every target: optimum's avx2 preset uses uint8 weights, which measured about 2x
-slower on MiniLM (26.9 ms vs 13 ms, platform.md). ``reduce_range`` (7-bit weights, against the int16
+slower on MiniLM (26.9 ms vs 13 ms, measured). ``reduce_range`` (7-bit weights, against the int16
 saturation of AVX2's u8 x s8 instruction VPMADDUBSW) is off by default everywhere: on an AVX2-only host it
 lowered MiniLM's pooled cosine (0.9903 -> 0.9898, benchmarks/results/export.md), so saturation did not show;
 ``QuantizeConfig.reduce_range`` turns it on.

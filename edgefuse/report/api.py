@@ -46,7 +46,8 @@ def write_report(
 
     Args:
         results: :class:`~edgefuse.profile.results.ProfileResult` objects or their dicts (``kind: profile``),
-            dicts ``{"kind": "variants", "rows": [...]}``, and any other stage result (an object with
+            dicts ``{"kind": "variants", "rows": [...]}``, one ``{"kind": "verdict", ...}`` (the block at the top:
+            shipped graph, size, speed, accuracy cost, budgets), and any other stage result (an object with
             ``to_dict()`` or a mapping, optionally with ``title`` and ``data``) shown as a generic section.
         out_dir: folder to write ``report.json`` / ``report.md`` / ``report.html`` into (created if missing).
         formats: subset of ``("json", "md", "html")``; default ``cfg.formats``.
@@ -73,7 +74,7 @@ def write_report(
         written["json"] = out_dir / FILE_NAMES["json"]
         write_json_atomic(written["json"], {"schema": REPORT_SCHEMA, "title": data.title,
                                             "profiles": list(data.profiles), "sections": list(data.sections),
-                                            "variants": list(data.variants)})
+                                            "variants": list(data.variants), "verdict": data.verdict})
     if "md" in formats or "html" in formats:
         kwargs = {"top_ops": cfg.top_ops, "top_nodes": cfg.top_nodes, "dpi": cfg.plot_dpi}
         if "md" in formats:
@@ -114,6 +115,8 @@ def load_results(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
             out += [{"kind": "section", **s} for s in d.get("sections", [])]
             if d.get("variants"):
                 out.append({"kind": "variants", "rows": d["variants"]})
+            if d.get("verdict"):
+                out.append({**d["verdict"], "kind": "verdict"})
         else:
             out.append(d if "kind" in d or "graphs" in d else {"title": p.stem, "data": d})
     return out
@@ -121,6 +124,7 @@ def load_results(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
 
 def _normalise(results: Sequence[Any], variants: Sequence[Mapping[str, Any]], title: str) -> ReportData:
     profiles, others, rows = [], [], []
+    verdict: dict[str, Any] | None = None
     for r in results:
         d = r.to_dict() if hasattr(r, "to_dict") else r
         if not isinstance(d, Mapping):
@@ -128,6 +132,8 @@ def _normalise(results: Sequence[Any], variants: Sequence[Mapping[str, Any]], ti
         kind = d.get("kind")
         if kind == "profile" or (kind is None and "graphs" in d and "environment" in d):
             profiles.append(json.loads(json.dumps(dict(d, kind="profile"), default=str)))
+        elif kind == "verdict":
+            verdict = json.loads(json.dumps({k: v for k, v in d.items() if k != "kind"}, default=str))
         elif kind == "variants":
             rows += list(d.get("rows", []))
         elif kind == "section":
@@ -141,4 +147,5 @@ def _normalise(results: Sequence[Any], variants: Sequence[Mapping[str, Any]], ti
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     sections = sections_from(others)
-    return ReportData(title=title, profiles=tuple(profiles), sections=tuple(sections), variants=tuple(rows))
+    return ReportData(title=title, profiles=tuple(profiles), sections=tuple(sections), variants=tuple(rows),
+                      verdict=verdict)

@@ -38,6 +38,21 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """The verdict block at the top of a report: (label, text) lines and an overall status."""
+
+    items: tuple[tuple[str, str], ...]
+    status: str = "none"  # "pass" | "fail" | "none" (no budgets were set)
+
+
+@dataclass(frozen=True)
+class Links:
+    """Links to files next to the report (relative paths): (text, href)."""
+
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class Plot:
     """A figure made only when a renderer needs it (Markdown does not)."""
 
@@ -45,7 +60,7 @@ class Plot:
     render: Callable[[], bytes] = field(compare=False)
 
 
-Block = Heading | Para | Table | Plot
+Block = Heading | Para | Table | Plot | Summary | Links
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class ReportData:
     profiles: tuple[dict[str, Any], ...]
     sections: tuple[dict[str, Any], ...]
     variants: tuple[dict[str, Any], ...]
+    verdict: dict[str, Any] | None = None
 
 
 def fmt_ms(v: float | None) -> str:
@@ -93,39 +109,131 @@ def target_label(env: Mapping[str, Any]) -> str:
     return text
 
 
+# variant-row key -> column header (anything else: the key with spaces)
+VARIANT_HEADERS = {
+    "variant": "graph", "target": "target", "size_mib": "size (MiB)", "latency_ms": "p50 latency (ms)",
+    "latency_ratio": "latency vs reference", "peak_rss_mib": "peak RSS (MiB)", "accuracy": "accuracy",
+    "cosine": "cosine vs teacher / reference", "cosine_vs_pytorch": "cosine vs its PyTorch model",
+    "keep_ratio": "keep ratio",
+}
+
+
+def header(key: str) -> str:
+    """A human column header for a result key: ``peak_rss_mib`` -> ``peak RSS (MiB)``."""
+    if key in VARIANT_HEADERS:
+        return VARIANT_HEADERS[key]
+    text = key.replace("_", " ")
+    for unit, shown in ((" mib", " (MiB)"), (" ms", " (ms)"), (" bytes", " (bytes)"), (" seconds", " (s)")):
+        if text.endswith(unit):
+            text = text[: -len(unit)] + shown
+    return text.replace("rss", "RSS")
+
+
 def build_blocks(data: ReportData, *, top_ops: int, top_nodes: int, plots: bool, dpi: int) -> list[Block]:
-    """The whole report, in order."""
+    """The whole report, in order: verdict, variants, stage sections, then each profile in detail."""
     from edgefuse.report import plots as P
+    from edgefuse.report.sections import section_blocks
 
     blocks: list[Block] = [Heading(1, data.title)]
+    if data.verdict:
+        blocks += verdict_blocks(data.verdict)
     variants = list(data.variants)
+    if not variants:  # a pipeline passes its own rows (one per graph); a bare profile gives one per graph
+        for prof in data.profiles:
+            variants += profile_variant_rows(prof)
+    if variants:
+        blocks.append(Heading(2, "Variants: size, latency and quality"))
+        first = ["variant", "target", "size_mib", "latency_ms", "latency_ratio", "accuracy", "cosine"]
+        extra = sorted({k for r in variants for k in r} - {*first, "emulated", "label"})
+        # a column nobody measured is left out (the MiniLM demo has no labels: no accuracy column)
+        cols = [k for k in [*first, *extra]
+                if k in ("variant", "latency_ms") or any(r.get(k) is not None for r in variants)]
+        blocks.append(Table(tuple(header(k) for k in cols),
+                            tuple(tuple(_variant_cell(r, k) for k in cols) for r in variants),
+                            caption="latency: p50 at the headline point (first shape, most threads); cosine: "
+                                    "mean cosine of the task output to the unfused teacher (pipeline) or the "
+                                    "minimum cosine to the reference graph (profile)"))
+        if plots:
+            for emulated in (False, True):
+                rows = tuple(r for r in variants if bool(r.get("emulated")) == emulated)
+                if any(r.get("latency_ms") is not None and (r.get("accuracy") is not None or r.get("cosine")
+                                                            is not None) for r in rows):
+                    title = "Latency against accuracy / cosine" + (
+                        " [EMULATED, not device latency]" if emulated else ", measured")
+                    blocks.append(Plot(title, partial(P.latency_vs_quality, rows, title=title, dpi=dpi)))
+    for sec in data.sections:
+        blocks += section_blocks(sec, plots=plots, dpi=dpi)
     for n, prof in enumerate(data.profiles, 1):
         blocks += _profile_blocks(prof, n, top_ops=top_ops, top_nodes=top_nodes, plots=plots, dpi=dpi)
-        variants += profile_variant_rows(prof)
-    if variants:
-        blocks.append(Heading(2, "Variants: latency against quality"))
-        keys = ["variant", "target", "latency_ms", "accuracy", "cosine"]
-        extra = sorted({k for r in variants for k in r} - {*keys, "emulated"})
-        blocks.append(Table(("variant", "target", "latency p50 (ms)", "accuracy", "cosine", *extra),
-                            tuple((str(r.get("variant")), _target_cell(r), fmt_ms(r.get("latency_ms")),
-                                   fmt_num(r.get("accuracy")), fmt_num(r.get("cosine")),
-                                   *(fmt_num(r.get(k)) for k in extra)) for r in variants)))
-        if plots and any(r.get("latency_ms") is not None and (r.get("accuracy") is not None or r.get("cosine")
-                                                              is not None) for r in variants):
-            blocks.append(Plot("Latency against accuracy / cosine, every variant",
-                               partial(P.latency_vs_quality, tuple(variants), dpi=dpi)))
-    for sec in data.sections:
-        blocks.append(Heading(2, str(sec.get("title", "Section"))))
-        body = sec.get("data", {})
-        rows = body if isinstance(body, list) else [body]
-        if rows and all(isinstance(r, Mapping) for r in rows) and len(rows) > 1:
-            cols = list(dict.fromkeys(k for r in rows for k in r))
-            blocks.append(Table(tuple(cols), tuple(tuple(fmt_num(r.get(c)) for c in cols) for r in rows)))
-        elif rows and isinstance(rows[0], Mapping):
-            blocks.append(Table(("key", "value"), tuple((str(k), fmt_num(v)) for k, v in rows[0].items())))
-        else:
-            blocks.append(Para(fmt_num(body)))
     return blocks
+
+
+def _variant_cell(row: Mapping[str, Any], key: str) -> str:
+    v = row.get(key)
+    if key == "target":
+        return _target_cell(row)
+    if key == "latency_ms":
+        return fmt_ms(v)
+    if key == "latency_ratio":
+        return fmt_ratio(v)
+    if key.endswith("_mib"):
+        return fmt_mib(v)
+    return fmt_num(v)
+
+
+def verdict_blocks(v: Mapping[str, Any]) -> list[Block]:
+    """The verdict: what was shipped, how much smaller and faster, the accuracy cost, and the budgets."""
+    items: list[tuple[str, str]] = [("shipped", str(v.get("shipped", "-")))]
+    size, ref_size = v.get("size_mib"), v.get("reference_size_mib")
+    if size is not None:
+        text = f"{fmt_mib(size)} MiB"
+        if ref_size:
+            ref = v.get("reference", "reference")
+            text += f", {ref_size / size:.1f}x smaller than the {ref} ({fmt_mib(ref_size)} MiB)"
+        items.append(("size", text))
+    lat, ref_lat = v.get("latency_ms"), v.get("reference_latency_ms")
+    if lat is not None:
+        emu = " [EMULATED, not device latency]" if v.get("emulated") else ""
+        text = f"p50 {fmt_ms(lat)} ms"
+        ratio = v.get("latency_ratio")
+        if ratio:
+            text += (f" against {fmt_ms(ref_lat)} ms: {1 / ratio:.2f}x faster" if ratio < 1
+                     else f" against {fmt_ms(ref_lat)} ms: {ratio:.2f}x slower")
+        items.append(("speed", f"{text} ({v.get('latency_point', '')}, {v.get('target', '-')}){emu}"))
+    cost = []
+    if v.get("accuracy") is not None:
+        acc, teacher = v["accuracy"], v.get("teacher_accuracy")
+        cost.append(f"accuracy {acc:.4f}" + ("" if teacher is None else
+                                             f" vs teacher {teacher:.4f} ({100 * (acc - teacher):+.1f} points)"))
+    if v.get("teacher_cosine") is not None:
+        cost.append(f"mean cosine to the unfused teacher {v['teacher_cosine']:.4f}")
+    if v.get("evaluated_on"):
+        cost.append(f"on {v['evaluated_on']}")
+    items.append(("accuracy cost", ", ".join(cost) if cost else "not measured (no evaluate stage)"))
+    budgets = v.get("budgets")
+    status = "none"
+    if budgets:
+        passed = [b for b in budgets if b.get("passed")]
+        status = "pass" if len(passed) == len(budgets) else "fail"
+        failed = ", ".join(b["budget"] for b in budgets if not b.get("passed"))
+        items.append(("budgets", f"{len(passed)} of {len(budgets)} passed" + (f"; failed: {failed}" if failed else "")))
+    else:
+        items.append(("budgets", "none set (add a check section to the config to gate on them)"))
+    out: list[Block] = [Heading(2, "Verdict"), Summary(tuple(items), status)]
+    quality = [q for q in v.get("quality") or () if q.get("metric")]
+    if quality:
+        out.append(Table(("model", "held-out metric", "value"),
+                         tuple((q["model"], str(q["metric"]),
+                                "not measured (set finetune.eval_before: true)" if q.get("value") is None
+                                else fmt_num(q["value"])) for q in quality),
+                         caption="training runs evaluate on the held-out split; ONNX rows come from the evaluate "
+                                 "stage (its own example count, see Agreement)"))
+    if budgets:
+        out.append(Table(("budget", "limit", "measured", "passed", "where it comes from"),
+                         tuple((b["budget"], f"{b['op']} {b['limit']:g} {b.get('unit', '')}".rstrip(),
+                                fmt_num(b.get("measured")), fmt_num(bool(b.get("passed"))), str(b.get("detail", "")))
+                               for b in budgets)))
+    return out
 
 
 def _target_cell(row: Mapping[str, Any]) -> str:
@@ -173,14 +281,14 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
     rows = []
     for g in graphs:
         for p in g["latency"]:
-            rows.append((g["label"], str(p["threads"]), str(p["batch_size"]), str(p["sequence_length"]),
-                         str(p["timed_runs"]), fmt_ms(p["latency_ms_mean"]), fmt_ms(p["latency_ms_std"]),
-                         fmt_ms(p["latency_ms_p50"]), fmt_ms(p["latency_ms_p90"]), fmt_ms(p["latency_ms_p99"]),
+            rows.append((g["label"], str(p["threads"]), f"{p['batch_size']} x {p['sequence_length']}",
+                         str(p["timed_runs"]), fmt_ms(p["latency_ms_p50"]), fmt_ms(p["latency_ms_p90"]),
+                         fmt_ms(p["latency_ms_p99"]), f"{fmt_ms(p['latency_ms_mean'])} ± {fmt_ms(p['latency_ms_std'])}",
                          f"{p['throughput_samples_per_s']:.1f}",
                          f"{fmt_ratio(p['ratio_vs_reference_p50'])} [{p['ratio_vs_reference_p10']:.3f}-"
                          f"{p['ratio_vs_reference_p90']:.3f}]"))
-    out.append(Table(("graph", "threads", "batch", "seq", "runs", f"mean {lat} (ms)", "std (ms)", "p50 (ms)",
-                      "p90 (ms)", "p99 (ms)", "samples/s", f"ratio vs {prof['reference_label']} p50 [p10-p90]"),
+    out.append(Table(("graph", "threads", "batch x seq", "runs", f"p50 {lat} (ms)", "p90 (ms)", "p99 (ms)",
+                      "mean ± std (ms)", "samples/s", f"ratio vs {prof['reference_label']} p50 [p10-p90]"),
                      tuple(rows), caption="ratio: per interleaved round, time of the graph / time of the reference"))
     if plots:
         out.append(Plot(f"Latency distributions{emu}", partial(P.latency_distributions, prof, dpi=dpi)))
@@ -200,7 +308,13 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
         out.append(Plot(f"Peak memory{emu}", partial(P.memory_bars, prof, dpi=dpi)))
     profiled = [g for g in graphs if g.get("op_profile")]
     if profiled:
-        out.append(Heading(3, f"Per-operator time{emu}"))
+        where = sorted({f"threads={g['op_profile']['threads']}, batch {g['op_profile']['batch_size']} x seq "
+                        f"{g['op_profile']['sequence_length']}, {g['op_profile']['runs']} runs" for g in profiled})
+        out.append(Heading(3, f"Per-operator time{emu}, {'; '.join(where)}"))
+        trace = [g for g in profiled if g["op_profile"].get("trace")]
+        if trace:
+            out.append(Links(tuple((f"{g['label']}: onnxruntime profiler trace (open in ui.perfetto.dev or "
+                                    "chrome://tracing)", g["op_profile"]["trace"]) for g in trace)))
         out.append(Table(("graph", "quantized MatMul nodes", "fp32 MatMul nodes", "quantized MatMul (us/run)",
                           "fp32 MatMul (us/run)", "all kernels (us/run)", "MatMul ops in the file"),
                          tuple((g["label"], str(g["op_profile"]["matmul_quantized_nodes"]),
@@ -221,7 +335,8 @@ def _profile_blocks(prof: Mapping[str, Any], n: int, *, top_ops: int, top_nodes:
         out.append(Table(("graph", "node", "op type", "us/run", "share", "MatMul precision"), tuple(node_rows),
                          caption="slowest nodes of the optimised graph"))
         if plots:
-            out.append(Plot(f"Per-operator breakdown{emu}", partial(P.op_breakdown, prof, top_ops, dpi=dpi)))
+            out.append(Plot(f"Per-operator breakdown{emu}, {'; '.join(where)}",
+                            partial(P.op_breakdown, prof, top_ops, dpi=dpi)))
     checked = [g for g in graphs if g.get("parity")]
     if checked:
         out.append(Heading(3, "Output parity"))
@@ -255,6 +370,7 @@ def sections_from(objs: Sequence[Any]) -> list[dict[str, Any]]:
     for obj in objs:
         d = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
         title = d.pop("title", None) or d.get("kind") or type(obj).__name__
+        stage = d.pop("stage", None)
         data = d.pop("data", d)
-        out.append({"title": str(title), "data": data})
+        out.append({"title": str(title), "data": data, **({"stage": str(stage)} if stage else {})})
     return out

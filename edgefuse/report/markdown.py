@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edgefuse.report.doc import Block, Heading, Para, Plot, Table
+from edgefuse.report.doc import Block, Heading, Links, Para, Plot, Summary, Table
 
 
 def _cell(text: str) -> str:
@@ -28,6 +28,10 @@ def render_markdown(blocks: Sequence[Block]) -> str:
     for b in blocks:
         if isinstance(b, Heading):
             out += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Summary):
+            out += [f"- **{k}**: {v}" for k, v in b.items] + [""]
+        elif isinstance(b, Links):
+            out += [f"- [{text}]({href})" for text, href in b.items] + [""]
         elif isinstance(b, Para):
             out += [b.text, ""]
         elif isinstance(b, Table):

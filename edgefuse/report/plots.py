@@ -34,8 +34,22 @@ def _title(ax: Any, text: str) -> None:
 def _png(fig: Any, dpi: int) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=dpi)
+    # bbox "tight" grows the canvas to every artist (legends outside the axes, wrapped titles): nothing clipped
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     return buf.getvalue()
+
+
+def _ms_axis(axis: Any, values: Sequence[float]) -> None:
+    """Latency axis in plain milliseconds ("20 ms", not 2x10^1); log scale only when values span > 20x."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    positive = [v for v in values if v and v > 0]
+    fmt = FuncFormatter(lambda v, _pos: f"{v:g} ms")
+    if positive and max(positive) / min(positive) > 20:
+        axis.set_scale("log")
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_formatter(NullFormatter())
+    axis.set_major_formatter(fmt)
 
 
 def _suffix(prof: Mapping[str, Any]) -> str:
@@ -62,7 +76,8 @@ def latency_distributions(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
     ax.boxplot([p["samples_ms"] if p else [0.0] for p in pts], showfliers=True)
     ax.set_xticks(range(1, len(graphs) + 1), [g["label"] for g in graphs], rotation=15)
     p0 = pts[0] or {}
-    ax.set_ylabel("latency per run (ms)")
+    ax.set_ylabel("latency per run")
+    _ms_axis(ax.yaxis, [v for p in pts if p for v in p["samples_ms"]])
     _title(ax, f"threads={p0.get('threads')} batch={p0.get('batch_size')} seq={p0.get('sequence_length')}"
            f"{_suffix(prof)}")
     ax.grid(axis="y", alpha=0.3)
@@ -83,7 +98,8 @@ def latency_vs_threads(prof: Mapping[str, Any], *, dpi: int = 96) -> bytes:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("intra-op threads")
-    ax.set_ylabel("p50 latency (ms)")
+    ax.set_ylabel("p50 latency")
+    _ms_axis(ax.yaxis, [p["latency_ms_p50"] for g in prof["graphs"] for p in g["latency"]])
     _title(ax, "Thread sweep" + _suffix(prof))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -132,30 +148,62 @@ def op_breakdown(prof: Mapping[str, Any], top: int = 8, *, dpi: int = 96) -> byt
     ax.set_yticks(range(len(graphs)), [g["label"] for g in graphs])
     ax.set_xlabel("kernel time per run (ms)")
     _title(ax, "Per-operator time" + _suffix(prof))
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))  # below the axes, not on the bars
+    # beside the axes, one entry a line: never on the bars, and the tight bounding box keeps all of it
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, title="op type",
+              title_fontsize=7)
     return _png(fig, dpi)
 
 
-def latency_vs_quality(rows: Sequence[Mapping[str, Any]], *, dpi: int = 96) -> bytes:
-    """Scatter of latency against accuracy (or cosine) for every variant; emulated rows drawn apart, hollow."""
-    fig = _figure(6.0, 4.0)
+def latency_vs_quality(rows: Sequence[Mapping[str, Any]], *, title: str = "", dpi: int = 96) -> bytes:
+    """Scatter of latency against accuracy (or cosine): one point per graph, named in the legend (no labels on
+    the points to overlap). Pass native and emulated rows separately: their timings must not share an axis."""
+    fig = _figure(6.4, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     metric = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "cosine"
-    for emulated in (False, True):
-        pts = [r for r in rows if bool(r.get("emulated")) == emulated and r.get("latency_ms") is not None
-               and r.get(metric) is not None]
-        if not pts:
-            continue
-        ax.scatter([r["latency_ms"] for r in pts], [r[metric] for r in pts],
-                   label="emulated (not device latency)" if emulated else "measured",
-                   facecolors="none" if emulated else None, edgecolors="#c0392b" if emulated else None)
-        for r in pts:
-            ax.annotate(str(r["variant"]), (r["latency_ms"], r[metric]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("p50 latency (ms, log scale)")
+    pts = [r for r in rows if r.get("latency_ms") is not None and r.get(metric) is not None]
+    markers = "osD^vP*Xh<>"
+    cmap = __import__("matplotlib").colormaps["tab10"]
+    for k, r in enumerate(pts):
+        emulated = bool(r.get("emulated"))
+        ax.scatter([r["latency_ms"]], [r[metric]], s=60, marker=markers[k % len(markers)], color=cmap(k % 10),
+                   facecolors="none" if emulated else cmap(k % 10), label=str(r["variant"]))
+    _ms_axis(ax.xaxis, [r["latency_ms"] for r in pts])
+    ax.set_xlabel("p50 latency")
     ax.set_ylabel(metric)
-    _title(ax, f"Latency against {metric}, every variant")
-    ax.legend(fontsize=7)
+    _title(ax, title or f"Latency against {metric}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
+    return _png(fig, dpi)
+
+
+def training_curves(series: Sequence[tuple[Any, ...]], *, dpi: int = 96) -> bytes:
+    """Training loss and the held-out metric against step, runs (phases) one after another on one step axis.
+
+    ``series``: ``(name, ((step, loss), ...), ((step, metric), ...), metric_name, has_initial, initial_value)``.
+    """
+    fig = _figure(9.0, 3.4)
+    ax_loss, ax_metric = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    offset = 0
+    metric_names = []
+    for name, loss, metric, metric_name, _has_initial, initial in series:
+        if loss:
+            ax_loss.plot([offset + s for s, _ in loss], [v for _, v in loss], marker="." if len(loss) < 30 else None,
+                         label=name)
+        pts = [(offset + int(s), v) for s, v in metric]
+        if initial is not None:
+            pts.insert(0, (offset, initial))
+        if pts:
+            ax_metric.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=f"{name}: {metric_name}")
+        metric_names.append(metric_name)
+        offset += max([int(s) for s, _ in loss] + [int(s) for s, _ in metric] + [0])
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    _title(ax_loss, "Training loss")
+    ax_metric.set_xlabel("step")
+    ax_metric.set_ylabel(", ".join(dict.fromkeys(metric_names)))
+    _title(ax_metric, "Held-out metric (step 0: before training)")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _png(fig, dpi)

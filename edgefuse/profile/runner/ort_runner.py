@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -211,8 +212,11 @@ def time_point(sessions: list, feeds: list, job: dict, clock: str = "thread") ->
     return times, rounds, cpu
 
 
-def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str, session: dict | None = None) -> dict:
-    """Per-operator kernel time from onnxruntime's profiling trace, per run, after the warm-up runs."""
+def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str, session: dict | None = None,
+               keep_as: str = "") -> dict:
+    """Per-operator kernel time from onnxruntime's profiling trace, per run, after the warm-up runs.
+
+    ``keep_as``: move the raw trace there (for Perfetto) instead of deleting it."""
     warmup, runs = int(job.get("warmup_runs", 5)), int(job.get("op_profile_runs", 5))
     sess = make_session(path, threads, job, profile_prefix=os.path.join(workdir, "ort_profile"), session=session)
     for _ in range(warmup + runs):
@@ -222,7 +226,10 @@ def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str, sessi
         with open(trace, encoding="utf-8") as fh:
             events = json.load(fh)
     finally:
-        os.unlink(trace)
+        if keep_as:
+            shutil.move(trace, keep_as)
+        else:
+            os.unlink(trace)
     model_runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     t_start = model_runs[warmup] if len(model_runs) > warmup else 0
     by_node: dict = {}
@@ -252,7 +259,8 @@ def op_profile(path: str, threads: int, fd: dict, job: dict, workdir: str, sessi
          "matmul_precision": kind(op)}
         for node, (op, us) in sorted(by_node.items(), key=lambda kv: -kv[1][1])
     ]
-    return {"runs": n, "threads": threads, "total_kernel_us_per_run": total, "by_op_type": ops, "by_node": nodes}
+    return {"runs": n, "threads": threads, "total_kernel_us_per_run": total, "by_op_type": ops, "by_node": nodes,
+            "trace": keep_as or None}
 
 
 def bench(job: dict) -> dict:
@@ -280,9 +288,10 @@ def bench(job: dict) -> dict:
         if job.get("op_profile", True):
             for i, g in enumerate(graphs):
                 log(f"per-operator profile of {g['label']}")
+                keep = (job.get("trace_paths") or [""] * len(graphs))[i]
                 result["op_profiles"].append(
                     dict(op_profile(g["path"], threads0, load_feeds(npz, i, batch0, seq0), job, work,
-                                    session=g.get("session")),
+                                    session=g.get("session"), keep_as=keep),
                          batch_size=batch0, sequence_length=seq0)
                 )
     if job.get("outputs_npz"):

@@ -45,7 +45,7 @@ class EmulatedArmSession(TargetSession):
 
     def _failure(self, job: dict[str, Any], proc: subprocess.CompletedProcess) -> str:
         msg = super()._failure(job, proc)
-        if proc.returncode in (-4, -11):  # SIGILL / SIGSEGV: the classic qemu-user cpuinfo traps (platform.md 4)
+        if proc.returncode in (-4, -11):  # SIGILL / SIGSEGV: the classic qemu-user cpuinfo traps
             msg += (f"; the arm64 sandbox's fake /proc/cpuinfo may not match -cpu {self.box.cpu}: delete "
                     f"{self.box.root.parent} to rebuild it")
         return msg
