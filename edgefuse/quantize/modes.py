@@ -2,9 +2,9 @@
 
 Each entry says everything the quantize stage needs about a mode: the onnxruntime backend that writes the
 graph, the variant name (what distinguishes the graph's bytes), whether it calibrates activation ranges on
-data, how to count the MatMuls that really run quantized (the proof that quantization did something), and how to simulate its
-error on one MatMul for the auto fp32 fallback (:mod:`edgefuse.quantize.auto`). The config's ``QuantMode``
-literal lists the same names (a test keeps them equal).
+data, how to count the MatMuls that really run quantized (the proof that quantization did something), and how
+to simulate its error on one MatMul for the auto fp32 fallback (:mod:`edgefuse.quantize.auto`). The config's
+``QuantMode`` literal lists the same names (a test keeps them equal).
 
 Adding a mode is one backend function and one entry in :data:`MODES` (plus its name in ``QuantMode``, a
 row in the docs, and its tests).
