@@ -41,6 +41,10 @@ def register(sub: Any) -> None:
                    help="model head to load (default: feature-extraction)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
     p.add_argument("--n-init", type=int, default=1, help="k-means restarts (default 1; the paper used 30)")
+    p.add_argument("--pool", type=float, default=1.25,
+                   help="fusion-pruned: keep round(POOL * width) most important units, fuse them (default 1.25)")
+    p.add_argument("--importance", choices=("weights", "activations"), default="weights",
+                   help="fusion-pruned: rank units by weight norms or by activations on the built-in corpus")
     p.add_argument("--fold", action="store_true",
                    help="fold the frozen scale into the weights before saving (for inference/export, not training)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (widths, parameters) and write nothing")
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = FusionConfig(
             method=args.method, keep_ratio=args.keep_ratio, width=args.width, round_to=args.round_to,
             layers=args.layers, targets=args.targets, include_shared_experts=not args.no_shared_experts,
-            seed=args.seed, n_init=args.n_init,
+            seed=args.seed, n_init=args.n_init, pool=args.pool, importance=args.importance,
         )
     except ValidationError as exc:
         raise first_error(exc, "fusion") from None
@@ -105,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
 
             if Path(args.out_dir).exists():
                 raise OutputExistsError(f"output folder {args.out_dir!r} already exists; pass --overwrite to replace it")
-        result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty())
-        if args.fold:
-            fold_scales_(model)
         tokenizer = (
             load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if has_tokenizer(args.model) else None
         )
+        result = fuse_mlps_(model, cfg, progress=sys.stderr.isatty(), tokenizer=tokenizer)
+        if args.fold:
+            fold_scales_(model)
         save_fused(model, args.out_dir, tokenizer=tokenizer, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
