@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefuse.config.fusion import METHODS
-from edgefuse.config.ntk import NTK_OUTPUTS, NTK_PARAMS
+from edgefuse.config.ntk import NTK_OUTPUTS, NTK_PARAMS, NTK_PROTOCOLS
 
 HELP = """Measure, right after compression, the relative errors of a compressed model against its original:
 the Adam/SignGD kernel K = G sign(G)^T and the GD kernel G G^T of the per-example gradients G of a scalar
@@ -22,6 +22,8 @@ examples:
   edgefuse ntk minilm --keep-ratio 0.5 --data ../shared/data/sst2/validation.tsv --n 64
   edgefuse ntk minilm --keep-ratio 0.25 --method merge --params all --data ../shared/data/sst2/validation.tsv --json
   edgefuse ntk minilm out/minilm-fused --data ../shared/data/sst2/validation.tsv --out ntk.json
+  # the authors' check: upper two thirds fused (n_init 30), class-0 probability, kernel over layer 0's MLP
+  edgefuse ntk minilm --protocol paper --keep-ratio 0.25 --data ../shared/data/sst2/validation.tsv
 """
 
 
@@ -36,20 +38,25 @@ def register(sub: Any) -> None:
     width.add_argument("--width", type=int, help="compress in memory to this intermediate width")
     p.add_argument("--layers", type=int, nargs="+", metavar="I", help="layers to compress in memory (default: all)")
     p.add_argument("--seed", type=int, default=0, help="k-means/sketch seed for in-memory compression (default 0)")
-    p.add_argument("--n-init", type=int, default=1, help="k-means restarts for in-memory compression (default 1)")
+    p.add_argument("--n-init", type=int, help="k-means restarts for in-memory compression (default 1; paper 30)")
+    p.add_argument("--protocol", choices=NTK_PROTOCOLS, default="custom",
+                   help="paper: the authors' check (docs/ntk.md): fuse the upper two thirds with n_init 30, "
+                   "class0-prob of a random head, kernel over the lowest (unfused) MLP; flags given override it")
+    p.add_argument("--modules", nargs="+", metavar="NAME",
+                   help="--params modules: module names ('re:' for a regex) whose parameters form the kernel")
     p.add_argument("--data", required=True, help="examples: a .tsv/.csv/.jsonl file (e.g. SST-2 validation)")
     p.add_argument("--text-column", help="column with the text (default: 'sentence' if present, else the first)")
     p.add_argument("--label-column", help="column with integer labels, for --output gold-logit (default: 'label')")
     p.add_argument("--n", type=int, default=64, help="number of examples: the kernels are n x n (default 64)")
     p.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens (default 128)")
-    p.add_argument("--params", choices=NTK_PARAMS, default="fused-mlp",
-                   help="kernel parameter set: the fused MLPs' parameters, or all trainable ones (default fused-mlp)")
-    p.add_argument("--output", choices=NTK_OUTPUTS, default="auto",
+    p.add_argument("--params", choices=NTK_PARAMS,
+                   help="kernel parameter set: the fused MLPs' parameters, all trainable ones, or the --modules "
+                   "(default fused-mlp; paper: modules)")
+    p.add_argument("--output", choices=NTK_OUTPUTS,
                    help="scalar output whose gradients define the kernels (default auto: class0-prob for "
                    "classifiers, last-token-logprob for LMs, pooled-projection otherwise)")
-    p.add_argument("--task", default="feature-extraction",
-                   choices=("feature-extraction", "sequence-classification", "causal-lm"),
-                   help="model head to load (default feature-extraction)")
+    p.add_argument("--task", choices=("feature-extraction", "sequence-classification", "causal-lm"),
+                   help="model head to load (default feature-extraction; paper: sequence-classification)")
     p.add_argument("--head-seed", type=int, default=0, help="seed of the random head/projection (default 0)")
     p.add_argument("--max-gradient-mib", type=float, default=1024.0,
                    help="memory for one chunk of per-example gradients (default 1024)")
@@ -67,7 +74,7 @@ def format_result(result: Any) -> str:
         rows.append((k.group, f"{k.params_original:,} -> {k.params_compressed:,}", f"{k.sign_rel_error:.4g}",
                      f"{k.gd_rel_error:.4g}", f"{result.layer_hidden_rel_error[k.group]:.4g}"))
     totals = [result.fused_mlp] if result.fused_mlp is not None else []
-    if result.param_set == "all":
+    if result.param_set != "fused-mlp":  # all, modules: the whole set's kernel
         totals.append(result.kernel)
     for k in totals:
         rows.append((k.group, f"{k.params_original:,} -> {k.params_compressed:,}", f"{k.sign_rel_error:.4g}",
@@ -145,14 +152,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a COMPRESSED folder, or --keep-ratio/--width to compress the original in memory")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError(f"output file {args.out!r} already exists; pass --overwrite to replace it")
-    try:
-        cfg = NtkConfig(params=args.params, output=args.output, n_examples=args.n, max_length=args.max_length,
-                        head_seed=args.head_seed, max_gradient_mib=args.max_gradient_mib)
-        fcfg = FusionConfig(method=args.method or "fusion", keep_ratio=args.keep_ratio, width=args.width,
-                            layers=args.layers, seed=args.seed, n_init=args.n_init) if in_memory else None
-    except ValidationError as exc:
-        raise first_error(exc, "ntk") from None
-    texts, labels = _examples(args, cfg.n_examples)
+    paper = args.protocol == "paper"
+    args.task = args.task or ("sequence-classification" if paper else "feature-extraction")
+    if paper and args.task != "sequence-classification":
+        raise ConfigError(f"--protocol paper measures a classification head; drop --task {args.task}")
+    if args.modules and args.params not in (None, "modules"):
+        raise ConfigError(f"--modules needs --params modules (got --params {args.params})")
+    texts, labels = _examples(args, args.n)
 
     import copy
     import logging
@@ -165,8 +171,23 @@ def run(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.original, trust_remote_code=args.trust_remote_code)
     # seeded loads: a head that the checkpoint lacks is initialised the same way in both models
-    torch.manual_seed(cfg.head_seed)
+    torch.manual_seed(args.head_seed)
     original = load_model(args.original, args.task, trust_remote_code=args.trust_remote_code)
+    defaults: dict[str, Any] = {"n_init": 1, "output": "auto", "layers": None, "modules": None}
+    if paper:
+        from edgefuse.ntk.protocol import paper_defaults
+
+        defaults = paper_defaults(original)
+    modules = args.modules or (defaults["modules"] if args.params in (None, "modules") else None)
+    try:
+        cfg = NtkConfig(params=args.params or ("modules" if modules else "fused-mlp"), modules=modules,
+                        output=args.output or defaults["output"], n_examples=args.n, max_length=args.max_length,
+                        head_seed=args.head_seed, max_gradient_mib=args.max_gradient_mib)
+        fcfg = FusionConfig(method=args.method or "fusion", keep_ratio=args.keep_ratio, width=args.width,
+                            layers=args.layers if args.layers is not None else defaults["layers"], seed=args.seed,
+                            n_init=args.n_init or defaults["n_init"]) if in_memory else None
+    except ValidationError as exc:
+        raise first_error(exc, "ntk") from None
     if getattr(original.config, "is_encoder_decoder", False):
         raise ConfigError("encoder-decoder models need decoder inputs: use edgefuse.ntk.api.measure_ntk from Python")
     if fcfg is not None:
@@ -182,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
     batch = tok(texts, truncation=True, max_length=cfg.max_length, padding=True, return_tensors="pt")
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     result = measure_ntk(original, compressed, inputs, cfg, labels=labels)
-    payload = {"original": args.original, "compressed": args.compressed, "fusion": None if fcfg is None else
-               fcfg.model_dump(), "ntk": cfg.model_dump(), "data": args.data, "result": result.to_dict()}
+    payload = {"original": args.original, "compressed": args.compressed, "protocol": args.protocol,
+               "fusion": None if fcfg is None else fcfg.model_dump(), "ntk": cfg.model_dump(), "data": args.data,
+               "result": result.to_dict()}
     if args.out:
         from edgefuse.io_utils import write_json_atomic
 
