@@ -153,3 +153,33 @@ def test_every_mlp_kind(arch: str, importance: str) -> None:
         step = next(s for s in result.steps if s.name == site.name)
         assert scale.sum().item() == pool_size(step.width_before, step.width_after, 1.5)
     assert model.config.edgefuse["importance"] == importance
+
+
+def test_pipeline_fuse_stage_calibrates_on_the_task_data(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from edgefuse.config.pipeline import config_from_dict
+    from edgefuse.fusion import calibrate
+    from edgefuse.pipeline.api import run_pipeline
+    from tests.pipeline_tiny import base_config, save_tiny_bert, write_tsv
+
+    model_dir = save_tiny_bert(tmp_path / "bert")
+    train = write_tsv(tmp_path / "train.tsv", 12)
+    raw = base_config(model_dir, data={"train": str(train), "validation": str(train)},
+                      fusion={"keep_ratio": 0.5, "method": "fusion-pruned", "importance": "activations",
+                              "pool": 1.5, "calibration_examples": 8})
+    seen: list[str] = []
+    real = calibrate.down_input_stats
+
+    def spy(model, sites, texts, tokenizer, **kw):  # type: ignore[no-untyped-def]
+        seen.extend(texts)
+        return real(model, sites, texts, tokenizer, **kw)
+
+    monkeypatch.setattr(calibrate, "down_input_stats", spy)
+    run = run_pipeline(config_from_dict(raw), tmp_path / "run")
+    assert run.ran == ("fuse",)
+    rows = train.read_text().splitlines()[1:9]
+    assert seen == [r.split("\t")[0] for r in rows]  # the first 8 training sentences, not the built-in corpus
+    config = json.loads((tmp_path / "run" / "fuse" / "model" / "config.json").read_text())
+    assert config["edgefuse"]["method"] == "fusion-pruned" and config["edgefuse"]["importance"] == "activations"
+    assert config["intermediate_size"] == 16
