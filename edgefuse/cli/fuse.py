@@ -34,6 +34,9 @@ FUSE_FLAGS = (
     Flag("seed"),
     Flag("n_init"),
     Flag("max_iter"),
+    Flag("pool", metavar="R"),
+    Flag("importance"),
+    Flag("calibration_examples", metavar="N"),
 )
 
 
@@ -98,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
         from edgefuse.fusion.persist import save_fused
         from edgefuse.fusion.scale import fold_scales_
 
-        original = copy.deepcopy(model)  # to say how far the fused model is from it (recover before shipping)
-        result = fuse_mlps_(model, cfg, progress=not args.quiet)  # a bar on a terminal, else a 30 s heartbeat
-        if args.fold:
-            fold_scales_(model)
         tokenizer = (
             load_tokenizer(args.model, trust_remote_code=args.trust_remote_code) if has_tokenizer(args.model) else None
         )
+        original = copy.deepcopy(model)  # to say how far the fused model is from it (recover before shipping)
+        # a bar on a terminal, else a 30 s heartbeat; the tokenizer scores units for importance: activations
+        result = fuse_mlps_(model, cfg, progress=not args.quiet, tokenizer=tokenizer)
+        if args.fold:
+            fold_scales_(model)
         from edgefuse.fusion.distance import distance_to_original
 
         distance = distance_to_original(original, model, tokenizer, args.task)

@@ -9,7 +9,7 @@ from typing import Any, get_args
 
 from edgefuse.cli.options import Flag, add_flags, add_task, flag_values, format_table
 from edgefuse.config.fusion import FusionConfig
-from edgefuse.config.ntk import NtkConfig
+from edgefuse.config.ntk import NTK_PROTOCOLS, NtkConfig
 from edgefuse.models import Task
 
 # the FusionConfig keys of in-memory compression and the NtkConfig keys (type, choices, help from the configs)
@@ -19,6 +19,7 @@ NTK_FLAGS = (
     Flag("n_examples", "--n", metavar="N"),
     Flag("max_length"),
     Flag("params"),
+    Flag("modules", metavar="NAME"),
     Flag("output"),
     Flag("head_seed"),
     Flag("max_gradient_mib", metavar="MIB"),
@@ -36,6 +37,8 @@ examples:
   edgefuse ntk minilm --keep-ratio 0.5 --data data/sst2/validation.tsv --n 64
   edgefuse ntk minilm --keep-ratio 0.25 --method merge --params all --data data/sst2/validation.tsv --json
   edgefuse ntk minilm out/minilm-fused --data data/sst2/validation.tsv --out ntk.json
+  # the authors' check: upper two thirds fused (n_init 30), class-0 probability, kernel over layer 0's MLP
+  edgefuse ntk minilm --protocol paper --keep-ratio 0.25 --data data/sst2/validation.tsv
 """
 
 
@@ -51,7 +54,11 @@ def register(sub: Any) -> None:
     p.add_argument("--text-column", help="column with the text (default: 'sentence' if present, else the first)")
     p.add_argument("--label-column", help="column with integer labels, for --output gold-logit (default: 'label')")
     add_flags(p, NtkConfig, NTK_FLAGS)
-    add_task(p, get_args(Task), default="feature-extraction", help="model head to load (default feature-extraction);")
+    add_task(p, get_args(Task), help="model head to load (default feature-extraction; --protocol paper: "
+             "sequence-classification);")
+    p.add_argument("--protocol", choices=NTK_PROTOCOLS, default="custom",
+                   help="paper: the authors' check (docs/ntk.md): fuse the upper two thirds with n_init 30, "
+                   "class0-prob of a random head, kernel over the lowest (unfused) MLP; flags given override it")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--out", help="also write the result as JSON to this file (atomically)")
@@ -66,7 +73,7 @@ def format_result(result: Any) -> str:
         rows.append((k.group, f"{k.params_original:,} -> {k.params_compressed:,}", f"{k.sign_rel_error:.4g}",
                      f"{k.gd_rel_error:.4g}", f"{result.layer_hidden_rel_error[k.group]:.4g}"))
     totals = [result.fused_mlp] if result.fused_mlp is not None else []
-    if result.param_set == "all":
+    if result.param_set != "fused-mlp":  # all, modules: the whole set's kernel
         totals.append(result.kernel)
     for k in totals:
         rows.append((k.group, f"{k.params_original:,} -> {k.params_compressed:,}", f"{k.sign_rel_error:.4g}",
@@ -139,12 +146,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a COMPRESSED folder, or --keep-ratio/--width to compress the original in memory")
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError(f"output file {args.out!r} already exists; pass --overwrite to replace it")
-    try:
-        cfg = NtkConfig(**flag_values(args, NTK_FLAGS))
-        fcfg = FusionConfig(**flag_values(args, WIDTH_FLAGS + FUSION_FLAGS)) if in_memory else None
-    except ValidationError as exc:
-        raise first_error(exc, "ntk") from None
-    texts, labels = _examples(args, cfg.n_examples)
+    paper = args.protocol == "paper"
+    args.task = args.task or ("sequence-classification" if paper else "feature-extraction")
+    if paper and args.task != "sequence-classification":
+        raise ConfigError(f"--protocol paper measures a classification head; drop --task {args.task}")
+    given = flag_values(args, NTK_FLAGS)
+    if given.get("modules") and given.get("params") not in (None, "modules"):
+        raise ConfigError(f"--modules needs --params modules (got --params {given.get('params')})")
+    texts, labels = _examples(args, given.get("n_examples", NtkConfig.model_fields["n_examples"].default))
 
     import copy
     import logging
@@ -157,8 +166,22 @@ def run(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.original, trust_remote_code=args.trust_remote_code)
     # seeded loads: a head that the checkpoint lacks is initialised the same way in both models
-    torch.manual_seed(cfg.head_seed)
+    torch.manual_seed(given.get("head_seed", NtkConfig.model_fields["head_seed"].default))
     original = load_model(args.original, args.task, trust_remote_code=args.trust_remote_code)
+    defaults: dict[str, Any] = {"n_init": 1, "output": "auto", "layers": None, "modules": None}
+    if paper:
+        from edgefuse.ntk.protocol import paper_defaults
+
+        defaults = paper_defaults(original)
+    params = given.get("params")
+    modules = given.get("modules") or (defaults["modules"] if params in (None, "modules") else None)
+    try:
+        cfg = NtkConfig(**{**given, "params": params or ("modules" if modules else "fused-mlp"), "modules": modules,
+                           "output": given.get("output") or defaults["output"]})
+        fcfg = FusionConfig(**{"layers": defaults["layers"], "n_init": defaults["n_init"],
+                               **flag_values(args, WIDTH_FLAGS + FUSION_FLAGS)}) if in_memory else None
+    except ValidationError as exc:
+        raise first_error(exc, "ntk") from None
     if getattr(original.config, "is_encoder_decoder", False):
         raise ConfigError("encoder-decoder models need decoder inputs: use edgefuse.ntk.api.measure_ntk from Python")
     if fcfg is not None:
@@ -174,8 +197,9 @@ def run(args: argparse.Namespace) -> int:
     batch = tok(texts, truncation=True, max_length=cfg.max_length, padding=True, return_tensors="pt")
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     result = measure_ntk(original, compressed, inputs, cfg, labels=labels)
-    payload = {"original": args.original, "compressed": args.compressed, "fusion": None if fcfg is None else
-               fcfg.model_dump(), "ntk": cfg.model_dump(), "data": args.data, "result": result.to_dict()}
+    payload = {"original": args.original, "compressed": args.compressed, "protocol": args.protocol,
+               "fusion": None if fcfg is None else fcfg.model_dump(), "ntk": cfg.model_dump(), "data": args.data,
+               "result": result.to_dict()}
     if args.out:
         from edgefuse.io_utils import write_json_atomic
 

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from edgefuse.config import StrictModel
 
 # the names of edgefuse.fusion.methods.METHODS (a test keeps them equal; this module must not import torch)
-FusionMethod = Literal["fusion", "merge", "cluster", "centroid", "svd", "prune", "sketch"]
+FusionMethod = Literal["fusion", "fusion-pruned", "merge", "cluster", "centroid", "svd", "prune", "sketch"]
 METHODS: tuple[str, ...] = get_args(FusionMethod)
 
 
@@ -24,7 +24,9 @@ class FusionConfig(StrictModel):
     method: FusionMethod = Field(
         "fusion",
         description="fusion: k-means centroids + frozen cluster-size scale (the method). merge: sizes folded into "
-        "the down projection. cluster: sqrt(sizes) folded into both sides. centroid: no sizes. Baselines: svd "
+        "the down projection. fusion-pruned: keep the pool*k most important units and fuse only those (prune the "
+        "tail, fuse the rest; not in the paper). cluster: sqrt(sizes) folded into both sides. centroid: no sizes. "
+        "Baselines: svd "
         "(rank matched to the parameter count), prune (structured, aligned units), sketch (random Gaussian).",
     )
     keep_ratio: float | None = Field(
@@ -51,6 +53,20 @@ class FusionConfig(StrictModel):
         description="k-means restarts. 1 keeps MiniLM under 15 s; the paper used 30 (better clusters, 30x slower).",
     )
     max_iter: int = Field(300, ge=1, description="Maximum Lloyd iterations per k-means run.")
+    pool: float = Field(
+        1.25,
+        ge=1.0,
+        description="fusion-pruned: keep the round(pool * k) most important units (R; counts sum to it), prune "
+        "the rest, then fuse the kept ones into k. pool >= p/k is plain fusion.",
+    )
+    importance: Literal["weights", "activations"] = Field(
+        "weights",
+        description="fusion-pruned: how units are ranked. weights: ||[w1;b1]||*||w2|| (data-free). activations: "
+        "||w2||*mean|a| over calibration text (the task's training text in a pipeline, else the built-in corpus).",
+    )
+    calibration_examples: int = Field(
+        64, ge=1, description="fusion-pruned with importance activations: texts run through the model to score units."
+    )
 
     @field_validator("keep_ratio", "width", mode="before")
     @classmethod

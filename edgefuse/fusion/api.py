@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.errors import ConfigError, TargetNotFoundError
-from edgefuse.fusion.clustering import svd_rank
+from edgefuse.fusion.clustering import activation_importance, svd_rank
 from edgefuse.fusion.methods import compress_mlp, get_method
 from edgefuse.fusion.results import FusionResult, MlpPlanStep
 from edgefuse.fusion.scale import attach_scale_
@@ -160,12 +162,38 @@ def _update_config(model: nn.Module, sites_done: dict[str, int], cfg: FusionConf
         {"version": META_VERSION, "method": cfg.method, "seed": cfg.seed, "n_init": cfg.n_init,
          "widths": widths, "svd_ranks": ranks}
     )
+    if cfg.method == "fusion-pruned":
+        meta.update({"pool": cfg.pool, "importance": cfg.importance})
     setattr(config, META_KEY, meta)
     return updates
 
 
+def _activation_stats(
+    model: nn.Module, cfg: FusionConfig, sites: list[MlpSite], texts: Sequence[str] | None, tokenizer: Any
+) -> dict[str, torch.Tensor]:
+    """Per-site mean |down input| for ``fusion-pruned`` + ``importance: activations``; else empty."""
+    if cfg.method != "fusion-pruned" or cfg.importance != "activations":
+        return {}
+    from edgefuse.fusion.calibrate import corpus_texts, down_input_stats
+
+    if tokenizer is None:
+        raise ConfigError(
+            "fusion-pruned with importance: activations needs the model's tokenizer to read calibration text; "
+            "pass one (or use importance: weights)"
+        )
+    chosen = list(texts)[: cfg.calibration_examples] if texts is not None else corpus_texts(cfg.calibration_examples)
+    return down_input_stats(model, sites, chosen, tokenizer)
+
+
 @torch.no_grad()
-def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -> FusionResult:
+def fuse_mlps_(
+    model: nn.Module,
+    cfg: FusionConfig,
+    *,
+    progress: bool = False,
+    texts: Sequence[str] | None = None,
+    tokenizer: Any = None,
+) -> FusionResult:
     """Compress the selected MLPs of ``model`` in place with ``cfg.method``; return what was done.
 
     ``fusion`` attaches the cluster sizes as a frozen scale before each down projection (see
@@ -176,6 +204,9 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
         model: a transformers model of a supported architecture (``edgefuse.fusion.archs.supported_model_types()``).
         cfg: the fusion settings.
         progress: show a progress bar over the MLPs (on stderr).
+        texts: calibration text for ``fusion-pruned`` with ``importance: activations`` (the first
+            ``cfg.calibration_examples`` are used); None: the built-in corpus.
+        tokenizer: the model's tokenizer (needed only for ``importance: activations``).
 
     Raises:
         UnsupportedArchitectureError: the model type has no adapter.
@@ -188,6 +219,7 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
     done: dict[str, int] = {}
     steps = []
     bar = None
+    act_stats = _activation_stats(model, cfg, list(sites.values()), texts, tokenizer)
     if progress:
         from edgefuse.progress import progress_bar  # tqdm on a terminal, a 30 s heartbeat line in logs
 
@@ -196,7 +228,9 @@ def fuse_mlps_(model: nn.Module, cfg: FusionConfig, *, progress: bool = False) -
         site = sites[step.name]
         weights = read_weights(site)
         k = cfg.target_width(weights.width)
-        out = compress_mlp(weights, cfg.method, k, seed=cfg.seed, n_init=cfg.n_init, max_iter=cfg.max_iter)
+        score = None if site.name not in act_stats else activation_importance(weights, act_stats[site.name])
+        out = compress_mlp(weights, cfg.method, k, seed=cfg.seed, n_init=cfg.n_init, max_iter=cfg.max_iter,
+                           pool=cfg.pool, importance=score)
         if out.low_rank:
             write_low_rank(site, out.low_rank)
             done[site.name] = int(out.low_rank["up"].a.shape[0])

@@ -248,3 +248,85 @@ def unit_importance(w: MlpWeights) -> torch.Tensor:
         gate = w.gate if w.gate_bias is None else torch.cat([w.gate, w.gate_bias[:, None]], dim=1)
         score = score * gate.norm(dim=1)
     return score
+
+
+def pool_size(width: int, k: int, pool: float) -> int:
+    """Size ``m`` of the pool that ``fusion-pruned`` keeps: ``round(pool * k)``, clamped to ``[k, width]``.
+
+    Example:
+        >>> pool_size(1536, 768, 1.25), pool_size(1536, 768, 4.0), pool_size(1536, 768, 1.0)
+        (960, 1536, 768)
+    """
+    return int(min(width, max(k, round(pool * k))))
+
+
+def activation_importance(w: MlpWeights, mean_abs_activation: torch.Tensor) -> torch.Tensor:
+    """Data-scored importance of unit i: ``‖down_i‖ · mean|a_i|``, with ``a_i`` the unit's input to the down
+    projection (the activation, times the up branch when gated) averaged over calibration tokens.
+
+    Example:
+        >>> w = MlpWeights(up=torch.ones(3, 2), down=torch.tensor([[1.0, 0.0, 2.0]]))
+        >>> activation_importance(w, torch.tensor([1.0, 5.0, 0.5])).tolist()
+        [1.0, 0.0, 1.0]
+    """
+    a = torch.as_tensor(mean_abs_activation, dtype=torch.float32).reshape(-1)
+    if a.shape[0] != w.width:
+        raise FusionError(f"activation statistics have {a.shape[0]} units, the MLP has {w.width}")
+    if not torch.isfinite(a).all():
+        raise FusionError("activation statistics contain nan/inf; check the calibration text and the model")
+    return w.down.detach().to(torch.float32).norm(dim=0) * a
+
+
+def fuse_pruned(
+    w: MlpWeights,
+    k: int,
+    *,
+    pool: float = 1.25,
+    importance: torch.Tensor | None = None,
+    seed: int = 0,
+    n_init: int = 1,
+    max_iter: int = 300,
+) -> Compressed:
+    """"Prune the tail, fuse the rest": keep the ``m = pool_size(p, k, pool)`` most important units and fuse
+    only those into ``k`` centroids with the frozen count scale (counts sum to ``m``).
+
+    The tail that plain k-means pools into near-zero centroids (then multiplied by counts of hundreds) is
+    dropped instead; inside the kept pool the construction is the paper's, so the Adam-NTK argument of
+    fusion holds there. With ``m = p`` this is exactly ``fusion`` (same k-means on the same features).
+
+    Args:
+        w: the MLP.
+        k: the target width.
+        pool: ``R`` in ``m = R k`` (>= 1).
+        importance: a score per unit (``[p]``, larger is kept); None: :func:`unit_importance` (data-free).
+        seed, n_init, max_iter: as for :func:`kmeans_units`.
+
+    Returns:
+        :class:`Compressed` with the centroid MLP, the frozen ``scale`` (= counts), the counts, ``labels`` of
+        length ``p`` (``-1`` for pruned units) and the inertia over the pool.
+
+    Example:
+        >>> w = MlpWeights(up=torch.randn(10, 4), up_bias=torch.randn(10), down=torch.randn(4, 10))
+        >>> out = fuse_pruned(w, 4, pool=1.5, seed=0)
+        >>> out.weights.width, out.scale.sum().item(), int((out.labels < 0).sum())
+        (4, 6.0, 4)
+    """
+    p = w.width
+    if not 1 <= k <= p:
+        raise ConfigError(f"target width {k} must be between 1 and the MLP width {p}")
+    if not pool >= 1.0:
+        raise ConfigError(f"pool {pool} must be >= 1 (the pool holds pool * k units); use 1.0 for plain prune-size")
+    m = pool_size(p, k, pool)
+    if m == p:  # nothing to prune: the paper's fusion, bit for bit
+        cent, counts, labels, inertia = kmeans_units(w, k, seed=seed, n_init=n_init, max_iter=max_iter)
+        return Compressed(cent, scale=counts.clone(), counts=counts, labels=labels, inertia=inertia)
+    score = unit_importance(w) if importance is None else torch.as_tensor(importance, dtype=torch.float32)
+    if score.shape != (p,):
+        raise FusionError(f"importance has shape {tuple(score.shape)}, expected ({p},)")
+    # stable: equal scores keep the lower unit index, so the pool is deterministic
+    order = torch.sort(score.detach().cpu(), descending=True, stable=True).indices
+    keep = order[:m].sort().values
+    cent, counts, sub_labels, inertia = kmeans_units(w.select(keep), k, seed=seed, n_init=n_init, max_iter=max_iter)
+    labels = np.full(p, -1, dtype=np.int64)
+    labels[keep.numpy()] = sub_labels
+    return Compressed(cent, scale=counts.clone(), counts=counts, labels=labels, inertia=inertia)

@@ -15,7 +15,7 @@ Example:
     >>> out.weights.width, out.scale.sum().item()
     (3, 8.0)
     >>> sorted(m for m in METHODS if METHODS[m].frozen_scale)
-    ['fusion']
+    ['fusion', 'fusion-pruned']
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from edgefuse.errors import ConfigError
 from edgefuse.fusion.clustering import (
     Compressed,
     MlpWeights,
+    fuse_pruned,
     kmeans_units,
     scale_units,
     svd_rank,
@@ -46,6 +47,7 @@ CompressFn = Callable[[MlpWeights, int, int, int, int], Compressed]
 class CompressionMethod:
     """One compression method.
 
+    ``pooled``: the function also takes ``pool`` and ``importance`` (:func:`~edgefuse.fusion.clustering.fuse_pruned`).
     ``frozen_scale``: the result carries the per-unit count vector that :mod:`edgefuse.fusion.scale` attaches
     before the down projection. ``low_rank``: the MLP keeps its width and its matrices become two factors
     (``Compressed.low_rank``); the target width only sets the rank.
@@ -56,6 +58,7 @@ class CompressionMethod:
     compress: CompressFn
     frozen_scale: bool = False
     low_rank: bool = False
+    pooled: bool = False  # reads ``pool`` and ``importance`` (prune the tail, fuse the rest)
 
 
 def _kmeans(w: MlpWeights, k: int, seed: int, n_init: int, max_iter: int) -> tuple[MlpWeights, dict]:
@@ -120,6 +123,9 @@ METHODS: dict[str, CompressionMethod] = {
     for m in (
         CompressionMethod("fusion", "k-means centroids + frozen cluster-size scale (the method)", _fusion,
                           frozen_scale=True),
+        CompressionMethod("fusion-pruned", "prune the least important units to a pool of pool*k, fuse the rest "
+                          "(centroids + frozen counts summing to the pool); an improvement beside the paper's method",
+                          fuse_pruned, frozen_scale=True, pooled=True),
         CompressionMethod("merge", "k-means centroids, sizes folded into the down projection", _merge),
         CompressionMethod("cluster", "k-means centroids, sqrt(sizes) folded into both sides", _cluster),
         CompressionMethod("centroid", "k-means centroids, no sizes", _centroid),
@@ -141,9 +147,11 @@ def get_method(name: str) -> CompressionMethod:
 
 
 def compress_mlp(
-    w: MlpWeights, method: str, k: int, *, seed: int = 0, n_init: int = 1, max_iter: int = 300
+    w: MlpWeights, method: str, k: int, *, seed: int = 0, n_init: int = 1, max_iter: int = 300,
+    pool: float = 1.25, importance: torch.Tensor | None = None,
 ) -> Compressed:
-    """Compress one MLP to width ``k`` with ``method`` (see :data:`METHODS`).
+    """Compress one MLP to width ``k`` with ``method`` (see :data:`METHODS`); ``pool`` and ``importance`` are
+    read by the pooled methods only (``fusion-pruned``).
 
     Raises:
         ConfigError: unknown method or a width outside ``[1, p]``.
@@ -151,4 +159,7 @@ def compress_mlp(
     entry = get_method(method)
     if not 1 <= k <= w.width:
         raise ConfigError(f"target width {k} must be between 1 and the MLP width {w.width}")
+    if entry.pooled:
+        return entry.compress(w, k, pool=pool, importance=importance, seed=seed, n_init=n_init,  # type: ignore[call-arg]
+                              max_iter=max_iter)
     return entry.compress(w, k, seed, n_init, max_iter)

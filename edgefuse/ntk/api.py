@@ -52,9 +52,11 @@ from edgefuse.fusion.sites import MlpSite
 from edgefuse.ntk.params import (
     ALL,
     FUSED,
+    MODULES,
     embedding_rows,
     fused_site_pairs,
     layer_key,
+    module_entries,
     param_groups,
     plan_chunks,
 )
@@ -263,7 +265,7 @@ def _setup(original: nn.Module, compressed: nn.Module, inputs: Any, cfg: NtkConf
     try:
         pairs = fused_site_pairs(original, compressed)
     except UnsupportedArchitectureError:
-        if cfg.params != ALL:
+        if cfg.params not in (ALL, MODULES):
             raise
         pairs = []  # no MLP adapter: only the all-parameter kernel and the final hidden states
     if not pairs and cfg.params == FUSED:
@@ -279,8 +281,14 @@ def _setup(original: nn.Module, compressed: nn.Module, inputs: Any, cfg: NtkConf
     return _Setup(examples, kind, pairs, frozen, head)
 
 
+def _entries(model: nn.Module, sites: Sequence[MlpSite], st: _Setup, cfg: NtkConfig) -> list[Any]:
+    if cfg.params == MODULES:
+        return module_entries(model, cfg.modules or [])
+    return param_groups(model, sites, cfg.params, exclude=st.frozen)
+
+
 def _kernels_of(model: nn.Module, sites: Sequence[MlpSite], st: _Setup, cfg: NtkConfig, labels: Any) -> ModelKernels:
-    entries = param_groups(model, sites, cfg.params, exclude=st.frozen)
+    entries = _entries(model, sites, st, cfg)
     if not entries:
         raise TargetNotFoundError(f"the parameter set {cfg.params!r} of {type(model).__name__} is empty")
     return model_kernels(model, st.examples, entries, kind=st.kind, param_set=cfg.params,
@@ -329,7 +337,7 @@ def measure_ntk(
         reference = _kernels_of(original, [o for o, _ in st.pairs], st, cfg, labels)
     else:
         expected: dict[str, int] = {}
-        for g, _, p in param_groups(original, [o for o, _ in st.pairs], cfg.params, exclude=st.frozen):
+        for g, _, p in _entries(original, [o for o, _ in st.pairs], st, cfg):
             expected[g] = expected.get(g, 0) + p.numel()
         if (reference.output, reference.param_set, reference.n_examples, reference.params) != (
             st.kind, cfg.params, len(st.examples), expected
@@ -340,7 +348,7 @@ def measure_ntk(
             )
     comp = _kernels_of(compressed, [c for _, c in st.pairs], st, cfg, labels)
     layers: dict[str, tuple[str, int]] = {}  # group -> (hidden-state stack, layer index)
-    for _, c in st.pairs:
+    for _, c in ([] if cfg.params == MODULES else st.pairs):  # a module set has no per-layer groups
         key = layer_key(c, compressed)
         layers.setdefault(key, (key.rpartition("layer.")[0].rstrip("."), c.layer))
     per_layer = tuple(_kernel_error(g, [g], reference, comp) for g in layers)

@@ -30,6 +30,7 @@ from edgefuse.ntk.scalar import Example
 OTHER = "other"  # the group of every parameter outside the fused MLPs (params="all")
 FUSED = "fused-mlp"
 ALL = "all"
+MODULES = "modules"  # the group of a named-module parameter set (params="modules")
 
 
 
@@ -107,6 +108,22 @@ def param_groups(
         entries.append((key, name, p))
     rank = {k: i for i, k in enumerate([*order, OTHER])}
     return sorted(entries, key=lambda e: rank[e[0]])  # stable: module order inside a group
+
+
+def module_entries(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, str, nn.Parameter]]:
+    """``(MODULES, name, parameter)`` for the parameters of the modules named by ``patterns`` (and of their
+    sub-modules), each once, in model order.
+
+    Raises:
+        TargetNotFoundError: a pattern that names no module of ``model``.
+    """
+    from edgefuse.names import match_names
+
+    check_scale_is_buffer(model)
+    modules = dict(model.named_modules())
+    chosen = match_names(patterns, [n for n in modules if n], what="NTK module")
+    wanted = {id(p) for n in chosen for p in modules[n].parameters()}
+    return [(MODULES, name, p) for name, p in model.named_parameters() if id(p) in wanted]
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,28 @@ def fusion_config(ctx: StageContext) -> Any:
     return fusion
 
 
+def _calibration(ctx: StageContext, fusion: Any) -> tuple[list[str] | None, Any]:
+    """Calibration text for ``fusion-pruned`` with ``importance: activations``: the first training texts of the
+    task data (None without a data section: the built-in corpus), and the tokenizer to read them."""
+    if fusion.method != "fusion-pruned" or fusion.importance != "activations":
+        return None, None
+    texts = None
+    if ctx.cfg.data is not None:
+        from edgefuse.finetune.data import read_records
+
+        rows = read_records(ctx.cfg.data.train)[: fusion.calibration_examples]
+        texts = [str(r[ctx.cfg.data.text_column]) for r in rows if r.get(ctx.cfg.data.text_column)]
+    return texts, ctx.tokenizer(required=True)
+
+
 def run_fuse(ctx: StageContext) -> dict[str, Any]:
     """Fuse the MLPs of the base model and save it (scales kept unfolded: recovery trains around them)."""
     from edgefuse.fusion.api import fuse_mlps_
 
     model = ctx.load_model("base")
     fusion = fusion_config(ctx)
-    result = fuse_mlps_(model, fusion, progress=ctx.progress)
+    texts, tokenizer = _calibration(ctx, fusion)
+    result = fuse_mlps_(model, fusion, progress=ctx.progress, texts=texts, tokenizer=tokenizer)
     ctx.save_model(model)
     return {"fusion": result.to_dict(), "keep_ratio": fusion.keep_ratio, "width": fusion.width}
 
