@@ -138,8 +138,8 @@ def decoder_rows(work: Path, budget: float, reuse: bool) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgefuse.config.profile import ProfileConfig
-    from edgefuse.pipeline.graph_stages import write_prefill_inputs
     from edgefuse.profile.api import profile_onnx
+    from edgefuse.profile.graphs import write_prefill_inputs
 
     folder = work / "smollm2-onnx"
     commands = [f"edgefuse export smollm2 {folder} --task causal-lm --generate-tokens 0",

@@ -18,15 +18,25 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
+import shutil
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgefuse.errors import ConfigError, TargetNotFoundError
-from edgefuse.io_utils import write_json_atomic
+from edgefuse.errors import ConfigError, OutputExistsError, TargetNotFoundError
+from edgefuse.io_utils import (
+    MARKER,
+    atomic_dir,
+    is_marked,
+    refuse_dot_outputs,
+    refuse_symlink,
+    write_json_atomic,
+)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "edgefuse-export/1"
@@ -151,3 +161,51 @@ def verify_graph(folder: Path, name: str, manifest: dict[str, Any]) -> None:
         raise TargetNotFoundError(f"graph {name!r} is not in {str(folder)!r} (listed: {listed})")
     if sha256_file(path) != entry["sha256"]:
         raise ConfigError(f"{str(path)!r} changed since it was validated (sha256 differs); re-export the folder")
+
+
+@contextlib.contextmanager
+def derived_folder(folder: Path, out_dir: Path | None, overwrite: bool) -> Iterator[tuple[Path, Path]]:
+    """(folder to build in, folder the result ends up in) of a graph derived from an export folder.
+
+    In place: both are the export folder. A new ``out_dir`` is built whole in a temporary sibling (config,
+    tokenizer, graph, manifest) and appears only when complete; an existing one must be an edgefuse output.
+    """
+    if out_dir is None or Path(out_dir).resolve() == folder.resolve():
+        yield folder, folder
+        return
+    out = Path(out_dir)
+    refuse_dot_outputs(out)
+    refuse_symlink(out, "--out-dir")
+    if out.exists():
+        if not is_marked(out):
+            raise OutputExistsError(
+                f"--out-dir {str(out)!r} exists and edgefuse did not write it (no {MARKER} file); give a new folder"
+            )
+        yield out, out
+        return
+    with atomic_dir(out, inputs=[folder]) as tmp:
+        for f in folder.iterdir():
+            if f.is_file() and not f.is_symlink() and f.suffix != ".onnx" and f.name != MANIFEST_NAME \
+                    and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        yield tmp, out
+
+
+def record_derived(
+    manifest: dict[str, Any] | None, folder: Path, out: Path, work: Path, name: str, *, kind: str,
+    settings: dict[str, Any], checks: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Add a derived graph (optimized, quantized) to the manifest of the folder it is built in (``work``): the
+    export folder's own, an earlier run's in the same ``out_dir``, or a copy of the source's manifest without its
+    graphs. Returns the new graph entry (None: a bare ``.onnx`` with no manifest, written beside itself)."""
+    if manifest is None and out == folder:
+        return None
+    if out == folder and manifest is not None:
+        target = manifest
+    elif (work / MANIFEST_NAME).is_file():
+        target = read_manifest(work)
+    else:
+        target = {**(manifest or {}), "graphs": {}, "source_folder": str(folder)}
+    entry = add_graph(target, work, name, kind=kind, settings=settings, checks=checks)
+    write_manifest(work, target)
+    return entry

@@ -16,8 +16,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "edgefuse"
 
 # The import layers, lowest first (docs/contributing.md, "Import layers").
-SHARED = {"errors", "io_utils", "models", "metrics", "ort", "manifest", "names", "lazy", "records"}
-STAGES = {"fusion", "ntk", "finetune", "export", "quantize", "profile", "report"}
+SHARED = {"errors", "io_utils", "models", "metrics", "ort", "manifest", "names", "lazy", "records", "progress"}
+STAGES = {"fusion", "ntk", "finetune", "export", "optimize", "quantize", "tune", "profile", "report"}
 ORCHESTRATION = {"pipeline", "check"}  # `check` runs the pipeline, then judges its results against budgets
 # A fused folder is a model format: loading one rebuilds its per-MLP widths and frozen scales, which only the
 # fusion stage knows how to do. This is the one import from a shared module into a stage package.
@@ -116,7 +116,8 @@ def test_shared_modules_import_no_stage_package() -> None:
         for m, ts in GRAPH.items()
         if _top(m) in SHARED
         for t in ts
-        if _top(t) not in SHARED and (m, t) not in SHARED_EXCEPTIONS
+        # the root package only holds __version__ and lazy names: importing it loads no stage
+        if _top(t) not in SHARED and t != "edgefuse" and (m, t) not in SHARED_EXCEPTIONS
     ]
     assert not bad, bad
     for m, t in SHARED_EXCEPTIONS:  # an exception that no longer exists must leave this list

@@ -28,7 +28,6 @@ Example (the skipped lines are not run: runs the whole pipeline, minutes):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from edgefuse.check.budgets import BudgetVerdict, judge
 from edgefuse.config.pipeline import PipelineConfig
 from edgefuse.errors import ConfigError
 from edgefuse.pipeline.api import EventFn, PipelineResult, run_pipeline
-from edgefuse.pipeline.store import RunStore, StageRecord
+from edgefuse.pipeline.measure import measure
 
 
 @dataclass(frozen=True)
@@ -66,99 +65,6 @@ class CheckResult:
             "seconds": round(self.seconds, 3),
             "stages": {s.name: s.status for s in self.pipeline.stages},
         }
-
-
-def _graph(store: RunStore, records: dict[str, StageRecord], stage: str) -> Path | None:
-    record = records.get(stage)
-    return None if record is None else store.stage_dir(stage) / record.result["graph"]
-
-
-def _latency(
-    profile: dict[str, Any], cand_label: str, ref_label: str, statistic: str
-) -> tuple[float | None, float | None, str]:
-    """(worst ratio, worst absolute ms, detail) over the profile's latency points."""
-    graphs = {g["label"]: g for g in profile["graphs"]}
-    cand, ref = graphs[cand_label], graphs[ref_label]
-    paired = ref_label == profile["reference_label"]
-    key = f"latency_ms_{statistic}"
-    ref_points = {(p["threads"], p["batch_size"], p["sequence_length"]): p for p in ref["latency"]}
-    worst_ratio: tuple[float, str] | None = None
-    worst_ms: tuple[float, str] | None = None
-    for p in cand["latency"]:
-        where = f"threads={p['threads']} batch={p['batch_size']} seq={p['sequence_length']}"
-        r = ref_points.get((p["threads"], p["batch_size"], p["sequence_length"]))
-        if r is not None:
-            if paired and statistic in ("p50", "mean"):
-                ratio = p[f"ratio_vs_reference_{statistic}"]
-            else:
-                ratio = p[key] / r[key] if r[key] else None
-            if ratio is not None and (worst_ratio is None or ratio > worst_ratio[0]):
-                worst_ratio = (ratio, where)
-        if worst_ms is None or p[key] > worst_ms[0]:
-            worst_ms = (p[key], where)
-    emulated = " (EMULATED: not a device timing)" if profile.get("environment", {}).get("emulated") else ""
-    detail = f"{statistic}, worst of {len(cand['latency'])} point(s): " + (
-        worst_ratio[1] if worst_ratio else (worst_ms[1] if worst_ms else "none")) + emulated
-    return (None if worst_ratio is None else float(worst_ratio[0]),
-            None if worst_ms is None else float(worst_ms[0]), detail)
-
-
-def measure(
-    cfg: PipelineConfig, run_dir: Path, records: dict[str, StageRecord]
-) -> tuple[dict[str, float | None], dict[str, str], str, str | None]:
-    """The measured value of every metric a budget can limit, from a finished run's records.
-
-    Returns:
-        (metric -> value, metric -> where it came from, candidate graph path, reference graph path).
-    """
-    from edgefuse.pipeline.graph_stages import graph_size_bytes
-
-    check = cfg.check
-    if check is None:
-        raise ConfigError("the config has no check section; add check.budgets (see docs/cli.md)")
-    store = RunStore(run_dir)
-    role = "quantized" if check.candidate == "quantized" else "fp32"
-    if role == "quantized" and "tune" in records:
-        role = "tuned"  # the tuned graph is what the run ships: it is the candidate
-    cand = _graph(store, records, {"quantized": "quantize", "tuned": "tune", "fp32": "export"}[role])
-    ref_role = "reference" if check.reference == "original-fp32" and "reference" in records else "fp32"
-    ref = _graph(store, records, "reference" if ref_role == "reference" else "export")
-    values: dict[str, float | None] = {}
-    details: dict[str, str] = {}
-    if cand is not None:
-        size = graph_size_bytes(cand)
-        values["size_mib"] = None if size is None else size / 2**20
-        details["size_mib"] = f"{cand.name} + external data"
-        if ref is not None and size is not None:
-            ref_size = graph_size_bytes(ref)
-            values["size_ratio"] = size / ref_size if ref_size else None
-            details["size_ratio"] = f"vs {ref_role} graph {ref.name}"
-    if "profile" in records:
-        prof_roles = records["profile"].result["roles"]
-        profile = json.loads((store.stage_dir("profile") / records["profile"].result["profile"]).read_text())
-        if role in prof_roles and ref_role in prof_roles:
-            stat = check.budgets.latency_statistic
-            ratio, ms, where = _latency(profile, prof_roles[role]["label"], prof_roles[ref_role]["label"], stat)
-            values["latency_ratio"], values["latency_ms"] = ratio, ms
-            details["latency_ratio"] = f"vs {ref_role} graph, {where}"
-            details["latency_ms"] = where
-        if role in prof_roles:
-            values["peak_rss_mib"] = prof_roles[role]["peak_rss_mib"]
-            details["peak_rss_mib"] = "fresh process, includes the onnxruntime runtime itself"
-    if "evaluate" in records:
-        ev = records["evaluate"].result
-        graph = ev["graphs"].get(role, {})
-        n = f"{ev['examples']} examples ({ev['text']}), {ev['task_vector']}"
-        values["cosine"] = (graph.get("vs_pytorch") or {}).get("cosine_mean")
-        values["abs_diff"] = (graph.get("vs_pytorch") or {}).get("max_abs_diff")
-        values["teacher_cosine"] = (graph.get("vs_teacher") or {}).get("cosine_mean")
-        values["accuracy_drop"] = graph.get("accuracy_drop_vs_teacher")
-        for key in ("cosine", "abs_diff"):
-            details[key] = f"vs PyTorch, {n}"
-        details["teacher_cosine"] = f"vs the unfused teacher, {n}"
-        teacher_acc = ev["pytorch"]["teacher_accuracy"]
-        details["accuracy_drop"] = f"teacher {teacher_acc} vs candidate {graph.get('accuracy')}, {n}"
-    return values, details, "" if cand is None else str(cand), None if ref is None else str(ref)
 
 
 def run_check(

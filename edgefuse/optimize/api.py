@@ -16,19 +16,20 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from edgefuse.config.optimize import OptimizeConfig
 from edgefuse.errors import ExportValidationError, OutputExistsError, TargetNotFoundError
-from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
-from edgefuse.metrics import passes_min
-from edgefuse.optimize.results import OptimizeResult
+from edgefuse.io_utils import publish_file, refuse_symlink
 
 # one implementation of "write beside the source, or into out_dir with its config and tokenizer files"
-from edgefuse.quantize.api import _prepare_out
+from edgefuse.manifest import MANIFEST_NAME, derived_folder, read_manifest, record_derived
+from edgefuse.metrics import passes_min
+from edgefuse.optimize.results import OptimizeResult
 
 logger = logging.getLogger(__name__)
 
@@ -86,62 +87,67 @@ def optimize_onnx(
         OutputExistsError: the output exists and ``cfg.overwrite`` is False.
         ExportValidationError: the optimized graph disagrees with fp32 beyond atol/rtol or ``min_cosine``.
     """
-    import onnx
 
     from edgefuse.optimize.check import compare_graphs
     from edgefuse.optimize.fusions import heads_and_hidden, ort_model_type
-    from edgefuse.ort import make_session
+    from edgefuse.ort import load_graph, make_session
     from edgefuse.quantize import evaluate as qe
 
     start = time.perf_counter()
     folder, src_name, manifest = _locate(Path(src))
     src_path = folder / src_name
-    out = _prepare_out(folder, out_dir, manifest)
+    out = folder if out_dir is None else Path(out_dir)
     name = cfg.output_name or DEFAULT_NAME
     final = out / name
-    if final.exists() and not cfg.overwrite:
+    refuse_symlink(final)
+    if final.exists() and not cfg.overwrite:  # before any work: fail fast
         raise OutputExistsError(f"{str(final)!r} already exists; pass --overwrite to replace it")
     model_type = str(manifest.get("model_type", "?"))
     ort_type = ort_model_type(model_type, cfg.model_type)
     heads, hidden = heads_and_hidden(folder)
     fusions = cfg.enabled()
     task = manifest.get("task", "feature-extraction")
-    tmp = out / f".{name}.partial.onnx"
-    try:
-        fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
-                              opt_level=cfg.opt_level)
-        cases = compare_graphs(
-            make_session(src_path), make_session(tmp), task=task, vocab=qe.folder_vocab(folder),
-            shapes=list(cfg.validate_shapes), atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed,
-            tokenizer=tokenizer if tokenizer is not None else qe.folder_tokenizer(folder))
-        outputs = [o for c in cases for o in c.outputs]
-        max_diff = max((o.max_abs_diff for o in outputs), default=float("nan"))
-        min_cos = min((o.cosine for o in outputs), default=float("nan"))
-        bad = [f"{c.label}: {o.name} max|diff| {o.max_abs_diff:.3g} cos {o.cosine:.6f}"
-               for c in cases for o in c.outputs if not o.passed]
-        if not outputs or bad or any(o.cosine != o.cosine for o in outputs) or not passes_min(min_cos, cfg.min_cosine):
-            shown = "; ".join(bad[:4]) or f"min cosine {min_cos:.6f} below {cfg.min_cosine}"
-            raise ExportValidationError(
-                f"the graph optimized with fusions {list(fusions)} disagrees with {src_name} beyond atol={cfg.atol:g}, "
-                f"rtol={cfg.rtol:g}: {shown}. Nothing was written; disable the fusion that changes it (--disable)")
-        counts = qe.op_counts(onnx.load(str(tmp), load_external_data=False))
-        counts_fp32 = qe.op_counts(onnx.load(str(src_path), load_external_data=False))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    from onnxruntime import __version__ as ort_version
+    with derived_folder(folder, out_dir, cfg.overwrite) as (work, _final_dir):
+        # a private folder (mkdtemp, O_EXCL) in the folder it is built in: no planted file is written through
+        private = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=work))
+        try:
+            tmp = private / name
+            fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
+                                  opt_level=cfg.opt_level)
+            cases = compare_graphs(
+                make_session(src_path), make_session(tmp), task=task, vocab=qe.folder_vocab(folder),
+                shapes=list(cfg.validate_shapes), atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed,
+                tokenizer=tokenizer if tokenizer is not None else qe.folder_tokenizer(folder))
+            outputs = [o for c in cases for o in c.outputs]
+            max_diff = max((o.max_abs_diff for o in outputs), default=float("nan"))
+            min_cos = min((o.cosine for o in outputs), default=float("nan"))
+            bad = [f"{c.label}: {o.name} max|diff| {o.max_abs_diff:.3g} cos {o.cosine:.6f}"
+                   for c in cases for o in c.outputs if not o.passed]
+            if (not outputs or bad or any(o.cosine != o.cosine for o in outputs)
+                    or not passes_min(min_cos, cfg.min_cosine)):
+                shown = "; ".join(bad[:4]) or f"min cosine {min_cos:.6f} below {cfg.min_cosine}"
+                raise ExportValidationError(
+                    f"the graph optimized with fusions {list(fusions)} disagrees with {src_name} beyond "
+                    f"atol={cfg.atol:g}, rtol={cfg.rtol:g}: {shown}. Nothing was written; disable the fusion that "
+                    "changes it (--disable)")
+            counts = qe.op_counts(load_graph(tmp))
+            counts_fp32 = qe.op_counts(load_graph(src_path))
+            publish_file(tmp, work / name, overwrite=cfg.overwrite)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        from onnxruntime import __version__ as ort_version
 
-    settings = {"source": src_name, "fusions": list(fusions), "ort_model_type": ort_type, "num_heads": heads,
-                "hidden_size": hidden, "opt_level": cfg.opt_level, "optimizer": f"onnxruntime {ort_version}"}
-    checks = {"reference": src_name, "atol": cfg.atol, "rtol": cfg.rtol, "max_abs_diff": max_diff,
-              "min_cosine": min_cos, "fused_ops": fused, "op_counts": counts,
-              "cases": [{"label": c.label, "outputs": [vars(o) for o in c.outputs]} for c in cases]}
-    target = manifest if out == folder else {**manifest, "graphs": {}, "source_folder": str(folder)}
-    entry = add_graph(target, out, name, kind="optimized", settings=settings, checks=checks)
-    write_manifest(out, target)
+        settings = {"source": src_name, "fusions": list(fusions), "ort_model_type": ort_type, "num_heads": heads,
+                    "hidden_size": hidden, "opt_level": cfg.opt_level, "optimizer": f"onnxruntime {ort_version}"}
+        checks = {"reference": src_name, "atol": cfg.atol, "rtol": cfg.rtol, "max_abs_diff": max_diff,
+                  "min_cosine": min_cos, "fused_ops": fused, "op_counts": counts,
+                  "cases": [{"label": c.label, "outputs": [vars(o) for o in c.outputs]} for c in cases]}
+        entry = record_derived(manifest, folder, out, work, name, kind="optimized", settings=settings,
+                               checks=checks)
     logger.info("%s: fusions %s -> %s (max|diff| %.2g)", name, list(fusions), fused, max_diff)
     return OptimizeResult(
         src_path=src_path, onnx_path=final, model_type=model_type, ort_model_type=ort_type, fusions=fusions,
         op_counts=counts, op_counts_fp32=counts_fp32, fused_ops=fused, max_abs_diff=max_diff, min_cosine=min_cos,
-        cases=tuple(cases), size_bytes=entry["size_bytes"], seconds=time.perf_counter() - start,
+        cases=tuple(cases), size_bytes=entry["size_bytes"] if entry else final.stat().st_size,
+        seconds=time.perf_counter() - start,
     )

@@ -16,30 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from edgefuse.pipeline.context import StageContext, producer
+from edgefuse.pipeline.measure import ROLE_STAGE, ROLES, graph_size_bytes, graphs_of, variant_rows  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 # graph folder per role; the names become the profiler's labels ("fp32/model", "reference-fp32/model")
 ONNX_DIRS = {"fp32": "fp32", "reference": "reference-fp32", "optimized": "optimized", "quantized": "quantized",
              "tuned": "tuned"}
-ROLES: tuple[str, ...] = ("reference", "fp32", "optimized", "quantized", "tuned")
-ROLE_STAGE = {"reference": "reference", "fp32": "export", "optimized": "optimize", "quantized": "quantize",
-              "tuned": "tune"}
-
-
 def graph_paths(ctx: StageContext) -> dict[str, Path]:
     """``role -> graph file`` for every graph this run has produced so far."""
     return graphs_of(ctx.records, ctx.store)
-
-
-def graphs_of(records: dict[str, Any], store: Any) -> dict[str, Path]:
-    """``role -> graph file`` from a run's records."""
-    out = {}
-    for role in ROLES:
-        stage = ROLE_STAGE[role]
-        if stage in records:
-            out[role] = store.stage_dir(stage) / records[stage].result["graph"]
-    return out
 
 
 def run_summary(records: dict[str, Any], store: Any) -> dict[str, Any]:
@@ -60,15 +46,6 @@ def run_summary(records: dict[str, Any], store: Any) -> dict[str, Any]:
         files = records["report"].result.get("files", {})
         summary["report_files"] = {fmt: str(store.stage_dir("report") / rel) for fmt, rel in files.items()}
     return summary
-
-
-def graph_size_bytes(path: Path) -> int | None:
-    """Bytes on disk of a graph and its external-data files (``model.onnx_data``, ``model.onnx.data``)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    extra = [p for p in path.parent.glob(path.name + "*") if p != path and p.is_file()]
-    return path.stat().st_size + sum(p.stat().st_size for p in extra)
 
 
 def _relative(ctx: StageContext, path: Path) -> str:
@@ -200,6 +177,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 def run_profile(ctx: StageContext) -> dict[str, Any]:
     """Profile every graph interleaved; the first (the reference, else the fp32 graph) is the ratios' baseline."""
     from edgefuse.profile.api import profile_onnx
+    from edgefuse.profile.graphs import write_prefill_inputs
 
     graphs = graph_paths(ctx)
     order = [r for r in ROLES if r in graphs]
@@ -231,34 +209,6 @@ def run_profile(ctx: StageContext) -> dict[str, Any]:
         }
     return {"profile": "profile.json", "reference_role": order[0], "roles": roles,
             "emulated": result.environment.emulated, "target": result.environment.target}
-
-
-def write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
-    """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors.
-
-    Returns False, writing nothing, for a graph without ``past_key_values.*`` inputs."""
-    import numpy as np
-    import onnx
-
-    from edgefuse.ort import PAST_PREFIX
-
-    model = onnx.load(str(graph), load_external_data=False)
-    if not any(i.name.startswith(PAST_PREFIX) for i in model.graph.input):
-        return False
-    config = graph.parent / "config.json"
-    vocab = int(json.loads(config.read_text()).get("vocab_size", 100)) if config.is_file() else 100
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {"input_ids": rng.integers(min(3, vocab - 1), vocab, (batch, seq), dtype=np.int64)}
-    for inp in model.graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-        if inp.name == "attention_mask":
-            arrays[inp.name] = np.ones((batch, seq), dtype=np.int64)
-        elif inp.name == "position_ids":
-            arrays[inp.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-        elif inp.name.startswith(PAST_PREFIX):  # (batch, kv_heads, past_len = 0, head_dim)
-            arrays[inp.name] = np.zeros((batch, dims[1] or 1, 0, dims[3] or 1), dtype=np.float32)
-    np.savez(out, **arrays)  # type: ignore[arg-type]
-    return True
 
 
 def read_profile(ctx_or_dir: StageContext | Path) -> dict[str, Any]:
@@ -304,29 +254,3 @@ def _named_profile(profile: dict[str, Any], roles: dict[str, Any]) -> dict[str, 
             g["parity"]["reference_label"] = names.get(g["parity"]["reference_label"], g["parity"]["reference_label"])
     profile["reference_label"] = names.get(profile["reference_label"], profile["reference_label"])
     return profile
-
-
-def variant_rows(records: dict[str, Any], graphs: dict[str, str], *, with_role: bool = False) -> list[dict[str, Any]]:
-    """One row per graph: size, latency, ratio, memory, agreement and accuracy (what the summary table shows)."""
-    from edgefuse.pipeline.verdict import ROLE_NAMES as names
-
-    profile = records["profile"].result.get("roles", {}) if "profile" in records else {}
-    evaluate = records["evaluate"].result.get("graphs", {}) if "evaluate" in records else {}
-    rows = []
-    for role in ROLES:
-        if role not in graphs:
-            continue
-        prof, ev = profile.get(role, {}), evaluate.get(role, {})
-        size = graph_size_bytes(Path(graphs[role]))
-        rows.append({
-            "variant": names[role],
-            "size_mib": None if size is None else size / 2**20,
-            "latency_ms": prof.get("latency_ms_p50"),
-            "latency_ratio": prof.get("ratio_vs_reference_p50"),
-            "peak_rss_mib": prof.get("peak_rss_mib"),
-            "cosine": (ev.get("vs_teacher") or {}).get("cosine_mean"),
-            "cosine_vs_pytorch": (ev.get("vs_pytorch") or {}).get("cosine_mean"),
-            "accuracy": ev.get("accuracy"),
-            **({"role": role} if with_role else {}),
-        })
-    return rows

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgefuse.pipeline.measure import ROLE_NAMES
+
 # pipeline graph role -> the name the CLI prints in its summary table (and the report uses everywhere)
-ROLE_NAMES = {"reference": "unfused fp32", "fp32": "final fp32", "optimized": "final optimized fp32",
-              "quantized": "final quantized", "tuned": "final tuned"}
 
 
 def shipped_role(records: dict[str, Any], cfg: Any) -> str | None:
@@ -31,12 +31,12 @@ def shipped_role(records: dict[str, Any], cfg: Any) -> str | None:
 
 def verdict_of(records: dict[str, Any], store: Any, cfg: Any) -> dict[str, Any]:
     """The verdict dict (``kind: verdict``) that :func:`edgefuse.report.api.write_report` puts at the top."""
-    from edgefuse.pipeline.graph_stages import variant_rows
+    from edgefuse.pipeline.measure import variant_rows
 
     role = shipped_role(records, cfg)
     if role is None:
         return {"kind": "verdict", "shipped": "nothing exported yet"}
-    from edgefuse.pipeline.graph_stages import graphs_of
+    from edgefuse.pipeline.measure import graphs_of
 
     graphs = graphs_of(records, store)
     rows = {r["role"]: r for r in variant_rows(records, {k: str(v) for k, v in graphs.items()}, with_role=True)}
@@ -69,8 +69,8 @@ def verdict_of(records: dict[str, Any], store: Any, cfg: Any) -> dict[str, Any]:
         out["evaluated_on"] = f"{ev['examples']} {ev['text']} examples ({ev['task_vector']})"
     out["quality"] = quality_rows(records)
     if getattr(cfg, "check", None) is not None:
-        from edgefuse.check.api import measure
         from edgefuse.check.budgets import judge
+        from edgefuse.pipeline.measure import measure
 
         values, details, _, _ = measure(cfg, store.run_dir, records)
         out["budgets"] = [v.to_dict() for v in judge(cfg.check.budgets, values, details)]
@@ -81,7 +81,7 @@ def quality_rows(records: dict[str, Any]) -> list[dict[str, Any]]:
     """The held-out metric along the pipeline: teacher, fused before recovery, recovered, and each graph."""
     rows: list[dict[str, Any]] = []
     ev = records["evaluate"].result if "evaluate" in records else None
-    recover = records["recover"].result if "recover" in records else None
+    recover = records["finetune"].result if "finetune" in records else None
     phases = (recover.get("phases") or [recover.get("finetune")]) if recover else []
     metric = (phases[-1] or {}).get("best_metric_name") if phases else None
     if "teacher" in records:

@@ -6,6 +6,7 @@ every graph and every machine: that is what makes the interleaved timings and th
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 from collections import Counter
@@ -236,3 +237,31 @@ def _read_inputs(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{str(path)!r} must hold arrays of shape (batch, seq, ...), got "
                         f"{ {k: a.shape for k, a in given.items()} }")
     return given
+
+
+def write_prefill_inputs(graph: Path, batch: int, seq: int, seed: int, out: Path) -> bool:
+    """Inputs of a KV-cache graph for one prefill step: ``seq`` prompt tokens and zero-length past tensors.
+
+    Returns False, writing nothing, for a graph without ``past_key_values.*`` inputs."""
+    import numpy as np
+    import onnx
+
+    from edgefuse.ort import PAST_PREFIX
+
+    model = onnx.load(str(graph), load_external_data=False)
+    if not any(i.name.startswith(PAST_PREFIX) for i in model.graph.input):
+        return False
+    config = graph.parent / "config.json"
+    vocab = int(json.loads(config.read_text()).get("vocab_size", 100)) if config.is_file() else 100
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {"input_ids": rng.integers(min(3, vocab - 1), vocab, (batch, seq), dtype=np.int64)}
+    for inp in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        if inp.name == "attention_mask":
+            arrays[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        elif inp.name == "position_ids":
+            arrays[inp.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif inp.name.startswith(PAST_PREFIX):  # (batch, kv_heads, past_len = 0, head_dim)
+            arrays[inp.name] = np.zeros((batch, dims[1] or 1, 0, dims[3] or 1), dtype=np.float32)
+    np.savez(out, **arrays)  # type: ignore[arg-type]
+    return True

@@ -36,16 +36,12 @@ from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import ConfigError, OutputExistsError, QuantizationError, TargetNotFoundError
 from edgefuse.export.results import QuantizeResult
 from edgefuse.io_utils import (
-    MARKER,
-    atomic_dir,
     clean_stale_partials,
-    is_marked,
     publish_file,
-    refuse_dot_outputs,
     refuse_symlink,
     write_marker,
 )
-from edgefuse.manifest import MANIFEST_NAME, add_graph, read_manifest, write_manifest
+from edgefuse.manifest import MANIFEST_NAME, derived_folder, read_manifest, record_derived
 from edgefuse.metrics import passes_min
 from edgefuse.names import match_names
 from edgefuse.quantize.modes import QuantMode, get_mode
@@ -112,34 +108,6 @@ def resolve_exclude(patterns: list[str], node_names: list[str]) -> list[str]:
         TargetNotFoundError: an entry that matches no node (with similar names).
     """
     return match_names(patterns, node_names, what="exclude entry")
-
-
-@contextlib.contextmanager
-def _output_folder(folder: Path, out_dir: Path | None, overwrite: bool) -> Iterator[tuple[Path, Path]]:
-    """(folder to build in, folder the result ends up in).
-
-    In place: both are the export folder. A new ``out_dir`` is built whole in a temporary sibling (config,
-    tokenizer, graph, manifest) and appears only when complete; an existing one must be an edgefuse output.
-    """
-    if out_dir is None or Path(out_dir).resolve() == folder.resolve():
-        yield folder, folder
-        return
-    out = Path(out_dir)
-    refuse_dot_outputs(out)
-    refuse_symlink(out, "--out-dir")
-    if out.exists():
-        if not is_marked(out):
-            raise OutputExistsError(
-                f"--out-dir {str(out)!r} exists and edgefuse did not write it (no {MARKER} file); give a new folder"
-            )
-        yield out, out
-        return
-    with atomic_dir(out, inputs=[folder]) as tmp:
-        for f in folder.iterdir():
-            if f.is_file() and not f.is_symlink() and f.suffix != ".onnx" and f.name != MANIFEST_NAME \
-                    and not f.name.startswith("."):
-                shutil.copy2(f, tmp / f.name)
-        yield tmp, out
 
 
 @contextlib.contextmanager
@@ -345,24 +313,6 @@ def _eval_accuracy(
     return qe.accuracy(inputs.ref_session, batches, labels), qe.accuracy(q_session, batches, labels)
 
 
-def _record(
-    source: _Source, work: Path, mode: QuantMode, settings: dict[str, Any], checks: dict[str, Any]
-) -> None:
-    """Add the new graph to the manifest of the folder it is built in (``work``): the export folder's own, an
-    earlier quantize's in the same ``out_dir``, or a copy of the source's manifest without its graphs."""
-    manifest, out, folder = source.manifest, source.out, source.folder
-    if manifest is None and out == folder:
-        return
-    if out == folder and manifest is not None:
-        target = manifest
-    elif (work / MANIFEST_NAME).is_file():
-        target = read_manifest(work)
-    else:
-        target = {**(manifest or {}), "graphs": {}, "source_folder": str(folder)}
-    add_graph(target, work, source.out_name, kind=mode.name, settings=settings, checks=checks)
-    write_manifest(work, target)
-
-
 def quantize_onnx(
     src: Path, cfg: QuantizeConfig, out_dir: Path | None = None, *, calibration_texts: list[str] | None = None
 ) -> QuantizeResult:
@@ -399,7 +349,7 @@ def quantize_onnx(
     preset = resolve_preset(cfg.preset)
     source = _open_source(Path(src), cfg, out_dir, preset.name)
     inputs = _prepare_inputs(source, cfg, mode, calibration_texts)
-    with _output_folder(source.folder, out_dir, cfg.overwrite) as (work, _final_dir), \
+    with derived_folder(source.folder, out_dir, cfg.overwrite) as (work, _final_dir), \
             _quantizer_workspace(work, source.path, source.out_name) as (graph, partial):
         attempt = _Attempts(mode, source, inputs, cfg, preset, graph=graph, partial=partial)
         kept, steps = _auto_fallback(attempt, cfg, attempt(source.exclude))
@@ -415,7 +365,8 @@ def quantize_onnx(
                   "max_abs_diff": max_diff, "samples": samples, "quantized_matmuls": n_quant,
                   "weight_matmuls": len(source.candidates) + len(source.exclude), "op_counts": counts,
                   "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
-        _record(source, work, mode, settings, checks)
+        record_derived(source.manifest, source.folder, source.out, work, source.out_name, kind=mode.name,
+                       settings=settings, checks=checks)
     logger.info("%s: %d MatMuls quantized, cosine %.5f (min %.5f)", source.out_name, n_quant, cos_mean, cos_min)
     return QuantizeResult(
         src_path=source.path, onnx_path=source.final, mode=mode.name, preset=preset.name, settings=settings,

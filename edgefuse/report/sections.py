@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from edgefuse.report.doc import Block, Heading, Para, Plot, Table, fmt_mib, fmt_num, header
+from edgefuse.report.blocks import Block, Heading, Para, Plot, Table, fmt_mib, fmt_num, header
 
 
 def section_blocks(sec: Mapping[str, Any], *, plots: bool, dpi: int) -> list[Block]:
@@ -206,6 +206,6 @@ def evaluate_blocks(d: Mapping[str, Any], *, plots: bool, dpi: int) -> list[Bloc
 
 
 RENDERERS: dict[str, Callable[..., list[Block]]] = {
-    "fuse": fusion_blocks, "teacher": finetune_blocks, "recover": finetune_blocks, "export": export_blocks,
+    "fuse": fusion_blocks, "teacher": finetune_blocks, "finetune": finetune_blocks, "export": export_blocks,
     "reference": export_blocks, "quantize": quantize_blocks, "evaluate": evaluate_blocks,
 }

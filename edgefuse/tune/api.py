@@ -175,7 +175,7 @@ def _time(folder: Path, cfg: TuneConfig, task: str, timed: list[CandidateConfig]
         "op_profile": False, "check_outputs": cfg.target != "local", "min_cosine": None, "seed": cfg.seed,
     }
     if task == "causal-lm":
-        from edgefuse.pipeline.graph_stages import write_prefill_inputs
+        from edgefuse.profile.graphs import write_prefill_inputs
 
         npz = work / "prefill_inputs.npz"
         if write_prefill_inputs(folder / SOURCE_NAME, cfg.batch_size, cfg.sequence_length, cfg.seed, npz):
