@@ -103,7 +103,9 @@ def test_an_argument_error_prints_the_subcommand_usage(argv: list[str], message:
         main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"usage: edgefuse {argv[0]} ") and message in err
+    # one line that names the subcommand and its --help (not the top-level usage)
+    assert err.startswith(f"edgefuse {argv[0]}: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert f"see edgefuse {argv[0]} --help" in err
 
 
 def test_verbosity_after_the_subcommand() -> None:

@@ -56,8 +56,8 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # the teacher is the fine-tuned unfused model: the fusion starts from it, the reference export is of it
     fuse = json.loads((run / "fuse" / "record.json").read_text())
-    assert set(fuse["inputs"]) == {"teacher"}
-    assert set(json.loads((run / "reference" / "record.json").read_text())["inputs"]) == {"teacher"}
+    assert set(fuse["inputs"]) == {"teacher", "edgefuse"}  # edgefuse: its version and code
+    assert set(json.loads((run / "reference" / "record.json").read_text())["inputs"]) == {"teacher", "edgefuse"}
     phases = result.stage("finetune").result["phases"]
     assert [p["steps_run"] for p in phases] == [2, 3]
     assert phases[0]["objective_weights"]["hidden"] == 1.0 and phases[0]["objective_weights"]["task"] == 0.0
