@@ -5,22 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pipeline_tiny import tiny_tokenizer
+from tiny import first_output, tiny_inputs, tiny_model
+from tolerances import DUPLICATE_FUSION_RTOL, MIN_CHANGE
 
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.errors import ConfigError, FusionError
 from edgefuse.fusion.api import fuse_mlps_
-from edgefuse.fusion.clustering import (
-    MlpWeights,
-    activation_importance,
-    compress_mlp,
-    fuse_pruned,
-    pool_size,
-)
+from edgefuse.fusion.clustering import MlpWeights, activation_importance, fuse_pruned, pool_size
+from edgefuse.fusion.methods import compress_mlp
 from edgefuse.fusion.scale import get_scale
 from edgefuse.fusion.sites import find_mlps
-from tests.pipeline_tiny import tiny_tokenizer
-from tests.tiny import first_output, tiny_inputs, tiny_model
-from tests.tolerances import DUPLICATE_FUSION_RTOL, MIN_CHANGE
 
 
 def _mlp(p: int = 24, d: int = 6, seed: int = 0, gated: bool = False) -> MlpWeights:
@@ -158,10 +153,11 @@ def test_every_mlp_kind(arch: str, importance: str) -> None:
 def test_pipeline_fuse_stage_calibrates_on_the_task_data(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import json
 
+    from pipeline_tiny import base_config, save_tiny_bert, write_tsv
+
     from edgefuse.config.pipeline import config_from_dict
     from edgefuse.fusion import calibrate
     from edgefuse.pipeline.api import run_pipeline
-    from tests.pipeline_tiny import base_config, save_tiny_bert, write_tsv
 
     model_dir = save_tiny_bert(tmp_path / "bert")
     train = write_tsv(tmp_path / "train.tsv", 12)

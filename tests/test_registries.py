@@ -22,7 +22,8 @@ def test_every_compression_method_is_a_config_choice_and_documented() -> None:
     described = FusionConfig.model_fields["method"].description
     for name, entry in METHODS.items():
         assert entry.name == name and (f"{name}:" in described or f"{name} (" in described), name
-    assert [m for m in METHODS if METHODS[m].frozen_scale] == ["fusion"]  # the paper's method alone
+    # the paper's method, and the named improvement that keeps its construction (centroids + frozen counts)
+    assert [m for m in METHODS if METHODS[m].frozen_scale] == ["fusion", "fusion-pruned"]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
