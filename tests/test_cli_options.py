@@ -60,7 +60,8 @@ def test_the_keys_left_to_yaml_are_deliberate() -> None:
 
     assert fields_without_flag(FusionConfig, fuse.WIDTH_FLAGS + fuse.FUSE_FLAGS) == []
     assert fields_without_flag(QuantizeConfig, quantize.QUANTIZE_FLAGS) == []
-    assert fields_without_flag(ExportConfig, export.EXPORT_FLAGS) == ["task", "validate_shapes"]  # own options
+    # own options: --task (optimum aliases), --validate-shape (pairs), --format ort
+    assert fields_without_flag(ExportConfig, export.EXPORT_FLAGS) == ["task", "validate_shapes", "ort"]
     assert set(fields_without_flag(FinetuneConfig, finetune.FT_FLAGS + finetune.WEIGHT_FLAGS)) == {
         "task", "no_decay_bias_and_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "sample_max_new_tokens"}
     assert set(fields_without_flag(DataConfig, finetune.DATA_FLAGS)) == {"prompt_separator", "seed"}

@@ -40,12 +40,13 @@ def test_every_compression_method_gives_width_k_or_a_rank(method: str) -> None:
         assert not out.low_rank and out.weights.width == 4 and out.weights.gate is not None
     assert (out.scale is not None) == entry.frozen_scale
     if entry.frozen_scale:
-        assert out.scale.sum().item() == 12.0  # the counts cover every original unit
+        # the counts cover every original unit (fusion) or every unit of the kept pool (fusion-pruned: 1.25 * 4)
+        assert out.scale.sum().item() == (5.0 if entry.pooled else 12.0)
 
 
 def test_unknown_method_and_bad_width_are_config_errors() -> None:
     w = MlpWeights(up=torch.randn(4, 2), down=torch.randn(2, 4))
-    with pytest.raises(ConfigError, match="unknown method 'kmeans'; choose one of fusion, merge"):
+    with pytest.raises(ConfigError, match="unknown method 'kmeans'; choose one of fusion, fusion-pruned, merge"):
         compress_mlp(w, "kmeans", 2)
     with pytest.raises(ConfigError, match="target width 5 must be between 1 and the MLP width 4"):
         compress_mlp(w, "fusion", 5)

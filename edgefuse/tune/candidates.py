@@ -71,8 +71,8 @@ def build(
 
     from edgefuse.config.quantize import QuantizeConfig
     from edgefuse.errors import QuantizationError, UnsupportedArchitectureError
-    from edgefuse.quantize import backends as qb
     from edgefuse.quantize import evaluate as qe
+    from edgefuse.quantize.modes import get_mode
     from edgefuse.quantize.presets import resolve_preset
 
     fusions = cand.fusion_list()
@@ -98,16 +98,14 @@ def build(
     import logging
 
     logging.disable(logging.WARNING)  # onnxruntime's quantizer logs a pre-processing hint on the root logger
+    mode = get_mode(cand.quantize)  # the one table of quantization modes: backend and quantized-node count
     try:
-        if cand.quantize == "dynamic":
-            settings.update(qb.quantize_dynamic_int8(graph, dst, qcfg, preset, []))
-        else:
-            settings.update(qb.quantize_static_qdq(graph, dst, qcfg, preset, [], feeds))
+        settings.update(mode.backend(graph, dst, qcfg, preset, [], feeds))
     finally:
         logging.disable(logging.NOTSET)
     model = onnx.load(str(dst), load_external_data=False)
     counts = qe.op_counts(model)
-    n = qe.quantized_matmuls(cand.quantize, counts, qdq_matmuls=qe.qdq_matmul_count(model))
+    n = mode.count_quantized(model)
     n += counts.get("QAttention", 0)
     if n == 0:
         raise QuantizationError(f"candidate {cand.name!r}: {cand.quantize} quantization quantized no MatMul")
