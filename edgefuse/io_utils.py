@@ -263,7 +263,9 @@ def refuse_dot_outputs(final: Path) -> None:
         )
 
 
-def check_output_dir(final: Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+def check_output_dir(
+    final: Path, *, overwrite: bool, inputs: Iterable[str | Path] = (), require_marker: bool = True
+) -> None:
     """Fail fast, before any work: the checks :func:`atomic_dir` makes, run up front by the commands.
 
     Raises:
@@ -275,7 +277,7 @@ def check_output_dir(final: Path, *, overwrite: bool, inputs: Iterable[str | Pat
     if final.exists():
         if not overwrite:
             raise OutputExistsError(f"output folder {str(final)!r} already exists; pass --overwrite to replace it")
-        check_replaceable(final, inputs=inputs)
+        check_replaceable(final, inputs=inputs, require_marker=require_marker)
 
 
 @contextlib.contextmanager
@@ -315,12 +317,7 @@ def atomic_dir(
     """
     final = Path(final)
     inputs = list(inputs)
-    refuse_dot_outputs(final)
-    refuse_symlink(final, "output folder")
-    if final.exists():
-        if not overwrite:
-            raise OutputExistsError(f"output folder {str(final)!r} already exists; pass --overwrite to replace it")
-        check_replaceable(final, inputs=inputs, require_marker=require_marker)
+    check_output_dir(final, overwrite=overwrite, inputs=inputs, require_marker=require_marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_PARTIAL, dir=final.parent))
