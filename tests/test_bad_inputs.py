@@ -774,3 +774,14 @@ def test_every_exit_code_is_documented(doc) -> None:
     table = {int(m) for m in re.findall(r"^\| (\d+) \|", text, flags=re.MULTILINE)}
     assert set(EXIT_CODES.values()) | {0, 1, 130} <= table
     assert "OutputWriteError" in text
+
+
+def test_finetune_overwrite_never_deletes_foreign_checkpoints(bert, tmp_path, capsys) -> None:
+    out = tmp_path / "ft"
+    (out / "checkpoints" / "my-notes").mkdir(parents=True)
+    (out / "checkpoints" / "my-notes" / "n.txt").write_text("mine")
+    data = write_tsv(tmp_path / "t.tsv", 8)
+    code, line = call(capsys, "finetune", bert, out, "--train", data, "--task", "sequence-classification",
+                      "--overwrite", "--max-steps", "1")
+    assert code == EXISTS and "my-notes" in line
+    assert (out / "checkpoints" / "my-notes" / "n.txt").read_text() == "mine"
