@@ -785,3 +785,39 @@ def test_finetune_overwrite_never_deletes_foreign_checkpoints(bert, tmp_path, ca
                       "--overwrite", "--max-steps", "1")
     assert code == EXISTS and "my-notes" in line
     assert (out / "checkpoints" / "my-notes" / "n.txt").read_text() == "mine"
+
+
+def test_profile_output_check_runs_on_real_text(export_dir, capsys) -> None:
+    """Graphs whose folders share a tokenizer are compared on tokenized sentences, not random ids."""
+    from edgefuse.config.profile import ProfileConfig
+    from edgefuse.profile.api import profile_onnx
+    from edgefuse.profile.graphs import inspect_graph, real_text_feeds
+
+    info = inspect_graph(export_dir / "model.onnx", "fp32")
+    feeds = real_text_feeds([info], [(2, 16)])[(2, 16)]
+    assert feeds["input_ids"].shape == (2, 16) and feeds["attention_mask"].sum() < 32  # padded real sentences
+    cfg = ProfileConfig(threads=[1], sequence_lengths=[16], runs=1, warmup_runs=0, memory=False, op_profile=False)
+    res = profile_onnx([export_dir / "model.onnx"], cfg)
+    assert res.graphs[0].parity.inputs == "text"
+
+
+def test_a_full_disk_during_quantize_is_exit_13_not_a_protobuf_error(export_dir, tmp_path, monkeypatch, capsys):
+    """onnxruntime's write cut short by a full disk leaves a graph that does not parse: one line, exit 13."""
+    import shutil
+    from collections import namedtuple
+
+    import edgefuse.ort
+
+    real = edgefuse.ort.load_graph
+
+    def cut_short(path, **kwargs):
+        if path.parent.name == "out":  # the quantizer's output in its private workspace
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(edgefuse.ort, "load_graph", cut_short)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 4096))
+    code, line = call(capsys, "quantize", export_dir, "--out-dir", tmp_path / "q", "--preset", "arm64")
+    assert code == WRITE and "no space left" in line and "DecodeError" not in line
+    assert not (tmp_path / "q").exists() and no_partials(tmp_path)

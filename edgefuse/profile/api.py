@@ -32,7 +32,14 @@ import numpy as np
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ProfileError
 from edgefuse.metrics import passes_min
-from edgefuse.profile.graphs import GraphInfo, inspect_graph, make_feeds, resolve_graphs, unique_labels
+from edgefuse.profile.graphs import (
+    GraphInfo,
+    inspect_graph,
+    make_feeds,
+    real_text_feeds,
+    resolve_graphs,
+    unique_labels,
+)
 from edgefuse.profile.results import (
     Environment,
     GraphProfile,
@@ -83,13 +90,15 @@ def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) 
     shapes = [(b, s) for b in cfg.batch_sizes for s in cfg.sequence_lengths]
     with tempfile.TemporaryDirectory(prefix="edgefuse-profile-") as tmp:
         work = Path(tmp)
-        shapes = make_feeds(infos, shapes, work / "inputs.npz", seed=cfg.seed, inputs_npz=cfg.inputs_npz)
+        text = {} if cfg.inputs_npz is not None or not cfg.check_outputs else real_text_feeds(infos, shapes)
+        shapes = make_feeds(infos, shapes, work / "inputs.npz", seed=cfg.seed, inputs_npz=cfg.inputs_npz, text=text)
+        fed = "inputs_npz" if cfg.inputs_npz is not None else ("text" if text else "random token ids")
         with open_target(cfg, work) as session:
             bench, memories, target_outputs = _run_on_target(session, infos, shapes, cfg, work)
             env = _environment(bench["environment"], session, cfg)
         parity: list[ParityResult | None] = [None] * len(infos)
         if cfg.check_outputs:
-            parity = _parity(infos, shapes, cfg, work, session, target_outputs, env)
+            parity = _parity(infos, shapes, cfg, work, session, target_outputs, env, fed)
     result = ProfileResult(
         graphs=tuple(_graph_profile(i, info, bench, memories, parity, cfg) for i, info in enumerate(infos)),
         reference_label=infos[0].label,
@@ -162,6 +171,7 @@ def _parity(
     session: TargetSession,
     target_outputs: dict[str, np.ndarray] | None,
     env: Environment,
+    fed: str = "random token ids",
 ) -> list[ParityResult | None]:
     """Compare each graph's outputs on the target with the reference (first graph) computed on this machine."""
     import platform
@@ -202,6 +212,7 @@ def _parity(
             # model's outputs are agreement to report, not a gate
             passed=None if cfg.min_cosine is None or relation == "other model" else passes_min(worst, cfg.min_cosine),
             relation=relation,
+            inputs=fed,
         ))
     return out
 
