@@ -613,12 +613,14 @@ def test_truncated_graph_of_an_export(export_dir, tmp_path, capsys) -> None:
     assert code == NOT_FOUND and "ONNX graph" in line
 
 
-def test_manifest_and_graph_disagree(export_dir, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("command", ["quantize", "profile"])
+def test_manifest_and_graph_disagree(command, export_dir, tmp_path, capsys) -> None:
     folder = _model_copy(export_dir, tmp_path)
     with open(folder / "model.onnx", "ab") as fh:
         fh.write(b"\0")
-    code, line = call(capsys, "quantize", folder, "--preset", "arm64")
-    assert code == CONFIG and "sha256 differs" in line
+    target = folder if command == "quantize" else folder / "model.onnx"
+    code, line = call(capsys, command, target, *(["--preset", "arm64"] if command == "quantize" else ["--runs", "1"]))
+    assert code == NOT_FOUND and "sha256 differs" in line
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"graphs": "nope", "environment": {}}', '"text"', "{not json",

@@ -86,6 +86,8 @@ def profile_onnx(paths: Sequence[Path | str], cfg: ProfileConfig | None = None) 
     cfg = cfg or ProfileConfig()
     start = time.perf_counter()
     graph_paths = resolve_graphs(paths)
+    for p in graph_paths:
+        _verify_listed(Path(p))
     infos = [inspect_graph(p, lab) for p, lab in zip(graph_paths, unique_labels(graph_paths), strict=True)]
     shapes = [(b, s) for b in cfg.batch_sizes for s in cfg.sequence_lengths]
     with tempfile.TemporaryDirectory(prefix="edgefuse-profile-") as tmp:
@@ -215,6 +217,25 @@ def _parity(
             inputs=fed,
         ))
     return out
+
+
+def _verify_listed(path: Path) -> None:
+    """A graph that its folder's manifest lists must still be the graph the manifest vouches for (sha256).
+
+    Raises:
+        TargetNotFoundError: the graph changed since it was exported or quantized.
+    """
+    import json
+
+    from edgefuse.manifest import verify_graph
+
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
+        listed = path.name in manifest["graphs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable manifest: a bare graph, nothing to check against
+    if listed:
+        verify_graph(path.parent, path.name, manifest)
 
 
 def fp32_lineage(path: Path) -> Path | None:
