@@ -219,7 +219,8 @@ def check_replaceable(final: Path, *, inputs: Iterable[str | Path] = (), require
     if final.exists() and not final.is_dir():
         raise refuse("it is a file, not an output folder of edgefuse")
     if require_marker and final.is_dir() and not is_marked(final) and any(final.iterdir()):
-        raise refuse(f"edgefuse did not write it (no {MARKER} file in it)")
+        raise refuse(f"edgefuse did not write it (no {MARKER} file in it; a folder from an edgefuse older than "
+                     "the marker must be deleted by hand)")
 
 
 def _pid_alive(pid: int) -> bool:
