@@ -823,3 +823,18 @@ def test_a_full_disk_during_quantize_is_exit_13_not_a_protobuf_error(export_dir,
     code, line = call(capsys, "quantize", export_dir, "--out-dir", tmp_path / "q", "--preset", "arm64")
     assert code == WRITE and "no space left" in line and "DecodeError" not in line
     assert not (tmp_path / "q").exists() and no_partials(tmp_path)
+
+
+def test_one_line_in_a_real_process(export_dir, tmp_path) -> None:
+    """In a real process, libraries' own warnings (onnxruntime logs advice on every quantize) must not add lines
+    to a failure: in-process calls above do not see the root logger's console output, this does."""
+    import subprocess
+    import sys
+
+    args = ["quantize", str(export_dir), "--out-dir", str(tmp_path / "q"), "--exclude", "re:.", "--preset", "arm64"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "edgefuse", *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == QUANT and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edgefuse: error:") and not (tmp_path / "q").exists()
