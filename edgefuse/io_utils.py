@@ -170,9 +170,13 @@ def is_marked(folder: Path) -> bool:
 
 def write_marker(folder: Path, kind: str = "output") -> None:
     """Mark ``folder`` as written by edgefuse (see :data:`MARKER`)."""
-    from edgefuse import __version__
+    from importlib import metadata
 
-    write_json_atomic(Path(folder) / MARKER, {"written_by": "edgefuse", "version": __version__, "kind": kind,
+    try:
+        version = metadata.version("edgefuse")
+    except metadata.PackageNotFoundError:  # a source checkout that was never installed
+        version = "unknown"
+    write_json_atomic(Path(folder) / MARKER, {"written_by": "edgefuse", "version": version, "kind": kind,
                                               "pid": os.getpid()})
 
 

@@ -101,3 +101,7 @@ TOY_SQRT_SIGN_MIN_ERROR = 0.3
 # The same on a tiny BERT with duplicated units (test_ntk.py): fusion's GD kernel error over the fused MLP is
 # far above rounding; 0.05 only proves it is not preserved (the toy gives 2.9).
 NTK_FUSION_GD_MIN_ERROR = 0.05
+# test_bad_inputs.py checks where files go and which errors come out, not accuracy: int8 of the random tiny BERT is
+# only required to be a working graph, so its gate sits far below what it measures (mean cosine against fp32,
+# arm64 preset: static 0.99992, dynamic 0.99997 on the session's x86 host) to keep those tests about files.
+FILES_TEST_MIN_COSINE = 0.5
