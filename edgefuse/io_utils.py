@@ -170,9 +170,13 @@ def is_marked(folder: Path) -> bool:
 
 def write_marker(folder: Path, kind: str = "output") -> None:
     """Mark ``folder`` as written by edgefuse (see :data:`MARKER`)."""
-    from edgefuse import __version__
+    from importlib import metadata
 
-    write_json_atomic(Path(folder) / MARKER, {"written_by": "edgefuse", "version": __version__, "kind": kind,
+    try:
+        version = metadata.version("edgefuse")
+    except metadata.PackageNotFoundError:  # a source checkout that was never installed
+        version = "unknown"
+    write_json_atomic(Path(folder) / MARKER, {"written_by": "edgefuse", "version": version, "kind": kind,
                                               "pid": os.getpid()})
 
 
@@ -219,7 +223,8 @@ def check_replaceable(final: Path, *, inputs: Iterable[str | Path] = (), require
     if final.exists() and not final.is_dir():
         raise refuse("it is a file, not an output folder of edgefuse")
     if require_marker and final.is_dir() and not is_marked(final) and any(final.iterdir()):
-        raise refuse(f"edgefuse did not write it (no {MARKER} file in it)")
+        raise refuse(f"edgefuse did not write it (no {MARKER} file in it; a folder from an edgefuse older than "
+                     "the marker must be deleted by hand)")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -263,7 +268,9 @@ def refuse_dot_outputs(final: Path) -> None:
         )
 
 
-def check_output_dir(final: Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+def check_output_dir(
+    final: Path, *, overwrite: bool, inputs: Iterable[str | Path] = (), require_marker: bool = True
+) -> None:
     """Fail fast, before any work: the checks :func:`atomic_dir` makes, run up front by the commands.
 
     Raises:
@@ -275,7 +282,7 @@ def check_output_dir(final: Path, *, overwrite: bool, inputs: Iterable[str | Pat
     if final.exists():
         if not overwrite:
             raise OutputExistsError(f"output folder {str(final)!r} already exists; pass --overwrite to replace it")
-        check_replaceable(final, inputs=inputs)
+        check_replaceable(final, inputs=inputs, require_marker=require_marker)
 
 
 @contextlib.contextmanager
@@ -315,12 +322,7 @@ def atomic_dir(
     """
     final = Path(final)
     inputs = list(inputs)
-    refuse_dot_outputs(final)
-    refuse_symlink(final, "output folder")
-    if final.exists():
-        if not overwrite:
-            raise OutputExistsError(f"output folder {str(final)!r} already exists; pass --overwrite to replace it")
-        check_replaceable(final, inputs=inputs, require_marker=require_marker)
+    check_output_dir(final, overwrite=overwrite, inputs=inputs, require_marker=require_marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_PARTIAL, dir=final.parent))

@@ -151,8 +151,8 @@ def verify_graph(folder: Path, name: str, manifest: dict[str, Any]) -> None:
     """Check that ``folder/name`` still has the sha256 the manifest recorded.
 
     Raises:
-        TargetNotFoundError: the graph is not listed or missing.
-        ConfigError: the file changed since it was validated.
+        TargetNotFoundError: the graph is not listed, missing, or changed since it was validated (exit 3, like
+            every damaged graph: the folder no longer holds the graph the manifest vouches for).
     """
     entry = manifest.get("graphs", {}).get(name)
     path = Path(folder) / name
@@ -160,7 +160,9 @@ def verify_graph(folder: Path, name: str, manifest: dict[str, Any]) -> None:
         listed = ", ".join(manifest.get("graphs", {})) or "none"
         raise TargetNotFoundError(f"graph {name!r} is not in {str(folder)!r} (listed: {listed})")
     if sha256_file(path) != entry["sha256"]:
-        raise ConfigError(f"{str(path)!r} changed since it was validated (sha256 differs); re-export the folder")
+        raise TargetNotFoundError(
+            f"{str(path)!r} changed since it was validated (sha256 differs from manifest.json); re-export the folder"
+        )
 
 
 @contextlib.contextmanager

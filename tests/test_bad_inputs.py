@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 from pipeline_tiny import FAST_PROFILE, base_config, save_tiny_bert, write_tsv
+from tolerances import FILES_TEST_MIN_COSINE, QUANT_TINY_MIN_COSINE
 
 from edgefuse.cli import main
 from edgefuse.errors import EXIT_CODES, OutputExistsError
 from edgefuse.io_utils import MARKER, atomic_dir, read_yaml, write_json_atomic, write_text_atomic
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 CONFIG, NOT_FOUND, UNSUPPORTED, DATA = 2, 3, 4, 6
 QUANT, PROFILE, EXISTS, WRITE = 8, 9, 12, 13
@@ -28,9 +31,6 @@ DISTILL = {"task_weight": 0.0, "hidden_weight": 1.0, "max_steps": 1}
 BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
     f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
 )
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def call(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
@@ -290,7 +290,7 @@ def test_static_quantize_never_writes_into_the_export_folder(export_dir, tmp_pat
         before = snapshot(export_dir)
         out = tmp_path / "q"
         assert main(["quantize", str(export_dir), "--mode", "static", "--out-dir", str(out), "--preset", "arm64",
-                     "--min-cosine", "0.5"]) == 0
+                     "--min-cosine", str(FILES_TEST_MIN_COSINE)]) == 0
         capsys.readouterr()
         assert victim.read_text() == "precious"
         assert snapshot(export_dir) == before  # not one byte written into the export folder
@@ -362,11 +362,20 @@ def test_ctrl_c_is_130_and_one_line(monkeypatch, tmp_path, capsys) -> None:
     assert code == 130 and "interrupted" in line
 
 
-def test_argparse_errors_are_one_line(capsys) -> None:
+def test_argument_errors_are_exit_2_without_traceback(capsys) -> None:
+    """A command-line mistake: the subcommand's usage (tests/test_cli_options.py), then one error line; exit 2."""
     with pytest.raises(SystemExit) as info:
         main(["fuse", "minilm", "out", "--keep-ratio", "half"])
     err = capsys.readouterr().err
-    assert info.value.code == CONFIG and len(err.strip().splitlines()) == 1 and "--keep-ratio" in err
+    assert info.value.code == CONFIG and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("edgefuse fuse: error: argument --keep-ratio")
+
+
+def test_an_unknown_command_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["fusee", "minilm"])
+    err = capsys.readouterr().err
+    assert info.value.code == CONFIG and len(err.strip().splitlines()) == 1 and "fusee" in err
 
 
 def _check_config(tmp_path: Path, bert: Path) -> Path:
@@ -553,7 +562,7 @@ def test_read_yaml_still_reads_small_anchors(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------- data (6)
 def test_non_utf8_training_data(tmp_path) -> None:
     from edgefuse.errors import DataError
-    from edgefuse.finetune.data import read_records
+    from edgefuse.records import read_records
 
     path = tmp_path / "train.tsv"
     path.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
@@ -568,7 +577,7 @@ def test_eval_labels_that_do_not_fit_the_head(bert, tmp_path, capsys) -> None:
     data = tmp_path / "eval.tsv"
     data.write_text("sentence\tlabel\nw1 w2\t0\nw3 w4\t7\n")
     code, line = call(capsys, "quantize", cls, "--out-dir", tmp_path / "q", "--eval-data", data, "--preset", "arm64",
-                      "--min-cosine", "0.5")
+                      "--min-cosine", str(FILES_TEST_MIN_COSINE))
     assert code == DATA and "[7]" in line and "2 classes" in line
     assert not (tmp_path / "q").exists()
 
@@ -613,12 +622,14 @@ def test_truncated_graph_of_an_export(export_dir, tmp_path, capsys) -> None:
     assert code == NOT_FOUND and "ONNX graph" in line
 
 
-def test_manifest_and_graph_disagree(export_dir, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("command", ["quantize", "profile"])
+def test_manifest_and_graph_disagree(command, export_dir, tmp_path, capsys) -> None:
     folder = _model_copy(export_dir, tmp_path)
     with open(folder / "model.onnx", "ab") as fh:
         fh.write(b"\0")
-    code, line = call(capsys, "quantize", folder, "--preset", "arm64")
-    assert code == CONFIG and "sha256 differs" in line
+    target = folder if command == "quantize" else folder / "model.onnx"
+    code, line = call(capsys, command, target, *(["--preset", "arm64"] if command == "quantize" else ["--runs", "1"]))
+    assert code == NOT_FOUND and "sha256 differs" in line
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"graphs": "nope", "environment": {}}', '"text"', "{not json",
@@ -662,7 +673,7 @@ def test_profile_compares_each_graph_with_its_own_lineage(export_dir, bert, tmp_
     assert main(["quantize", str(export_dir), "--out-dir", str(q), "--preset", "arm64"]) == 0
     capsys.readouterr()
     cfg = ProfileConfig(threads=[1], sequence_lengths=[8], runs=1, warmup_runs=0, memory=False, op_profile=False,
-                        min_cosine=0.9)
+                        min_cosine=QUANT_TINY_MIN_COSINE)
     res = profile_onnx([other / "model.onnx", export_dir / "model.onnx", q / "model_int8_arm64.onnx"], cfg)
     rel = {g.label: (g.parity.relation, g.parity.reference_label, g.parity.passed) for g in res.graphs}
     labels = [g.label for g in res.graphs]
@@ -774,3 +785,65 @@ def test_every_exit_code_is_documented(doc) -> None:
     table = {int(m) for m in re.findall(r"^\| (\d+) \|", text, flags=re.MULTILINE)}
     assert set(EXIT_CODES.values()) | {0, 1, 130} <= table
     assert "OutputWriteError" in text
+
+
+def test_finetune_overwrite_never_deletes_foreign_checkpoints(bert, tmp_path, capsys) -> None:
+    out = tmp_path / "ft"
+    (out / "checkpoints" / "my-notes").mkdir(parents=True)
+    (out / "checkpoints" / "my-notes" / "n.txt").write_text("mine")
+    data = write_tsv(tmp_path / "t.tsv", 8)
+    code, line = call(capsys, "finetune", bert, out, "--train", data, "--task", "sequence-classification",
+                      "--overwrite", "--max-steps", "1")
+    assert code == EXISTS and "my-notes" in line
+    assert (out / "checkpoints" / "my-notes" / "n.txt").read_text() == "mine"
+
+
+def test_profile_output_check_runs_on_real_text(export_dir, capsys) -> None:
+    """Graphs whose folders share a tokenizer are compared on tokenized sentences, not random ids."""
+    from edgefuse.config.profile import ProfileConfig
+    from edgefuse.profile.api import profile_onnx
+    from edgefuse.profile.graphs import inspect_graph, real_text_feeds
+
+    info = inspect_graph(export_dir / "model.onnx", "fp32")
+    feeds = real_text_feeds([info], [(2, 16)])[(2, 16)]
+    assert feeds["input_ids"].shape == (2, 16) and feeds["attention_mask"].sum() < 32  # padded real sentences
+    cfg = ProfileConfig(threads=[1], sequence_lengths=[16], runs=1, warmup_runs=0, memory=False, op_profile=False)
+    res = profile_onnx([export_dir / "model.onnx"], cfg)
+    assert res.graphs[0].parity.inputs == "text"
+
+
+def test_a_full_disk_during_quantize_is_exit_13_not_a_protobuf_error(export_dir, tmp_path, monkeypatch, capsys):
+    """onnxruntime's write cut short by a full disk leaves a graph that does not parse: one line, exit 13."""
+    import shutil
+    from collections import namedtuple
+
+    import edgefuse.ort
+
+    real = edgefuse.ort.load_graph
+
+    def cut_short(path, **kwargs):
+        if path.parent.name == "out":  # the quantizer's output in its private workspace
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(edgefuse.ort, "load_graph", cut_short)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 4096))
+    code, line = call(capsys, "quantize", export_dir, "--out-dir", tmp_path / "q", "--preset", "arm64")
+    assert code == WRITE and "no space left" in line and "DecodeError" not in line
+    assert not (tmp_path / "q").exists() and no_partials(tmp_path)
+
+
+def test_one_line_in_a_real_process(export_dir, tmp_path) -> None:
+    """In a real process, libraries' own warnings (onnxruntime logs advice on every quantize) must not add lines
+    to a failure: in-process calls above do not see the root logger's console output, this does."""
+    import subprocess
+    import sys
+
+    args = ["quantize", str(export_dir), "--out-dir", str(tmp_path / "q"), "--exclude", "re:.", "--preset", "arm64"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "edgefuse", *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == QUANT and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("edgefuse: error:") and not (tmp_path / "q").exists()

@@ -16,6 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "edgefuse"
 
 # The import layers, lowest first (docs/contributing.md, "Import layers").
+# progress: the tqdm bar / 30 s heartbeat of long work, used by fusion and finetune alike
 SHARED = {"errors", "io_utils", "models", "metrics", "ort", "manifest", "names", "lazy", "records", "progress"}
 STAGES = {"fusion", "ntk", "finetune", "export", "optimize", "quantize", "tune", "profile", "report"}
 ORCHESTRATION = {"pipeline", "check"}  # `check` runs the pipeline, then judges its results against budgets

@@ -93,7 +93,7 @@ def test_resolve_folders_and_errors(tmp_path: Path) -> None:
         resolve_graphs([tmp_path / "empty"])
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all \xff\xfe")
-    with pytest.raises(TargetNotFoundError, match="not a valid ONNX graph"):  # one line, exit 3
+    with pytest.raises(TargetNotFoundError, match="not a valid ONNX graph"):  # one rule for every command (exit 3)
         inspect_graph(bad, "bad")
 
 

@@ -112,3 +112,7 @@ SSH_LOOPBACK_SAME_GRAPH_MIN_COSINE = 0.999
 # The tanh approximation of GELU moves the tiny BERT's outputs by far more than this (measured ~1e-4): a
 # comparison at this tolerance must fail, proving that a disagreeing optimized graph is caught.
 APPROXIMATION_CATCHING_ATOL = 1e-12
+# test_bad_inputs.py checks where files go and which errors come out, not accuracy: int8 of the random tiny BERT is
+# only required to be a working graph, so its gate sits far below what it measures (mean cosine against fp32,
+# arm64 preset: static 0.99992, dynamic 0.99997 on the session's x86 host) to keep those tests about files.
+FILES_TEST_MIN_COSINE = 0.5

@@ -78,10 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class QuietLibraries(logging.Filter):
+    """Drop warnings that libraries log on the root logger (onnxruntime's quantizer: "Please consider to run
+    pre-processing before quantization", on every call) unless -v is given; their errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname.replace("\\", "/")
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     """Default: warnings only (stage commands print their own progress). -v: edgefuse's INFO. -vv: DEBUG, all."""
     root = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.WARNING)
     logging.basicConfig(level=root, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:  # a failed command prints one line: library advice is shown with -v only
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, QuietLibraries) for f in handler.filters):
+                handler.addFilter(QuietLibraries())
     if verbose == 1 and not quiet:
         logging.getLogger("edgefuse").setLevel(logging.INFO)
 

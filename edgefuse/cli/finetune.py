@@ -184,6 +184,16 @@ def _check_output(out: Path, args: argparse.Namespace) -> None:
 
     ckpts = out / CKPT_DIR
     if args.overwrite:
+        from edgefuse.io_utils import check_output_dir, is_marked
+
+        # before any training: the model folder and every checkpoint must be edgefuse's to replace
+        check_output_dir(out / "model", overwrite=True, inputs=[args.model])
+        foreign = [p.name for p in (ckpts.iterdir() if ckpts.is_dir() else ()) if not is_marked(p)]
+        if foreign or ckpts.is_symlink():
+            raise OutputExistsError(
+                f"refusing to delete {str(ckpts)!r} with --overwrite: edgefuse did not write "
+                f"{', '.join(foreign[:3]) or 'it'}; give a new output folder"
+            )
         shutil.rmtree(ckpts, ignore_errors=True)
         return
     if args.resume:

@@ -34,7 +34,14 @@ from edgefuse.config.profile import ProfileConfig
 from edgefuse.errors import ConfigError, ProfileError
 from edgefuse.manifest import tuned_session_options
 from edgefuse.metrics import passes_min
-from edgefuse.profile.graphs import GraphInfo, inspect_graph, make_feeds, resolve_graphs, unique_labels
+from edgefuse.profile.graphs import (
+    GraphInfo,
+    inspect_graph,
+    make_feeds,
+    real_text_feeds,
+    resolve_graphs,
+    unique_labels,
+)
 from edgefuse.profile.results import (
     Environment,
     GraphProfile,
@@ -93,6 +100,8 @@ def profile_onnx(
                           "or --out with edgefuse profile --keep-trace)")
     start = time.perf_counter()
     graph_paths = resolve_graphs(paths)
+    for p in graph_paths:
+        _verify_listed(Path(p))
     infos = [inspect_graph(p, lab) for p, lab in zip(graph_paths, unique_labels(graph_paths), strict=True)]
     if session_options is not None and len(session_options) != len(infos):
         raise ProfileError(f"{len(session_options)} session option sets for {len(infos)} graphs")
@@ -100,7 +109,9 @@ def profile_onnx(
     shapes = [(b, s) for b in cfg.batch_sizes for s in cfg.sequence_lengths]
     with tempfile.TemporaryDirectory(prefix="edgefuse-profile-") as tmp:
         work = Path(tmp)
-        shapes = make_feeds(infos, shapes, work / "inputs.npz", seed=cfg.seed, inputs_npz=cfg.inputs_npz)
+        text = {} if cfg.inputs_npz is not None or not cfg.check_outputs else real_text_feeds(infos, shapes)
+        shapes = make_feeds(infos, shapes, work / "inputs.npz", seed=cfg.seed, inputs_npz=cfg.inputs_npz, text=text)
+        fed = "inputs_npz" if cfg.inputs_npz is not None else ("text" if text else "random token ids")
         with open_target(cfg, work) as session:
             bench, memories, target_outputs = _run_on_target(session, infos, shapes, cfg, work, sessions)
             if cfg.keep_trace and trace_dir is not None:
@@ -108,7 +119,7 @@ def profile_onnx(
             env = _environment(bench["environment"], session, cfg)
         parity: list[ParityResult | None] = [None] * len(infos)
         if cfg.check_outputs:
-            parity = _parity(infos, shapes, cfg, work, session, target_outputs, env)
+            parity = _parity(infos, shapes, cfg, work, session, target_outputs, env, fed)
     result = ProfileResult(
         graphs=tuple(dataclasses.replace(_graph_profile(i, info, bench, memories, parity, cfg),
                                          session_options=sessions[i]) for i, info in enumerate(infos)),
@@ -195,6 +206,7 @@ def _parity(
     session: TargetSession,
     target_outputs: dict[str, np.ndarray] | None,
     env: Environment,
+    fed: str = "random token ids",
 ) -> list[ParityResult | None]:
     """Compare each graph's outputs on the target with the reference (first graph) computed on this machine."""
     import platform
@@ -235,8 +247,28 @@ def _parity(
             # model's outputs are agreement to report, not a gate
             passed=None if cfg.min_cosine is None or relation == "other model" else passes_min(worst, cfg.min_cosine),
             relation=relation,
+            inputs=fed,
         ))
     return out
+
+
+def _verify_listed(path: Path) -> None:
+    """A graph that its folder's manifest lists must still be the graph the manifest vouches for (sha256).
+
+    Raises:
+        TargetNotFoundError: the graph changed since it was exported or quantized.
+    """
+    import json
+
+    from edgefuse.manifest import verify_graph
+
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text(encoding="utf-8"))
+        listed = path.name in manifest["graphs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable manifest: a bare graph, nothing to check against
+    if listed:
+        verify_graph(path.parent, path.name, manifest)
 
 
 def fp32_lineage(path: Path) -> Path | None:

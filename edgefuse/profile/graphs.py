@@ -145,6 +145,56 @@ def _vocab_bound(graph, name: str, inits: dict, producers: dict) -> int | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "merges.txt")
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
+"""Plain English sentences shipped with edgefuse: the real text of the profiler's output check."""
+
+
+def shared_tokenizer_folder(infos: Sequence[GraphInfo]) -> Path | None:
+    """The folder of the first graph when every graph's folder holds the same tokenizer files, else None."""
+    import hashlib
+
+    def fingerprint(folder: Path) -> str | None:
+        files = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
+        if not files:
+            return None
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
+
+    prints = {fingerprint(info.path.parent) for info in infos}
+    return infos[0].path.parent if len(prints) == 1 and None not in prints else None
+
+
+def real_text_feeds(
+    infos: Sequence[GraphInfo], shapes: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """Token ids of real sentences (:data:`CORPUS`, tokenized by the graphs' shared tokenizer), per shape.
+
+    Random ids say little about a compressed model (a fused, recovered graph agrees with its teacher far
+    better on text than on noise), so the output check runs on text whenever the graphs' folders share a
+    tokenizer. Empty when they do not (then the random ids of :func:`make_feeds` are used).
+    """
+    folder = shared_tokenizer_folder(infos)
+    if folder is None:
+        return {}
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a tokenizer transformers cannot read: random ids, said in the log
+        logging.getLogger(__name__).info("output check on random token ids: tokenizer of %s unreadable (%s)",
+                                         folder, type(exc).__name__)
+        return {}
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    lines = [line.strip() for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    feeds: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for b, s in shapes:
+        enc = tok([lines[i % len(lines)] for i in range(b)], padding="max_length", truncation=True, max_length=s,
+                  return_tensors="np")
+        feeds[(b, s)] = {k: np.asarray(v) for k, v in enc.items()}
+    return feeds
+
+
 def make_feeds(
     infos: Sequence[GraphInfo],
     shapes: Sequence[tuple[int, int]],
@@ -152,11 +202,13 @@ def make_feeds(
     *,
     seed: int = 0,
     inputs_npz: Path | None = None,
+    text: dict[tuple[int, int], dict[str, np.ndarray]] | None = None,
 ) -> list[tuple[int, int]]:
     """Write every graph's feeds for every (batch, seq) shape into ``out`` (keys ``"{graph}|{b}x{s}|{input}"``).
 
     Token ids are drawn once per (shape, input name) below the smallest embedding table of all graphs, so all
-    graphs see the same tokens. Masks are ones, token types zeros, position ids ``arange``.
+    graphs see the same tokens. Masks are ones, token types zeros, position ids ``arange``. ``text`` (from
+    :func:`real_text_feeds`) replaces the ids, mask and token types of a shape with tokenized sentences.
 
     Returns:
         The shapes actually used (the shape of ``inputs_npz`` when given).
@@ -195,6 +247,9 @@ def make_feeds(
                         f"at batch={b}, seq={s}; pass --batch-sizes/--seq-lens matching it or export with dynamic axes"
                     )
                 key = f"{spec.name}|{shape}|{spec.elem_type}"
+                given = (text or {}).get((b, s), {}).get(spec.name)
+                if key not in shared and given is not None and given.shape == shape:
+                    shared[key] = given.astype(_NP_TYPES.get(spec.elem_type, np.int64))
                 if key not in shared:
                     shared[key] = _make_array(spec, shape, highs.get(spec.name), seed)
                 arrays[f"{gi}|{b}x{s}|{spec.name}"] = shared[key]

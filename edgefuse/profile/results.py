@@ -163,6 +163,9 @@ class ParityResult:
     # what the reference is to this graph: "own fp32" (its lineage in the manifest), "first graph" (lineage
     # unknown: gated as before), or "other model" (a different lineage: agreement reported, never gated)
     relation: str = "first graph"
+    # what the graphs were fed: "text" (edgefuse/data/corpus.txt through the folders' shared tokenizer),
+    # "random token ids" (no shared tokenizer), or "inputs_npz" (the user's arrays)
+    inputs: str = "random token ids"
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,21 @@ def _count_quantized(attempt: _Attempts, kept: list[str]) -> tuple[dict[str, int
     from edgefuse.quantize import evaluate as qe
 
     source, mode = attempt.source, attempt.mode
-    qmodel = load_graph(attempt.partial)
+    partial = attempt.partial
+    try:
+        qmodel = load_graph(partial)
+    except TargetNotFoundError:
+        # a graph onnxruntime wrote but that does not parse is, in practice, a write cut short by a full disk
+        free = shutil.disk_usage(partial.parent).free
+        if free < 2 * source.path.stat().st_size:
+            from edgefuse.errors import OutputWriteError
+
+            raise OutputWriteError(
+                f"no space left while writing the quantized graph in {str(partial.parent.parent.parent)!r} "
+                f"({free / 2**20:.0f} MiB free, about {2 * source.path.stat().st_size / 2**20:.0f} MiB needed); "
+                "free space or use --out-dir on another disk"
+            ) from None
+        raise
     counts, n_quant = qe.op_counts(qmodel), mode.count_quantized(qmodel)
     if n_quant == 0:
         raise QuantizationError(
