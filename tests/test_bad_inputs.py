@@ -274,7 +274,7 @@ def test_quantize_existing_graph_is_refused_before_work(export_dir, tmp_path, ca
     out = tmp_path / "q"
     assert main(["quantize", str(export_dir), "--out-dir", str(out), "--preset", "arm64"]) == 0
     capsys.readouterr()
-    assert (out / MARKER).is_file() and (out / "model_int8_arm64.onnx").is_file()
+    assert (out / MARKER).is_file() and (out / "model.onnx").is_file()
     code, line = call(capsys, "quantize", export_dir, "--out-dir", out, "--preset", "arm64")
     assert code == EXISTS and "--overwrite" in line
 
@@ -294,7 +294,7 @@ def test_static_quantize_never_writes_into_the_export_folder(export_dir, tmp_pat
         capsys.readouterr()
         assert victim.read_text() == "precious"
         assert snapshot(export_dir) == before  # not one byte written into the export folder
-        assert (out / "model_qdq_int8_arm64.onnx").is_file() and no_partials(out)
+        assert (out / "model.onnx").is_file() and no_partials(out)
     finally:
         planted.unlink()
 
@@ -674,7 +674,7 @@ def test_profile_compares_each_graph_with_its_own_lineage(export_dir, bert, tmp_
     capsys.readouterr()
     cfg = ProfileConfig(threads=[1], sequence_lengths=[8], runs=1, warmup_runs=0, memory=False, op_profile=False,
                         min_cosine=QUANT_TINY_MIN_COSINE)
-    res = profile_onnx([other / "model.onnx", export_dir / "model.onnx", q / "model_int8_arm64.onnx"], cfg)
+    res = profile_onnx([other / "model.onnx", export_dir / "model.onnx", q / "model.onnx"], cfg)
     rel = {g.label: (g.parity.relation, g.parity.reference_label, g.parity.passed) for g in res.graphs}
     labels = [g.label for g in res.graphs]
     assert rel[labels[1]][0] == "own fp32"
