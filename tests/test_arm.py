@@ -101,7 +101,7 @@ def test_emulated_profile_checks_parity_and_labels_emulated(sandbox: ArmSandbox,
     from edgefuse.report.api import write_report
 
     md = write_report([res], tmp_path, formats=("md",))["md"].read_text()
-    assert "EMULATED under qemu" in md and "mean emulated latency (ms)" in md
+    assert "EMULATED under qemu" in md and "p50 emulated latency (ms)" in md
     assert "Latency (EMULATED)" in md
 
 
