@@ -34,7 +34,7 @@ from edgefuse.finetune.checkpoint import (
     save_checkpoint,
 )
 from edgefuse.finetune.data import IGNORE_INDEX, FinetuneData, collate, epoch_order
-from edgefuse.finetune.evaluate import evaluate, lower_is_better, main_metric
+from edgefuse.finetune.evaluate import evaluate, generation_metrics, lower_is_better, main_metric
 from edgefuse.finetune.objectives import (
     causal_lm_loss,
     classification_loss,
@@ -133,6 +133,7 @@ def run_loop(
     resume: bool,
     progress: bool,
     ctx: DistContext,
+    tokenizer: Any = None,
 ) -> LoopOutcome:
     """Train ``model`` in place as ``cfg`` says; see :func:`edgefuse.finetune.api.finetune_` for the contract."""
     device = torch.device(ctx.device)
@@ -188,7 +189,7 @@ def run_loop(
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
-    metric = main_metric(cfg.task, has_labels=data.train.labels is not None)
+    metric = main_metric(cfg.task, has_labels=data.train.labels is not None, generation_metric=cfg.generation_metric)
     lengths = [len(x) for x in data.train.input_ids] if cfg.group_by_length else None
     order: list[int] = []
     order_epoch = -1
@@ -207,8 +208,13 @@ def run_loop(
     best_in_memory: dict[str, torch.Tensor] = {}  # best weights when there is no output folder
 
     def metrics() -> dict[str, float]:
-        return evaluate(model, data.validation, cfg.task, pad_token_id=data.pad_token_id,
-                        batch_size=cfg.eval_batch_size, teacher=teacher, rank=ctx.rank, world_size=ctx.world_size)
+        m = evaluate(model, data.validation, cfg.task, pad_token_id=data.pad_token_id,
+                     batch_size=cfg.eval_batch_size, teacher=teacher, rank=ctx.rank, world_size=ctx.world_size)
+        if cfg.generation_metric and data.validation is not None:  # judged by the text it writes, too
+            m.update(generation_metrics(model, data.validation, tokenizer, max_prompts=cfg.generation_prompts,
+                                        max_new_tokens=cfg.generation_max_new_tokens,
+                                        batch_size=cfg.eval_batch_size))
+        return m
 
     def do_eval() -> dict[str, float]:
         nonlocal last_eval_step
