@@ -303,7 +303,7 @@ def evaluate_generation(
 
     Example:
         >>> s = evaluate_generation(lambda ps: [p.upper() for p in ps], ["a b c d e"], [["A B C D E"]])
-        >>> s.bleu, s.prompts
+        >>> round(s.bleu, 6), s.prompts
         (100.0, 1)
     """
     hyps = generate(list(prompts))
