@@ -22,7 +22,8 @@ or is below --min-cosine fails with exit code 8 and is not written.
 examples:
   edgefuse quantize out/minilm-onnx --mode dynamic
   edgefuse quantize out/minilm-onnx --mode dynamic --preset arm64 --exclude 're:/output/dense/MatMul$'
-  edgefuse quantize out/minilm-onnx --mode static --calibration-data ../shared/data/sst2/train.tsv --calibration-method percentile
+  edgefuse quantize out/minilm-onnx --mode static --calibration-data ../shared/data/sst2/train.tsv \\
+      --calibration-method percentile
   edgefuse quantize out/smol-onnx --mode int4 --block-size 32
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
   edgefuse quantize out/sst2-onnx --eval-data ../shared/data/sst2/validation.tsv
@@ -60,15 +61,18 @@ def register(sub: Any) -> None:
     p.add_argument("--preset", choices=PRESETS, help="target CPU; auto (default) detects this host")
     p.add_argument("--per-tensor", dest="per_channel", action="store_false", default=None,
                    help="int8: one scale per weight tensor (default: per channel; far less accurate on MiniLM)")
-    p.add_argument("--reduce-range", action="store_true", default=None,
-                   help="int8: 7-bit weights (against saturation on non-VNNI x86; default: off)")
-    p.add_argument("--op-types", nargs="+", metavar="OP", help="int8: operator types to quantize (default MatMul Gather)")
+    p.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8: 7-bit weights against int16 saturation (default: the preset's; on for avx2/avx512)")
+    p.add_argument("--op-types", nargs="+", metavar="OP",
+                   help="int8: operator types to quantize (default MatMul Gather)")
     p.add_argument("--exclude", action="append", metavar="NODE",
                    help="node name kept in fp32; 're:' prefix for a regex (repeatable)")
     p.add_argument("--calibration-data", type=Path, metavar="FILE",
                    help="TSV/CSV with a text column to calibrate and compare on (default: built-in sentences)")
-    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS, help="static: minmax (default), percentile, entropy")
-    p.add_argument("--calibration-samples", type=int, metavar="N", help="texts read from --calibration-data (default 64)")
+    p.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
+                   help="static: minmax (default), percentile, entropy")
+    p.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="texts read from --calibration-data (default 64)")
     p.add_argument("--max-seq-len", dest="max_sequence_length", type=int, metavar="N",
                    help="tokens per calibration text (default 128)")
     p.add_argument("--block-size", type=int, help="int4: block size 16/32/64/128/256 (default 32)")
@@ -76,6 +80,11 @@ def register(sub: Any) -> None:
                    help="int4: asymmetric blocks with zero points (default symmetric)")
     p.add_argument("--accuracy-level", dest="int4_accuracy_level", type=int, choices=(0, 1, 2, 3, 4),
                    help="int4: MatMulNBits compute type (default 4: int8 activations)")
+    p.add_argument("--int4-algorithm", choices=("default", "rtn", "hqq", "gptq"),
+                   help="int4: onnxruntime's MatMulNBits algorithm (default: its block round-to-nearest; gptq "
+                   "calibrates on --calibration-data)")
+    p.add_argument("--int4-fallback", choices=("fp32", "int8"),
+                   help="int4 with --auto-target-cosine: what the MatMuls taken out of int4 become (default fp32)")
     p.add_argument("--auto-target-cosine", type=float, metavar="COS",
                    help="keep the most sensitive MatMuls in fp32 until the cosine against fp32 reaches COS")
     p.add_argument("--auto-max-kept", type=int, metavar="N", help="auto: at most N MatMuls kept in fp32 (default 16)")
@@ -90,8 +99,9 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-_KEYS = ("mode", "preset", "per_channel", "reduce_range", "op_types", "exclude", "calibration_data", "calibration_method",
-         "calibration_samples", "max_sequence_length", "block_size", "int4_symmetric", "int4_accuracy_level",
+_KEYS = ("mode", "preset", "per_channel", "reduce_range", "op_types", "exclude", "calibration_data",
+         "calibration_method", "calibration_samples", "max_sequence_length", "block_size", "int4_symmetric",
+         "int4_accuracy_level", "int4_algorithm", "int4_fallback",
          "auto_target_cosine", "auto_max_kept", "min_cosine", "eval_data", "eval_samples", "output_name", "overwrite")
 
 

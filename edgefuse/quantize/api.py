@@ -39,7 +39,9 @@ def default_output_name(cfg: QuantizeConfig, preset: str) -> str:
     if cfg.output_name:
         return cfg.output_name
     if cfg.mode == "int4":
-        return f"model_int4_b{cfg.block_size}.onnx"
+        algo = "" if cfg.int4_algorithm == "default" else f"_{cfg.int4_algorithm}"
+        fallback = "_int8" if cfg.int4_fallback == "int8" and cfg.auto_target_cosine is not None else ""
+        return f"model_int4{algo}_b{cfg.block_size}{fallback}.onnx"
     prefix = "model_qdq_int8" if cfg.mode == "static" else "model_int8"
     return f"{prefix}_{preset}{'' if cfg.per_channel else '_per_tensor'}.onnx"
 
@@ -89,14 +91,19 @@ def _prepare_out(folder: Path, out_dir: Path | None, manifest: dict[str, Any] | 
     return out
 
 
-def _run(mode: str, src: Path, dst: Path, cfg: QuantizeConfig, preset: Any, exclude: list[str], feeds: list) -> dict:
+def _run(
+    mode: str, src: Path, dst: Path, cfg: QuantizeConfig, preset: Any, exclude: list[str], feeds: list,
+    cfg_exclude: list[str] = (),  # type: ignore[assignment]
+) -> dict:
     from edgefuse.quantize import backends as qb
 
     if mode == "dynamic":
         return qb.quantize_dynamic_int8(src, dst, cfg, preset, exclude)
     if mode == "static":
         return qb.quantize_static_qdq(src, dst, cfg, preset, exclude, feeds)
-    return qb.quantize_int4(src, dst, cfg, exclude)
+    # the auto mode's choices (beyond the user's own exclusions) fall back to int8 when asked
+    int8 = [n for n in exclude if n not in cfg_exclude] if cfg.int4_fallback == "int8" else []
+    return qb.quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8)
 
 
 def quantize_onnx(
@@ -157,7 +164,7 @@ def quantize_onnx(
     settings: dict[str, Any] = {}
 
     def attempt(excl: list[str]) -> float:
-        settings.update(_run(cfg.mode, src_path, tmp, cfg, preset, excl, feeds))
+        settings.update(_run(cfg.mode, src_path, tmp, cfg, preset, excl, feeds, exclude))
         return qe.compare(make_session(tmp), task, batches, refs)[0]
 
     try:
