@@ -17,6 +17,10 @@ peak_rss_mib       profile stage: peak RSS of a fresh process that loads and run
 cosine, abs_diff   evaluate stage: candidate vs the PyTorch model it was exported from
 teacher_cosine     evaluate stage: candidate vs the unfused teacher (PyTorch)
 accuracy_drop      evaluate stage: teacher accuracy - candidate accuracy on the validation data
+bleu_drop          evaluate stage (generation_prompts): teacher BLEU (PyTorch) - candidate BLEU, greedy
+degenerate_...     evaluate stage: share of the candidate's generations that are empty or repetitive
+decode_ms          evaluate stage: candidate per-token decode latency (p50, batch 1)
+decode_ratio       evaluate stage: candidate / reference per-token decode latency, interleaved
 =================  ===============================================================================
 
 Example:
@@ -156,6 +160,20 @@ def measure(
         details["teacher_cosine"] = f"vs the unfused teacher, {n}"
         teacher_acc = ev["pytorch"]["teacher_accuracy"]
         details["accuracy_drop"] = f"teacher {teacher_acc} vs candidate {graph.get('accuracy')}, {n}"
+        gen = ev.get("generation")
+        if gen is not None:  # judged by generating (evaluate.generation_prompts)
+            values["bleu_drop"] = graph.get("bleu_drop_vs_teacher")
+            values["degenerate_fraction"] = graph.get("degenerate_fraction")
+            values["decode_ms"] = graph.get("decode_ms_p50")
+            ref_ms = ev["graphs"].get(ref_role, {}).get("decode_ms_p50")
+            values["decode_ratio"] = (graph["decode_ms_p50"] / ref_ms
+                                      if ref_ms and graph.get("decode_ms_p50") is not None else None)
+            where = f"greedy, {gen['prompts']} held-out prompts ({gen['references']} references)"
+            details["bleu_drop"] = (f"teacher BLEU {gen['teacher']['bleu']:.2f} vs candidate {graph.get('bleu')}, "
+                                    f"{where}")
+            details["degenerate_fraction"] = where
+            details["decode_ms"] = "p50 per token, batch 1, interleaved with the other graphs"
+            details["decode_ratio"] = f"vs {ref_role} graph, p50 per token, same interleaved run"
     return values, details, "" if cand is None else str(cand), None if ref is None else str(ref)
 
 

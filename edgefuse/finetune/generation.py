@@ -310,3 +310,40 @@ def evaluate_generation(
     if len(hyps) != len(prompts):
         raise RuntimeError(f"internal error: {len(prompts)} prompts gave {len(hyps)} generations")
     return score_generations(hyps, references, prompts=prompts, num_samples=num_samples)
+
+
+def decode_latency(
+    sessions: dict[str, Any], tokenizer: Any, prompt: str, *, n_tokens: int = 32, rounds: int = 3
+) -> dict[str, dict[str, float]]:
+    """Per-token greedy decode latency of each graph (batch 1, KV cache when the graph has one): every round runs
+    every graph once, in an order that alternates between rounds, so load on a shared machine hits all of them
+    alike. EOS is suppressed so each run decodes exactly ``n_tokens``.
+
+    Returns:
+        label -> ``decode_ms_p50``, ``decode_ms_p90`` (over all decode steps of all rounds) and ``prefill_ms_p50``.
+
+    Example:
+        >>> decode_latency({"int4": session}, tok, "name[Aromi]\\n")["int4"]["decode_ms_p50"]  # doctest: +SKIP
+        5.1
+    """
+    from edgefuse.ort import greedy_generate, tokenize
+
+    if n_tokens < 2 or rounds < 1:
+        raise ValueError(f"decode latency needs n_tokens >= 2 and rounds >= 1 (got {n_tokens}, {rounds})")
+    ids, mask = tokenize(tokenizer, [prompt], 10**6)
+    eos = _stop_ids(tokenizer)
+    steps: dict[str, list[float]] = {k: [] for k in sessions}
+    prefill: dict[str, list[float]] = {k: [] for k in sessions}
+    labels = list(sessions)
+    for label in labels:  # warm-up: first runs allocate
+        greedy_generate(sessions[label], ids, mask, 2, suppress=eos)
+    for r in range(rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            times: list[float] = []
+            greedy_generate(sessions[label], ids, mask, n_tokens, suppress=eos, step_ms=times)
+            prefill[label].append(times[0])
+            steps[label].extend(times[1:])
+    return {k: {"decode_ms_p50": float(np.percentile(steps[k], 50)),
+                "decode_ms_p90": float(np.percentile(steps[k], 90)),
+                "prefill_ms_p50": float(np.percentile(prefill[k], 50)), "decode_steps": float(len(steps[k]))}
+            for k in labels}
