@@ -155,6 +155,58 @@ def generate_all(args: argparse.Namespace, prompts: list[str], refs: list[list[s
     return rows
 
 
+def onnx_rows(args: argparse.Namespace, prompts: list[str], refs: list[list[str]]) -> tuple[dict, dict]:
+    """Export each model of ``--onnx`` (cached), quantize int4 with each algorithm, generate through onnxruntime;
+    then time per-token decode of every graph, interleaved in one run."""
+    from edgefuse.config.export import ExportConfig
+    from edgefuse.config.quantize import QuantizeConfig
+    from edgefuse.export.api import export_onnx
+    from edgefuse.finetune.data import split_rows
+    from edgefuse.finetune.generation import decode_latency, evaluate_generation, generate_onnx
+    from edgefuse.fusion.persist import load_fused
+    from edgefuse.models import load_tokenizer
+    from edgefuse.ort import make_session
+    from edgefuse.quantize.api import quantize_onnx
+
+    tok = load_tokenizer("smollm2")
+    train, _, _ = split_rows(data_config())
+    calib = [f"{r['mr']}\n{r['ref']}" for r in train[:32]]  # calibration/comparison texts from the train part only
+    rows: dict[str, Any] = {}
+    sessions: dict[str, Any] = {}
+    for name in args.onnx:
+        folder = WORK / f"onnx_{name}"
+        if not (folder / "manifest.json").is_file():
+            model = load_fused(WORK / name)
+            # 30 fine-tuned layers: fp32 kernel reassociation reaches ~1e-3 on the logits (bench_generation.py)
+            export_onnx(model, ExportConfig(task="causal-lm", generate_tokens=8, atol=2e-3), folder, tokenizer=tok,
+                        overwrite=True)
+            del model
+        graphs = {f"{name} onnx fp32": folder / "model.onnx"}
+        quant: dict[str, Any] = {}
+        for algo in args.int4_algos:
+            cfg = QuantizeConfig(mode="int4", block_size=32, int4_algorithm=algo, min_cosine=None, overwrite=True)
+            q, wall, cpu = timed(lambda c=cfg, f=folder: quantize_onnx(f, c, calibration_texts=calib))
+            graphs[f"{name} onnx int4 {algo}"] = q.onnx_path
+            quant[algo] = {"cosine_mean": q.cosine_mean, "size_mb": q.size_bytes / 1e6, "build_s": wall,
+                           "build_cpu_s": cpu}
+        for label, path in graphs.items():
+            session = make_session(path, threads=args.threads)
+            sessions[label] = session
+            logger.info("generating %d prompts with %s (load %s)", len(prompts), label, load_avg())
+            load0 = load_avg()
+            scores, wall, cpu = timed(lambda se=session: evaluate_generation(
+                lambda ps: generate_onnx(se, tok, ps, max_new_tokens=MAX_NEW_TOKENS, batch_size=16),
+                prompts, refs, num_samples=min(args.samples, 5)))  # 5 per graph: the PyTorch rows print 20
+            algo = label.rsplit(" ", 1)[-1]
+            rows[label] = {**scores.metrics(), "samples": list(scores.samples), "wall_s": wall, "cpu_s": cpu,
+                           "load": [load0, load_avg()], "runtime": f"onnxruntime {path.name}",
+                           "quantize": quant.get(algo) if "int4" in label else None}
+    logger.info("decode latency of %d graphs, interleaved (load %s)", len(sessions), load_avg())
+    load0 = load_avg()
+    latency = decode_latency(sessions, tok, prompts[0], n_tokens=32, rounds=args.decode_rounds)
+    return rows, {"threads": args.threads, "load": [load0, load_avg()], "graphs": latency}
+
+
 def render(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
@@ -192,6 +244,16 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['runtime']} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['rouge_l']:.4f} | "
                      f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['degenerate_fraction']:.3f} | "
                      f"{r['mean_words']:.1f} | {r['wall_s']:.0f} ({r['cpu_s']:.0f}) |")
+    lat = result.get("decode_latency")
+    if lat:
+        base = next(iter(lat["graphs"].values()))["decode_ms_p50"]
+        lines += ["", f"Per-token greedy decode (batch 1, KV cache, {lat['threads']} thread(s), 32 tokens after the "
+                  f"first validation MR, EOS suppressed, rounds interleaved; load {lat['load'][0]} -> "
+                  f"{lat['load'][1]}):", "", "| graph | decode p50 ms | p90 ms | prefill p50 ms | vs first row |",
+                  "|---|---|---|---|---|"]
+        for label, g in lat["graphs"].items():
+            lines.append(f"| {label} | {g['decode_ms_p50']:.2f} | {g['decode_ms_p90']:.2f} | "
+                         f"{g['prefill_ms_p50']:.1f} | {g['decode_ms_p50'] / base:.3f} |")
     tgt = result.get("targets") or {}
     if tgt:
         lines += ["", "| target | measured | met? |", "|---|---|---|"]
@@ -232,6 +294,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--models", nargs="+", default=["base", "teacher", "fused", "recovered"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--onnx", nargs="*", default=[], help="models to export and run through onnxruntime too "
+                    "(e.g. teacher recovered)")
+    ap.add_argument("--int4-algos", nargs="*", default=["default", "hqq", "rtn"])
+    ap.add_argument("--decode-rounds", type=int, default=3)
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--out", default="generation_e2e")
     args = ap.parse_args()
@@ -248,6 +314,10 @@ def main() -> None:
     training = build_models(args)
     prompts, refs = heldout_groups(data_config(), max_prompts=args.prompts)
     gen = generate_all(args, prompts, refs)
+    latency = None
+    if args.onnx:
+        onnx_gen, latency = onnx_rows(args, prompts, refs)
+        gen.update(onnx_gen)
     result = {
         "command": "python benchmarks/bench_generation_e2e.py " + shlex.join(sys.argv[1:]),
         "env": {"cpu": cpu_name(), "cores": os.cpu_count(),
@@ -255,6 +325,7 @@ def main() -> None:
                 "sacrebleu": sacrebleu.__version__, "threads": args.threads},
         "load_start": load_start, "training": training, "validation_prompts": len(prompts),
         "validation_refs": sum(len(r) for r in refs), "generation": gen, "targets": targets(gen),
+        "decode_latency": latency,
     }
     result["load_end"] = load_avg()
     result["wall_s"] = time.perf_counter() - t0

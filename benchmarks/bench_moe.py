@@ -113,7 +113,7 @@ def profile_expert_us(graph: Path, feed: dict[str, np.ndarray], runs: int) -> di
         if EXPERT_NODE.search(ev["name"]):
             expert += dur
             if args.get("op_name") == "MatMul":
-                macs += _matmul_macs(args.get("input_type_shape") or [])
+                macs += _matmul_macs(args.get("input_type_shape") or [], args.get("output_type_shape") or [])
         elif args.get("op_name") in ROUTING_OPS and MOE_BLOCK.search(ev["name"]):
             routing += dur
     # the events of all runs are averaged (the same for both graphs)
@@ -121,12 +121,13 @@ def profile_expert_us(graph: Path, feed: dict[str, np.ndarray], runs: int) -> di
             "expert_macs": macs / runs}
 
 
-def _matmul_macs(shapes: list[dict[str, list[int]]]) -> float:
-    """Multiply-accumulates of one MatMul from the run-time input shapes onnxruntime's profile records."""
-    if len(shapes) != 2:
+def _matmul_macs(inputs: list[dict[str, list[int]]], outputs: list[dict[str, list[int]]]) -> float:
+    """Multiply-accumulates of one MatMul from the run-time shapes onnxruntime's profile records: the activation
+    input [..., K] and the output [..., N] (the weight is an initializer and not listed)."""
+    if not inputs or not outputs:
         return 0.0
-    a, b = (next(iter(s.values())) for s in shapes)
-    return float(np.prod(a[:-1], dtype=np.float64) * a[-1] * b[-1])
+    a, out = next(iter(inputs[0].values())), next(iter(outputs[0].values()))
+    return float(np.prod(a[:-1], dtype=np.float64) * a[-1] * out[-1])
 
 
 def time_interleaved(sessions: dict[str, Any], feed_of: dict[str, dict], runs: int, rounds: int) -> dict[str, Any]:

@@ -309,3 +309,15 @@ def test_sparse_trace_that_misses_validation_falls_back_to_dense(tmp_path: Path,
     assert res.max_abs_diff <= EXPORT_ATOL and res.greedy.match
     with pytest.raises(ValueError, match="unknown MoE routing"), moe_routing(model, "lazy"):
         pass
+
+
+def test_cli_moe_routing_dense(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgefuse.cli import main
+    from edgefuse.fusion.persist import save_fused
+
+    src = save_fused(fused(moe_model("qwen2_moe"), layers=[1]), tmp_path / "fused-qwen")
+    assert main(["export", str(src), str(tmp_path / "onnx"), "--task", "causal-lm", "--generate-tokens", "3",
+                 "--moe-routing", "dense", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["moe_routing"]["mode"] == "dense" and data["moe_routing"]["sparse_blocks"] == 0
+    assert data["greedy"]["match"]

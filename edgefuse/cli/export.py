@@ -39,6 +39,8 @@ def register(sub: Any) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: optimum's for the architecture, 18 for torch)")
     p.add_argument("--fold-scales", choices=FOLD_CHOICES,
                    help="fusion scale: keep (separate Mul), down, up (gated/ReLU only); auto (default): measured best")
+    p.add_argument("--moe-routing", choices=("sparse", "dense"),
+                   help="Mixtral/Qwen2-MoE: sparse (default: gather-compute-scatter, dense fallback) or dense")
     p.add_argument("--atol", type=float, help="absolute tolerance against PyTorch (default 1e-4)")
     p.add_argument("--rtol", type=float, help="relative tolerance against PyTorch (default 1e-3)")
     p.add_argument("--validate-shape", type=int, nargs=2, action="append", metavar=("BATCH", "SEQ"),
@@ -64,7 +66,7 @@ def _config(args: argparse.Namespace) -> Any:
 
         values.update(load_yaml(args.config))
     for key in ("task", "with_past", "exporter", "torch_dynamo", "opset", "fold_scales", "atol", "rtol",
-                "validate_shapes", "generate_tokens", "seed"):
+                "validate_shapes", "generate_tokens", "seed", "moe_routing"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
