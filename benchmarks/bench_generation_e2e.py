@@ -60,11 +60,14 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def data_config() -> Any:
+def data_config(max_validation_examples: int | None = None) -> Any:
+    """The E2E split (by MR, 10 %, seed 0); ``max_validation_examples`` caps the rows the training runs validate
+    on (perplexity and BLEU-based selection), never the rows of the final generation scores."""
     from edgefuse.config.finetune import DataConfig
 
     return DataConfig(train=str(E2E), validation_fraction=0.1, group_column="mr", prompt_column="mr",
-                      text_column="ref", max_length=MAX_LENGTH, seed=0)
+                      text_column="ref", max_length=MAX_LENGTH, seed=0,
+                      max_validation_examples=max_validation_examples)
 
 
 def timed(fn: Any) -> tuple[Any, float, float]:
@@ -73,11 +76,11 @@ def timed(fn: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
-def train(model: Any, tok: Any, out: Path, cfg: Any, teacher: Any = None) -> dict[str, Any]:
+def train(model: Any, tok: Any, out: Path, cfg: Any, teacher: Any = None, val_rows: int | None = None) -> dict:
     from edgefuse.finetune.api import finetune_
     from edgefuse.fusion.persist import save_fused
 
-    res, wall, cpu = timed(lambda: finetune_(model, cfg, data_config(), teacher=teacher, tokenizer=tok,
+    res, wall, cpu = timed(lambda: finetune_(model, cfg, data_config(val_rows), teacher=teacher, tokenizer=tok,
                                              progress=False))
     save_fused(model, out, tokenizer=tok, overwrite=True)
     info = {"steps": res.steps_run, "stopped_by": res.stopped_by, "train_seconds": res.train_seconds,
@@ -105,7 +108,7 @@ def build_models(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("teacher: fine-tuning SmolLM2 on the E2E train split (load %s)", load_avg())
         model = load_model("smollm2", "causal-lm")
         cfg = FinetuneConfig(**common, max_steps=args.teacher_steps, max_time_s=args.max_time_s)
-        records["teacher"] = train(model, tok, teacher_dir, cfg)
+        records["teacher"] = train(model, tok, teacher_dir, cfg, val_rows=args.val_rows)
         del model
     else:
         records["teacher"] = json.loads((teacher_dir / "bench_train.json").read_text())
@@ -121,11 +124,12 @@ def build_models(args: argparse.Namespace) -> dict[str, Any]:
     if args.rebuild or not (rec_dir / "bench_train.json").is_file():
         logger.info("recovery: task + logit distillation from the teacher (load %s)", load_avg())
         student, teacher = load_fused(fused_dir), load_fused(teacher_dir)
-        cfg = FinetuneConfig(**common, max_steps=args.recover_steps, max_time_s=args.max_time_s, task_weight=1.0,
+        cfg = FinetuneConfig(**common, max_steps=args.recover_steps, max_time_s=args.recover_time_s or args.max_time_s,
+                             task_weight=1.0,
                              logits_weight=1.0, temperature=1.0, eval_every_steps=args.eval_every,
                              eval_before=True, generation_metric="bleu", generation_prompts=args.select_prompts,
                              generation_max_new_tokens=MAX_NEW_TOKENS)
-        records["recovered"] = train(student, tok, rec_dir, cfg, teacher=teacher)
+        records["recovered"] = train(student, tok, rec_dir, cfg, teacher=teacher, val_rows=args.val_rows)
         del student, teacher
     else:
         records["recovered"] = json.loads((rec_dir / "bench_train.json").read_text())
@@ -227,6 +231,11 @@ def render(result: dict[str, Any]) -> str:
         "",
     ]
     tr = result["training"]
+    val_rows = (result.get("args") or {}).get("val_rows")
+    if val_rows:
+        lines += [f"Training runs validated (perplexity; BLEU-based checkpoint selection on "
+                  f"{result['args']['select_prompts']} MRs) on the first {val_rows} validation rows only (CPU budget); "
+                  "the scores below use every held-out MR.", ""]
     for key in ("teacher", "recovered"):
         r = tr.get(key)
         if r:
@@ -290,6 +299,10 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--select-prompts", type=int, default=20, help="validation MRs decoded per recovery evaluation")
     ap.add_argument("--max-time-s", type=float, default=1800.0, help="wall-clock cap of each training run")
+    ap.add_argument("--recover-time-s", type=float, default=None, help="wall-clock cap of recovery (default: "
+                    "--max-time-s)")
+    ap.add_argument("--val-rows", type=int, default=None, help="validation rows the training runs evaluate on "
+                    "(perplexity, BLEU selection); the final scores use every held-out MR")
     ap.add_argument("--prompts", type=int, default=None, help="validation MRs to score (default: all)")
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--models", nargs="+", default=["base", "teacher", "fused", "recovered"])
@@ -323,7 +336,7 @@ def main() -> None:
         "env": {"cpu": cpu_name(), "cores": os.cpu_count(),
                 "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                 "sacrebleu": sacrebleu.__version__, "threads": args.threads},
-        "load_start": load_start, "training": training, "validation_prompts": len(prompts),
+        "args": vars(args), "load_start": load_start, "training": training, "validation_prompts": len(prompts),
         "validation_refs": sum(len(r) for r in refs), "generation": gen, "targets": targets(gen),
         "decode_latency": latency,
     }
