@@ -22,6 +22,8 @@ SECTIONS = [
     ("profile", "Profile: x86, emulated ARM, SSH, HTML report (issue 4)"),
     ("deploy", "Deployment comparison and the physical limit (issue 6 items 2-3)"),
     ("generation", "Generation: SmolLM2 decode latency and perplexity (issue 6 item 4)"),
+    ("generation_e2e", "Generation: E2E NLG judged by generating, teacher vs fused vs int4 (issue 14)"),
+    ("moe", "MoE export: sparse (gather-compute-scatter) vs dense-routing graphs (issue 14)"),
 ]
 
 
