@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from pipeline_tiny import one_torch_thread
 from test_finetune_fixtures import e2e_rows, word_tokenizer, write_csv
 from tiny import tiny_model
 from tolerances import FP32_EXACT_ATOL
@@ -37,10 +37,7 @@ needs_e2e = pytest.mark.skipif(not E2E.is_file(), reason="the E2E devset is not 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from one_torch_thread()
 
 
 # ------------------------------------------------------------------------------------------------ metrics
