@@ -133,6 +133,17 @@ def build_models(args: argparse.Namespace) -> dict[str, Any]:
         del student, teacher
     else:
         records["recovered"] = json.loads((rec_dir / "bench_train.json").read_text())
+    if args.teacher_more_steps:
+        more_dir = WORK / "teacher_more"
+        if args.rebuild or not (more_dir / "bench_train.json").is_file():
+            logger.info("teacher: %d more task steps from the teacher (load %s)", args.teacher_more_steps, load_avg())
+            model = load_fused(teacher_dir)
+            cfg = FinetuneConfig(**common, max_steps=args.teacher_more_steps,
+                                 max_time_s=args.recover_time_s or args.max_time_s)
+            records["teacher_more"] = train(model, tok, more_dir, cfg, val_rows=args.val_rows)
+            del model
+        else:
+            records["teacher_more"] = json.loads((more_dir / "bench_train.json").read_text())
     return records
 
 
@@ -216,7 +227,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "### E2E NLG by generation: SmolLM2-135M teacher, fused, recovered (issue 14)",
         "",
-        f"Command: `{result['command']}`. Wall time {result['wall_s'] / 60:.1f} min.",
+        "Command" + ("s" if len(result.get("commands", [])) > 1 else "") + ": "
+        + "; then ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+        + f". Wall time {result['wall_s'] / 60:.1f} min.",
         "",
         f"Environment: {env['cpu']}, {env['cores']} cores shared with other jobs; load average (1/5/15 min) "
         f"{result['load_start']} at the start, {result['load_end']} at the end; torch {env['torch']}, "
@@ -230,13 +243,14 @@ def render(result: dict[str, Any]) -> str:
         "word 3-grams or character 8-grams.",
         "",
     ]
+    lines += [f"Note: {n}" for n in result.get("notes", [])] + ([""] if result.get("notes") else [])
     tr = result["training"]
     val_rows = (result.get("args") or {}).get("val_rows")
     if val_rows:
         lines += [f"Training runs validated (perplexity; BLEU-based checkpoint selection on "
                   f"{result['args']['select_prompts']} MRs) on the first {val_rows} validation rows only (CPU budget); "
                   "the scores below use every held-out MR.", ""]
-    for key in ("teacher", "recovered"):
+    for key in ("teacher", "recovered", "teacher_more"):
         r = tr.get(key)
         if r:
             lines.append(f"- **{key}**: {r['steps']} steps ({r['stopped_by']}), batch 8, lr "
@@ -312,9 +326,20 @@ def main() -> None:
     ap.add_argument("--int4-algos", nargs="*", default=["default", "hqq", "rtn"])
     ap.add_argument("--decode-rounds", type=int, default=3)
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--teacher-more-steps", type=int, default=0, help="also train the teacher this many more task "
+                    "steps (folder teacher_more): the unfused model with the recovery's extra training budget")
+    ap.add_argument("--merge", action="store_true", help="add this run's rows to the existing results file")
+    ap.add_argument("--note", action="append", default=[], help="a sentence for the results file (repeatable)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (with --note)")
     ap.add_argument("--out", default="generation_e2e")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        result["notes"] = [*result.get("notes", []), *args.note]
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        (RESULTS / f"{args.out}.md").write_text(render(result))
+        return
     import onnxruntime
     import sacrebleu
     import torch
@@ -342,6 +367,16 @@ def main() -> None:
     }
     result["load_end"] = load_avg()
     result["wall_s"] = time.perf_counter() - t0
+    previous = RESULTS / f"{args.out}.json"
+    if args.merge and previous.is_file():  # earlier rows stay; this run's rows and training records are added
+        old = json.loads(previous.read_text())
+        old["generation"].update(result["generation"])
+        old["training"].update(result["training"])
+        old["commands"] = [*old.get("commands", [old["command"]]), result["command"]]
+        old["wall_s"] += result["wall_s"]
+        old["load_end"] = result["load_end"]
+        old["targets"] = targets(old["generation"])
+        result = old
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.out}.md").write_text(render(result))
