@@ -24,6 +24,8 @@ SECTIONS = [
     ("deploy", "Deployment comparison and the physical limit (issue 6 items 2-3)"),
     ("generation", "Generation: SmolLM2 decode latency and perplexity (issue 6 item 4)"),
     ("tune", "Host-tuned graphs: fusions, int8 and session options chosen by measurement (issue 13)"),
+    ("generation_e2e", "Generation: E2E NLG judged by generating, teacher vs fused vs int4 (issue 14)"),
+    ("moe", "MoE export: sparse (gather-compute-scatter) vs dense-routing graphs (issue 14)"),
 ]
 
 

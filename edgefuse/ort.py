@@ -214,16 +214,29 @@ def onnx_vectors(session: Any, task: str, batch: metrics.EvalBatch) -> np.ndarra
 
 
 def greedy_generate(
-    session: Any, ids: np.ndarray, mask: np.ndarray, n_tokens: int, *, suppress: Sequence[int] = ()
+    session: Any,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    n_tokens: int,
+    *,
+    suppress: Sequence[int] = (),
+    stop: Sequence[int] = (),
+    step_ms: list[float] | None = None,
 ) -> np.ndarray:
     """Greedy decoding through a graph: with the KV cache when the graph has past inputs, else by re-running
-    the whole sequence. ``suppress`` ids (EOS, as ``min_new_tokens`` does) are never chosen. Returns the new
-    tokens ``[batch, n_tokens]``."""
+    the whole sequence. ``suppress`` ids (EOS, as ``min_new_tokens`` does) are never chosen. With ``stop`` ids
+    (EOS), decoding ends early once every row has produced one (rows that stopped earlier go on being decoded
+    and are cut by the caller). ``step_ms`` gets the wall time of every step (the first is the prefill, each
+later one a decode step: session run, argmax and feed). Returns the new tokens ``[batch, <= n_tokens]``."""
+    import time
+
     output_names = [o.name for o in session.get_outputs()]
     has_past = bool(past_inputs(session))
     cur_ids, cur_mask, past = ids, mask, None
     all_ids, new = ids, []
+    done = np.zeros(ids.shape[0], dtype=bool)
     for _ in range(n_tokens):
+        t0 = time.perf_counter()
         feed = build_feed(session, cur_ids, cur_mask if not has_past else cur_mask[:, -cur_ids.shape[1] :],
                           past=past, full_mask=cur_mask)
         outs = dict(zip(output_names, session.run(None, feed), strict=True))
@@ -232,6 +245,12 @@ def greedy_generate(
             logits[:, list(suppress)] = -np.inf
         nxt = logits.argmax(axis=-1).astype(np.int64)[:, None]
         new.append(nxt)
+        if step_ms is not None:
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+        if stop:
+            done |= np.isin(nxt[:, 0], list(stop))
+            if done.all():
+                break
         cur_mask = np.concatenate([cur_mask, np.ones_like(nxt)], axis=1)
         all_ids = np.concatenate([all_ids, nxt], axis=1)
         if has_past:

@@ -154,7 +154,8 @@ def test_validation_failure_leaves_nothing(tmp_path: Path) -> None:
 def test_moe_frozen_routing_is_caught(tmp_path: Path) -> None:
     # A plain TorchScript trace freezes Mixtral's data-dependent expert routing (the loop over the experts hit by
     # the dummy batch): the graph breaks on other shapes, and validation reports it instead of passing it.
-    # export_onnx traces the sparse blocks with a dense, equivalent forward instead (tests/test_export_moe.py).
+    # export_onnx traces the sparse blocks with an equivalent gather-compute-scatter forward instead (dense as the
+    # fallback; tests/test_export_moe.py).
     from edgefuse.export.backends import export_graph
     from edgefuse.export.validate import validate_export
 
@@ -162,8 +163,8 @@ def test_moe_frozen_routing_is_caught(tmp_path: Path) -> None:
     export_graph(model, cfg, tmp_path)
     _, _, problems = validate_export(model, tmp_path / "model.onnx", cfg)
     assert problems and "could not run the graph" in problems[0]
-    res = export_onnx(model, cfg, tmp_path / "dense")
-    assert res.greedy.match and "dense MoE routing" in res.exporter
+    res = export_onnx(model, cfg, tmp_path / "sparse")
+    assert res.greedy.match and "sparse MoE routing" in res.exporter
 
 
 def test_existing_output(tmp_path: Path) -> None:

@@ -121,7 +121,8 @@ def test_failures_leave_no_file(small_bert: Path) -> None:
         quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, min_cosine=0.999999999,
                                                  output_name="low.onnx"), calibration_texts=TEXTS)
     with pytest.raises(QuantizationError, match="try --reduce-range"):  # AVX2 int16 saturation hint
-        quantize_onnx(small_bert, QuantizeConfig(preset="avx2", min_cosine=0.999999999, output_name="low8.onnx"),
+        quantize_onnx(small_bert, QuantizeConfig(preset="avx2", reduce_range=False, min_cosine=0.999999999,
+                                                 output_name="low8.onnx"),
                       calibration_texts=TEXTS)
     leftovers = {p.name for p in small_bert.iterdir()}
     assert not {"none.onnx", "low.onnx", "low8.onnx"} & leftovers
@@ -158,6 +159,8 @@ def test_presets() -> None:
     assert preset_from_flags("x86_64", {"avx2"}) == "avx2"
     assert resolve_preset("auto").name in PRESETS
     assert all(p.weight == "QInt8" for p in PRESETS.values())
+    # int16-accumulating x86 kernels get 7-bit weights by default; int32-accumulating ones keep 8 bits
+    assert {k for k, p in PRESETS.items() if p.reduce_range} == {"avx2", "avx512"}
     with pytest.raises(ConfigError, match="unknown preset"):
         resolve_preset("sparc")
 

@@ -96,10 +96,10 @@ def test_every_architecture_entry_is_complete() -> None:
     import transformers
 
     from edgefuse.export.backends import OPTIMUM_CONFIG_ALIASES
-    from edgefuse.export.moe import _dense_forwards
+    from edgefuse.export.moe import _forwards
     from edgefuse.fusion.archs import MLP_SPECS
 
-    dense = _dense_forwards()
+    dense, sparse = _forwards("dense"), _forwards("sparse")
     for model_type, spec in MLP_SPECS.items():
         assert spec.model_type == model_type
         assert getattr(transformers, spec.config_class).model_type == model_type
@@ -111,6 +111,11 @@ def test_every_architecture_entry_is_complete() -> None:
             cls = getattr(importlib.import_module(block.module), block.cls)
             module, func = block.dense_forward.split(":")
             assert dense[cls] is getattr(importlib.import_module(module), func)
+            if block.sparse_forward is not None:  # a gather-compute-scatter forward for moe_routing: sparse
+                module, func = block.sparse_forward.split(":")
+                assert sparse[cls] is getattr(importlib.import_module(module), func)
+            else:
+                assert sparse[cls] is dense[cls]
         else:
             assert spec.sparse_block is None
     assert OPTIMUM_CONFIG_ALIASES == {"mixtral": "mistral", "qwen2_moe": "qwen2"}

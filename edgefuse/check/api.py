@@ -17,6 +17,10 @@ peak_rss_mib       profile stage: peak RSS of a fresh process that loads and run
 cosine, abs_diff   evaluate stage: candidate vs the PyTorch model it was exported from
 teacher_cosine     evaluate stage: candidate vs the unfused teacher (PyTorch)
 accuracy_drop      evaluate stage: teacher accuracy - candidate accuracy on the validation data
+bleu_drop          evaluate stage (generation_prompts): teacher BLEU (PyTorch) - candidate BLEU, greedy
+degenerate_...     evaluate stage: share of the candidate's generations that are empty or repetitive
+decode_ms          evaluate stage: candidate per-token decode latency (p50, batch 1)
+decode_ratio       evaluate stage: candidate / reference per-token decode latency, interleaved
 =================  ===============================================================================
 
 Example (the skipped lines are not run: runs the whole pipeline, minutes):

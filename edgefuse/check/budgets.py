@@ -40,6 +40,10 @@ BUDGET_SPECS: dict[str, BudgetSpec] = {
     "max_abs_diff": BudgetSpec("abs_diff", "<=", "", "max |difference| vs the PyTorch model it was exported from"),
     "min_teacher_cosine": BudgetSpec("teacher_cosine", ">=", "", "mean cosine vs the unfused teacher (PyTorch)"),
     "max_accuracy_drop": BudgetSpec("accuracy_drop", "<=", "", "teacher accuracy - candidate accuracy"),
+    "max_bleu_drop": BudgetSpec("bleu_drop", "<=", "BLEU", "teacher BLEU - candidate BLEU, greedy, held-out prompts"),
+    "max_degenerate_fraction": BudgetSpec("degenerate_fraction", "<=", "", "share of degenerate candidate outputs"),
+    "max_decode_ms": BudgetSpec("decode_ms", "<=", "ms", "candidate per-token decode latency"),
+    "max_decode_ratio": BudgetSpec("decode_ratio", "<=", "x", "candidate / reference per-token decode latency"),
 }
 
 

@@ -23,6 +23,7 @@ examples:
   edgefuse export smollm2 out/smol-onnx --task causal-lm --generate-tokens 16
   edgefuse export out/sst2-classifier out/sst2-onnx --task sequence-classification --atol 1e-4 --json
   edgefuse export out/minilm-fused out/minilm-mobile --format ort   # + model.ort for onnxruntime Mobile
+  edgefuse export out/mixtral-fused out/mixtral-onnx --task causal-lm --moe-routing dense
 """
 
 
@@ -34,6 +35,7 @@ EXPORT_FLAGS = (
     Flag("torch_dynamo", "--dynamo"),
     Flag("opset"),
     Flag("fold_scales"),
+    Flag("moe_routing"),
     Flag("atol"),
     Flag("rtol"),
     Flag("generate_tokens", metavar="N"),

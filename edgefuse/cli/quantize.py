@@ -26,6 +26,7 @@ examples:
   edgefuse quantize out/minilm-onnx --mode static --calibration-data data/sst2/train.tsv \\
       --calibration-method percentile
   edgefuse quantize out/smol-onnx --mode int4 --block-size 32
+  edgefuse quantize out/smol-onnx --mode int4 --int4-algorithm hqq --auto-target-cosine 0.95 --int4-fallback int8
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
   edgefuse quantize out/sst2-onnx --eval-data data/sst2/validation.tsv
 """
@@ -48,7 +49,7 @@ QUANTIZE_FLAGS = (
     Flag("mode"),
     Flag("preset"),
     Flag("per_channel", "--per-tensor", negate=True, extra="Give --per-tensor for one scale per weight tensor."),
-    Flag("reduce_range"),
+    Flag("reduce_range", both=True),
     Flag("op_types", metavar="OP"),
     Flag("exclude", append=True, metavar="NODE", extra="(repeatable)"),
     Flag("calibration_method"),
@@ -58,6 +59,8 @@ QUANTIZE_FLAGS = (
     Flag("block_size"),
     Flag("int4_symmetric", "--int4-asymmetric", negate=True, extra="Give --int4-asymmetric for zero points."),
     Flag("int4_accuracy_level", "--accuracy-level"),
+    Flag("int4_algorithm"),
+    Flag("int4_fallback"),
     Flag("auto_target_cosine", metavar="COS"),
     Flag("auto_max_kept", metavar="N"),
     Flag("min_cosine", metavar="COS"),

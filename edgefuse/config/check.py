@@ -76,6 +76,32 @@ class BudgetsConfig(StrictModel):
         "fraction (0.01 = one percentage point). Needs a labelled validation set.",
     )
 
+    max_bleu_drop: float | None = Field(
+        None,
+        ge=0,
+        description="causal-lm: largest allowed teacher BLEU minus candidate BLEU (sacrebleu points, 0-100) on the "
+        "held-out prompts, greedy decoding (evaluate.generation_prompts).",
+    )
+    max_degenerate_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="causal-lm: largest allowed share of the candidate's generations that are empty or mostly "
+        "repeat themselves (evaluate.generation_prompts).",
+    )
+    max_decode_ms: float | None = Field(
+        None,
+        gt=0,
+        description="causal-lm: per-token greedy decode latency of the candidate (p50, batch 1, ms; "
+        "evaluate.generation_prompts). Unstable on shared machines; prefer max_decode_ratio.",
+    )
+    max_decode_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="causal-lm: candidate per-token decode latency (p50) divided by the reference graph's, "
+        "measured interleaved in the same run.",
+    )
+
     def active(self) -> dict[str, float]:
         """The limits that are set, by name (``latency_statistic`` excluded).
 

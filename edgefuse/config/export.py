@@ -54,6 +54,13 @@ class ExportConfig(StrictModel):
         "projection's rows; exact only for gated MLPs and ReLU-type activations). auto: the choice with the "
         "lowest measured int8 error (see docs/export.md).",
     )
+    moe_routing: Literal["sparse", "dense"] = Field(
+        "sparse",
+        description="Sparse MoE blocks (Mixtral, Qwen2-MoE): sparse traces a gather-compute-scatter forward whose "
+        "expert compute scales with top_k, and falls back to dense when that graph misses validation; dense runs "
+        "every expert on every token (num_experts / top_k times the expert compute). Switch Transformers is "
+        "always dense.",
+    )
     atol: float = Field(1e-4, gt=0, description="Absolute tolerance of ONNX Runtime fp32 against PyTorch.")
     rtol: float = Field(1e-3, ge=0, description="Relative tolerance (|ort - torch| <= atol + rtol * |torch|).")
     validate_shapes: list[tuple[int, int]] = Field(

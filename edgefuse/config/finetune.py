@@ -186,6 +186,19 @@ class FinetuneConfig(StrictModel):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="Write a resumable checkpoint every N steps (needs an output folder)."
     )
+    generation_metric: Literal["bleu", "chrf", "rouge_l"] | None = Field(
+        None,
+        description="causal-lm: at every evaluation also decode the validation prompts greedily, score them "
+        "against their references (BLEU/chrF by sacrebleu, ROUGE-L by rouge-score; pip install "
+        "'edgefuse[generation]') and keep the weights with the best value of this metric instead of the lowest "
+        "perplexity. Needs a prompt column and a tokenizer.",
+    )
+    generation_prompts: int = Field(
+        100, ge=1, description="causal-lm: distinct validation prompts decoded per evaluation (generation_metric)."
+    )
+    generation_max_new_tokens: int = Field(
+        64, ge=1, description="causal-lm: the most tokens decoded per prompt (generation_metric)."
+    )
     num_samples: int = Field(3, ge=0, description="causal-lm: greedy samples generated from validation prompts.")
     sample_max_new_tokens: int = Field(40, ge=1, description="causal-lm: new tokens per greedy sample.")
     log_every_steps: int = Field(10, ge=1, description="Record the loss curve every N steps.")
@@ -201,6 +214,10 @@ class FinetuneConfig(StrictModel):
             raise ValueError(
                 "task feature-extraction has no labels and no logits: set task_weight=0, logits_weight=0 and "
                 f"hidden_weight>0 (got {self.task_weight}, {self.logits_weight}, {self.hidden_weight})"
+            )
+        if self.generation_metric is not None and self.task != "causal-lm":
+            raise ValueError(
+                f"generation_metric {self.generation_metric!r} needs task 'causal-lm' (got {self.task!r})"
             )
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give max_steps or epochs (the schedule needs a length); max_time_s may cap either")

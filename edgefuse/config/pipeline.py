@@ -77,6 +77,17 @@ class EvaluateConfig(StrictModel):
     )
     batch_size: int = Field(16, ge=1, description="Examples per batch.")
     threads: int = Field(2, ge=1, description="onnxruntime intra-op threads.")
+    generation_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="causal-lm: also judge by generating. Every graph, the recovered PyTorch model and the "
+        "teacher greedily decode the first N distinct held-out prompts (data.prompt_column, grouped references); "
+        "BLEU/chrF (sacrebleu), ROUGE-L (rouge-score), distinct-n and the degenerate share; plus every graph's "
+        "per-token decode latency (batch 1, interleaved). Needs pip install 'edgefuse[generation]'. None: off.",
+    )
+    generation_max_new_tokens: int = Field(64, ge=1, description="causal-lm: the most tokens decoded per prompt.")
+    decode_tokens: int = Field(32, ge=2, description="causal-lm: tokens decoded per latency run (EOS suppressed).")
+    decode_rounds: int = Field(3, ge=1, description="causal-lm: interleaved latency rounds per graph.")
 
 
 class PipelineConfig(StrictModel):
@@ -203,6 +214,13 @@ class PipelineConfig(StrictModel):
                 )
             if self.data is None or (self.data.validation is None and self.data.validation_fraction is None):
                 problems.append("an accuracy budget needs labelled validation data (data.validation)")
+        if self.evaluate.generation_prompts is not None:
+            if self.model.task != "causal-lm":
+                problems.append(f"evaluate.generation_prompts needs model.task 'causal-lm' (got {self.model.task!r})")
+            if self.data is None or not self.data.prompt_column:
+                problems.append("evaluate.generation_prompts needs data.prompt_column (E2E: mr) to generate from")
+            elif self.data.validation is None and self.data.validation_fraction is None:
+                problems.append("evaluate.generation_prompts needs held-out data (data.validation_fraction: 0.1)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -232,6 +250,14 @@ class PipelineConfig(StrictModel):
             problems.append(f"check.budgets {', '.join(timed)} need a profile section")
         if timed and self.profile is not None and "max_peak_rss_mib" in timed and not self.profile.memory:
             problems.append("check.budgets.max_peak_rss_mib needs profile.memory: true")
+        generated = [k for k in ("max_bleu_drop", "max_degenerate_fraction", "max_decode_ms", "max_decode_ratio")
+                     if k in active]
+        if generated and self.evaluate.generation_prompts is None:
+            problems.append(f"check.budgets {', '.join(generated)} need evaluate.generation_prompts (generation "
+                            "metrics and decode latency are measured by the evaluate stage)")
+        if "max_decode_ratio" in active and check.reference == "original-fp32" and not self.reference:
+            problems.append("check.budgets max_decode_ratio compares with the original fp32 graph, which reference: "
+                            "false switches off; set reference: true or check.reference: fp32")
         ratios = [k for k in ("max_latency_ratio", "max_size_ratio") if k in active]
         if ratios and check.reference == "original-fp32" and not self.reference:
             problems.append(

@@ -43,7 +43,8 @@ class QuantizeConfig(StrictModel):
     )
     reduce_range: bool | None = Field(
         None,
-        description="int8: 7-bit weights against int16 saturation on non-VNNI x86. None: the preset's choice (off).",
+        description="int8: 7-bit weights against int16 saturation on non-VNNI x86. None: the preset's choice (on "
+        "for avx2 and avx512, off for avx512-vnni and arm64).",
     )
     op_types: list[str] = Field(
         default_factory=lambda: ["MatMul", "Gather"],
@@ -68,6 +69,18 @@ class QuantizeConfig(StrictModel):
     int4_symmetric: bool = Field(True, description="int4: symmetric blocks (no zero point; the fast ARM path).")
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="int4: MatMulNBits compute type (4 = int8 activations, fastest on CPU; 0 = unset)."
+    )
+    int4_algorithm: Literal["default", "rtn", "hqq", "gptq"] = Field(
+        "default",
+        description="int4: onnxruntime's MatMulNBits algorithm. default: its block quantizer (round to nearest, "
+        "symmetric per int4_symmetric). rtn: Intel Neural Compressor's round to nearest. hqq: half-quadratic "
+        "optimisation of scales and zero points (no data). gptq: error-compensating updates from the calibration "
+        "data (slowest to build).",
+    )
+    int4_fallback: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="int4 with auto_target_cosine: what the MatMuls the auto mode takes out of int4 become: fp32, "
+        "or dynamic int8 (per-channel, the preset's types).",
     )
     auto_target_cosine: float | None = Field(
         None,

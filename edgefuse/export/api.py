@@ -6,8 +6,9 @@ The folder holds ``model.onnx``, the model's ``config.json`` (+ ``generation_con
 graph agreed with PyTorch; a miss raises :class:`ExportValidationError` (exit 7) and leaves nothing behind.
 
 The frozen fusion scale (:mod:`edgefuse.fusion.scale`) is handled by ``ExportConfig.fold_scales``; the caller's model
-is never modified (folding happens on a copy). Sparse MoE blocks (Mixtral, Qwen2-MoE, Switch) are traced with
-an equivalent dense-routing forward (:mod:`edgefuse.export.moe`), set on the block instances for the trace only.
+is never modified (folding happens on a copy). Sparse MoE blocks (Mixtral, Qwen2-MoE) are traced with an
+equivalent gather-compute-scatter forward, Switch and any sparse graph that misses validation with the
+dense-routing forward (:mod:`edgefuse.export.moe`), set on the block instances for the trace only.
 
 Example (the skipped lines are not run: the export and its validation take tens of seconds):
     >>> import tempfile, pathlib
@@ -31,7 +32,7 @@ from typing import Any
 from edgefuse.config.export import ExportConfig
 from edgefuse.errors import ConfigError, ExportValidationError
 from edgefuse.export.backends import ONNX_NAME, export_graph
-from edgefuse.export.moe import dense_moe_routing
+from edgefuse.export.moe import moe_routing
 from edgefuse.export.results import ExportResult, GreedyCheck, ValidationCase
 from edgefuse.io_utils import atomic_dir
 from edgefuse.manifest import add_graph, new_manifest, write_manifest
@@ -147,26 +148,37 @@ def export_onnx(
     fold = resolve_fold(model, cfg.fold_scales)
     fused = sum(1 for _ in iter_scaled(model))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        start = time.perf_counter()
-        traced = _prepared(model, fold)
-        # sparse MoE blocks trace wrongly (data-dependent routing): a dense, equivalent forward during the trace
-        # only; validation below runs the caller's model with transformers' own sparse forward
-        with dense_moe_routing(traced) as routing:
-            exporter = export_graph(traced, cfg, tmp)
-        if routing.blocks:
-            exporter = f"{exporter}; {routing.describe()}"
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        export_s = time.perf_counter() - start
         from edgefuse.export.validate import validate_export
 
-        start = time.perf_counter()
-        # reference: the caller's model itself (scale hooks active), so the fold is validated too
-        cases, greedy, problems = validate_export(model, tmp / ONNX_NAME, cfg, tokenizer=tokenizer)
-        validate_s = time.perf_counter() - start
-        failed = problems or any(not c.passed for c in cases) or (greedy is not None and not greedy.match)
+        traced = _prepared(model, fold)
+        # sparse MoE blocks trace wrongly as transformers writes them (data-dependent Python loops): an equivalent
+        # traceable forward during the trace only (gather-compute-scatter, or dense as the fallback); validation
+        # below runs the caller's model with transformers' own forward
+        modes = [cfg.moe_routing] + (["dense"] if cfg.moe_routing == "sparse" else [])
+        fallback_reason = None
+        for mode in modes:
+            start = time.perf_counter()
+            with moe_routing(traced, mode) as routing:
+                exporter = export_graph(traced, cfg, tmp)
+            if routing.blocks:
+                exporter = f"{exporter}; {routing.describe()}"
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            export_s = time.perf_counter() - start
+            start = time.perf_counter()
+            # reference: the caller's model itself (scale hooks active), so the fold is validated too
+            cases, greedy, problems = validate_export(model, tmp / ONNX_NAME, cfg, tokenizer=tokenizer)
+            validate_s = time.perf_counter() - start
+            failed = problems or any(not c.passed for c in cases) or (greedy is not None and not greedy.match)
+            if not failed or routing.sparse_blocks == 0 or mode == modes[-1]:
+                break
+            fallback_reason = _failure_message(cases, greedy, problems, cfg)
+            logger.warning("sparse MoE graph missed validation (%s); exporting the dense-routing trace instead",
+                           fallback_reason)
         if failed:
             raise ExportValidationError(_failure_message(cases, greedy, problems, cfg))
+        if fallback_reason is not None:
+            exporter = f"{exporter} (fallback: the sparse trace missed validation)"
         outputs = [o for c in cases for o in c.outputs]
         max_diff = max((o.max_abs_diff for o in outputs), default=0.0)
         min_cos = min((o.cosine for o in outputs), default=1.0)

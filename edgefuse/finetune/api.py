@@ -188,6 +188,14 @@ def finetune_(
     _check_labels(model, data)
     if cfg.task == "sequence-classification" and cfg.task_weight > 0 and data.train.labels is None:
         raise DataError("the task loss needs labels; set the label column, or use only distillation objectives")
+    # checked before training, not at the first evaluation
+    if cfg.generation_metric and (
+        tokenizer is None or data.validation is None or not all(data.validation.prompts or [""])
+    ):
+        raise ConfigError(
+            f"generation_metric {cfg.generation_metric!r} needs tokenizer=, validation data and a prompt "
+            "column to generate from (E2E: data.prompt_column 'mr', data.validation_fraction 0.1)"
+        )
     scales = {name: get_scale(m).clone() for name, m in iter_scaled(model)}  # type: ignore[union-attr]
     ctx = init_distributed()
     # trainable="fused-mlps" and the frozen teacher change requires_grad; the caller gets its flags back
@@ -203,6 +211,7 @@ def finetune_(
             resume=resume,
             progress=progress,
             ctx=ctx,
+            tokenizer=tokenizer,
         )
         samples: list[dict[str, str]] = []
         if cfg.task == "causal-lm" and ctx.is_main:
@@ -240,7 +249,9 @@ def finetune_(
         final_train_loss=state.loss_curve[-1][1] if state.loss_curve else None,
         loss_curve=tuple((int(s), float(v)) for s, v in state.loss_curve),
         eval_history=tuple(state.eval_history),
-        best_metric_name=main_metric(cfg.task, has_labels=data.train.labels is not None),
+        best_metric_name=main_metric(
+            cfg.task, has_labels=data.train.labels is not None, generation_metric=cfg.generation_metric
+        ),
         best_metric=state.best_metric,
         best_step=state.best_step,
         best_restored=outcome.best_restored,

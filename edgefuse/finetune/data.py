@@ -158,17 +158,22 @@ def tokenize_causal_lm(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Data
     return TokenizedSplit(input_ids=ids_all, loss_start=starts, prompts=prompts, references=refs)
 
 
-def load_finetune_data(cfg: DataConfig, tokenizer: Any, task: str) -> FinetuneData:
-    """Read, split and tokenize the data that ``cfg`` names for ``task``.
+def split_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+    """The (train rows, validation rows or None, validation source name) that ``cfg`` describes, untokenized: the
+    one place that applies the validation file or the grouped held-out split and the example caps, so recovery
+    and generation evaluation (:mod:`edgefuse.finetune.generation`) see exactly the same rows.
 
-    Example (not run: needs a data file and a tokenizer):
-        >>> from transformers import AutoTokenizer  # doctest: +SKIP
-        >>> tok = AutoTokenizer.from_pretrained("./sst2-teacher")  # doctest: +SKIP
-        >>> data = load_finetune_data(DataConfig(train="train.tsv"), tok, "sequence-classification")  # doctest: +SKIP
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "e2e.csv"
+        >>> _ = p.write_text("mr,ref\\n" + "".join(f"m{i // 2},r{i}\\n" for i in range(20)))
+        >>> tr, va, _ = split_rows(DataConfig(train=str(p), validation_fraction=0.2, group_column="mr"))
+        >>> len(tr), len(va), sorted({r["mr"] for r in tr} & {r["mr"] for r in va})
+        (16, 4, [])
 
     Raises:
-        TargetNotFoundError, DataError, MissingDependencyError: see :func:`read_records`; a missing column or
-            an empty value names the file, the row and the column.
+        TargetNotFoundError, DataError, MissingDependencyError: see :func:`read_records`; a missing group column
+            names the file and the column.
     """
     train_rows = read_records(cfg.train)
     val_rows: list[dict[str, Any]] | None = None
@@ -185,6 +190,22 @@ def load_finetune_data(cfg: DataConfig, tokenizer: Any, task: str) -> FinetuneDa
         train_rows = train_rows[: cfg.max_train_examples]
     if val_rows is not None and cfg.max_validation_examples:
         val_rows = val_rows[: cfg.max_validation_examples]
+    return list(train_rows), val_rows, val_source
+
+
+def load_finetune_data(cfg: DataConfig, tokenizer: Any, task: str) -> FinetuneData:
+    """Read, split and tokenize the data that ``cfg`` names for ``task``.
+
+    Example (not run: needs a data file and a tokenizer):
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tok = AutoTokenizer.from_pretrained("./sst2-teacher")  # doctest: +SKIP
+        >>> data = load_finetune_data(DataConfig(train="train.tsv"), tok, "sequence-classification")  # doctest: +SKIP
+
+    Raises:
+        TargetNotFoundError, DataError, MissingDependencyError: see :func:`read_records`; a missing column or
+            an empty value names the file, the row and the column.
+    """
+    train_rows, val_rows, val_source = split_rows(cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")

@@ -34,7 +34,7 @@ from edgefuse.finetune.checkpoint import (
     save_checkpoint,
 )
 from edgefuse.finetune.data import IGNORE_INDEX, FinetuneData, collate, epoch_order
-from edgefuse.finetune.evaluate import evaluate, lower_is_better, main_metric
+from edgefuse.finetune.evaluate import evaluate, generation_metrics, lower_is_better, main_metric
 from edgefuse.finetune.objectives import (
     causal_lm_loss,
     classification_loss,
@@ -216,15 +216,20 @@ class _Tracker:
     ctx: DistContext
     output_dir: str | None
     state: TrainState
+    tokenizer: Any  # decodes the generations of ``generation_metric`` (None without one)
     metric: str
     last_eval_step: int = -1
     best_in_memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
-        return evaluate(self.model, self.data.validation, cfg.task, pad_token_id=self.data.pad_token_id,
-                        batch_size=cfg.eval_batch_size, teacher=self.teacher, rank=ctx.rank,
-                        world_size=ctx.world_size)
+        m = evaluate(self.model, self.data.validation, cfg.task, pad_token_id=self.data.pad_token_id,
+                     batch_size=cfg.eval_batch_size, teacher=self.teacher, rank=ctx.rank, world_size=ctx.world_size)
+        if cfg.generation_metric and self.data.validation is not None:  # judged by the text it writes, too
+            m.update(generation_metrics(self.model, self.data.validation, self.tokenizer,
+                                        max_prompts=cfg.generation_prompts,
+                                        max_new_tokens=cfg.generation_max_new_tokens, batch_size=cfg.eval_batch_size))
+        return m
 
     def evaluate(self) -> dict[str, float]:
         """Measure now, record it, and keep the weights when they are the best so far."""
@@ -375,6 +380,7 @@ def run_loop(
     resume: bool,
     progress: bool,
     ctx: DistContext,
+    tokenizer: Any = None,
 ) -> LoopOutcome:
     """Train ``model`` in place as ``cfg`` says; see :func:`edgefuse.finetune.api.finetune_` for the contract.
 
@@ -398,8 +404,9 @@ def run_loop(
         torch.manual_seed(cfg.seed + ctx.rank)  # dropout; a resumed run restored the RNG instead
     stepper = _Stepper(_data_parallel(model, ctx, device), teacher, cfg, data, ctx, device, named, optimizer,
                        scheduler, plan, lengths=[len(x) for x in data.train.input_ids] if cfg.group_by_length else None)
-    tracker = _Tracker(model, cfg, data, teacher, ctx, output_dir, state,
-                       metric=main_metric(cfg.task, has_labels=data.train.labels is not None))
+    tracker = _Tracker(model, cfg, data, teacher, ctx, output_dir, state, tokenizer,
+                       metric=main_metric(cfg.task, has_labels=data.train.labels is not None,
+                                          generation_metric=cfg.generation_metric))
     bar = _Bar(progress and ctx.is_main, plan.total_steps, state.step)
     model.train()
     start_step, elapsed0, t0 = state.step, state.elapsed_s, time.perf_counter()

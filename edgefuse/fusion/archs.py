@@ -53,13 +53,16 @@ class MlpKind:
 
 @dataclass(frozen=True)
 class SparseBlock:
-    """A transformers sparse MoE block class and the edgefuse function that computes it densely (every expert on
-    every token, weighted by the router), so that tracing sees no data-dependent routing. Both are named as
-    ``module`` + attribute and imported only when an export needs them."""
+    """A transformers sparse MoE block class and the edgefuse functions that trace it: ``dense_forward`` computes
+    it densely (every expert on every token, weighted by the router), so that tracing sees no data-dependent
+    routing; ``sparse_forward`` (None where the block has none) gathers each expert's tokens, runs the expert on
+    them only and scatters the results back (``ExportConfig.moe_routing: sparse``). All are named as ``module`` +
+    attribute and imported only when an export needs them."""
 
     module: str
     cls: str
     dense_forward: str  # "package.module:function"
+    sparse_forward: str | None = None  # "package.module:function"
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ MLP_SPECS: dict[str, ArchSpec] = {
         router_patterns=(r"\.block_sparse_moe\.gate\.",),
         optimum_type="mistral",
         sparse_block=SparseBlock("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock",
-                                 f"{_MOE}:mixtral_dense_forward"),
+                                 f"{_MOE}:mixtral_dense_forward", f"{_MOE}:mixtral_sparse_forward"),
     ),
     "qwen2_moe": ArchSpec(
         "qwen2_moe",
@@ -157,7 +160,7 @@ MLP_SPECS: dict[str, ArchSpec] = {
         router_patterns=(r"\.mlp\.gate\.", r"\.mlp\.shared_expert_gate\."),
         optimum_type="qwen2",
         sparse_block=SparseBlock("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock",
-                                 f"{_MOE}:qwen2_moe_dense_forward"),
+                                 f"{_MOE}:qwen2_moe_dense_forward", f"{_MOE}:qwen2_moe_sparse_forward"),
     ),
     "switch_transformers": ArchSpec(
         "switch_transformers",

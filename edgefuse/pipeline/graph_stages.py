@@ -171,7 +171,45 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             "accuracy": accuracy[role],
             "accuracy_drop_vs_teacher": None if accuracy[role] is None else accuracy["teacher"] - accuracy[role],
         }
+    if ev.generation_prompts is not None:
+        result["generation"] = _evaluate_generation(ctx, final, None if same else teacher, sessions)
+        for role, gen in result["generation"]["graphs"].items():
+            result["graphs"][role].update(gen)
     return result
+
+
+def _evaluate_generation(ctx: StageContext, final: Any, teacher: Any, sessions: dict[str, Any]) -> dict[str, Any]:
+    """Judge by generating: greedy decoding of the held-out prompts by the teacher, the final PyTorch model and
+    every graph, scored against all references of each prompt; and each graph's per-token decode latency."""
+    from edgefuse.finetune.generation import (
+        decode_latency,
+        evaluate_generation,
+        generate_onnx,
+        generate_torch,
+        heldout_groups,
+    )
+
+    ev, tok = ctx.cfg.evaluate, ctx.tokenizer()
+    assert ctx.cfg.data is not None and tok is not None  # the config check requires data with a prompt column
+    prompts, refs = heldout_groups(ctx.cfg.data, max_prompts=ev.generation_prompts)
+    kw = {"max_new_tokens": ev.generation_max_new_tokens, "batch_size": ev.batch_size}
+
+    def torch_scores(model: Any) -> dict[str, Any]:
+        s = evaluate_generation(lambda ps: generate_torch(model, tok, ps, **kw), prompts, refs)
+        return {**s.metrics(), "samples": list(s.samples)}
+
+    out: dict[str, Any] = {"prompts": len(prompts), "references": sum(len(r) for r in refs),
+                           "max_new_tokens": ev.generation_max_new_tokens, "pytorch": torch_scores(final)}
+    out["teacher"] = out["pytorch"] if teacher is None else torch_scores(teacher)
+    latency = decode_latency(sessions, tok, prompts[0], n_tokens=ev.decode_tokens, rounds=ev.decode_rounds)
+    teacher_bleu = out["teacher"]["bleu"]
+    graphs: dict[str, Any] = {}
+    for role, session in sessions.items():
+        s = evaluate_generation(lambda ps, se=session: generate_onnx(se, tok, ps, **kw), prompts, refs)
+        graphs[role] = {**{k: v for k, v in s.metrics().items() if k not in ("prompts", "references")},
+                        "bleu_drop_vs_teacher": teacher_bleu - s.bleu, "samples": list(s.samples), **latency[role]}
+    out["graphs"] = graphs
+    return out
 
 
 def run_profile(ctx: StageContext) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What a finished run measured, metric by metric: the values that ``edgefuse check`` budgets judge and the
 report's verdict shows (size, size ratio, latency ratio and ms, peak memory, cosine, teacher cosine, accuracy
-drop), each with where it came from. Read from the stage records only; nothing is re-run.
+drop; for decoders judged by generating: BLEU drop, degenerate share, per-token decode ms and ratio), each
+with where it came from. Read from the stage records only; nothing is re-run.
 
 Example:
     >>> from edgefuse.config.pipeline import PipelineConfig
@@ -122,6 +123,20 @@ def measure(
         details["teacher_cosine"] = f"vs the unfused teacher, {n}"
         teacher_acc = ev["pytorch"]["teacher_accuracy"]
         details["accuracy_drop"] = f"teacher {teacher_acc} vs candidate {graph.get('accuracy')}, {n}"
+        gen = ev.get("generation")
+        if gen is not None:  # judged by generating (evaluate.generation_prompts)
+            values["bleu_drop"] = graph.get("bleu_drop_vs_teacher")
+            values["degenerate_fraction"] = graph.get("degenerate_fraction")
+            values["decode_ms"] = graph.get("decode_ms_p50")
+            ref_ms = ev["graphs"].get(ref_role, {}).get("decode_ms_p50")
+            values["decode_ratio"] = (graph["decode_ms_p50"] / ref_ms
+                                      if ref_ms and graph.get("decode_ms_p50") is not None else None)
+            where = f"greedy, {gen['prompts']} held-out prompts ({gen['references']} references)"
+            details["bleu_drop"] = (f"teacher BLEU {gen['teacher']['bleu']:.2f} vs candidate {graph.get('bleu')}, "
+                                    f"{where}")
+            details["degenerate_fraction"] = where
+            details["decode_ms"] = "p50 per token, batch 1, interleaved with the other graphs"
+            details["decode_ratio"] = f"vs {ref_role} graph, p50 per token, same interleaved run"
     return values, details, "" if cand is None else str(cand), None if ref is None else str(ref)
 
 

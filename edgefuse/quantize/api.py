@@ -1,9 +1,11 @@
 """``quantize_onnx``: an exported fp32 graph -> a checked int8 (dynamic or static QDQ) or int4 graph.
 
-Names say what differs in the bytes, not which CPU asked for them: dynamic int8 graphs are identical for
-every preset (u8 activations, s8 weights), so they are ``int8``; static graphs differ by activation type
-(``qdq-int8-au8`` / ``qdq-int8-as8``); ``-per-tensor`` and ``-reduce-range`` mark the other settings;
-int4 is ``int4-b<block>``. Written into another folder (the CLI's default ``<EXPORT_DIR>-<variant>``, the
+Names say what differs in the bytes, not which CPU asked for them: dynamic int8 graphs have the same types
+for every preset (u8 activations, s8 weights), so they are ``int8``; static graphs differ by activation type
+(``qdq-int8-au8`` / ``qdq-int8-as8``); ``-per-tensor`` and ``-reduce-range`` mark the other settings (the
+avx2 and avx512 presets turn reduce_range on, so their int8 graphs are ``int8-reduce-range``); int4 is
+``int4-b<block>``, ``int4-<algorithm>-b<block>`` for another onnxruntime algorithm, with ``-int8-fallback``
+when the auto mode's MatMuls became int8. Written into another folder (the CLI's default ``<EXPORT_DIR>-<variant>``, the
 pipeline's ``quantize/quantized``) the graph is ``model.onnx``, so ``ORTModelFor*.from_pretrained(folder)``
 loads what was shipped; written beside the fp32 graph it is ``model_<variant>.onnx``. The result is compared
 with the fp32 graph on task data (cosine and max difference of the task output, accuracy when labels are
@@ -17,7 +19,7 @@ Example:
     >>> default_output_name(QuantizeConfig(mode="int4", block_size=64), "avx2")
     'model_int4-b64.onnx'
     >>> [variant_name(QuantizeConfig(mode="dynamic"), p) for p in ("arm64", "avx2", "avx512-vnni")]
-    ['int8', 'int8', 'int8']
+    ['int8', 'int8-reduce-range', 'int8']
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def variant_name(cfg: QuantizeConfig, preset: str) -> str:
 
     Example:
         >>> variant_name(QuantizeConfig(mode="static"), "avx2"), variant_name(QuantizeConfig(), "arm64")
-        ('qdq-int8-au8', 'int8')
+        ('qdq-int8-au8-reduce-range', 'int8')
     """
     from edgefuse.quantize.presets import resolve_preset
 
@@ -183,7 +185,8 @@ class _Attempts:
         from edgefuse.quantize import evaluate as qe
 
         s, i = self.source, self.inputs
-        self.settings = self.mode.backend(self.graph, self.partial, self.cfg, self.preset, exclude, i.feeds)
+        kept = [n for n in exclude if n not in s.exclude]  # the auto mode's choices, not the user's
+        self.settings = self.mode.backend(self.graph, self.partial, self.cfg, self.preset, exclude, i.feeds, kept)
         return qe.compare(make_session(self.partial), s.task, i.batches, i.refs)[0]
 
 
@@ -236,7 +239,9 @@ def _auto_fallback(
     attempt: _Attempts, cfg: QuantizeConfig, first_cosine: float
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Keep the most error-sensitive MatMuls in fp32 until ``auto_target_cosine`` is met (nothing when it is off
-    or already met); return (kept, steps)."""
+    or already met); return (kept, steps). With ``int4_fallback: int8`` the int4 backend quantizes the kept
+    MatMuls to dynamic int8 instead (each attempt passes them to the mode's backend as ``kept``), so the target
+    is measured on the graph with the fallback in place."""
     if cfg.auto_target_cosine is None or passes_min(first_cosine, cfg.auto_target_cosine):
         return [], []
     from edgefuse.quantize.auto import auto_keep, rank_matmuls

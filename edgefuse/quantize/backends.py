@@ -99,19 +99,104 @@ def quantize_static_qdq(
     return settings
 
 
-def quantize_int4(src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str]) -> dict[str, Any]:
-    """4-bit weight-only blocks (MatMulNBits); activations stay float (int8 compute with accuracy_level 4)."""
+def _int4_algo_config(cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+    """onnxruntime's weight-only config object for ``cfg.int4_algorithm`` (None: the built-in default)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    algo = cfg.int4_algorithm
+    if algo == "default":
+        return None
+    if algo == "rtn":
+        return mnb.RTNWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    if algo == "hqq":
+        return mnb.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4, op_types_to_quantize=("MatMul",))
+    if not feeds:
+        raise QuantizationError("int4 algorithm gptq needs calibration data; pass --calibration-data")
+    # GPTQ iterates over a deep copy of the reader; ours yields each feed once
+    return mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_IterFeeds(feeds), block_size=cfg.block_size,
+                                         op_types_to_quantize=("MatMul",))
+
+
+class _IterFeeds:
+    """The iterable of (feed) dicts that onnxruntime's GPTQ calibration loop expects."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._feeds)
+
+
+def _set_accuracy_level(model: Any, level: int) -> None:
+    """Write ``accuracy_level`` on every MatMulNBits node: HQQ's quantizer never sets it and RTN/GPTQ only through
+    their own code path, so one pass here makes every algorithm's graph use the same compute type."""
+    import onnx
+
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for attr in list(node.attribute):
+            if attr.name == "accuracy_level":
+                node.attribute.remove(attr)
+        if level:
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+
+
+def quantize_int4(
+    src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str],
+    feeds: Sequence[dict[str, np.ndarray]] = (), *, preset: QuantPreset | None = None, int8_nodes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """4-bit weight-only blocks (MatMulNBits); activations stay float (int8 compute with accuracy_level 4).
+
+    ``cfg.int4_algorithm`` picks onnxruntime's algorithm: ``default`` (its block quantizer, round to nearest,
+    symmetric unless ``int4_symmetric`` is off), ``rtn`` (Intel Neural Compressor's round to nearest,
+    asymmetric unless symmetric), ``hqq`` (half-quadratic optimisation of scale and zero point, no data) or
+    ``gptq`` (error-compensating column updates from calibration ``feeds``). ``exclude`` MatMuls stay fp32;
+    ``int8_nodes`` among them are then quantized to dynamic int8 (per-channel, the preset's types): the int4
+    auto mode's int8 fallback.
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     settings = {"format": "QOperator", "bits": 4, "block_size": cfg.block_size, "symmetric": cfg.int4_symmetric,
-                "accuracy_level": cfg.int4_accuracy_level, "op_types": ["MatMul"]}
+                "accuracy_level": cfg.int4_accuracy_level, "op_types": ["MatMul"], "algorithm": cfg.int4_algorithm}
+    algo_config = _int4_algo_config(cfg, feeds)  # before loading: a config error costs no graph load
     model = onnx.load(str(src))
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.int4_symmetric,
         accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=list(exclude),
         op_types_to_quantize=("MatMul",),
+        algo_config=algo_config,
     )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=_external(src))
+    if cfg.int4_algorithm == "gptq":
+        # onnxruntime honours nodes_to_exclude for every algorithm but GPTQ, which quantizes each MatMul of its
+        # node config: mark the excluded ones "fp32" there, as it does itself for RTN
+        make_config, excluded = quantizer._generate_q4_node_config, set(exclude)
+        quantizer._generate_q4_node_config = lambda: {  # type: ignore[method-assign]
+            k: "fp32" if k in excluded else v for k, v in make_config().items()}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # GPTQ/RTN print progress bars to stdout
+        quantizer.process()
+    qmodel = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    _set_accuracy_level(qmodel, cfg.int4_accuracy_level)
+    if not int8_nodes:
+        onnx.save_model(qmodel, str(dst), save_as_external_data=_external(src))
+        return settings
+    if preset is None:
+        raise ValueError("int8 fallback nodes need the int8 preset")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    mid = dst.with_name(f".{dst.stem}.int4.onnx")
+    try:
+        onnx.save_model(qmodel, str(mid), save_as_external_data=_external(src))
+        reduce_range = _reduce_range(cfg, preset)
+        quantize_dynamic(
+            model_input=str(mid), model_output=str(dst), op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=list(int8_nodes), per_channel=cfg.per_channel, reduce_range=reduce_range,
+            weight_type=QuantType[preset.weight], use_external_data_format=_external(src),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        mid.unlink(missing_ok=True)
+    settings.update({"int8_fallback": list(int8_nodes), "int8_reduce_range": reduce_range})
     return settings

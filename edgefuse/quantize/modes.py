@@ -14,6 +14,8 @@ Example:
     >>> from edgefuse.quantize.presets import resolve_preset
     >>> MODES["int4"].variant(QuantizeConfig(mode="int4", block_size=64), resolve_preset("avx2"))
     'int4-b64'
+    >>> MODES["int4"].variant(QuantizeConfig(mode="int4", int4_algorithm="hqq"), resolve_preset("avx512-vnni"))
+    'int4-hqq-b32'
     >>> [m.name for m in MODES.values() if m.needs_calibration]
     ['static']
 """
@@ -31,8 +33,12 @@ from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.names import table_entry
 from edgefuse.quantize.presets import QuantPreset
 
-# backend(src, dst, cfg, preset, exclude, calibration feeds) -> the settings it used (for the manifest)
-Backend = Callable[[Path, Path, QuantizeConfig, QuantPreset, list[str], Sequence[dict[str, Any]]], dict[str, Any]]
+# backend(src, dst, cfg, preset, exclude, calibration feeds, kept) -> the settings it used (for the manifest);
+# ``kept`` are the MatMuls of ``exclude`` that the auto mode took out of the mode (not the user's exclusions):
+# a mode with a fallback (int4 -> int8) quantizes them with it instead of leaving them fp32
+Backend = Callable[
+    [Path, Path, QuantizeConfig, QuantPreset, list[str], Sequence[dict[str, Any]], Sequence[str]], dict[str, Any]
+]
 
 
 @dataclass(frozen=True)
@@ -58,24 +64,37 @@ class QuantMode:
 
 
 def _dynamic(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
-             feeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+             feeds: Sequence[dict[str, Any]], kept: Sequence[str]) -> dict[str, Any]:
     from edgefuse.quantize.backends import quantize_dynamic_int8
 
     return quantize_dynamic_int8(src, dst, cfg, preset, exclude)
 
 
 def _static(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
-            feeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+            feeds: Sequence[dict[str, Any]], kept: Sequence[str]) -> dict[str, Any]:
     from edgefuse.quantize.backends import quantize_static_qdq
 
     return quantize_static_qdq(src, dst, cfg, preset, exclude, feeds)
 
 
 def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
-          feeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+          feeds: Sequence[dict[str, Any]], kept: Sequence[str]) -> dict[str, Any]:
     from edgefuse.quantize.backends import quantize_int4
 
-    return quantize_int4(src, dst, cfg, exclude)
+    # the auto mode's choices (beyond the user's own exclusions) become dynamic int8 with int4_fallback=int8
+    int8_nodes = list(kept) if cfg.int4_fallback == "int8" else []
+    return quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8_nodes)
+
+
+def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
+    # the algorithm and an int8 fallback (with its reduce_range) change the bytes: they are part of the name
+    algo = "" if cfg.int4_algorithm == "default" else f"{cfg.int4_algorithm}-"
+    name = f"int4-{algo}b{cfg.block_size}"
+    if cfg.int4_fallback == "int8" and cfg.auto_target_cosine is not None:
+        name += "-int8-fallback"
+        if preset.reduce_range if cfg.reduce_range is None else cfg.reduce_range:
+            name += "-reduce-range"
+    return name
 
 
 def _static_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
@@ -131,7 +150,7 @@ MODES: dict[str, QuantMode] = {
         ),
         QuantMode(
             "int4", "weight-only 4-bit blocks (MatMulNBits)", _int4,
-            variant=lambda cfg, preset: f"int4-b{cfg.block_size}", needs_calibration=False,
+            variant=_int4_variant, needs_calibration=False,
             count_quantized=_count_ops("MatMulNBits"), simulate_weight=int4_weight, quantizes_activations=False,
             int8=False,
         ),

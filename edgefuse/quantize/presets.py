@@ -3,9 +3,13 @@
 One table, one line of rationale per entry (optimum's ``AutoQuantizationConfig`` has one function per target).
 Weights are signed int8 on every target: optimum's avx2 preset uses uint8 weights, which measured about 2x
 slower on MiniLM (26.9 ms vs 13 ms, measured). ``reduce_range`` (7-bit weights, against the int16
-saturation of AVX2's u8 x s8 instruction VPMADDUBSW) is off by default everywhere: on an AVX2-only host it
-lowered MiniLM's pooled cosine (0.9903 -> 0.9898, benchmarks/results/export.md), so saturation did not show;
-``QuantizeConfig.reduce_range`` turns it on.
+saturation of the u8 x s8 instruction VPMADDUBSW that AVX2 and AVX-512 without VNNI use) is **on** for the
+``avx2`` and ``avx512`` presets: measured on an AVX2-only AMD EPYC (benchmarks/results/export.md), SmolLM2-135M's
+dynamic int8 graph went from next-token-logit cosine -0.28 (no token agrees with fp32) to 0.86 with it, while
+MiniLM lost only 0.0005 (pooled cosine 0.9903 -> 0.9898). A model that is accurate without it can turn it off
+(``QuantizeConfig.reduce_range=False``, ``--no-reduce-range``). VNNI and ARM64 kernels accumulate in int32 and
+keep full 8-bit weights. Decoders with "massive activations" also need their few outlier MatMuls kept out of
+int8; the auto mode (``auto_target_cosine``) finds them without hand-written exclusions.
 
 Example:
     >>> PRESETS["arm64"].weight
@@ -43,13 +47,13 @@ PRESETS: dict[str, QuantPreset] = {
     # dotprod/I8MM kernels take u8 x s8 without saturation; no reduce_range needed on ARM64
     "arm64": QuantPreset("arm64", "QUInt8", "QInt8", "QInt8", False,
                          "ARM64 dot-product kernels: u8 activations x s8 weights, no saturation"),
-    # VPMADDUBSW sums u8*s8 pairs into int16 and could saturate; measured harmless (module docstring);
-    # static QDQ keeps u8 activations: s8 x s8 has no fast x86 kernel without VNNI
-    "avx2": QuantPreset("avx2", "QUInt8", "QUInt8", "QInt8", False,
-                        "AVX2: u8 x s8 (VPMADDUBSW); u8 activations for static QDQ"),
+    # VPMADDUBSW sums u8*s8 pairs into int16 and saturates on real decoders (SmolLM2: cosine -0.28 -> 0.86 with
+    # reduce_range, module docstring); static QDQ keeps u8 activations: s8 x s8 has no fast x86 kernel without VNNI
+    "avx2": QuantPreset("avx2", "QUInt8", "QUInt8", "QInt8", True,
+                        "AVX2: u8 x s8 (VPMADDUBSW) sums pairs in int16: 7-bit weights avoid saturation"),
     # AVX-512BW without VNNI: the same instruction, 64 bytes wide
-    "avx512": QuantPreset("avx512", "QUInt8", "QUInt8", "QInt8", False,
-                          "AVX-512 without VNNI: as AVX2, 64 bytes wide"),
+    "avx512": QuantPreset("avx512", "QUInt8", "QUInt8", "QInt8", True,
+                          "AVX-512 without VNNI: as AVX2, 64 bytes wide, 7-bit weights"),
     # VNNI (VPDPBUSD) accumulates in int32: full 8-bit weights are safe
     "avx512-vnni": QuantPreset("avx512-vnni", "QUInt8", "QInt8", "QInt8", False,
                                "AVX-512 VNNI accumulates u8 x s8 in int32: full 8-bit weights"),

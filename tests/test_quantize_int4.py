@@ -1,0 +1,91 @@
+"""int4 (MatMulNBits) algorithms on a tiny decoder: every algorithm round-trips (graph runs, every weight MatMul
+becomes MatMulNBits, output close to fp32, accuracy_level written), exclusions hold for each algorithm, and the
+auto mode's int8 fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from test_export import fused
+from tolerances import QUANT_TINY_MIN_COSINE
+
+from edgefuse.config.export import ExportConfig
+from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.errors import QuantizationError
+from edgefuse.export.api import export_onnx
+from edgefuse.quantize.api import default_output_name, quantize_onnx
+from edgefuse.quantize.evaluate import op_counts, weight_matmuls
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+TEXTS = ["name Aromi area centre", "Aromi is a place in the centre .", "name Cotto", "the place is a pub",
+         "in the riverside area", "Cotto is in the riverside"]
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int4") / "llama"
+    export_onnx(fused("llama", "lm"), ExportConfig(task="causal-lm", generate_tokens=0), out)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int | None:
+    return next((a.i for a in node.attribute if a.name == name), None)
+
+
+@pytest.mark.parametrize("algorithm", ["default", "rtn", "hqq", "gptq"])
+def test_int4_algorithms_round_trip(tiny_decoder: Path, algorithm: str) -> None:
+    cfg = QuantizeConfig(mode="int4", block_size=16, int4_algorithm=algorithm, overwrite=True)
+    res = quantize_onnx(tiny_decoder, cfg, calibration_texts=TEXTS)
+    n_weights = len(weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx"))))
+    model = onnx.load(str(res.onnx_path))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert res.onnx_path.name == default_output_name(cfg, "avx2")
+    assert len(nbits) == res.quantized_nodes == n_weights
+    assert all(_attr(n, "bits") == 4 and _attr(n, "block_size") == 16 for n in nbits)
+    assert all(_attr(n, "accuracy_level") == 4 for n in nbits)  # written for every algorithm, HQQ included
+    assert res.cosine_mean >= QUANT_TINY_MIN_COSINE
+    assert res.settings["algorithm"] == algorithm
+    assert res.cosine_mean < 1.0  # the weights really changed
+
+
+@pytest.mark.parametrize("algorithm", ["default", "rtn", "hqq", "gptq"])
+def test_int4_exclusion_holds_for_every_algorithm(tiny_decoder: Path, algorithm: str) -> None:
+    names = weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx")))
+    keep = [n for n in names if "down_proj" in n]
+    assert keep
+    res = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, int4_algorithm=algorithm,
+                                                     exclude=keep, overwrite=True, output_name=f"x_{algorithm}.onnx"),
+                        calibration_texts=TEXTS)
+    model = onnx.load(str(res.onnx_path))
+    plain = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert set(keep) <= plain and res.quantized_nodes == len(names) - len(keep)
+
+
+def test_gptq_needs_calibration_feeds(tmp_path: Path) -> None:
+    from edgefuse.quantize.backends import quantize_int4
+
+    with pytest.raises(QuantizationError, match="calibration data"):
+        quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantizeConfig(mode="int4", int4_algorithm="gptq"),
+                      [], [])
+
+
+def test_auto_int4_falls_back_to_int8(tiny_decoder: Path) -> None:
+    base = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, overwrite=True),
+                         calibration_texts=TEXTS)
+    target = base.cosine_mean + 0.5 * (1.0 - base.cosine_mean)
+    cfg = QuantizeConfig(mode="int4", block_size=16, auto_target_cosine=target, int4_fallback="int8", auto_max_kept=8,
+                         overwrite=True, min_cosine=None)
+    try:
+        res = quantize_onnx(tiny_decoder, cfg, calibration_texts=TEXTS)
+    except QuantizationError:
+        pytest.fail("int8 fallback could not reach half of the int4 gap with 8 MatMuls")
+    counts = op_counts(onnx.load(str(res.onnx_path)))
+    kept = res.settings["kept_fp32_auto"]
+    assert "-int8-fallback" in res.onnx_path.name and kept
+    assert res.settings["int8_fallback"] == kept
+    assert counts.get("MatMulInteger", 0) == len(kept)  # the fallback MatMuls are int8, not fp32
+    assert counts["MatMulNBits"] == base.quantized_nodes - len(kept)
+    assert res.cosine_mean >= target
