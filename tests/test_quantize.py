@@ -195,12 +195,13 @@ def test_cli_quantize(small_bert: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_dynamic_int8_is_the_same_graph_for_every_preset(small_bert: Path, tmp_path: Path) -> None:
-    """Dynamic int8 uses u8 activations and s8 weights on every CPU: the presets give one graph, one name."""
+    """Dynamic int8 uses u8 activations and s8 weights on every CPU: with the same reduce_range the presets give
+    one graph, one name; the avx2/avx512 presets' reduce_range default is part of the name."""
     from edgefuse.quantize.api import variant_name
 
     shas = set()
     for preset in ("arm64", "avx2", "avx512-vnni"):
-        cfg = QuantizeConfig(preset=preset)
+        cfg = QuantizeConfig(preset=preset, reduce_range=False)
         res = quantize_onnx(small_bert, cfg, tmp_path / preset, calibration_texts=TEXTS)
         assert res.onnx_path == tmp_path / preset / "model.onnx" and variant_name(cfg, preset) == "int8"
         manifest = read_manifest(tmp_path / preset)
@@ -208,7 +209,10 @@ def test_dynamic_int8_is_the_same_graph_for_every_preset(small_bert: Path, tmp_p
         assert manifest["source_folder"] == str(small_bert)  # the manifest says where it came from
         shas.add(sha256_file(res.onnx_path))
     assert len(shas) == 1
-    assert variant_name(QuantizeConfig(mode="static"), "avx2") == "qdq-int8-au8"
+    assert variant_name(QuantizeConfig(mode="static"), "avx2") == "qdq-int8-au8-reduce-range"
+    assert variant_name(QuantizeConfig(), "avx2") == variant_name(QuantizeConfig(), "avx512") == "int8-reduce-range"
+    assert variant_name(QuantizeConfig(), "avx512-vnni") == variant_name(QuantizeConfig(), "arm64") == "int8"
+    assert variant_name(QuantizeConfig(reduce_range=False), "avx2") == "int8"
     assert variant_name(QuantizeConfig(mode="static"), "arm64") == "qdq-int8-as8"
     assert variant_name(QuantizeConfig(per_channel=False, reduce_range=True), "arm64") == "int8-per-tensor-reduce-range"
 

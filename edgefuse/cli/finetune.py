@@ -85,6 +85,9 @@ EVAL_FLAGS = (
     Flag("checkpoint_every_steps", "--checkpoint-every", metavar="N"),
     Flag("num_samples"),
     Flag("log_every_steps", "--log-every", metavar="N"),
+    Flag("generation_metric"),
+    Flag("generation_prompts", metavar="N"),
+    Flag("generation_max_new_tokens", metavar="N"),
 )
 FT_FLAGS = OBJECTIVE_FLAGS + OPTIM_FLAGS + EVAL_FLAGS
 

@@ -20,7 +20,7 @@ only (use `edgefuse profile --target arm64-emulated` for that).
 examples:
   edgefuse tune out/minilm-onnx
   edgefuse tune out/minilm-onnx --budget-s 30 --seq-len 32 --candidates int8 int8-noskipfusion opt-int8
-  edgefuse tune out/sst2-onnx --eval-data ../shared/data/sst2/validation.tsv --max-accuracy-drop 0.01
+  edgefuse tune out/sst2-onnx --eval-data data/sst2/validation.tsv --max-accuracy-drop 0.01
   edgefuse tune out/minilm-onnx --target ssh://pi@10.0.0.2 --ssh-identity ~/.ssh/id_ed25519
   edgefuse tune out/minilm-onnx --config tune.yaml --overwrite   # candidates: [{name: ..., fusions: ...}]
 """
