@@ -100,7 +100,7 @@ def build(
     logging.disable(logging.WARNING)  # onnxruntime's quantizer logs a pre-processing hint on the root logger
     mode = get_mode(cand.quantize)  # the one table of quantization modes: backend and quantized-node count
     try:
-        settings.update(mode.backend(graph, dst, qcfg, preset, [], feeds))
+        settings.update(mode.backend(graph, dst, qcfg, preset, [], feeds, []))
     finally:
         logging.disable(logging.NOTSET)
     model = onnx.load(str(dst), load_external_data=False)
