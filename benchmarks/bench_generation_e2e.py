@@ -325,7 +325,7 @@ def main() -> None:
                     "(perplexity, BLEU selection); the final scores use every held-out MR")
     ap.add_argument("--prompts", type=int, default=None, help="validation MRs to score (default: all)")
     ap.add_argument("--samples", type=int, default=20)
-    ap.add_argument("--models", nargs="+", default=["base", "teacher", "fused", "recovered"])
+    ap.add_argument("--models", nargs="*", default=["base", "teacher", "fused", "recovered"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--onnx", nargs="*", default=[], help="models to export and run through onnxruntime too "
                     "(e.g. teacher recovered)")
@@ -383,6 +383,7 @@ def main() -> None:
         old["wall_s"] += result["wall_s"]
         old["load_end"] = result["load_end"]
         old["targets"] = targets(old["generation"])
+        old["decode_latency"] = result["decode_latency"] or old.get("decode_latency")
         result = old
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
