@@ -52,7 +52,9 @@ class MlpWeights:
 
     def select(self, index: torch.Tensor) -> MlpWeights:
         """Keep the units ``index`` (aligned across gate, up and down)."""
-        pick = (lambda t: None if t is None else t[index].clone())
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index].clone()
+
         return MlpWeights(
             up=self.up[index].clone(),
             down=self.down[:, index].clone(),
