@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-import torch
+from pipeline_tiny import one_torch_thread
 from test_ntk import model_dir  # noqa: F401  (the CLI fixture: a tiny BERT folder + a labelled TSV)
 from tiny import tiny_inputs, tiny_model
 from tolerances import FP32_EXACT_ATOL, MIN_CHANGE
@@ -27,10 +27,7 @@ LAYER0 = ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.outpu
 
 @pytest.fixture(autouse=True)
 def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from one_torch_thread()
 
 
 def test_paper_defaults() -> None:
