@@ -65,7 +65,7 @@ def _edgefuse(*args: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def build_anchors(export: Path) -> dict[str, tuple[Path, dict[str, Any] | None]]:
+def build_anchors(export: Path, reuse: bool) -> dict[str, tuple[Path, dict[str, Any] | None]]:
     """The hand-built anchors from the optimum export, with onnxruntime's own APIs only."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -77,7 +77,7 @@ def build_anchors(export: Path) -> dict[str, tuple[Path, dict[str, Any] | None]]
 
     def q(graph: Path, name: str) -> Path:
         dst = export / f"{name}.onnx"
-        if not dst.exists():
+        if not (reuse and dst.exists()):
             # onnxruntime 1.32 stops on optimizer-fused graphs without a default tensor type ("Unable to find data
             # type for weight_name"): the fix its own error message gives, which a user applies too
             quantize_dynamic(str(graph), str(dst), per_channel=True, weight_type=QuantType.QInt8,
@@ -87,7 +87,7 @@ def build_anchors(export: Path) -> dict[str, tuple[Path, dict[str, Any] | None]]
     out["ort_int8"] = (q(src, "anchor_ort_int8"), None)
     for name, skip in (("opt", True), ("opt_noskip", False)):
         opt = export / f"anchor_{name}.onnx"
-        if not opt.exists():
+        if not (reuse and opt.exists()):
             opts = FusionOptions("bert")
             opts.enable_skip_layer_norm = skip
             opts.enable_bias_skip_layer_norm = skip
@@ -126,7 +126,7 @@ def build(work: Path, ratios: list[str], tune_budget: float, reuse: bool, fused_
                       "candidates": [{k: c[k] for k in ("name", "status", "reason", "cosine_mean", "ratio_p50")}
                                      for c in report["candidates"]]}
     graphs: dict[str, tuple[Path, dict[str, Any] | None]] = {"optimum_fp32": (folders["unfused"] / "model.onnx", None)}
-    graphs.update(build_anchors(folders["unfused"]))
+    graphs.update(build_anchors(folders["unfused"], reuse))
     for key, folder in folders.items():
         graphs[f"ef_{key}"] = (folder / picks[key]["graph"], picks[key]["session_options"] or None)
     return {"graphs": graphs, "picks": picks, "commands": commands}
@@ -142,14 +142,17 @@ def decoder_rows(work: Path, budget: float, reuse: bool) -> dict[str, Any]:
     from edgefuse.profile.api import profile_onnx
 
     folder = work / "smollm2-onnx"
-    commands = [f"edgefuse export smollm2 {folder} --task causal-lm --generate-tokens 0",
+    # SmolLM2's logits reach |30|: fp32 summation order alone moves them by up to 4e-4 (cosine 1.000000), so the
+    # export is validated at atol 1e-3 as in benchmarks/results/export_smollm2.md
+    commands = [f"edgefuse export smollm2 {folder} --task causal-lm --generate-tokens 0 --atol 1e-3",
                 f"edgefuse optimize {folder} --output-name model_opt.onnx"]
     if not (reuse and (folder / "model.onnx").exists()):
-        _edgefuse("export", "smollm2", str(folder), "--task", "causal-lm", "--generate-tokens", "0", "--overwrite")
+        _edgefuse("export", "smollm2", str(folder), "--task", "causal-lm", "--generate-tokens", "0", "--atol", "1e-3",
+                  "--overwrite")
     if not (reuse and (folder / "model_opt.onnx").exists()):
         _edgefuse("optimize", str(folder), "--output-name", "model_opt.onnx", "--overwrite")
     for src, dst in (("model.onnx", "dec_int8.onnx"), ("model_opt.onnx", "dec_opt_int8.onnx")):
-        if not (folder / dst).exists():
+        if not (reuse and (folder / dst).exists()):
             quantize_dynamic(str(folder / src), str(folder / dst), per_channel=True, weight_type=QuantType.QInt8,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     graphs = {"dec_fp32": (folder / "model.onnx", None), "dec_int8": (folder / "dec_int8.onnx", None),
@@ -355,14 +358,19 @@ def main() -> None:
         "commands": built["commands"], "picks": built["picks"], **measured,
     }
     data["targets"] = targets(measured["rows"])
+    write(data, args.out)  # the encoder results stand even if the decoder part fails
     if args.decoder:
         data["decoder"] = decoder_rows(args.work, args.point_budget_s, args.reuse)
         data["meta"]["wall_s"] = time.perf_counter() - start
         data["meta"]["loadavg_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(data))
+        write(data, args.out)
     print(markdown(data))
+
+
+def write(data: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(data))
 
 
 if __name__ == "__main__":
