@@ -142,8 +142,8 @@ def decoder_rows(work: Path, budget: float, reuse: bool) -> dict[str, Any]:
     from edgefuse.profile.api import profile_onnx
 
     folder = work / "smollm2-onnx"
-    # SmolLM2's logits reach |30|: fp32 summation order alone moves them by up to 4e-4 (cosine 1.000000), so the
-    # export is validated at atol 1e-3 as in benchmarks/results/export_smollm2.md
+    # SmolLM2's logits reach |30| over 30 layers: fp32 kernel order alone moved them by 3.7e-4 here (cosine
+    # 1.000000), beyond the default atol 1e-4; bench_export.py validates SmolLM2 at 5e-4, this benchmark at 1e-3
     commands = [f"edgefuse export smollm2 {folder} --task causal-lm --generate-tokens 0 --atol 1e-3",
                 f"edgefuse optimize {folder} --output-name model_opt.onnx"]
     if not (reuse and (folder / "model.onnx").exists()):
