@@ -351,7 +351,7 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{json.dumps(r['session_options'])} |")
     missing = "MiniLM sequence classification" + ("" if dec else "; the SmolLM2 prefill and decode row (--decoder)")
     lines += ["", f"Not measured in this run (missed): {missing}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines).replace(str(ROOT) + "/", "")  # paths relative to the repository root
 
 
 def main() -> None:
