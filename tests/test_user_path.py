@@ -130,3 +130,17 @@ def test_fuse_says_how_far_from_the_original_and_what_next(tmp_path: Path, capsy
         assert vs["rows"] == 16
         diffs.append(vs["max_abs_diff"])
     assert diffs[0] > 1e-4 > diffs[1]  # fusion changed the outputs; keep 1.0 (every unit its own cluster) did not
+
+
+def test_export_and_quantize_say_how_far_from_the_teacher(user: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """--teacher: the graph against the original model, so fuse -> export -> quantize does not say "ok" all the
+    way for a model that is far from it."""
+    import json
+
+    assert main(["export", str(user["model"]), str(tmp_path / "e"), "--task", "sequence-classification",
+                 "--teacher", str(user["mine"])]) == 0
+    assert "vs the teacher " + str(user["mine"]) + " on 16 built-in sentences: mean cosine" in capsys.readouterr().out
+    assert main(["quantize", str(tmp_path / "e"), "--teacher", str(user["mine"]), "--json"]) == 0
+    vs = json.loads(capsys.readouterr().out)["vs_teacher"]
+    assert vs["rows"] == 16 and -1.0 <= vs["cosine_mean"] <= 1.0 and vs["task"] == "sequence-classification"

@@ -56,6 +56,8 @@ def register(sub: Any) -> None:
     p.add_argument("--format", choices=("onnx", "ort"), help="ort: also write model.ort (onnxruntime Mobile) and "
                    "its reduced-operator config, verified against model.onnx (default onnx)")
     p.add_argument("--num-labels", type=int, default=2, help="sequence-classification: labels of a fresh head")
+    p.add_argument("--teacher", metavar="MODEL", help="the original (unfused) model: print how far the graph is "
+                   "from it on built-in sentences (validation only compares with the model it was exported from)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -120,5 +122,20 @@ def run(args: argparse.Namespace) -> int:
     trust = args.trust_remote_code
     tokenizer = load_tokenizer(args.model, trust_remote_code=trust) if has_tokenizer(args.model) else None
     res = export_onnx(model, cfg, Path(args.out_dir), tokenizer=tokenizer, overwrite=args.overwrite)
-    print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))
+    vs_teacher = None
+    if getattr(args, "teacher", None):
+        from edgefuse.teacher import graph_vs_teacher
+
+        teacher = load_model(args.teacher, cfg.task, num_labels=args.num_labels,
+                             trust_remote_code=args.trust_remote_code)
+        vs_teacher = graph_vs_teacher(res.onnx_path, teacher, tokenizer, cfg.task)
+    if args.json:
+        print(json.dumps({**res.to_dict(), **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2,
+                         default=str))
+    else:
+        print(format_result(res))
+        if vs_teacher is not None:
+            from edgefuse.teacher import describe
+
+            print(f"  {describe(vs_teacher, cfg.task, f'the teacher {args.teacher}')}")
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,15 @@ def _failure_message(
 
 
 def export_onnx(
-    model: Any, cfg: ExportConfig, out_dir: Path, *, tokenizer: Any = None, overwrite: bool = False
+    model: Any, cfg: ExportConfig | Mapping[str, Any] | None, out_dir: Path, *, tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ``out_dir`` as a validated ONNX folder.
 
     Args:
         model: a transformers model for ``cfg.task`` (fused or not; any architecture of ``edgefuse.fusion.archs``).
-        cfg: the export settings (task, exporter, fold of the fusion scale, tolerances, shapes).
+        cfg: the export settings (task, exporter, fold of the fusion scale, tolerances, shapes): an
+            :class:`ExportConfig`, a mapping of its keys, or None for the defaults (as every API function).
         out_dir: the folder to create.
         tokenizer: saved into the folder and used for a real-text validation case and the generation prompt.
         overwrite: replace an existing ``out_dir``.
@@ -140,8 +143,10 @@ def export_onnx(
         >>> ExportConfig(task="causal-lm", generate_tokens=16).generate_tokens
         16
     """
+    from edgefuse.config import as_config
     from edgefuse.fusion.scale import iter_scaled
 
+    cfg = as_config(ExportConfig, cfg)
     out_dir = Path(out_dir)
     model.eval()
     fold = resolve_fold(model, cfg.fold_scales)
