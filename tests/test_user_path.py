@@ -33,7 +33,8 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     f["model"] = root / "recovered" / "model"
     assert main(["export", str(f["model"]), str(root / "onnx-cls"), "--task", "sequence-classification",
                  "--format", "ort"]) == 0
-    assert main(["export", str(f["model"]), str(root / "onnx-emb"), "--task", "feature-extraction"]) == 0
+    assert main(["export", str(f["model"]), str(root / "onnx-emb"), "--task", "feature-extraction",
+                 "--sentence-embedding"]) == 0
     assert main(["quantize", str(root / "onnx-cls")]) == 0  # -> onnx-cls-int8/model.onnx
     assert main(["profile", str(root / "onnx-cls" / "model.onnx"), str(root / "onnx-cls-int8" / "model.onnx"),
                  "--threads", "1", "--seq-lens", "8", "--runs", "3", "--warmup-runs", "1", "--no-memory",
@@ -144,3 +145,27 @@ def test_export_and_quantize_say_how_far_from_the_teacher(user: dict[str, Path],
     assert main(["quantize", str(tmp_path / "e"), "--teacher", str(user["mine"]), "--json"]) == 0
     vs = json.loads(capsys.readouterr().out)["vs_teacher"]
     assert vs["rows"] == 16 and -1.0 <= vs["cosine_mean"] <= 1.0 and vs["task"] == "sequence-classification"
+
+
+def test_sentence_embedding_output_is_the_pooled_normalised_embedding(user: dict[str, Path]) -> None:
+    from edgefuse.export.pooling import reference_embedding
+    from edgefuse.ort import make_session
+
+    session = make_session(user["root"] / "onnx-emb" / "model.onnx")
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sentence_embedding"]
+    batch = dict(tiny_tokenizer()(_texts(), padding=True, return_tensors="np"))
+    hidden, emb = session.run(None, {i.name: batch[i.name] for i in session.get_inputs()})
+    assert emb.shape == (2, hidden.shape[-1])
+    np.testing.assert_allclose(emb, reference_embedding(hidden, batch["attention_mask"]), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    # padding does not change a sentence's embedding
+    alone = dict(tiny_tokenizer()(_texts()[:1], return_tensors="np"))
+    np.testing.assert_allclose(session.run(["sentence_embedding"], {i.name: alone[i.name]
+                                                                     for i in session.get_inputs()})[0][0],
+                               emb[0], atol=1e-5)
+    with pytest.raises(Exception, match="feature-extraction"):
+        from edgefuse import export_onnx
+
+        export_onnx(object(), {"task": "sequence-classification", "sentence_embedding": True},
+                    user["root"] / "never")
+    assert not (user["root"] / "never").exists()

@@ -39,6 +39,7 @@ EXPORT_FLAGS = (
     Flag("generate_tokens", metavar="N"),
     Flag("seed"),
     Flag("ort_optimization"),
+    Flag("sentence_embedding"),
 )
 
 

@@ -147,6 +147,8 @@ def export_onnx(
     from edgefuse.fusion.scale import iter_scaled
 
     cfg = as_config(ExportConfig, cfg)
+    if cfg.sentence_embedding and cfg.task != "feature-extraction":
+        raise ConfigError(f"sentence_embedding needs task feature-extraction, not {cfg.task!r}")
     out_dir = Path(out_dir)
     model.eval()
     fold = resolve_fold(model, cfg.fold_scales)
@@ -158,6 +160,11 @@ def export_onnx(
         # only; validation below runs the caller's model with transformers' own sparse forward
         with dense_moe_routing(traced) as routing:
             exporter = export_graph(traced, cfg, tmp)
+        if cfg.sentence_embedding:
+            from edgefuse.export.pooling import add_sentence_embedding
+
+            add_sentence_embedding(tmp / ONNX_NAME)
+            exporter += "; + sentence_embedding (mean pooling, L2 normalisation)"
         if routing.blocks:
             exporter = f"{exporter}; {routing.describe()}"
         if tokenizer is not None:
