@@ -32,7 +32,7 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                  "--no-progress"]) == 0
     f["model"] = root / "recovered" / "model"
     assert main(["export", str(f["model"]), str(root / "onnx-cls"), "--task", "sequence-classification",
-                 "--format", "ort"]) == 0
+                 "--format", "ort", "--labels", "negative", "positive"]) == 0
     assert main(["export", str(f["model"]), str(root / "onnx-emb"), "--task", "feature-extraction",
                  "--sentence-embedding"]) == 0
     assert main(["quantize", str(root / "onnx-cls")]) == 0  # -> onnx-cls-int8/model.onnx
@@ -64,6 +64,7 @@ def test_optimum_loads_what_was_shipped(user: dict[str, Path]) -> None:
         got = model(**tok(_texts(), padding=True, return_tensors="pt")).logits.numpy()
         # from_pretrained(folder) runs the folder's model.onnx: the int8 folder gives the int8 graph's logits
         np.testing.assert_allclose(got, _ort_logits(user["root"] / folder / "model.onnx", dict(batch)), atol=1e-5)
+        assert model.config.id2label == {0: "negative", 1: "positive"}  # the names travel with the graph
     fp32 = _ort_logits(user["root"] / "onnx-cls" / "model.onnx", dict(batch))
     int8 = _ort_logits(user["root"] / "onnx-cls-int8" / "model.onnx", dict(batch))
     assert not np.array_equal(fp32, int8)  # really the quantized graph, not the fp32 one again
@@ -169,3 +170,10 @@ def test_sentence_embedding_output_is_the_pooled_normalised_embedding(user: dict
         export_onnx(object(), {"task": "sequence-classification", "sentence_embedding": True},
                     user["root"] / "never")
     assert not (user["root"] / "never").exists()
+
+
+
+def test_labels_must_name_every_class(user: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["export", str(user["model"]), str(tmp_path / "x"), "--task", "sequence-classification", "--labels"]
+    assert main([*args, "only-one"]) == 2
+    assert "must be 2 distinct names" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -40,6 +40,7 @@ EXPORT_FLAGS = (
     Flag("seed"),
     Flag("ort_optimization"),
     Flag("sentence_embedding"),
+    Flag("labels", metavar="NAME"),
 )
 
 

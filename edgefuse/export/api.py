@@ -116,6 +116,18 @@ def _failure_message(
             "Nothing was written; loosen --atol/--rtol only if the difference is expected")
 
 
+def _set_labels(model: Any, cfg: ExportConfig) -> None:
+    """Name the classes in the model's config (saved as config.json's id2label / label2id)."""
+    labels = list(cfg.labels or [])
+    n = int(getattr(model.config, "num_labels", 0) or 0)
+    if cfg.task != "sequence-classification":
+        raise ConfigError(f"labels name the classes of a sequence-classification export, not {cfg.task!r}")
+    if len(labels) != n or len(set(labels)) != len(labels):
+        raise ConfigError(f"labels {labels} must be {n} distinct names, one per class of the model (num_labels {n})")
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+
+
 def export_onnx(
     model: Any, cfg: ExportConfig | Mapping[str, Any] | None, out_dir: Path, *, tokenizer: Any = None,
     overwrite: bool = False,
@@ -149,6 +161,8 @@ def export_onnx(
     cfg = as_config(ExportConfig, cfg)
     if cfg.sentence_embedding and cfg.task != "feature-extraction":
         raise ConfigError(f"sentence_embedding needs task feature-extraction, not {cfg.task!r}")
+    if cfg.labels is not None:
+        _set_labels(model, cfg)
     out_dir = Path(out_dir)
     model.eval()
     fold = resolve_fold(model, cfg.fold_scales)
