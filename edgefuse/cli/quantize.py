@@ -76,7 +76,8 @@ def register(sub: Any) -> None:
     add_flags(p, QuantizeConfig, QUANTIZE_FLAGS)
     p.add_argument("--teacher", metavar="MODEL", help="the original (unfused) model: print how far the quantized "
                    "graph is from it on built-in sentences (the check above compares with the fp32 graph only)")
-    p.add_argument("--out-dir", type=Path, help="folder of the quantized graph (model.onnx + config + tokenizer, "
+    p.add_argument("-o", "--out", "--out-dir", dest="out_dir", type=Path,
+                   help="folder of the quantized graph (model.onnx + config + tokenizer, "
                    "loadable with optimum's from_pretrained); default EXPORT_DIR-<variant>, e.g. minilm-onnx-int8; "
                    "EXPORT_DIR itself writes model_<variant>.onnx beside the fp32 graph")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and preset, write nothing")
