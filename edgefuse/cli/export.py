@@ -131,13 +131,18 @@ def run(args: argparse.Namespace) -> int:
         teacher = load_model(args.teacher, cfg.task, num_labels=args.num_labels,
                              trust_remote_code=args.trust_remote_code)
         vs_teacher = graph_vs_teacher(res.onnx_path, teacher, tokenizer, cfg.task)
-    if args.json:
-        print(json.dumps({**res.to_dict(), **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2,
-                         default=str))
-    else:
-        print(format_result(res))
-        if vs_teacher is not None:
-            from edgefuse.teacher import describe
-
-            print(f"  {describe(vs_teacher, cfg.task, f'the teacher {args.teacher}')}")
+    print_result(res.to_dict(), format_result(res), vs_teacher, cfg.task, args)
     return 0
+
+
+def print_result(data: dict[str, Any], text: str, vs_teacher: dict[str, Any] | None, task: str,
+                 args: argparse.Namespace) -> None:
+    """The result as JSON (with ``vs_teacher``) or as text plus one line on the teacher (export, quantize)."""
+    if args.json:
+        print(json.dumps({**data, **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2, default=str))
+        return
+    print(text)
+    if vs_teacher is not None:
+        from edgefuse.teacher import describe
+
+        print(f"  {describe(vs_teacher, task, f'the teacher {args.teacher}')}")

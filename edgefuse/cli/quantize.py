@@ -136,15 +136,9 @@ def run(args: argparse.Namespace) -> int:
         out_dir = default_out_dir(Path(args.export_dir), cfg, resolve_preset(cfg.preset).name)
     res = quantize_onnx(Path(args.export_dir), cfg, out_dir)
     vs_teacher = _vs_teacher(args, res) if getattr(args, "teacher", None) else None
-    if args.json:
-        print(json.dumps({**res.to_dict(), **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2,
-                         default=str))
-    else:
-        print(format_result(res))
-        if vs_teacher is not None:
-            from edgefuse.teacher import describe
+    from edgefuse.cli.export import print_result
 
-            print(f"  {describe(vs_teacher, vs_teacher['task'], f'the teacher {args.teacher}')}")
+    print_result(res.to_dict(), format_result(res), vs_teacher, (vs_teacher or {}).get("task", ""), args)
     return 0
 
 
