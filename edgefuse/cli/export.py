@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     res = export_onnx(model, cfg, Path(args.out_dir), tokenizer=tokenizer, overwrite=args.overwrite)
     vs_teacher = None
     if getattr(args, "teacher", None):
-        from edgefuse.teacher import graph_vs_teacher
+        from edgefuse.quantize.agreement import graph_vs_teacher
 
         teacher = load_model(args.teacher, cfg.task, num_labels=args.num_labels,
                              trust_remote_code=args.trust_remote_code)
@@ -143,6 +143,6 @@ def print_result(data: dict[str, Any], text: str, vs_teacher: dict[str, Any] | N
         return
     print(text)
     if vs_teacher is not None:
-        from edgefuse.teacher import describe
+        from edgefuse.quantize.agreement import describe
 
         print(f"  {describe(vs_teacher, task, f'the teacher {args.teacher}')}")

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         result = fuse_mlps_(model, cfg, progress=not args.quiet, tokenizer=tokenizer)
         if args.fold:
             fold_scales_(model)
-        from edgefuse.teacher import distance_to_original
+        from edgefuse.quantize.agreement import distance_to_original
 
         distance = distance_to_original(original, model, tokenizer, args.task)
         del original
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 def next_steps(args: argparse.Namespace, distance: dict) -> str:
     """How far the fused model is from the original, and the command that recovers it."""
-    from edgefuse.teacher import describe
+    from edgefuse.quantize.agreement import describe
 
     objective = ("--objective hidden" if args.task == "feature-extraction"
                  else "--objective task --objective logits")

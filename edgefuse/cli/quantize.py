@@ -146,8 +146,8 @@ def _vs_teacher(args: argparse.Namespace, res: Any) -> dict[str, Any]:
     """The quantized graph against the teacher (PyTorch) on built-in sentences, with the folder's tokenizer."""
     from edgefuse.manifest import read_manifest
     from edgefuse.models import load_model
+    from edgefuse.quantize.agreement import graph_vs_teacher
     from edgefuse.quantize.evaluate import folder_tokenizer
-    from edgefuse.teacher import graph_vs_teacher
 
     folder = Path(res.onnx_path).parent
     task = read_manifest(folder).get("task") or "feature-extraction"

@@ -33,8 +33,7 @@ def distance_to_original(original: Any, fused: Any, tokenizer: Any, task: str, *
 
 def graph_vs_teacher(graph: Any, teacher: Any, tokenizer: Any, task: str, *, max_length: int = 64) -> dict[str, Any]:
     """The same figures for an ONNX graph (a path) against a PyTorch teacher, in a real onnxruntime session."""
-    from edgefuse.metrics import onnx_vectors
-    from edgefuse.ort import make_session
+    from edgefuse.ort import make_session, onnx_vectors
 
     batch, text = builtin_batch(teacher, tokenizer, task, max_length)
     agreement = Agreement()
