@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-from pipeline_tiny import one_torch_thread
 from test_ntk import model_dir  # noqa: F401  (the CLI fixture: a tiny BERT folder + a labelled TSV)
 from tiny import tiny_inputs, tiny_model
 from tolerances import FP32_EXACT_ATOL, MIN_CHANGE
@@ -25,9 +24,7 @@ from edgefuse.ntk.protocol import paper_defaults
 LAYER0 = ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_paper_defaults() -> None:
