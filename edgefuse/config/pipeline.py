@@ -125,7 +125,7 @@ class PipelineConfig(StrictModel):
         None,
         description="Apply onnxruntime's transformer fusions to the exported graph (checked against it); quantize "
         "then works on the optimized graph. None (default): the exporter's graph as is. Whether fusions help depends "
-        "on the fusion set, the session options and the CPU (benchmarks/results/tune.md); the tune section measures it.",
+        "on the fusion set, the session options and the CPU (benchmarks/results/tune.md); a tune section measures it.",
     )
     quantize: QuantizeConfig | None = Field(None, description="Quantize the exported graph. None: fp32 only.")
     tune: TuneConfig | None = Field(
