@@ -65,7 +65,7 @@ def _edgefuse(*args: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def build_anchors(export: Path) -> dict[str, tuple[Path, dict[str, Any] | None]]:
+def build_anchors(export: Path, reuse: bool) -> dict[str, tuple[Path, dict[str, Any] | None]]:
     """The hand-built anchors from the optimum export, with onnxruntime's own APIs only."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -77,7 +77,7 @@ def build_anchors(export: Path) -> dict[str, tuple[Path, dict[str, Any] | None]]
 
     def q(graph: Path, name: str) -> Path:
         dst = export / f"{name}.onnx"
-        if not dst.exists():
+        if not (reuse and dst.exists()):
             # onnxruntime 1.32 stops on optimizer-fused graphs without a default tensor type ("Unable to find data
             # type for weight_name"): the fix its own error message gives, which a user applies too
             quantize_dynamic(str(graph), str(dst), per_channel=True, weight_type=QuantType.QInt8,
@@ -87,7 +87,7 @@ def build_anchors(export: Path) -> dict[str, tuple[Path, dict[str, Any] | None]]
     out["ort_int8"] = (q(src, "anchor_ort_int8"), None)
     for name, skip in (("opt", True), ("opt_noskip", False)):
         opt = export / f"anchor_{name}.onnx"
-        if not opt.exists():
+        if not (reuse and opt.exists()):
             opts = FusionOptions("bert")
             opts.enable_skip_layer_norm = skip
             opts.enable_bias_skip_layer_norm = skip
@@ -126,7 +126,7 @@ def build(work: Path, ratios: list[str], tune_budget: float, reuse: bool, fused_
                       "candidates": [{k: c[k] for k in ("name", "status", "reason", "cosine_mean", "ratio_p50")}
                                      for c in report["candidates"]]}
     graphs: dict[str, tuple[Path, dict[str, Any] | None]] = {"optimum_fp32": (folders["unfused"] / "model.onnx", None)}
-    graphs.update(build_anchors(folders["unfused"]))
+    graphs.update(build_anchors(folders["unfused"], reuse))
     for key, folder in folders.items():
         graphs[f"ef_{key}"] = (folder / picks[key]["graph"], picks[key]["session_options"] or None)
     return {"graphs": graphs, "picks": picks, "commands": commands}
@@ -142,14 +142,17 @@ def decoder_rows(work: Path, budget: float, reuse: bool) -> dict[str, Any]:
     from edgefuse.profile.graphs import write_prefill_inputs
 
     folder = work / "smollm2-onnx"
-    commands = [f"edgefuse export smollm2 {folder} --task causal-lm --generate-tokens 0",
+    # SmolLM2's logits reach |30| over 30 layers: fp32 kernel order alone moved them by 3.7e-4 here (cosine
+    # 1.000000), beyond the default atol 1e-4; bench_export.py validates SmolLM2 at 5e-4, this benchmark at 1e-3
+    commands = [f"edgefuse export smollm2 {folder} --task causal-lm --generate-tokens 0 --atol 1e-3",
                 f"edgefuse optimize {folder} --output-name model_opt.onnx"]
     if not (reuse and (folder / "model.onnx").exists()):
-        _edgefuse("export", "smollm2", str(folder), "--task", "causal-lm", "--generate-tokens", "0", "--overwrite")
+        _edgefuse("export", "smollm2", str(folder), "--task", "causal-lm", "--generate-tokens", "0", "--atol", "1e-3",
+                  "--overwrite")
     if not (reuse and (folder / "model_opt.onnx").exists()):
         _edgefuse("optimize", str(folder), "--output-name", "model_opt.onnx", "--overwrite")
     for src, dst in (("model.onnx", "dec_int8.onnx"), ("model_opt.onnx", "dec_opt_int8.onnx")):
-        if not (folder / dst).exists():
+        if not (reuse and (folder / dst).exists()):
             quantize_dynamic(str(folder / src), str(folder / dst), per_channel=True, weight_type=QuantType.QInt8,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     graphs = {"dec_fp32": (folder / "model.onnx", None), "dec_int8": (folder / "dec_int8.onnx", None),
@@ -185,11 +188,26 @@ def decoder_rows(work: Path, budget: float, reuse: bool) -> dict[str, Any]:
     return {"rows": rows, "commands": commands, "fused_ops": fused}
 
 
+def _cpu_seconds(sess: Any, feeds: dict[str, Any], runs: int, threads: int) -> list[float]:
+    """CPU seconds per run on the graphs' clock: the thread's CPU time at 1 thread, the process's otherwise."""
+    clock = time.thread_time if threads == 1 else time.process_time
+    for _ in range(3):
+        sess.run(None, feeds)
+    out = []
+    for _ in range(runs):
+        c0 = clock()
+        sess.run(None, feeds)
+        out.append(clock() - c0)
+    return out
+
+
 def kernel_peaks(threads: list[int]) -> dict[int, dict[str, float]]:
-    """GMAC/s of fp32 and int8 MatMul kernels per thread count (best of 3 rounds, as bench_limit.py)."""
+    """GMAC/s of fp32 and int8 MatMul kernels per thread count, best of 3 interleaved rounds, on the same CPU-time
+    clock as the graphs (bench_limit.py's kernels; its wall-clock timing would count other processes' time on a
+    loaded machine and make the bound too high)."""
     import tempfile
 
-    from bench_limit import _matmul_graphs, _session, _time
+    from bench_limit import _matmul_graphs, _session
 
     m, k, n = 512, 1536, 1536
     peaks: dict[int, dict[str, float]] = {}
@@ -200,7 +218,7 @@ def kernel_peaks(threads: list[int]) -> dict[int, dict[str, float]]:
             best = dict.fromkeys(sessions, float("inf"))
             for _ in range(3):
                 for name, (sess, feeds) in sessions.items():
-                    best[name] = min(best[name], min(_time(sess, feeds, 5)))
+                    best[name] = min(best[name], min(_cpu_seconds(sess, feeds, 5, t)))
             peaks[t] = {name: m * k * n / s / 1e9 for name, s in best.items()}
     return peaks
 
@@ -306,7 +324,9 @@ def markdown(data: dict[str, Any]) -> str:
             f"{r['wall_ms_p50']:.2f} | {r['cpu_ratio_vs_fp32']:.3f} | {r['wall_ratio_vs_fp32']:.3f} | "
             f"{r['gmacs_fp32']:.3f}/{r['gmacs_int8']:.3f} | {r['bound_ms']:.2f} | {mult} | "
             f"{json.dumps(r['session_options'])} |")
-    lines += ["", "Kernel peaks (GMAC/s, best of 3 rounds): " + "; ".join(
+    lines += ["", "Kernel peaks (GMAC/s, CPU time, best of 3 rounds; MatMul 512x1536 @ 1536x1536, int8 = u8 x s8 "
+              "MatMulInteger; the host reports amx_int8, and int8 rates near 1 TMAC/s per core are beyond AVX-512 "
+              "VNNI alone, so onnxruntime's AMX kernel is the likely path): " + "; ".join(
         f"{t} thread(s): fp32 {pk['fp32']:.1f}, int8 {pk['int8']:.1f}" for t, pk in data["peaks"].items()), "",
         "## Targets (1 thread, CPU time)", "", "| target | measured | limit | met? |", "|---|---|---|---|"]
     for t in data["targets"]:
@@ -318,6 +338,10 @@ def markdown(data: dict[str, Any]) -> str:
                   *[f"    {c}" for c in dec["commands"]], "",
                   f"The optimizer's decoder fusions on this export: {json.dumps(dec['fused_ops'])} (attention with "
                   "past is not fused on optimum's export by onnxruntime 1.32).", "",
+                  "The output cosine is the profiler's parity check on its inputs (random token ids; for the decode "
+                  "step a random-normal KV cache), flattened logits: a check that the graphs run the same function, "
+                  "not an accuracy figure. Plain int8 of SmolLM2 loses accuracy on this host too (see the export "
+                  "results); the fusions do not change it (fp32 with and without them: cosine 1.0000).", "",
                   "| graph | step | rounds | CPU ms p50 | wall ms p50 | vs fp32 (CPU) | output cosine vs fp32 | "
                   "session options |", "|---|---|---|---|---|---|---|---|"]
         for r in dec["rows"]:
@@ -327,7 +351,7 @@ def markdown(data: dict[str, Any]) -> str:
                          f"{json.dumps(r['session_options'])} |")
     missing = "MiniLM sequence classification" + ("" if dec else "; the SmolLM2 prefill and decode row (--decoder)")
     lines += ["", f"Not measured in this run (missed): {missing}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines).replace(str(ROOT) + "/", "")  # paths relative to the repository root
 
 
 def main() -> None:
@@ -342,9 +366,13 @@ def main() -> None:
     ap.add_argument("--fused-min-cosine", type=float, default=0.98,
                     help="tune gate of the fused (unrecovered) models; the unfused one keeps the default 0.99")
     ap.add_argument("--decoder", action="store_true", help="add the SmolLM2 prefill/decode rows (a longer run)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json of an earlier run")
     ap.add_argument("--out", type=Path, default=RESULTS / "tune")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return
     start, load0 = time.perf_counter(), os.getloadavg()
     built = build(args.work, args.ratios, args.tune_budget_s, args.reuse, args.fused_min_cosine)
     measured = measure(built["graphs"], args.threads, args.seqs, args.point_budget_s)
@@ -355,14 +383,19 @@ def main() -> None:
         "commands": built["commands"], "picks": built["picks"], **measured,
     }
     data["targets"] = targets(measured["rows"])
+    write(data, args.out)  # the encoder results stand even if the decoder part fails
     if args.decoder:
         data["decoder"] = decoder_rows(args.work, args.point_budget_s, args.reuse)
         data["meta"]["wall_s"] = time.perf_counter() - start
         data["meta"]["loadavg_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(data))
+        write(data, args.out)
     print(markdown(data))
+
+
+def write(data: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(data))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ SECTIONS = [
     ("fusion_methods", "Fusion: kernel and output approximation of every method (issue 2, issue 6 item 1)"),
     ("method_accuracy", "Fusion: SST-2 accuracy of every method after the same fine-tuning budget (issue 6 item 1)"),
     ("fusion_scale", "Fusion: time and memory of the fusion step (issue 2 speed, issue 6 item 5)"),
+    ("ntk_protocols", "Fusion: what each NTK protocol sees (issue 16)"),
     ("recovery", "Recovery: SST-2 and E2E fine-tuning (issue 3)"),
+    ("pareto", "The accuracy-latency front on SST-2 (issue 16)"),
     ("export", "Export and quantize (issue 7)"),
     ("export_smollm2", "Export and quantize: SmolLM2-135M (issue 7)"),
     ("profile", "Profile: x86, emulated ARM, SSH, HTML report (issue 4)"),
@@ -40,6 +42,7 @@ def main() -> None:
         body = path.read_text().strip()
         # demote the file's own headings by two levels so that they nest under the section title
         body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+        body = body.replace(f"]({name}.png)", f"](results/{name}.png)")  # images sit beside the .md in results/
         parts.append(f"\n## {title}\n\nSource: `benchmarks/results/{name}.md`\n\n{body}\n")
     (BENCH / "RESULTS.md").write_text("\n".join(parts))
 

@@ -38,6 +38,7 @@ _LAZY: dict[str, str] = {
     "export_onnx": "edgefuse.export.api",
     "QuantizeConfig": "edgefuse.config.quantize",
     "quantize_onnx": "edgefuse.quantize.api",
+    "convert_to_ort": "edgefuse.export.ort_format",
     # profile and report
     "ProfileConfig": "edgefuse.config.profile",
     "profile_onnx": "edgefuse.profile.api",
@@ -47,6 +48,9 @@ _LAZY: dict[str, str] = {
     "PipelineConfig": "edgefuse.config.pipeline",
     "load_config": "edgefuse.config.pipeline",
     "run_pipeline": "edgefuse.pipeline.api",
+    # errors a caller may catch (each has the CLI's exit code as ``exit_code``)
+    "EdgefuseError": "edgefuse.errors",
+    "ConfigError": "edgefuse.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

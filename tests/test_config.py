@@ -269,3 +269,30 @@ def test_data_sources_fall_back_to_the_bundled_sample(tmp_path: Path, monkeypatc
     assert len(rows) >= 40 and {str(r["label"]) for r in rows} == {"0", "1"}
     with pytest.raises(ValueError, match="list of data sources"):
         DataConfig(train=[])
+
+
+def test_bad_config_values_raise_edgefusess_config_error_everywhere(tmp_path: Path) -> None:
+    """Constructing a config, or passing a mapping to any API function, fails with ConfigError (exit code 2, one
+    line naming the key and the value), which is still a pydantic ValidationError for code that expects one."""
+    from pydantic import ValidationError
+
+    import edgefuse
+    from edgefuse.config.export import ExportConfig
+    from edgefuse.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        ExportConfig(opset="x")
+    assert isinstance(exc.value, ValidationError) and exc.value.exit_code == 2
+    assert str(exc.value) == ("ExportConfig: opset: 'x' is not allowed: Input should be a valid integer, unable to "
+                              "parse string as an integer")
+    # the API functions take their config the same way: an instance, a mapping of its keys, or None
+    with pytest.raises(ConfigError, match="runs"):
+        edgefuse.profile_onnx([tmp_path / "none.onnx"], {"runs": 0})
+    with pytest.raises(ConfigError, match="mode"):
+        edgefuse.quantize_onnx(tmp_path, {"mode": "int9"})
+    with pytest.raises(ConfigError, match="task"):
+        edgefuse.export_onnx(object(), {"task": "translation"}, tmp_path / "out")
+    with pytest.raises(ConfigError, match="expected a ProfileConfig"):
+        edgefuse.profile_onnx([tmp_path / "none.onnx"], 42)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+    assert {"export_onnx", "profile_onnx", "quantize_onnx", "ConfigError", "convert_to_ort"} <= set(dir(edgefuse))

@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 from test_ntk import model_dir  # noqa: F401  (the CLI fixture: a tiny BERT folder + a labelled TSV)
 from tiny import tiny_inputs, tiny_model
 from tolerances import FP32_EXACT_ATOL, MIN_CHANGE
@@ -25,12 +24,7 @@ from edgefuse.ntk.protocol import paper_defaults
 LAYER0 = ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def test_paper_defaults() -> None:

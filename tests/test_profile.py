@@ -162,7 +162,7 @@ def test_config_ssh_parts_and_unknown_key() -> None:
 
     assert ProfileConfig(target="ssh://pi@10.0.0.2").ssh_parts() == ("pi", "10.0.0.2", None)
     assert ProfileConfig(target="arm64-emulated").emulated
-    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+    with pytest.raises(ValidationError, match="unknown key 'thread' \\(did you mean 'threads'\\?\\)"):
         ProfileConfig(thread=[1])  # type: ignore[call-arg]
 
 

@@ -32,8 +32,9 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                  "--no-progress"]) == 0
     f["model"] = root / "recovered" / "model"
     assert main(["export", str(f["model"]), str(root / "onnx-cls"), "--task", "sequence-classification",
-                 "--format", "ort"]) == 0
-    assert main(["export", str(f["model"]), str(root / "onnx-emb"), "--task", "feature-extraction"]) == 0
+                 "--format", "ort", "--labels", "negative", "positive"]) == 0
+    assert main(["export", str(f["model"]), str(root / "onnx-emb"), "--task", "feature-extraction",
+                 "--sentence-embedding"]) == 0
     # -> onnx-cls-int8/model.onnx; without --no-reduce-range an avx2/avx512 host writes onnx-cls-int8-reduce-range
     assert main(["quantize", str(root / "onnx-cls"), "--no-reduce-range"]) == 0
     assert main(["profile", str(root / "onnx-cls" / "model.onnx"), str(root / "onnx-cls-int8" / "model.onnx"),
@@ -64,6 +65,7 @@ def test_optimum_loads_what_was_shipped(user: dict[str, Path]) -> None:
         got = model(**tok(_texts(), padding=True, return_tensors="pt")).logits.numpy()
         # from_pretrained(folder) runs the folder's model.onnx: the int8 folder gives the int8 graph's logits
         np.testing.assert_allclose(got, _ort_logits(user["root"] / folder / "model.onnx", dict(batch)), atol=1e-5)
+        assert model.config.id2label == {0: "negative", 1: "positive"}  # the names travel with the graph
     fp32 = _ort_logits(user["root"] / "onnx-cls" / "model.onnx", dict(batch))
     int8 = _ort_logits(user["root"] / "onnx-cls-int8" / "model.onnx", dict(batch))
     assert not np.array_equal(fp32, int8)  # really the quantized graph, not the fp32 one again
@@ -131,3 +133,48 @@ def test_fuse_says_how_far_from_the_original_and_what_next(tmp_path: Path, capsy
         assert vs["rows"] == 16
         diffs.append(vs["max_abs_diff"])
     assert diffs[0] > 1e-4 > diffs[1]  # fusion changed the outputs; keep 1.0 (every unit its own cluster) did not
+
+
+def test_export_and_quantize_say_how_far_from_the_teacher(user: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """--teacher: the graph against the original model, so fuse -> export -> quantize does not say "ok" all the
+    way for a model that is far from it."""
+    import json
+
+    assert main(["export", str(user["model"]), str(tmp_path / "e"), "--task", "sequence-classification",
+                 "--teacher", str(user["mine"])]) == 0
+    assert "vs the teacher " + str(user["mine"]) + " on 16 built-in sentences: mean cosine" in capsys.readouterr().out
+    assert main(["quantize", str(tmp_path / "e"), "--teacher", str(user["mine"]), "--json"]) == 0
+    vs = json.loads(capsys.readouterr().out)["vs_teacher"]
+    assert vs["rows"] == 16 and -1.0 <= vs["cosine_mean"] <= 1.0 and vs["task"] == "sequence-classification"
+
+
+def test_sentence_embedding_output_is_the_pooled_normalised_embedding(user: dict[str, Path]) -> None:
+    from edgefuse.export.pooling import reference_embedding
+    from edgefuse.ort import make_session
+
+    session = make_session(user["root"] / "onnx-emb" / "model.onnx")
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sentence_embedding"]
+    batch = dict(tiny_tokenizer()(_texts(), padding=True, return_tensors="np"))
+    hidden, emb = session.run(None, {i.name: batch[i.name] for i in session.get_inputs()})
+    assert emb.shape == (2, hidden.shape[-1])
+    np.testing.assert_allclose(emb, reference_embedding(hidden, batch["attention_mask"]), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    # padding does not change a sentence's embedding
+    alone = dict(tiny_tokenizer()(_texts()[:1], return_tensors="np"))
+    np.testing.assert_allclose(session.run(["sentence_embedding"], {i.name: alone[i.name]
+                                                                     for i in session.get_inputs()})[0][0],
+                               emb[0], atol=1e-5)
+    with pytest.raises(Exception, match="feature-extraction"):
+        from edgefuse import export_onnx
+
+        export_onnx(object(), {"task": "sequence-classification", "sentence_embedding": True},
+                    user["root"] / "never")
+    assert not (user["root"] / "never").exists()
+
+
+
+def test_labels_must_name_every_class(user: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["export", str(user["model"]), str(tmp_path / "x"), "--task", "sequence-classification", "--labels"]
+    assert main([*args, "only-one"]) == 2
+    assert "must be 2 distinct names" in capsys.readouterr().err and not (tmp_path / "x").exists()

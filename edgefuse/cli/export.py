@@ -41,6 +41,8 @@ EXPORT_FLAGS = (
     Flag("generate_tokens", metavar="N"),
     Flag("seed"),
     Flag("ort_optimization"),
+    Flag("sentence_embedding"),
+    Flag("labels", metavar="NAME"),
 )
 
 
@@ -58,6 +60,8 @@ def register(sub: Any) -> None:
     p.add_argument("--format", choices=("onnx", "ort"), help="ort: also write model.ort (onnxruntime Mobile) and "
                    "its reduced-operator config, verified against model.onnx (default onnx)")
     p.add_argument("--num-labels", type=int, default=2, help="sequence-classification: labels of a fresh head")
+    p.add_argument("--teacher", metavar="MODEL", help="the original (unfused) model: print how far the graph is "
+                   "from it on built-in sentences (validation only compares with the model it was exported from)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -122,5 +126,25 @@ def run(args: argparse.Namespace) -> int:
     trust = args.trust_remote_code
     tokenizer = load_tokenizer(args.model, trust_remote_code=trust) if has_tokenizer(args.model) else None
     res = export_onnx(model, cfg, Path(args.out_dir), tokenizer=tokenizer, overwrite=args.overwrite)
-    print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))
+    vs_teacher = None
+    if getattr(args, "teacher", None):
+        from edgefuse.quantize.agreement import graph_vs_teacher
+
+        teacher = load_model(args.teacher, cfg.task, num_labels=args.num_labels,
+                             trust_remote_code=args.trust_remote_code)
+        vs_teacher = graph_vs_teacher(res.onnx_path, teacher, tokenizer, cfg.task)
+    print_result(res.to_dict(), format_result(res), vs_teacher, cfg.task, args)
     return 0
+
+
+def print_result(data: dict[str, Any], text: str, vs_teacher: dict[str, Any] | None, task: str,
+                 args: argparse.Namespace) -> None:
+    """The result as JSON (with ``vs_teacher``) or as text plus one line on the teacher (export, quantize)."""
+    if args.json:
+        print(json.dumps({**data, **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2, default=str))
+        return
+    print(text)
+    if vs_teacher is not None:
+        from edgefuse.quantize.agreement import describe
+
+        print(f"  {describe(vs_teacher, task, f'the teacher {args.teacher}')}")

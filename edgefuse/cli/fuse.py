@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         result = fuse_mlps_(model, cfg, progress=not args.quiet, tokenizer=tokenizer)
         if args.fold:
             fold_scales_(model)
-        from edgefuse.fusion.distance import distance_to_original
+        from edgefuse.quantize.agreement import distance_to_original
 
         distance = distance_to_original(original, model, tokenizer, args.task)
         del original
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
 def next_steps(args: argparse.Namespace, distance: dict) -> str:
     """How far the fused model is from the original, and the command that recovers it."""
-    what = {"feature-extraction": "mean-pooled embedding", "sequence-classification": "logits",
-            "causal-lm": "next-token logits"}[args.task]
+    from edgefuse.quantize.agreement import describe
+
     objective = ("--objective hidden" if args.task == "feature-extraction"
                  else "--objective task --objective logits")
     data = "--train TEXTS.txt --text-column text" if args.task == "feature-extraction" else (
@@ -135,7 +135,6 @@ def next_steps(args: argparse.Namespace, distance: dict) -> str:
     verdict = ("close to the original" if distance["cosine_mean"] >= 0.99 else
                "not ready to ship: recover it first" if distance["cosine_mean"] == distance["cosine_mean"]
                else "not measurable (nan): check the model")
-    return (f"vs the original on {distance['text']}: mean cosine {distance['cosine_mean']:.4f} (min "
-            f"{distance['cosine_min']:.4f}) of the {what}; {verdict}\n"
+    return (f"{describe(distance, args.task, 'the original')}; {verdict}\n"
             f"next: edgefuse finetune {args.out_dir} {args.out_dir.rstrip('/')}-recovered --task {args.task} "
             f"{data} {objective} --teacher {args.model} --max-steps 200")

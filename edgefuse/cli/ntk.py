@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
                    "class0-prob of a random head, kernel over the lowest (unfused) MLP; flags given override it")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder/Hub")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--out", help="also write the result as JSON to this file (atomically)")
+    p.add_argument("-o", "--out", help="also write the result as JSON to this file (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run)
 

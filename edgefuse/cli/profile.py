@@ -65,7 +65,7 @@ def register(sub: Any) -> None:
     p.add_argument("--config", help="YAML with profile keys (top level, or under a 'profile:' section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and run nothing")
-    p.add_argument("--out", help="write profile.json and report.{json,md,html} into this folder")
+    p.add_argument("-o", "--out", help="write profile.json and report.{json,md,html} into this folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     p.set_defaults(run=run)

@@ -77,7 +77,10 @@ def register(sub: Any) -> None:
     p.add_argument("export_dir", help="folder written by `edgefuse export` (or a .onnx file)")
     p.add_argument("--config", type=Path, metavar="YAML", help="quantize settings file (keys of QuantizeConfig)")
     add_flags(p, QuantizeConfig, QUANTIZE_FLAGS)
-    p.add_argument("--out-dir", type=Path, help="folder of the quantized graph (model.onnx + config + tokenizer, "
+    p.add_argument("--teacher", metavar="MODEL", help="the original (unfused) model: print how far the quantized "
+                   "graph is from it on built-in sentences (the check above compares with the fp32 graph only)")
+    p.add_argument("-o", "--out", "--out-dir", dest="out_dir", type=Path,
+                   help="folder of the quantized graph (model.onnx + config + tokenizer, "
                    "loadable with optimum's from_pretrained); default EXPORT_DIR-<variant>, e.g. minilm-onnx-int8; "
                    "EXPORT_DIR itself writes model_<variant>.onnx beside the fp32 graph")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and preset, write nothing")
@@ -135,8 +138,27 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is None:
         out_dir = default_out_dir(Path(args.export_dir), cfg, resolve_preset(cfg.preset).name)
     res = quantize_onnx(Path(args.export_dir), cfg, out_dir)
-    print(json.dumps(res.to_dict(), indent=2, default=str) if args.json else format_result(res))
+    vs_teacher = _vs_teacher(args, res) if getattr(args, "teacher", None) else None
+    from edgefuse.cli.export import print_result
+
+    print_result(res.to_dict(), format_result(res), vs_teacher, (vs_teacher or {}).get("task", ""), args)
     return 0
+
+
+def _vs_teacher(args: argparse.Namespace, res: Any) -> dict[str, Any]:
+    """The quantized graph against the teacher (PyTorch) on built-in sentences, with the folder's tokenizer."""
+    from edgefuse.manifest import read_manifest
+    from edgefuse.models import load_model
+    from edgefuse.quantize.agreement import graph_vs_teacher
+    from edgefuse.quantize.evaluate import folder_tokenizer
+
+    folder = Path(res.onnx_path).parent
+    task = read_manifest(folder).get("task") or "feature-extraction"
+    num_labels = 2
+    if task == "sequence-classification":
+        num_labels = len(json.loads((folder / "config.json").read_text()).get("id2label") or {0: 0, 1: 1})
+    teacher = load_model(args.teacher, task, num_labels=num_labels)
+    return {**graph_vs_teacher(res.onnx_path, teacher, folder_tokenizer(folder), task), "task": task}
 
 
 def default_out_dir(src: Path, cfg: Any, preset: str) -> Path | None:

@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("report", help="JSON / Markdown / HTML report from result files", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULT.json", help="result files (profile.json, report.json, ...)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--formats", nargs="+", choices=REPORT_FORMATS, help="default: json md html")
     p.add_argument("--title", help="report title")
     p.add_argument("--variants", help="JSON list of rows {variant, latency_ms, accuracy|cosine, ...} to plot")

@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("schema", help="print or write the JSON schema of pipeline configs", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--output", "-o", metavar="PATH", help="write the schema to PATH instead of printing it")
+    group.add_argument("-o", "--out", "--output", dest="output", metavar="PATH",
+                       help="write the schema to PATH instead of printing it")
     group.add_argument("--check", metavar="PATH", help="compare PATH with the current schema; exit 2 when it differs")
     p.add_argument("--markdown", action="store_true",
                    help="the config reference as Markdown tables (every section and key) instead of JSON")

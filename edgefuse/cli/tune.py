@@ -81,16 +81,13 @@ def resolve_candidates(cfg: Any, folder: Path, names: list[str] | None) -> Any:
     Raises:
         ConfigError: a name that is not a candidate (the message lists the names).
     """
-    from edgefuse.errors import ConfigError, EdgefuseError
+    from edgefuse.errors import ConfigError
     from edgefuse.manifest import read_manifest
-    from edgefuse.optimize.fusions import ort_model_type
+    from edgefuse.optimize.fusions import ort_model_type_or_none
     from edgefuse.tune.candidates import default_candidates
 
     manifest = read_manifest(folder)
-    try:
-        ort_type: str | None = ort_model_type(str(manifest.get("model_type", "?")))
-    except EdgefuseError:
-        ort_type = None
+    ort_type = ort_model_type_or_none(str(manifest.get("model_type", "?")))
     pool = list(cfg.candidates) if cfg.candidates is not None else default_candidates(
         ort_type, manifest.get("task", "feature-extraction"))
     if names is None:

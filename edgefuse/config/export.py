@@ -72,6 +72,14 @@ class ExportConfig(StrictModel):
         8, ge=0, description="causal-lm: greedy tokens that ONNX Runtime must produce identically to PyTorch (0: skip)."
     )
     seed: int = Field(0, description="Seed of the random token ids used for validation.")
+    labels: list[str] | None = Field(
+        None, description="sequence-classification: the class names in label-id order, written to config.json's "
+        "id2label/label2id (so optimum's pipeline says 'positive', not 'LABEL_1'). None: keep the model's."
+    )
+    sentence_embedding: bool = Field(
+        False, description="feature-extraction: also output sentence_embedding (mean pooling over the real tokens, "
+        "then L2 normalisation: the sentence-transformers head of all-MiniLM-L6-v2), validated like the rest."
+    )
     ort: bool = Field(
         False, description="Also write model.ort (onnxruntime Mobile format) and model.required_operators.config "
         "(for a reduced-size build), converted by onnxruntime's tool and verified against model.onnx."

@@ -135,8 +135,8 @@ class PipelineConfig(StrictModel):
     optimize: OptimizeConfig | None = Field(
         None,
         description="Apply onnxruntime's transformer fusions to the exported graph (checked against it); quantize "
-        "then works on the optimized graph. None (default): edgefuse's graphs stay op for op the exporter's, which "
-        "measured faster on x86 with AVX-512 VNNI (benchmarks/results/tune.md).",
+        "then works on the optimized graph. None (default): the exporter's graph as is. Whether fusions help depends "
+        "on the fusion set, the session options and the CPU (benchmarks/results/tune.md); a tune section measures it.",
     )
     quantize: QuantizeConfig | None = Field(None, description="Quantize the exported graph. None: fp32 only.")
     tune: TuneConfig | None = Field(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +117,28 @@ def _failure_message(
             "Nothing was written; loosen --atol/--rtol only if the difference is expected")
 
 
+def _set_labels(model: Any, cfg: ExportConfig) -> None:
+    """Name the classes in the model's config (saved as config.json's id2label / label2id)."""
+    labels = list(cfg.labels or [])
+    n = int(getattr(model.config, "num_labels", 0) or 0)
+    if cfg.task != "sequence-classification":
+        raise ConfigError(f"labels name the classes of a sequence-classification export, not {cfg.task!r}")
+    if len(labels) != n or len(set(labels)) != len(labels):
+        raise ConfigError(f"labels {labels} must be {n} distinct names, one per class of the model (num_labels {n})")
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+
+
 def export_onnx(
-    model: Any, cfg: ExportConfig, out_dir: Path, *, tokenizer: Any = None, overwrite: bool = False
+    model: Any, cfg: ExportConfig | Mapping[str, Any] | None, out_dir: Path, *, tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ``out_dir`` as a validated ONNX folder.
 
     Args:
         model: a transformers model for ``cfg.task`` (fused or not; any architecture of ``edgefuse.fusion.archs``).
-        cfg: the export settings (task, exporter, fold of the fusion scale, tolerances, shapes).
+        cfg: the export settings (task, exporter, fold of the fusion scale, tolerances, shapes): an
+            :class:`ExportConfig`, a mapping of its keys, or None for the defaults (as every API function).
         out_dir: the folder to create.
         tokenizer: saved into the folder and used for a real-text validation case and the generation prompt.
         overwrite: replace an existing ``out_dir``.
@@ -141,8 +156,14 @@ def export_onnx(
         >>> ExportConfig(task="causal-lm", generate_tokens=16).generate_tokens
         16
     """
+    from edgefuse.config import as_config
     from edgefuse.fusion.scale import iter_scaled
 
+    cfg = as_config(ExportConfig, cfg)
+    if cfg.sentence_embedding and cfg.task != "feature-extraction":
+        raise ConfigError(f"sentence_embedding needs task feature-extraction, not {cfg.task!r}")
+    if cfg.labels is not None:
+        _set_labels(model, cfg)
     out_dir = Path(out_dir)
     model.eval()
     fold = resolve_fold(model, cfg.fold_scales)
@@ -160,6 +181,11 @@ def export_onnx(
             start = time.perf_counter()
             with moe_routing(traced, mode) as routing:
                 exporter = export_graph(traced, cfg, tmp)
+            if cfg.sentence_embedding:
+                from edgefuse.export.pooling import add_sentence_embedding
+
+                add_sentence_embedding(tmp / ONNX_NAME)
+                exporter += "; + sentence_embedding (mean pooling, L2 normalisation)"
             if routing.blocks:
                 exporter = f"{exporter}; {routing.describe()}"
             if tokenizer is not None:

@@ -59,6 +59,10 @@ def _torch_outputs(model: Any, feed: dict[str, np.ndarray], past: Any = None) ->
         value = getattr(out, key, None)
         if value is not None:
             named[key] = value.float().numpy()
+    if "last_hidden_state" in named and "attention_mask" in feed:  # the pooled head, when the graph has one
+        from edgefuse.export.pooling import reference_embedding
+
+        named["sentence_embedding"] = reference_embedding(named["last_hidden_state"], feed["attention_mask"])
     pkv = getattr(out, "past_key_values", None)
     if past is not None and pkv is not None:
         for i, (k, v) in enumerate(_legacy_past(pkv)):

@@ -196,9 +196,9 @@ def fuse_mlps_(
 ) -> FusionResult:
     """Compress the selected MLPs of ``model`` in place with ``cfg.method``; return what was done.
 
-    ``fusion`` attaches the cluster sizes as a frozen scale before each down projection (see
-    :mod:`edgefuse.fusion.scale`); call :func:`edgefuse.fusion.scale.fold_scales_` before inference-only export. MoE
-    routers are frozen and never changed. The model keeps its class; its config records the new widths.
+    ``fusion`` and ``fusion-pruned`` attach the cluster sizes as a frozen scale before each down projection (see
+    :mod:`edgefuse.fusion.scale`); call :func:`edgefuse.fusion.scale.fold_scales_` before inference-only export.
+    MoE routers are frozen and never changed. The model keeps its class; its config records the new widths.
 
     Args:
         model: a transformers model of a supported architecture (``edgefuse.fusion.archs.supported_model_types()``).

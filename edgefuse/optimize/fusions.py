@@ -54,6 +54,19 @@ def ort_model_type(model_type: str, choice: str = "auto") -> str:
     )
 
 
+def ort_model_type_or_none(model_type: str) -> str | None:
+    """:func:`ort_model_type` with ``auto``, or None for an architecture the fusions do not cover.
+
+    Example:
+        >>> ort_model_type_or_none("mixtral") is None
+        True
+    """
+    try:
+        return ort_model_type(model_type)
+    except UnsupportedArchitectureError:
+        return None
+
+
 def fusion_options(model_type: str, enabled: Iterable[str]) -> Any:
     """A ``FusionOptions`` with exactly the fusions in ``enabled`` switched on."""
     from onnxruntime.transformers.fusion_options import FusionOptions

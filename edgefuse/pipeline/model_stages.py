@@ -114,9 +114,12 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
     plan = plan_fusion(base, cfg.fusion)
     snap = width_snapper([plan.steps[0].width_before], cfg.fusion.round_to)
 
+    texts, calib_tok = _calibration(ctx, cfg.fusion)
+
     def measure(ratio: float) -> float:
         model = copy.deepcopy(base)
-        fuse_mlps_(model, cfg.fusion.model_copy(update={"keep_ratio": ratio, "width": None}))
+        fuse_mlps_(model, cfg.fusion.model_copy(update={"keep_ratio": ratio, "width": None}), texts=texts,
+                   tokenizer=calib_tok)
         if search.finetune:
             from edgefuse.finetune.api import finetune_
 

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +65,15 @@ __all__ = ["ProfileConfig", "ProfileResult", "profile_onnx"]
 
 
 def profile_onnx(
-    paths: Sequence[Path | str], cfg: ProfileConfig | None = None, *,
+    paths: Sequence[Path | str], cfg: ProfileConfig | Mapping[str, Any] | None = None, *,
     session_options: Sequence[dict[str, Any] | None] | None = None, trace_dir: Path | str | None = None,
 ) -> ProfileResult:
     """Profile one or more ONNX graphs on ``cfg.target``; the first graph is the reference of the ratios.
 
     Args:
         paths: ``.onnx`` files or folders of them (a folder expands to its ``*.onnx``, sorted).
-        cfg: what to measure and where (default: local, threads 1..cores, batch 1, sequence 128).
+        cfg: what to measure and where: a :class:`ProfileConfig`, a mapping of its keys, or None (local, threads
+            1..cores, batch 1, sequence 128).
         session_options: per graph, onnxruntime session options of its own (``disabled_optimizers``,
             ``allow_spinning``, ``intra_op_threads``, ``session_config``). None: a graph that ``edgefuse tune``
             chose gets the options recorded with it in its folder's manifest; other graphs get ``cfg``'s.
@@ -94,7 +95,9 @@ def profile_onnx(
         >>> profile_onnx(["tiny.onnx"], cfg).graphs[0].latency[0].latency_ms_p50 > 0  # doctest: +SKIP
         True
     """
-    cfg = cfg or ProfileConfig()
+    from edgefuse.config import as_config
+
+    cfg = as_config(ProfileConfig, cfg)
     if cfg.keep_trace and (trace_dir is None or not cfg.op_profile):
         raise ConfigError("keep_trace needs op_profile on and a folder for the traces (profile_onnx(trace_dir=...), "
                           "or --out with edgefuse profile --keep-trace)")

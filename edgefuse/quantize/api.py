@@ -29,7 +29,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,7 +333,8 @@ def _eval_accuracy(
 
 
 def quantize_onnx(
-    src: Path, cfg: QuantizeConfig, out_dir: Path | None = None, *, calibration_texts: list[str] | None = None
+    src: Path, cfg: QuantizeConfig | Mapping[str, Any] | None = None, out_dir: Path | None = None, *,
+    calibration_texts: list[str] | None = None,
 ) -> QuantizeResult:
     """Quantize an exported graph, check it against fp32, and record it in the folder's manifest.
 
@@ -344,7 +345,8 @@ def quantize_onnx(
 
     Args:
         src: an export folder (its ``model.onnx`` is quantized) or a ``.onnx`` file.
-        cfg: mode, preset, exclusions, calibration and the checks.
+        cfg: mode, preset, exclusions, calibration and the checks: a :class:`QuantizeConfig`, a mapping of its
+            keys, or None for the defaults (dynamic int8 for this CPU).
         out_dir: where to write: another folder gets ``model.onnx`` plus the config, tokenizer and a manifest
             (loadable with optimum's ``from_pretrained``); default: beside the source as ``model_<variant>.onnx``.
         calibration_texts: texts to calibrate and compare on (instead of ``cfg.calibration_data``).
@@ -360,9 +362,11 @@ def quantize_onnx(
         >>> res.onnx_path.name  # doctest: +SKIP
         'model_int8.onnx'
     """
+    from edgefuse.config import as_config
     from edgefuse.ort import make_session
     from edgefuse.quantize.presets import resolve_preset
 
+    cfg = as_config(QuantizeConfig, cfg)
     start = time.perf_counter()
     mode = get_mode(cfg.mode)
     preset = resolve_preset(cfg.preset)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgefuse.config.tune import CandidateConfig, TuneConfig
-from edgefuse.errors import EdgefuseError, OutputExistsError, QuantizationError, TargetNotFoundError
+from edgefuse.errors import OutputExistsError, QuantizationError, TargetNotFoundError
 from edgefuse.manifest import add_graph, read_manifest, write_manifest
 from edgefuse.metrics import passes_min
 from edgefuse.tune.report import CandidateResult, TuneResult, markdown
@@ -96,7 +96,7 @@ def tune_folder(folder: Path, cfg: TuneConfig, *, calibration_texts: list[str] |
         QuantizationError: no candidate passed the gate (nothing is written).
         ProfileError: timing on the target failed.
     """
-    from edgefuse.optimize.fusions import heads_and_hidden, ort_model_type
+    from edgefuse.optimize.fusions import heads_and_hidden, ort_model_type_or_none
 
     start = time.perf_counter()
     folder = Path(folder)
@@ -108,10 +108,7 @@ def tune_folder(folder: Path, cfg: TuneConfig, *, calibration_texts: list[str] |
     if existing and not cfg.overwrite:
         raise OutputExistsError(f"{', '.join(existing)} already exist in {str(folder)!r}; pass --overwrite to re-tune")
     task = manifest.get("task", "feature-extraction")
-    try:
-        ort_type: str | None = ort_model_type(str(manifest.get("model_type", "?")))
-    except EdgefuseError:
-        ort_type = None
+    ort_type = ort_model_type_or_none(str(manifest.get("model_type", "?")))
     from edgefuse.tune.candidates import build, default_candidates
 
     candidates = list(cfg.candidates) if cfg.candidates is not None else default_candidates(ort_type, task)
