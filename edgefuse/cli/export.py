@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.cli.options import Flag, add_flags, add_task, flag_values
+from edgefuse.cli.options import Flag, add_flags, add_task, flag_values, print_result
 from edgefuse.config.export import EXPORT_TASKS, ExportConfig
 
 HELP = """Export a model to ONNX and validate the graph against PyTorch on shapes other than the traced one,
@@ -75,9 +74,9 @@ def _config(args: argparse.Namespace) -> Any:
 
     values: dict[str, Any] = {}
     if args.config is not None:
-        from edgefuse.cli.quantize import load_yaml
+        from edgefuse.io_utils import read_yaml_mapping
 
-        values.update(load_yaml(args.config))
+        values.update(read_yaml_mapping(Path(args.config)))
     values.update(flag_values(args, EXPORT_FLAGS))
     for key in ("task", "validate_shapes"):
         if getattr(args, key) is not None:
@@ -136,15 +135,3 @@ def run(args: argparse.Namespace) -> int:
     print_result(res.to_dict(), format_result(res), vs_teacher, cfg.task, args)
     return 0
 
-
-def print_result(data: dict[str, Any], text: str, vs_teacher: dict[str, Any] | None, task: str,
-                 args: argparse.Namespace) -> None:
-    """The result as JSON (with ``vs_teacher``) or as text plus one line on the teacher (export, quantize)."""
-    if args.json:
-        print(json.dumps({**data, **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2, default=str))
-        return
-    print(text)
-    if vs_teacher is not None:
-        from edgefuse.quantize.agreement import describe
-
-        print(f"  {describe(vs_teacher, task, f'the teacher {args.teacher}')}")

@@ -52,11 +52,11 @@ _KEYS = ("disable", "model_type", "opt_level", "atol", "rtol", "min_cosine", "ou
 def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from edgefuse.cli.quantize import load_yaml
     from edgefuse.config.messages import validation_message
     from edgefuse.config.optimize import OptimizeConfig
+    from edgefuse.io_utils import read_yaml_mapping
 
-    values: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
+    values: dict[str, Any] = read_yaml_mapping(Path(args.config)) if args.config is not None else {}
     values.update({k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None})
     if args.fusions is not None:
         keyword = args.fusions[0] if len(args.fusions) == 1 and args.fusions[0] in ("default", "none") else None

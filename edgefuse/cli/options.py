@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
@@ -218,3 +219,16 @@ def format_table(rows: Sequence[Sequence[str]], *, header: Sequence[str] | None 
 def print_table(rows: Sequence[Sequence[str]], **kwargs: Any) -> None:
     """:func:`format_table` on stdout."""
     print(format_table(rows, **kwargs), file=sys.stdout)
+
+
+def print_result(data: dict[str, Any], text: str, vs_teacher: dict[str, Any] | None, task: str,
+                 args: argparse.Namespace) -> None:
+    """The result as JSON (with ``vs_teacher``) or as text plus one line on the teacher (export, quantize)."""
+    if args.json:
+        print(json.dumps({**data, **({"vs_teacher": vs_teacher} if vs_teacher else {})}, indent=2, default=str))
+        return
+    print(text)
+    if vs_teacher is not None:
+        from edgefuse.quantize.agreement import describe
+
+        print(f"  {describe(vs_teacher, task, f'the teacher {args.teacher}')}")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.cli.options import Flag, add_flags, flag_values
+from edgefuse.cli.options import Flag, add_flags, flag_values, print_result
 from edgefuse.config.quantize import QuantizeConfig
 
 HELP = """Quantize the fp32 graph of an export folder and check the result against it.
@@ -30,18 +30,6 @@ examples:
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
   edgefuse quantize out/sst2-onnx --eval-data data/sst2/validation.tsv
 """
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (``yaml.safe_load``).
-
-    Raises:
-        TargetNotFoundError: the file does not exist.
-        ConfigError: it is not valid YAML or not a mapping.
-    """
-    from edgefuse.io_utils import read_yaml_mapping
-
-    return read_yaml_mapping(Path(path))
 
 
 # the QuantizeConfig keys this command sets (type, choices and help come from the config); every key is a flag
@@ -92,8 +80,9 @@ def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
     from edgefuse.config.messages import first_error
+    from edgefuse.io_utils import read_yaml_mapping
 
-    values: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
+    values: dict[str, Any] = read_yaml_mapping(Path(args.config)) if args.config is not None else {}
     values.update(flag_values(args, QUANTIZE_FLAGS))
     try:
         return QuantizeConfig(**values)
@@ -139,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
         out_dir = default_out_dir(Path(args.export_dir), cfg, resolve_preset(cfg.preset).name)
     res = quantize_onnx(Path(args.export_dir), cfg, out_dir)
     vs_teacher = _vs_teacher(args, res) if getattr(args, "teacher", None) else None
-    from edgefuse.cli.export import print_result
 
     print_result(res.to_dict(), format_result(res), vs_teacher, (vs_teacher or {}).get("task", ""), args)
     return 0

@@ -58,12 +58,12 @@ _KEYS = ("budget_s", "threads", "batch_size", "sequence_length", "clock", "min_c
 def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from edgefuse.cli.quantize import load_yaml
     from edgefuse.config.messages import validation_message
     from edgefuse.config.tune import TuneConfig
     from edgefuse.errors import ConfigError
+    from edgefuse.io_utils import read_yaml_mapping
 
-    values: dict[str, Any] = load_yaml(args.config) if args.config is not None else {}
+    values: dict[str, Any] = read_yaml_mapping(Path(args.config)) if args.config is not None else {}
     values.update({k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None})
     ssh = {"ssh_identity_file": args.ssh_identity, "ssh_known_hosts_file": args.ssh_known_hosts}
     if any(v is not None for v in ssh.values()):

@@ -59,7 +59,9 @@ def _torch_outputs(model: Any, feed: dict[str, np.ndarray], past: Any = None) ->
         value = getattr(out, key, None)
         if value is not None:
             named[key] = value.float().numpy()
-    if "last_hidden_state" in named and "attention_mask" in feed:  # the pooled head, when the graph has one
+    # the pooled head, when the graph has one (an encoder-decoder's last_hidden_state is the decoder's: no pooling)
+    if "last_hidden_state" in named and "attention_mask" in feed \
+            and named["last_hidden_state"].shape[:2] == feed["attention_mask"].shape:
         from edgefuse.export.pooling import reference_embedding
 
         named["sentence_embedding"] = reference_embedding(named["last_hidden_state"], feed["attention_mask"])
