@@ -186,8 +186,9 @@ def onnx_rows(args: argparse.Namespace, prompts: list[str], refs: list[list[str]
         folder = WORK / f"onnx_{name}"
         if not (folder / "manifest.json").is_file():
             model = load_fused(WORK / name)
-            # 30 fine-tuned layers: fp32 kernel reassociation reaches ~1e-3 on the logits (bench_generation.py)
-            export_onnx(model, ExportConfig(task="causal-lm", generate_tokens=8, atol=2e-3), folder, tokenizer=tok,
+            # 30 fine-tuned layers with the scale folded: fp32 kernel reassociation reached 5.6e-3 on logits of
+            # magnitude ~20 (cosine 1.000000, measured on the recovered model); greedy tokens must still match
+            export_onnx(model, ExportConfig(task="causal-lm", generate_tokens=8, atol=1e-2), folder, tokenizer=tok,
                         overwrite=True)
             del model
         graphs = {f"{name} onnx fp32": folder / "model.onnx"}
