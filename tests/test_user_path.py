@@ -1,6 +1,6 @@
 """A new user's path, as the README tells it, on a model of their own (a tiny local BERT folder):
 
-fuse -> recover (fine-tune with distillation) -> export (with the onnxruntime Mobile .ort file) -> quantize
+fuse -> recover (fine-tune with distillation) -> export (with the onnxruntime Mobile .ort file) -> quantize -> tune
 -> profile -> load in optimum (feature extraction and classification) -> the .ort model in onnxruntime.
 
 Every step is the real CLI; every check runs a real onnxruntime session or optimum model.
@@ -178,3 +178,27 @@ def test_labels_must_name_every_class(user: dict[str, Path], tmp_path: Path, cap
     args = ["export", str(user["model"]), str(tmp_path / "x"), "--task", "sequence-classification", "--labels"]
     assert main([*args, "only-one"]) == 2
     assert "must be 2 distinct names" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_tune_then_load_the_tuned_graph_in_optimum(user: dict[str, Path], tmp_path: Path) -> None:
+    """README's tune step on the user's export: the winner and its session options travel with the folder, and
+    optimum runs exactly that graph when handed the tuned session."""
+    import json
+    import shutil
+
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoConfig
+
+    from edgefuse.ort import session
+
+    folder = tmp_path / "onnx-cls"
+    shutil.copytree(user["root"] / "onnx-cls", folder)  # the module's folder stays as the other tests expect
+    assert main(["tune", str(folder), "--budget-s", "2", "--seq-len", "8",
+                 "--candidates", "int8", "int8-noskipfusion"]) == 0
+    tuned = json.loads((folder / "manifest.json").read_text())["tuned"]
+    assert (folder / tuned["graph"]).is_file()
+    tok = tiny_tokenizer()
+    batch = dict(tok(_texts(), padding=True, return_tensors="np"))
+    model = ORTModelForSequenceClassification(config=AutoConfig.from_pretrained(folder), session=session(folder))
+    got = model(**tok(_texts(), padding=True, return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(got, _ort_logits(folder / tuned["graph"], batch), atol=1e-5)
