@@ -139,10 +139,12 @@ def config_from_args(args: argparse.Namespace, model: type, flags: Sequence[Flag
             key and what is allowed.
 
     Example:
-        >>> from edgefuse.config.fusion import FusionConfig
-        >>> args = argparse.Namespace(config=None, method="prune", layers=None)
-        >>> config_from_args(args, FusionConfig, (Flag("method"), Flag("layers")), section="fuse").method
-        'prune'
+        >>> from edgefuse.config.quantize import QuantizeConfig
+        >>> args = argparse.Namespace(config=None, mode="int4", block_size=None)
+        >>> cfg = config_from_args(args, QuantizeConfig, (Flag("mode"), Flag("block_size")), section="quantize",
+        ...                        extra={"min_cosine": 0.9})
+        >>> (cfg.mode, cfg.min_cosine)
+        ('int4', 0.9)
     """
     from pydantic import ValidationError
 
