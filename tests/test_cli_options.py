@@ -12,13 +12,15 @@ import pytest
 from tiny import tiny_model
 
 from edgefuse.cli import build_parser, main
-from edgefuse.cli.options import Flag, add_flags, fields_without_flag, flag_values, format_table
+from edgefuse.cli.options import Flag, add_flags, config_from_args, fields_without_flag, flag_values, format_table
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.finetune import OBJECTIVES, DataConfig, FinetuneConfig
 from edgefuse.config.fusion import FusionConfig
 from edgefuse.config.ntk import NtkConfig
+from edgefuse.config.optimize import OptimizeConfig
 from edgefuse.config.profile import ProfileConfig
 from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.config.tune import TuneConfig
 
 
 def _sub(name: str) -> argparse.ArgumentParser:
@@ -27,7 +29,7 @@ def _sub(name: str) -> argparse.ArgumentParser:
 
 
 def _tables() -> list[tuple[str, type, tuple[Flag, ...]]]:
-    from edgefuse.cli import export, finetune, fuse, ntk, profile, quantize
+    from edgefuse.cli import export, finetune, fuse, ntk, optimize, profile, quantize, tune
 
     return [
         ("fuse", FusionConfig, fuse.WIDTH_FLAGS + fuse.FUSE_FLAGS),
@@ -37,6 +39,8 @@ def _tables() -> list[tuple[str, type, tuple[Flag, ...]]]:
         ("finetune", DataConfig, finetune.DATA_FLAGS),
         ("profile", ProfileConfig, profile.PROFILE_FLAGS),
         ("ntk", NtkConfig, ntk.NTK_FLAGS),
+        ("optimize", OptimizeConfig, optimize.OPTIMIZE_FLAGS),
+        ("tune", TuneConfig, tune.TUNE_FLAGS),
     ]
 
 
@@ -56,7 +60,7 @@ def test_every_flag_takes_its_choices_and_help_from_the_config(command: str, mod
 
 
 def test_the_keys_left_to_yaml_are_deliberate() -> None:
-    from edgefuse.cli import export, finetune, fuse, quantize
+    from edgefuse.cli import export, finetune, fuse, optimize, quantize, tune
 
     assert fields_without_flag(FusionConfig, fuse.WIDTH_FLAGS + fuse.FUSE_FLAGS) == []
     assert fields_without_flag(QuantizeConfig, quantize.QUANTIZE_FLAGS) == []
@@ -65,6 +69,29 @@ def test_the_keys_left_to_yaml_are_deliberate() -> None:
     assert set(fields_without_flag(FinetuneConfig, finetune.FT_FLAGS + finetune.WEIGHT_FLAGS)) == {
         "task", "no_decay_bias_and_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "sample_max_new_tokens"}
     assert set(fields_without_flag(DataConfig, finetune.DATA_FLAGS)) == {"prompt_separator", "seed"}
+    # own option: --fusions (a list of names or one keyword); validate_shapes (pairs) and seed: YAML only
+    assert fields_without_flag(OptimizeConfig, optimize.OPTIMIZE_FLAGS) == ["fusions", "validate_shapes", "seed"]
+    # own options: --candidates (names from the default set), --ssh-identity/--ssh-known-hosts (profile_settings)
+    assert set(fields_without_flag(TuneConfig, tune.TUNE_FLAGS)) == {
+        "candidates", "min_rounds", "warmup_runs", "calibration_samples", "max_sequence_length", "eval_samples",
+        "profile_settings", "output_name", "seed"}
+
+
+def test_config_from_args_file_then_flags_then_extra(tmp_path: Path) -> None:
+    from edgefuse.cli import tune
+    from edgefuse.errors import ConfigError
+
+    yaml_file = tmp_path / "tune.yaml"
+    yaml_file.write_text("budget_s: 5\nthreads: 2\nprofile_settings: {timeout_s: 30}\n")
+    args = build_parser().parse_args(["tune", "x", "--config", str(yaml_file), "--threads", "3",
+                                      "--ssh-known-hosts", "kh"])
+    cfg = tune._config(args)
+    assert (cfg.budget_s, cfg.threads) == (5.0, 3)  # the flag wins over the file, the file over the default
+    assert cfg.profile_settings == {"timeout_s": 30, "ssh_known_hosts_file": "kh"}  # merged, not replaced
+    yaml_file.write_text("budget_s: 5\nthreds: 2\n")
+    with pytest.raises(ConfigError, match=r"^tune: unknown key 'threds' \(did you mean 'threads'\?\)") as info:
+        config_from_args(args, tune.TuneConfig, tune.TUNE_FLAGS, section="tune")
+    assert "\n" not in str(info.value)
 
 
 def test_flag_values_are_config_keys_and_unset_flags_are_absent() -> None:

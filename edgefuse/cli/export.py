@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edgefuse.cli.options import Flag, add_flags, add_task, flag_values, print_result
+from edgefuse.cli.options import Flag, add_flags, add_task, config_from_args, print_result
 from edgefuse.config.export import EXPORT_TASKS, ExportConfig
 
 HELP = """Export a model to ONNX and validate the graph against PyTorch on shapes other than the traced one,
@@ -68,27 +68,12 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
-
-    from edgefuse.config.messages import first_error
-
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        from edgefuse.io_utils import read_yaml_mapping
-
-        values.update(read_yaml_mapping(Path(args.config)))
-    values.update(flag_values(args, EXPORT_FLAGS))
-    for key in ("task", "validate_shapes"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    extra: dict[str, Any] = {k: getattr(args, k) for k in ("task", "validate_shapes") if getattr(args, k) is not None}
     if args.task_alias == "text-generation" and args.with_past is None:
-        values["with_past"] = False  # optimum's text-generation is the graph without the KV cache
+        extra["with_past"] = False  # optimum's text-generation is the graph without the KV cache
     if getattr(args, "format", None) == "ort":
-        values["ort"] = True
-    try:
-        return ExportConfig(**values)
-    except ValidationError as exc:
-        raise first_error(exc, "export") from None
+        extra["ort"] = True
+    return config_from_args(args, ExportConfig, EXPORT_FLAGS, section="export", extra=extra)
 
 
 def format_result(res: Any) -> str:

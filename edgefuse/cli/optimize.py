@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.config.optimize import FUSIONS, ORT_MODEL_TYPES
+from edgefuse.cli.options import Flag, add_flags, config_from_args
+from edgefuse.config.optimize import FUSIONS, OptimizeConfig
 
 HELP = f"""Apply onnxruntime's transformer fusions to the fp32 graph of an export folder, each fusion switchable,
 and check the result output by output against the fp32 graph (padded batches, real text, one KV-cache decode
@@ -25,48 +26,40 @@ examples:
 """
 
 
+# the OptimizeConfig keys this command sets (type, choices and help come from the config); --fusions is its own
+# option (see register), validate_shapes (pairs) and seed are left to the YAML file
+OPTIMIZE_FLAGS = (
+    Flag("disable", metavar="NAME"),
+    Flag("model_type"),
+    Flag("opt_level"),
+    Flag("atol"),
+    Flag("rtol"),
+    Flag("min_cosine", metavar="COS"),
+    Flag("output_name"),
+    Flag("overwrite"),
+)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("optimize", help="onnxruntime transformer fusions, each switchable, checked against fp32",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export_dir", help="folder written by `edgefuse export` (or a graph file listed in its manifest)")
     p.add_argument("--config", type=Path, metavar="YAML", help="optimize settings file (keys of OptimizeConfig)")
+    # hand-written: ``fusions`` is a list of names or one keyword ('default', 'none'), a union no Flag can derive
     p.add_argument("--fusions", nargs="+", metavar="NAME",
                    help="fusions to apply (names above), or 'default' or 'none' (default: default)")
-    p.add_argument("--disable", nargs="+", metavar="NAME", help="fusions removed from --fusions")
-    p.add_argument("--model-type", choices=ORT_MODEL_TYPES, help="optimizer class; auto (default) from the manifest")
-    p.add_argument("--opt-level", type=int, choices=(0, 1),
-                   help="1: onnxruntime's basic optimisations first (default 0)")
-    p.add_argument("--atol", type=float, help="absolute tolerance against the fp32 graph (default 1e-4)")
-    p.add_argument("--rtol", type=float, help="relative tolerance against the fp32 graph (default 1e-3)")
-    p.add_argument("--min-cosine", type=float, help="fail below this output cosine against fp32 (default 0.9999)")
-    p.add_argument("--output-name", help="file name of the optimized graph (default model_opt.onnx)")
+    add_flags(p, OptimizeConfig, OPTIMIZE_FLAGS)
     p.add_argument("--out-dir", type=Path, help="write into this folder instead of EXPORT_DIR")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing graph of that name")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(run=run)
 
 
-_KEYS = ("disable", "model_type", "opt_level", "atol", "rtol", "min_cosine", "output_name", "overwrite")
-
-
 def _config(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
-
-    from edgefuse.config.messages import validation_message
-    from edgefuse.config.optimize import OptimizeConfig
-    from edgefuse.io_utils import read_yaml_mapping
-
-    values: dict[str, Any] = read_yaml_mapping(Path(args.config)) if args.config is not None else {}
-    values.update({k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None})
+    extra: dict[str, Any] = {}
     if args.fusions is not None:
         keyword = args.fusions[0] if len(args.fusions) == 1 and args.fusions[0] in ("default", "none") else None
-        values["fusions"] = keyword or args.fusions
-    try:
-        return OptimizeConfig(**values)
-    except ValidationError as exc:
-        from edgefuse.errors import ConfigError
-
-        raise ConfigError(validation_message(exc, "optimize", OptimizeConfig)) from None
+        extra["fusions"] = keyword or args.fusions
+    return config_from_args(args, OptimizeConfig, OPTIMIZE_FLAGS, section="optimize", extra=extra)
 
 
 def format_result(res: Any) -> str:

@@ -127,6 +127,43 @@ def flag_values(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str, An
     return {f.key: getattr(args, f.key) for f in flags if getattr(args, f.key, None) is not None}
 
 
+def config_from_args(args: argparse.Namespace, model: type, flags: Sequence[Flag], *, section: str,
+                     extra: dict[str, Any] | None = None) -> Any:
+    """``model`` built from the ``--config`` YAML file (if given), then the flags given, then ``extra``.
+
+    ``extra`` holds the keys a command sets from its own options (those no :class:`Flag` can derive); a mapping
+    in ``extra`` is merged into the file's mapping of the same key (one option sets one key of a section).
+
+    Raises:
+        ConfigError: an unreadable YAML file, or a value the config rejects, as one line naming ``section``, the
+            key and what is allowed.
+
+    Example:
+        >>> from edgefuse.config.quantize import QuantizeConfig
+        >>> args = argparse.Namespace(config=None, mode="int4", block_size=None)
+        >>> cfg = config_from_args(args, QuantizeConfig, (Flag("mode"), Flag("block_size")), section="quantize",
+        ...                        extra={"min_cosine": 0.9})
+        >>> (cfg.mode, cfg.min_cosine)
+        ('int4', 0.9)
+    """
+    from pydantic import ValidationError
+
+    from edgefuse.config.messages import validation_message
+    from edgefuse.errors import ConfigError
+    from edgefuse.io_utils import read_yaml_mapping
+
+    config = getattr(args, "config", None)
+    values: dict[str, Any] = dict(read_yaml_mapping(Path(config))) if config is not None else {}
+    values.update(flag_values(args, flags))
+    for key, value in (extra or {}).items():
+        old = values.get(key)
+        values[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, section, model)) from None
+
+
 def fields_without_flag(model: type, flags: Sequence[Flag]) -> list[str]:
     """The fields of ``model`` that ``flags`` leaves to the YAML file (the tests keep this list deliberate)."""
     given = {f.key for f in flags}

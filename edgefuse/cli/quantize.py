@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgefuse.cli.options import Flag, add_flags, flag_values, print_result
+from edgefuse.cli.options import Flag, add_flags, config_from_args, print_result
 from edgefuse.config.quantize import QuantizeConfig
 
 HELP = """Quantize the fp32 graph of an export folder and check the result against it.
@@ -77,17 +77,7 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
-
-    from edgefuse.config.messages import first_error
-    from edgefuse.io_utils import read_yaml_mapping
-
-    values: dict[str, Any] = read_yaml_mapping(Path(args.config)) if args.config is not None else {}
-    values.update(flag_values(args, QUANTIZE_FLAGS))
-    try:
-        return QuantizeConfig(**values)
-    except ValidationError as exc:
-        raise first_error(exc, "quantize") from None
+    return config_from_args(args, QuantizeConfig, QUANTIZE_FLAGS, section="quantize")
 
 
 def format_result(res: Any) -> str:

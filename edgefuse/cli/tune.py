@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgefuse.cli.options import Flag, add_flags, config_from_args
+from edgefuse.config.tune import TuneConfig
+
 HELP = """Build candidate graphs of an export folder (onnxruntime fusion subsets x int8 modes x per-channel /
 per-tensor) with their session options (disabled optimizers such as SkipLayerNormFusion, spinning, threads),
 reject every candidate whose output cosine against the fp32 graph (or accuracy drop) misses the gate, time the
@@ -26,53 +29,45 @@ examples:
 """
 
 
+# the TuneConfig keys this command sets (type, choices and help come from the config); --candidates and the ssh
+# options are its own (see register); the rest (timing rounds, sample counts, output name, seed) is left to YAML
+TUNE_FLAGS = (
+    Flag("budget_s", metavar="S"),
+    Flag("threads", metavar="N"),
+    Flag("batch_size", metavar="N"),
+    Flag("sequence_length", "--seq-len", metavar="N"),
+    Flag("clock"),
+    Flag("min_cosine", metavar="COS"),
+    Flag("calibration_data", metavar="FILE"),
+    Flag("eval_data", metavar="TSV"),
+    Flag("max_accuracy_drop", metavar="DROP"),
+    Flag("target", metavar="TARGET"),
+    Flag("overwrite"),
+)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("tune", help="choose the fastest gated graph + session options on the target",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export_dir", help="folder written by `edgefuse export`")
     p.add_argument("--config", type=Path, metavar="YAML", help="tune settings file (keys of TuneConfig)")
+    # hand-written: --candidates picks names from the default set (resolve_candidates), not the config's list of
+    # candidate sections; the ssh options are keys of the profile_settings mapping, which no Flag can address
     p.add_argument("--candidates", nargs="+", metavar="NAME",
                    help="a subset of the default candidates by name (see --dry-run for the list)")
-    p.add_argument("--budget-s", type=float, help="seconds of interleaved timing for all candidates (default 60)")
-    p.add_argument("--threads", type=int, help="intra-op threads the candidates are timed with (default 1)")
-    p.add_argument("--batch-size", type=int, help="batch size timed (default 1)")
-    p.add_argument("--seq-len", dest="sequence_length", type=int, help="tokens timed (default 128)")
-    p.add_argument("--clock", choices=("cpu", "wall"), help="ranking clock (default cpu)")
-    p.add_argument("--min-cosine", type=float, help="gate: mean output cosine against fp32 (default 0.99)")
-    p.add_argument("--calibration-data", type=Path, metavar="FILE", help="texts for the gate and static calibration")
-    p.add_argument("--eval-data", type=Path, metavar="TSV", help="labelled TSV for an accuracy gate")
-    p.add_argument("--max-accuracy-drop", type=float, help="gate: fp32 accuracy minus candidate accuracy")
-    p.add_argument("--target", help="local (default) or ssh://user@host[:port]")
+    add_flags(p, TuneConfig, TUNE_FLAGS)
     p.add_argument("--ssh-identity", help="ssh private key for an ssh:// target")
     p.add_argument("--ssh-known-hosts", help="known_hosts file with the device's host key")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier tuned graph and report")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and candidates, build nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(run=run)
 
 
-_KEYS = ("budget_s", "threads", "batch_size", "sequence_length", "clock", "min_cosine", "calibration_data",
-         "eval_data", "max_accuracy_drop", "target", "overwrite")
-
-
 def _config(args: argparse.Namespace) -> Any:
-    from pydantic import ValidationError
-
-    from edgefuse.config.messages import validation_message
-    from edgefuse.config.tune import TuneConfig
-    from edgefuse.errors import ConfigError
-    from edgefuse.io_utils import read_yaml_mapping
-
-    values: dict[str, Any] = read_yaml_mapping(Path(args.config)) if args.config is not None else {}
-    values.update({k: getattr(args, k) for k in _KEYS if getattr(args, k) is not None})
     ssh = {"ssh_identity_file": args.ssh_identity, "ssh_known_hosts_file": args.ssh_known_hosts}
-    if any(v is not None for v in ssh.values()):
-        values["profile_settings"] = {**values.get("profile_settings", {}),
-                                      **{k: v for k, v in ssh.items() if v is not None}}
-    try:
-        return TuneConfig(**values)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, "tune", TuneConfig)) from None
+    ssh = {k: v for k, v in ssh.items() if v is not None}
+    extra = {"profile_settings": ssh} if ssh else None  # merged into the file's profile_settings
+    return config_from_args(args, TuneConfig, TUNE_FLAGS, section="tune", extra=extra)
 
 
 def resolve_candidates(cfg: Any, folder: Path, names: list[str] | None) -> Any:
