@@ -14,12 +14,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 HEARTBEAT_S = 30.0
 """Most one heartbeat line per this many seconds."""
+
+_last_line = [time.monotonic()]  # when any heartbeat line was last written: keep_alive stays quiet meanwhile
 
 
 def _clock(seconds: float) -> str:
@@ -51,7 +56,7 @@ class Heartbeat:
             self._postfix = figures
         now = time.monotonic()
         if now - self._last >= self.every_s:
-            self._last = now
+            self._last = _last_line[0] = now
             self.stream.write(self.line(now) + "\n")
             self.stream.flush()
 
@@ -78,3 +83,42 @@ def progress_bar(total: int | None, *, desc: str, unit: str = "step", initial: i
 
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
     return Heartbeat(total, desc=desc, unit=unit, initial=initial)
+
+
+@contextlib.contextmanager
+def keep_alive(what: str, *, enabled: bool = True, stream: IO[str] | None = None,
+               every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the block runs, print ``<what>: still working, elapsed ...`` whenever ``every_s`` seconds passed
+    without any heartbeat line, so that no long command (an export, a quantization, a profile) is silent in a
+    CI log. A daemon thread; it stops when the block ends, however it ends.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> with keep_alive("edgefuse export", stream=out, every_s=0.05):
+        ...     time.sleep(0.2)
+        >>> out.getvalue().splitlines()[0].startswith("edgefuse export: still working, elapsed 0m00s")
+        True
+    """
+    if not enabled:
+        yield
+        return
+    out = stream if stream is not None else sys.stderr
+    stop = threading.Event()
+    t0 = _last_line[0] = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(min(every_s, 1.0)):
+            now = time.monotonic()
+            if now - _last_line[0] >= every_s:
+                _last_line[0] = now
+                out.write(f"{what}: still working, elapsed {_clock(now - t0)}\n")
+                out.flush()
+
+    thread = threading.Thread(target=beat, name="edgefuse-keep-alive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2.0)

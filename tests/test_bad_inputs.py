@@ -768,6 +768,34 @@ def test_heartbeat_instead_of_carriage_returns(monkeypatch) -> None:
     assert "\r" not in line and "step 5/10 (50%)" in line and "loss 0.1234" in line and "ETA" in line
 
 
+def test_keep_alive_speaks_in_logs_and_defers_to_heartbeats() -> None:
+    """A long command without its own progress (export, quantize, profile) says it is alive in a CI log; a
+    command whose heartbeat just printed is not doubled."""
+    import io
+    import time
+
+    from edgefuse.progress import Heartbeat, keep_alive
+
+    out = io.StringIO()
+    with keep_alive("edgefuse export", stream=out, every_s=0.05):
+        time.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert lines and all(ln.startswith("edgefuse export: still working, elapsed ") for ln in lines)
+    time.sleep(0.1)
+    assert out.getvalue().splitlines() == lines  # the thread stopped with the block
+    quiet = io.StringIO()
+    with keep_alive("edgefuse finetune", stream=quiet, every_s=0.3):
+        hb = Heartbeat(100, desc="finetune", stream=io.StringIO(), every_s=0.0)
+        for _ in range(10):  # a heartbeat line every 0.05 s keeps the keep-alive quiet
+            hb.update(1)
+            time.sleep(0.05)
+    assert quiet.getvalue() == ""
+    silent = io.StringIO()
+    with keep_alive("edgefuse profile", stream=silent, every_s=0.01, enabled=False):  # a terminal: tqdm's job
+        time.sleep(0.05)
+    assert silent.getvalue() == ""
+
+
 def test_training_data_fixture_roundtrip(tmp_path) -> None:
     """The data-file check of `run` accepts a file that exists (the counterpart of the missing-file case)."""
     from edgefuse.config.pipeline import config_from_dict

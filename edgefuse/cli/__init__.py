@@ -110,8 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet)
+    from edgefuse.progress import keep_alive
+
     try:
-        return int(args.run(args) or 0)
+        # in a log (stderr not a terminal) a long command says it is alive at most every 30 s
+        with keep_alive(f"edgefuse {args.command}", enabled=not args.quiet and not sys.stderr.isatty()):
+            return int(args.run(args) or 0)
     except BaseException as exc:  # the last line of defence: one line and an exit code, always
         code, line = error_line(exc, verbose=args.verbose)
         if code is None:
