@@ -17,7 +17,7 @@ fusion scale into the weights and save it, ready for `edgefuse export`.
 Objectives (alone or combined, each with a weight; config keys task_weight, logits_weight, hidden_weight):
   task    cross-entropy on the labels (classification) or next-token loss (causal-lm)
   logits  logit distillation: KL to the unfused teacher's logits at --temperature (no labels needed)
-  hidden  layer-wise hidden-state distillation: MSE to the teacher's hidden states (method.md 1.7)
+  hidden  layer-wise hidden-state distillation: MSE to the teacher's hidden states (layer-wise)
 
 The frozen scale (the cluster sizes) is never trained. Data: .tsv/.csv/.jsonl/.txt files or hf:NAME[:CONFIG][@SPLIT].
 Output: OUT_DIR/model (the saved model + tokenizer), OUT_DIR/finetune_result.json, OUT_DIR/checkpoints/.

@@ -1,6 +1,6 @@
 """Named measurement protocols of ``edgefuse ntk``.
 
-``paper`` is the authors' check (method.md 6.2): fuse the upper two thirds of the layers with k-means
+``paper`` is the authors' check (the NTK section of docs/ntk.md): fuse the upper two thirds of the layers with k-means
 ``n_init`` 30, then take the Adam (sign) kernel of ``f = softmax(logits)[0]`` of a random classification head
 over the parameters of the **lowest layer's MLP**, which that protocol leaves unfused. What it can and cannot
 see is in ``docs/ntk.md``: on an unfused lower layer, fusion and merge have identical kernels by construction.
@@ -24,7 +24,7 @@ from edgefuse.config.ntk import paper_layers
 from edgefuse.errors import ConfigError
 from edgefuse.fusion.sites import find_mlps
 
-PAPER_N_INIT = 30  # the authors' k-means restarts (method.md 1.3)
+PAPER_N_INIT = 30  # the authors' k-means restarts (their released code)
 PAPER_OUTPUT = "class0-prob"  # f = softmax(logits)[0] of the (random) classification head
 
 
