@@ -39,6 +39,7 @@ from edgefuse.io_utils import (
 )
 
 MANIFEST_NAME = "manifest.json"
+FP32_GRAPH = "model.onnx"  # the validated fp32 graph of an export folder: what every later stage starts from
 MANIFEST_FORMAT = "edgefuse-export/1"
 _PACKAGES = ("edgefuse", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript",
              "numpy")
@@ -127,6 +128,32 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ConfigError(f"{str(path)!r} has format {found!r}, expected {MANIFEST_FORMAT!r}; re-export the folder")
     return manifest
+
+
+def locate_graph(src: Path, *, require_manifest: bool = True) -> tuple[Path, str, dict[str, Any] | None]:
+    """(folder, graph file name, manifest) of an export folder (its fp32 ``model.onnx``) or of a ``.onnx`` file.
+
+    The graph must be listed in the folder's manifest. With ``require_manifest=False`` a bare ``.onnx`` file in a
+    folder without a manifest is accepted too, and its manifest is None.
+
+    Raises:
+        TargetNotFoundError: neither an export folder nor an existing ``.onnx`` file, no manifest where one is
+            required, or a graph the manifest does not list.
+    """
+    src = Path(src)
+    if src.is_dir():
+        folder, name = src, FP32_GRAPH
+    elif src.suffix == ".onnx" and src.is_file():
+        folder, name = src.parent, src.name
+    else:
+        raise TargetNotFoundError(f"{str(src)!r} is neither an export folder nor an existing .onnx file")
+    if not require_manifest and folder != src and not (folder / MANIFEST_NAME).is_file():
+        return folder, name, None
+    manifest = read_manifest(folder)
+    if name not in manifest.get("graphs", {}):
+        raise TargetNotFoundError(f"{name!r} is not listed in {str(folder / MANIFEST_NAME)!r}; re-export the folder "
+                                  "with `edgefuse export`")
+    return folder, name, manifest
 
 
 def tuned_session_options(graph: Path) -> dict[str, Any] | None:

@@ -24,10 +24,11 @@ import torch
 from edgefuse.config.export import ExportConfig
 from edgefuse.errors import ConfigError, MissingDependencyError
 from edgefuse.fusion.archs import MLP_SPECS
+from edgefuse.manifest import FP32_GRAPH
 
 logger = logging.getLogger(__name__)
 
-ONNX_NAME = "model.onnx"
+ONNX_NAME = FP32_GRAPH  # the one name of the fp32 graph (edgefuse.manifest)
 TORCH_DEFAULT_OPSET = 18
 # optimum-onnx has no ONNX config for these model types; the dense sibling's config has identical inputs and
 # outputs (the MoE block is internal to each layer), so it serves as is. Read from each ArchSpec.optimum_type.

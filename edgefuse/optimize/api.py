@@ -23,31 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from edgefuse.config.optimize import OptimizeConfig
-from edgefuse.errors import ExportValidationError, OutputExistsError, TargetNotFoundError
+from edgefuse.errors import ExportValidationError, OutputExistsError
 from edgefuse.io_utils import publish_file, refuse_symlink
 
 # one implementation of "write beside the source, or into out_dir with its config and tokenizer files"
-from edgefuse.manifest import MANIFEST_NAME, derived_folder, read_manifest, record_derived
+from edgefuse.manifest import derived_folder, locate_graph, record_derived
 from edgefuse.metrics import passes_min
 from edgefuse.optimize.results import OptimizeResult
 
 logger = logging.getLogger(__name__)
 
-SOURCE_NAME = "model.onnx"
 DEFAULT_NAME = "model_opt.onnx"
-
-
-def _locate(src: Path) -> tuple[Path, str, dict[str, Any]]:
-    """(folder, fp32 graph name, manifest) of an export folder or of a graph file in one."""
-    src = Path(src)
-    folder, name = (src, SOURCE_NAME) if src.is_dir() else (src.parent, src.name)
-    if not (folder / name).is_file():
-        raise TargetNotFoundError(f"{str(src)!r} is neither an export folder nor an existing .onnx file")
-    manifest = read_manifest(folder)
-    if name not in manifest.get("graphs", {}):
-        raise TargetNotFoundError(f"{name!r} is not listed in {str(folder / MANIFEST_NAME)!r}; export it with "
-                                  "`edgefuse export` first")
-    return folder, name, manifest
 
 
 def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: int, fusions: tuple[str, ...],
@@ -94,7 +80,7 @@ def optimize_onnx(
     from edgefuse.quantize import evaluate as qe
 
     start = time.perf_counter()
-    folder, src_name, manifest = _locate(Path(src))
+    folder, src_name, manifest = locate_graph(Path(src))  # an optimized graph is always recorded in a manifest
     src_path = folder / src_name
     out = folder if out_dir is None else Path(out_dir)
     name = cfg.output_name or DEFAULT_NAME

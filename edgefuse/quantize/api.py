@@ -43,14 +43,13 @@ from edgefuse.io_utils import (
     refuse_symlink,
     write_marker,
 )
-from edgefuse.manifest import MANIFEST_NAME, derived_folder, read_manifest, record_derived
+from edgefuse.manifest import FP32_GRAPH, derived_folder, locate_graph, record_derived
 from edgefuse.metrics import passes_min
 from edgefuse.names import match_names
 from edgefuse.quantize.modes import QuantMode, get_mode
 
 logger = logging.getLogger(__name__)
 
-SOURCE_NAME = "model.onnx"
 
 
 def variant_name(cfg: QuantizeConfig, preset: str) -> str:
@@ -76,21 +75,7 @@ def default_output_name(cfg: QuantizeConfig, preset: str, *, own_folder: bool = 
     """The file name of a quantized graph: ``model.onnx`` in its own folder, else ``model_<variant>.onnx``."""
     if cfg.output_name:
         return cfg.output_name
-    return SOURCE_NAME if own_folder else f"model_{variant_name(cfg, preset)}.onnx"
-
-
-def _locate(src: Path) -> tuple[Path, str, dict[str, Any] | None]:
-    """(folder, graph file name, manifest or None) for a folder or a .onnx file."""
-    src = Path(src)
-    if src.is_dir():
-        manifest = read_manifest(src)
-        if SOURCE_NAME not in manifest.get("graphs", {}):
-            raise TargetNotFoundError(f"{str(src)!r} has no fp32 {SOURCE_NAME} in its manifest; re-export it")
-        return src, SOURCE_NAME, manifest
-    if src.suffix != ".onnx" or not src.is_file():
-        raise TargetNotFoundError(f"{str(src)!r} is neither an export folder nor an existing .onnx file")
-    manifest = read_manifest(src.parent) if (src.parent / MANIFEST_NAME).is_file() else None
-    return src.parent, src.name, manifest
+    return FP32_GRAPH if own_folder else f"model_{variant_name(cfg, preset)}.onnx"
 
 
 def _infer_task(model: Any) -> str:
@@ -196,7 +181,7 @@ def _open_source(src: Path, cfg: QuantizeConfig, out_dir: Path | None, preset: s
     from edgefuse.ort import load_graph
     from edgefuse.quantize import evaluate as qe
 
-    folder, name, manifest = _locate(Path(src))
+    folder, name, manifest = locate_graph(Path(src), require_manifest=False)
     out = folder if out_dir is None else Path(out_dir)
     out_name = default_output_name(cfg, preset, own_folder=out.resolve() != folder.resolve())
     refuse_symlink(out / out_name)

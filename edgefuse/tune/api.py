@@ -20,13 +20,12 @@ import numpy as np
 
 from edgefuse.config.tune import CandidateConfig, TuneConfig
 from edgefuse.errors import OutputExistsError, QuantizationError, TargetNotFoundError
-from edgefuse.manifest import add_graph, read_manifest, write_manifest
+from edgefuse.manifest import FP32_GRAPH, add_graph, read_manifest, write_manifest
 from edgefuse.metrics import passes_min
 from edgefuse.tune.report import CandidateResult, TuneResult, markdown
 
 logger = logging.getLogger(__name__)
 
-SOURCE_NAME = "model.onnx"
 REPORT_JSON = "tune_report.json"
 REPORT_MD = "tune_report.md"
 
@@ -44,7 +43,7 @@ class _Data:
                           else list(qe.BUILTIN_TEXTS))
         self.task = task
         self.batches = qe.token_batches(texts, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab)
-        ref = make_session(folder / SOURCE_NAME)
+        ref = make_session(folder / FP32_GRAPH)
         self.refs = qe.reference_vectors(ref, task, self.batches)
         calib = qe.token_batches(texts, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab, uniform=True)
         self.feeds = [build_feed(ref, ids, mask) for ids, mask in calib]
@@ -101,8 +100,8 @@ def tune_folder(folder: Path, cfg: TuneConfig, *, calibration_texts: list[str] |
     start = time.perf_counter()
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if SOURCE_NAME not in manifest.get("graphs", {}):
-        raise TargetNotFoundError(f"{str(folder)!r} has no fp32 {SOURCE_NAME} in its manifest; re-export it")
+    if FP32_GRAPH not in manifest.get("graphs", {}):
+        raise TargetNotFoundError(f"{str(folder)!r} has no fp32 {FP32_GRAPH} in its manifest; re-export it")
     outputs = [folder / cfg.output_name, folder / REPORT_JSON, folder / REPORT_MD]
     existing = [p.name for p in outputs if p.exists()]
     if existing and not cfg.overwrite:
@@ -142,7 +141,7 @@ def _build_and_gate(
         t0 = time.perf_counter()
         spec = cand.model_dump(mode="json")
         try:
-            graph, settings = build(cand, folder / SOURCE_NAME, work, ort_type=ort_type, heads=heads, hidden=hidden,
+            graph, settings = build(cand, folder / FP32_GRAPH, work, ort_type=ort_type, heads=heads, hidden=hidden,
                                     feeds=data.feeds, optimized=optimized)
             cos, cos_min, acc, reason = data.gate(graph, cand.session.to_options(), cfg)
         except Exception as exc:  # a candidate that cannot be built or run is rejected, with the reason shown
@@ -175,12 +174,12 @@ def _time(folder: Path, cfg: TuneConfig, task: str, timed: list[CandidateConfig]
         from edgefuse.profile.graphs import write_prefill_inputs
 
         npz = work / "prefill_inputs.npz"
-        if write_prefill_inputs(folder / SOURCE_NAME, cfg.batch_size, cfg.sequence_length, cfg.seed, npz):
+        if write_prefill_inputs(folder / FP32_GRAPH, cfg.batch_size, cfg.sequence_length, cfg.seed, npz):
             settings["inputs_npz"] = npz
     # every graph gets a distinct file name, so the profile's labels are the candidate names
     paths, options = [work / "reference" / "fp32-reference.onnx"], [None]
     paths[0].parent.mkdir()
-    _link_or_copy(folder / SOURCE_NAME, paths[0])
+    _link_or_copy(folder / FP32_GRAPH, paths[0])
     for cand in timed:
         path = work / "timed" / cand.name / f"{cand.name}.onnx"
         path.parent.mkdir(parents=True)
@@ -252,14 +251,14 @@ def _write(folder: Path, manifest: dict[str, Any], cfg: TuneConfig, rows: dict[s
     best = rows[winner]
     cand = CandidateConfig.model_validate(best.spec)
     options = cand.session.to_options()
-    graph_name = SOURCE_NAME if graphs[winner] == folder / SOURCE_NAME else cfg.output_name
-    if graph_name != SOURCE_NAME:
+    graph_name = FP32_GRAPH if graphs[winner] == folder / FP32_GRAPH else cfg.output_name
+    if graph_name != FP32_GRAPH:
         tmp = folder / f".{cfg.output_name}.partial.onnx"
         shutil.copy2(graphs[winner], tmp)
         os.replace(tmp, folder / cfg.output_name)
         add_graph(manifest, folder, cfg.output_name, kind="tuned",
-                  settings={"candidate": best.spec, **best.settings, "source": SOURCE_NAME},
-                  checks={"reference": SOURCE_NAME, "cosine_mean": best.cosine_mean, "cosine_min": best.cosine_min,
+                  settings={"candidate": best.spec, **best.settings, "source": FP32_GRAPH},
+                  checks={"reference": FP32_GRAPH, "cosine_mean": best.cosine_mean, "cosine_min": best.cosine_min,
                           "target_cosine": best.target_cosine, "accuracy": best.accuracy,
                           "accuracy_fp32": data.accuracy_fp32, "ratio_vs_fp32_p50": best.ratio_p50})
     elif (folder / cfg.output_name).exists() and manifest.get("graphs", {}).get(cfg.output_name, {}).get("kind") \
