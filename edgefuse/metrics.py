@@ -48,14 +48,13 @@ class Agreement:
         a = reference.reshape(reference.shape[0], -1).astype(np.float64)
         b = candidate.reshape(candidate.shape[0], -1).astype(np.float64)
         cos = rowwise_cosine(a, b)
-        self._cos_sum += float(cos.sum())
-        # min() with nan would keep the old value: nan must win, so that a gate on cosine_min fails
-        self._cos_min = float("nan") if np.isnan(cos).any() else min(self._cos_min, float(cos.min()))
         if not cos.size:
             return
         self._n += int(cos.size)
-        if a.size:
-            self._max_diff = max(self._max_diff, float(np.abs(a - b).max()))
+        self._cos_sum += float(cos.sum())
+        # np.minimum / np.maximum propagate nan (Python's min/max would drop it): a nan row keeps every gate failing
+        self._cos_min = float(np.minimum(self._cos_min, cos.min()))
+        self._max_diff = float(np.maximum(self._max_diff, np.abs(a - b).max()))
 
     def result(self) -> dict[str, float]:
         """``cosine_mean``, ``cosine_min``, ``max_abs_diff`` and the number of compared rows."""

@@ -71,6 +71,18 @@ def test_zero_outputs_fail_the_cosine_budgets() -> None:
         assert [v.passed for v in verdicts] == [False, False]
 
 
+def test_a_nan_output_fails_the_cosine_and_difference_budgets() -> None:
+    """One nan row among good ones keeps the running minimum and maximum nan, so every budget on them fails."""
+    acc = Agreement()
+    acc.update(np.array([[1.0, np.nan]]), np.array([[1.0, 2.0]]))
+    acc.update(np.ones((2, 2)), np.ones((2, 2)))
+    result = acc.result()
+    assert np.isnan(result["cosine_min"]) and np.isnan(result["max_abs_diff"]) and result["rows"] == 3
+    verdicts = judge(BudgetsConfig(min_cosine=0.5, max_abs_diff=1.0),
+                     {"cosine": result["cosine_min"], "abs_diff": result["max_abs_diff"]})
+    assert [v.passed for v in verdicts] == [False, False]
+
+
 def test_exit_code_of_a_failed_budget_is_documented() -> None:
     assert EXIT_CODES["BudgetExceededError"] == 11
 
