@@ -119,6 +119,13 @@ class PipelineConfig(StrictModel):
         "recover). The result is the teacher of recovery and the reference of the checks. None: the model "
         "as loaded is the teacher.",
     )
+    teacher_cache: bool | str = Field(
+        True,
+        description="Where trained teachers are kept for reuse by any run: true, a '.teacher-cache' folder beside "
+        "the run folder (runs/.teacher-cache); a path; false, no cache. A teacher is reused when the source "
+        "model, the data files, the model/data/teacher sections, edgefuse's training code and the torch and "
+        "transformers versions are all unchanged.",
+    )
     search: SearchConfig | None = Field(
         None, description="Find the smallest fusion.keep_ratio that meets a budget (bisection) before fusing."
     )

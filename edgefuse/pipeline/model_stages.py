@@ -39,11 +39,25 @@ def _finetune(ctx: StageContext, model: Any, cfg: Any, teacher: Any, *, phase: i
 
 
 def run_teacher(ctx: StageContext) -> dict[str, Any]:
-    """Fine-tune the unfused source model on the task (the teacher of recovery and reference of the checks)."""
+    """Fine-tune the unfused source model on the task (the teacher of recovery and reference of the checks),
+    or reuse the same teacher from the teacher cache (:mod:`edgefuse.pipeline.teacher_cache`)."""
+    from edgefuse.pipeline import teacher_cache
+    from edgefuse.pipeline.context import MODEL_DIR, data_hash, source_hash
+
+    root = teacher_cache.cache_root(ctx.cfg.teacher_cache, ctx.store.run_dir)
+    key = teacher_cache.teacher_key(ctx.cfg, source=source_hash(ctx.cfg), data=data_hash(ctx.cfg))
+    hit = teacher_cache.lookup(root, key)
+    if hit is not None:
+        folder, result = hit
+        logger.info("teacher: reusing the trained teacher in %s (same source, data, config and training code)",
+                    folder.parent)
+        teacher_cache.copy_model(folder, ctx.out / MODEL_DIR)
+        return {"finetune": result, "cache": {"hit": True, "entry": str(folder.parent)}}
     model = ctx.load_model("source")
     result = _finetune(ctx, model, ctx.cfg.teacher, None)
     ctx.save_model(model)
-    return {"finetune": result}
+    entry = teacher_cache.store(root, key, ctx.out / MODEL_DIR, result)
+    return {"finetune": result, "cache": {"hit": False, "entry": None if entry is None else str(entry)}}
 
 
 def fusion_config(ctx: StageContext) -> Any:
