@@ -6,9 +6,14 @@ Deployment order for every variant: the cached SST-2 teacher (all-MiniLM-L6-v2 +
 64 tokens) -> fold the frozen scale -> export ONNX (validated against PyTorch) -> int8 dynamic per channel
 (``edgefuse quantize``, host preset) -> accuracy of the int8 graph through onnxruntime.
 
-Selection protocol: recovery evaluates on a held-out slice of the SST-2 *training* file (2 %, seed 0: the same
-rows the teacher recipe held out, so the teacher never trained on them either) and keeps the best checkpoint
-there. The SST-2 validation file is used only once per variant, to report the int8 graph's accuracy.
+Teacher: the SST-2 recipes' own teacher (``export_configs/minilm-sst2-x86_64-int8.yaml``: 2,100 steps, one epoch,
+kept in ``runs/.teacher-cache``), so the front and the shipped recipes start from the same model; pass its folder
+with ``--teacher``.
+
+Selection protocol: recovery evaluates on a held-out slice of the SST-2 *training* file (2 %, seed 0) and keeps
+the best checkpoint there. (The recipe's teacher trained on every training row, so these rows only pick the
+checkpoint; they are not unseen text.) The SST-2 validation file is used only once per variant, to report the
+int8 graph's accuracy.
 
 Variants (``--variants``; widths ``--ratios``):
     teacher-int8           the teacher itself, int8 (no compression, no recovery)
@@ -24,8 +29,8 @@ does not count) and wall clock, interleaved across all graphs in one process (fo
 
 Usage (from the repository root):
 
-    python benchmarks/bench_pareto.py --teacher runs/teacher-sst2/model            # small default budget
-    python benchmarks/bench_pareto.py --teacher runs/teacher-sst2/model --full     # one epoch, 3 seeds (hours)
+    python benchmarks/bench_pareto.py --teacher runs/.teacher-cache/<key>/model    # small default budget
+    python benchmarks/bench_pareto.py --teacher runs/.teacher-cache/<key>/model --full     # one epoch, 3 seeds (hours)
     python benchmarks/bench_pareto.py --report-only                                # tables from finished runs
 
 Without ``--teacher`` the teacher is trained once (one epoch, the recipe's settings) into

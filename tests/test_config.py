@@ -33,6 +33,7 @@ def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 def test_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
     for required in ("default.yaml", "minilm-sst2-x86_64-int8.yaml", "minilm-sst2-arm64-int8.yaml",
+                     "minilm-sst2-x86_64-int8-k025.yaml",
                      "smollm2-e2e-int4.yaml", "ci-check.yaml"):
         assert required in names
 
