@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "ntk_protocols"))
     args = p.parse_args(argv)
     import torch
-    from bench_env import git_commit
+    from _common import git_commit
 
     from edgefuse.config.ntk import NtkConfig, paper_layers
     from edgefuse.models import load_model, load_tokenizer

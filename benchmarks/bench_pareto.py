@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64, help="tokens per latency run (default 64, the task's length)")
     p.add_argument("--runs", type=int, default=40, help="timed latency runs per graph (default 40)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for recovery (default 2)")
+    p.add_argument("--tune", action="store_true",
+                   help="also run `edgefuse tune` on every variant's export (this host's fastest graph that passes\n"
+                   "the gate) and report its accuracy and latency beside the plain int8 graph's")
+    p.add_argument("--tune-budget-s", type=float, default=8.0, help="tune's timing budget per variant (default 8)")
+    p.add_argument("--tune-min-cosine", type=float, default=0.9,
+                   help="tune's gate on the two-logit cosine vs fp32 (default 0.9: accuracy is the judge here)")
     p.add_argument("--out", help="results base name (default benchmarks/results/pareto; a quick run: _work)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
     args = p.parse_args(argv)
@@ -248,8 +254,30 @@ def run_variant(spec: dict[str, Any], ctx: dict[str, Any], args: argparse.Namesp
     rec["int8"] = {"preset": q.preset, "quantized_matmuls": q.quantized_nodes, "cosine_mean_vs_fp32": q.cosine_mean}
     rec["graph"] = str((folder / "model_int8.onnx").relative_to(ROOT))
     rec["accuracy"] = _ort_accuracy(folder / "model_int8.onnx", ctx)
+    if args.tune:
+        rec["tuned"] = _tune(folder, ctx, args)
     rec["seconds"] = time.perf_counter() - t0
     return rec
+
+
+def _tune(folder: Path, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``edgefuse tune`` on the export folder (1 thread, ``--seq`` tokens); the winner's accuracy through
+    :func:`edgefuse.ort.session`, i.e. opened exactly as a user of the folder would open it."""
+    from edgefuse.config.tune import TuneConfig
+    from edgefuse.ort import session, task_vectors
+    from edgefuse.tune.api import tune_folder
+    from edgefuse.tune.candidates import default_candidates
+
+    # tune's default candidates for BERT less static QDQ: its calibration costs a minute per variant on 2 shared
+    # cores, and tune rejected it on MiniLM on this host (cosine 0.74-0.84, benchmarks/results/tune.md)
+    cands = [c for c in default_candidates("bert", TASK) if c.quantize != "static"]
+    res = tune_folder(folder, TuneConfig(candidates=cands, budget_s=args.tune_budget_s, sequence_length=args.seq,
+                                         threads=1, min_cosine=args.tune_min_cosine, overwrite=True),
+                      calibration_texts=ctx["calib"])
+    sess = session(folder, threads=2)
+    pred = np.concatenate([task_vectors(sess, TASK, ids, mask).argmax(-1) for ids, mask in ctx["val_batches"]])
+    return {"winner": res.winner, "graph": res.graph, "session_options": res.session_options, "why": res.why,
+            "accuracy": float((pred == ctx["val_labels"]).mean()), "seconds": res.seconds}
 
 
 def _torch_accuracy(model: Any, ctx: dict[str, Any]) -> float:
@@ -281,12 +309,17 @@ def latency(records: list[dict[str, Any]], args: argparse.Namespace, tok: Any, d
               return_tensors="np")
     ids = enc["input_ids"].astype(np.int64)
     feeds_all = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    from edgefuse.ort import session
+
     graphs = {}
     for r in records:
         key = f"{r['label']}-s{r['seed']}"
         if key not in graphs and (ROOT / r["graph"]).is_file():
             sess = make_session(ROOT / r["graph"], threads=1)
             graphs[key] = (sess, {i.name: feeds_all[i.name] for i in sess.get_inputs()})
+        if r.get("tuned") and f"{key}-tuned" not in graphs:
+            sess = session((ROOT / r["graph"]).parent, threads=1)  # the tuned graph with its session options
+            graphs[f"{key}-tuned"] = (sess, {i.name: feeds_all[i.name] for i in sess.get_inputs()})
     keys = list(graphs)
     for k in keys:
         for _ in range(5):
@@ -313,29 +346,46 @@ def aggregate(records: list[dict[str, Any]], lat: dict[str, Any]) -> list[dict[s
     rows: dict[str, dict[str, Any]] = {}
     for r in records:
         row = rows.setdefault(r["label"], {"label": r["label"], "acc": [], "cpu": [], "wall": [], "seeds": [],
-                                           "params": r["params"]})
+                                           "params": r["params"], "t_acc": [], "t_cpu": [], "winners": []})
         row["acc"].append(r["accuracy"])
         row["seeds"].append(r["seed"])
         t = lat.get(f"{r['label']}-s{r['seed']}")
         if t:
             row["cpu"].append(t["cpu_ms_median"])
             row["wall"].append(t["wall_ms_median"])
+        tt = lat.get(f"{r['label']}-s{r['seed']}-tuned")
+        if r.get("tuned") and tt:
+            row["t_acc"].append(r["tuned"]["accuracy"])
+            row["t_cpu"].append(tt["cpu_ms_median"])
+            row["winners"].append(r["tuned"]["winner"])
     out = []
     for row in rows.values():
         acc_m, acc_s = _ms(row["acc"])
         cpu_m, cpu_s = _ms(row["cpu"]) if row["cpu"] else (float("nan"), 0.0)
         wall_m, _ = _ms(row["wall"]) if row["wall"] else (float("nan"), 0.0)
+        tuned = {}
+        if row["t_acc"]:
+            (ta, ta_s), (tc, tc_s) = _ms(row["t_acc"]), _ms(row["t_cpu"])
+            tuned = {"tuned_accuracy_mean": ta, "tuned_accuracy_std": ta_s, "tuned_cpu_ms_mean": tc,
+                     "tuned_cpu_ms_std": tc_s, "tuned_winners": sorted(set(row["winners"]))}
         out.append({"label": row["label"], "n_seeds": len(row["seeds"]), "accuracy_mean": acc_m,
                     "accuracy_std": acc_s, "cpu_ms_mean": cpu_m, "cpu_ms_std": cpu_s, "wall_ms_mean": wall_m,
-                    "params": row["params"]})
+                    "params": row["params"], **tuned})
+    tuned_all = all("tuned_cpu_ms_mean" in r for r in out)
     for row in out:  # dominated: another row faster AND more accurate beyond the seed spread
-        row["dominated_by"] = [o["label"] for o in out if o is not row
-                               and o["cpu_ms_mean"] < row["cpu_ms_mean"]
-                               and o["accuracy_mean"] - o["accuracy_std"] > row["accuracy_mean"] + row["accuracy_std"]]
+        row["dominated_by"] = _dominators(row, out, "")
+        if tuned_all:
+            row["tuned_dominated_by"] = _dominators(row, out, "tuned_")
     return sorted(out, key=lambda r: r["cpu_ms_mean"])
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def _dominators(row: dict[str, Any], rows: list[dict[str, Any]], prefix: str) -> list[str]:
+    """Rows faster than ``row`` and more accurate beyond both seed spreads (``prefix`` "tuned_": tuned graphs)."""
+    acc, std, cpu = f"{prefix}accuracy_mean", f"{prefix}accuracy_std", f"{prefix}cpu_ms_mean"
+    return [o["label"] for o in rows if o is not row and o[cpu] < row[cpu] and o[acc] - o[std] > row[acc] + row[std]]
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str, prefix: str = "") -> None:
     from edgefuse.report.plots import _figure, _png, _title
 
     fig = _figure(7.5, 4.8)
@@ -343,11 +393,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for r in rows:
         fam = r["label"].split("-")[0]
         marker = {"fusion": "o", "pruned": "*", "prune": "s", "svd": "^", "drop": "D", "teacher": "P"}.get(fam, "x")
-        ax.errorbar(r["cpu_ms_mean"], 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"],
-                    xerr=r["cpu_ms_std"], fmt=marker, capsize=3, label=r["label"])
-        ax.annotate(r["label"], (r["cpu_ms_mean"], 100 * r["accuracy_mean"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("int8 latency, 1 thread, CPU time per run (ms)")
+        x, y = r[f"{prefix}cpu_ms_mean"], 100 * r[f"{prefix}accuracy_mean"]
+        ax.errorbar(x, y, yerr=100 * r[f"{prefix}accuracy_std"], xerr=r[f"{prefix}cpu_ms_std"], fmt=marker,
+                    capsize=3, label=r["label"])
+        ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(("tuned graph" if prefix else "int8") + " latency, 1 thread, CPU time per run (ms)")
     ax.set_ylabel("SST-2 validation accuracy (%)")
     ax.grid(alpha=0.3)
     _title(ax, title)
@@ -372,8 +422,12 @@ def targets(rows: list[dict[str, Any]], teacher_acc: float | None) -> list[tuple
         out.append((f"fused {r:g} int8 within {tol} points of the teacher (best fusion-family: {best['label']})",
                     f"{gap:+.2f} points below", "met" if gap <= tol else "missed"))
         front = [c["label"] for c in cands if not c["dominated_by"]]
-        out.append((f"a fusion-family method on the front at {r:g}", ", ".join(front) or "none",
+        out.append((f"a fusion-family method on the front at {r:g} (plain int8 graphs)", ", ".join(front) or "none",
                     "met" if front else "missed"))
+        if all("tuned_dominated_by" in c for c in cands):
+            tfront = [c["label"] for c in cands if not c["tuned_dominated_by"]]
+            out.append((f"a fusion-family method on the front at {r:g} (tuned graphs)", ", ".join(tfront) or "none",
+                        "met" if tfront else "missed"))
     if base is None:
         out.append(("plain int8 teacher measured", "not run", "missed"))
     return out
@@ -387,6 +441,10 @@ def write_report(args: argparse.Namespace, records: list[dict[str, Any]], lat: d
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     plot(rows, png, f"SST-2, all-MiniLM-L6-v2, int8, recovery {args.steps} steps; {meta['env']['cpu']}")
+    tuned = all("tuned_cpu_ms_mean" in r for r in rows)
+    tpng = args.out.parent / f"{args.out.name}_tuned.png"
+    if tuned:
+        plot(rows, tpng, f"SST-2, all-MiniLM-L6-v2, tuned graphs, recovery {args.steps} steps", prefix="tuned_")
     payload = {"meta": meta, "rows": rows, "targets": tg, "records": records, "latency": lat}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     env = meta["env"]
@@ -412,7 +470,19 @@ def write_report(args: argparse.Namespace, records: list[dict[str, Any]], lat: d
         lines.append(f"| {r['label']} | {r['n_seeds']} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}"
                      f" | {r['cpu_ms_mean']:.2f} ± {r['cpu_ms_std']:.2f} | {r['wall_ms_mean']:.2f} | "
                      f"{r['params'] / 1e6:.2f} M | {', '.join(r['dominated_by']) or '-'} |")
-    lines += ["", f"![front]({png.name})", "", "## Targets (issue 16)", "", "| target | measured | verdict |",
+    lines += ["", f"![front]({png.name})", ""]
+    if tuned:
+        lines += ["## Tuned graphs (`edgefuse tune` on every variant's export, this host)", "",
+                  f"Gate: cosine of the two logits vs the variant's fp32 graph >= {args.tune_min_cosine} (accuracy is "
+                  f"the judge); timing budget {args.tune_budget_s} s per variant. The winner is opened as a user "
+                  "would (`edgefuse.ort.session(folder)`: its graph and session options).", "",
+                  "| variant | winner | accuracy % | CPU ms (1 thread) | dominated by |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['label']} | {', '.join(r['tuned_winners'])} | {100 * r['tuned_accuracy_mean']:.2f} ± "
+                         f"{100 * r['tuned_accuracy_std']:.2f} | {r['tuned_cpu_ms_mean']:.2f} ± "
+                         f"{r['tuned_cpu_ms_std']:.2f} | {', '.join(r['tuned_dominated_by']) or '-'} |")
+        lines += ["", f"![front, tuned]({tpng.name})", ""]
+    lines += ["## Targets (issue 16)", "", "| target | measured | verdict |",
               "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in tg]
     lines += ["", "## Per run", "", "| run | before recovery (selection) | best (selection) | step | PyTorch val % | "
@@ -432,7 +502,7 @@ def write_report(args: argparse.Namespace, records: list[dict[str, Any]], lat: d
 def environment() -> dict[str, Any]:
     import onnxruntime
     import torch
-    from bench_env import git_commit
+    from _common import git_commit
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -455,7 +525,8 @@ def _load(path: Path, spec: dict[str, Any], args: argparse.Namespace) -> dict[st
 
 def _settings(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return {**spec, "steps": args.steps, "selection": args.selection_examples, "eval_every": args.eval_every,
-            "teacher": str(args.teacher_path), "n_eval": args.n_eval, "max_train": args.max_train_examples}
+            "teacher": str(args.teacher_path), "n_eval": args.n_eval, "max_train": args.max_train_examples,
+            **({"tune": [args.tune_budget_s, args.tune_min_cosine]} if args.tune else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
