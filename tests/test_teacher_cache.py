@@ -4,6 +4,7 @@ keep ratio or run folder), retrained when what decides its weights changes, and 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def _weights(run: Path) -> bytes:
     return (run / "teacher" / "model" / "model.safetensors").read_bytes()
 
 
-def test_a_second_run_folder_reuses_the_teacher_and_a_config_change_retrains(tmp_path: Path) -> None:
+def test_a_second_run_folder_reuses_the_teacher_and_a_config_change_retrains(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     runs = tmp_path / "runs"
     first = run_pipeline(config_from_dict(_config(tmp_path)), runs / "k05", until="fuse")
     assert first.stage("teacher").result["cache"]["hit"] is False
@@ -44,8 +46,10 @@ def test_a_second_run_folder_reuses_the_teacher_and_a_config_change_retrains(tmp
     assert len(entries) == 1 and (entries[0] / "model" / "config.json").is_file()
 
     # another recipe (keep ratio 0.25, its own run folder) trains the same teacher: reused, byte for byte
-    second = run_pipeline(config_from_dict(_config(tmp_path, fusion={"keep_ratio": 0.25})), runs / "k025",
-                          until="fuse")
+    with caplog.at_level(logging.INFO, logger="edgefuse.pipeline"):
+        second = run_pipeline(config_from_dict(_config(tmp_path, fusion={"keep_ratio": 0.25})), runs / "k025",
+                              until="fuse")
+    assert "reusing the trained teacher in" in caplog.text
     hit = second.stage("teacher").result
     assert hit["cache"]["hit"] is True and hit["finetune"] == first.stage("teacher").result["finetune"]
     assert _weights(runs / "k025") == _weights(runs / "k05")
