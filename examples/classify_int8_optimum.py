@@ -1,8 +1,8 @@
 """Classify text with the fused int8 SST-2 graph through optimum's ORTModelForSequenceClassification.
 
-First build the graph (fine-tunes the teacher, fuses, recovers, exports, quantizes; 35 to 55 minutes on a 2-core
-CPU with SST-2 in data/sst2/, most of it the teacher's fine-tune; a few minutes on the bundled sample, whose
-accuracy means nothing):
+First build the graph (fine-tunes the teacher, fuses, recovers, exports, quantizes; 30 to 50 minutes on a 2-core
+CPU with SST-2 in data/sst2/, most of it the teacher's fine-tune, which later recipes reuse from
+runs/.teacher-cache; a few minutes on the bundled sample, whose accuracy means nothing):
 
     edgefuse run export_configs/minilm-sst2-x86_64-int8.yaml
 
