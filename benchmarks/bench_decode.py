@@ -53,10 +53,13 @@ from _common import E2E, RESULTS, ROOT, SMOL_FUSED_LAYERS, WORK, cpu_model, load
 
 DECODE = WORK / "decode"
 PLAIN, FUSED_MODEL, FUSED = DECODE / "plain", DECODE / "fused_model", DECODE / "fused"
+# quantize -o folders are named after these (the optimized graphs live in PLAIN and FUSED as model_opt.onnx)
+PLAIN_OPT, FUSED_OPT = DECODE / "plain_opt", DECODE / "fused_opt"
 GENAI_IN, GENAI = DECODE / "hf_fp32", DECODE / "ortgenai_int4"
 PLAIN_INT4, PLAIN_INT8 = "edgefuse plain int4", "edgefuse plain int8"
 FUSED_INT4, GENAI_INT4, LLAMA = "edgefuse fused int4", "onnxruntime-genai int4", "llama.cpp Q4_1 (GGUF)"
-OPT_INT4, PLAIN_FP32 = "edgefuse plain int4 + optimize", "edgefuse plain fp32"
+OPT_INT4, FUSED_OPT_INT4 = "edgefuse plain int4, optimized", "edgefuse fused int4, optimized"
+PLAIN_FP32 = "edgefuse plain fp32"
 # the reference of every ratio column
 BASE = PLAIN_INT4
 # transformers 4.x names the builder of onnxruntime-genai 0.18 imports but never uses for a Llama model (they are
@@ -88,9 +91,9 @@ def run_logged(cmd: list[str], log: Path) -> dict[str, Any]:
     return row
 
 
-def graph_in(folder: Path, prefix: str) -> Path | None:
-    """The one graph ``prefix*.onnx`` edgefuse wrote in ``folder`` (None when there is none)."""
-    found = sorted(folder.glob(f"{prefix}*.onnx")) if folder.is_dir() else []
+def quantized(folder: Path, mode: str) -> Path | None:
+    """The graph ``edgefuse quantize ... -o FOLDER-MODE`` wrote (None when there is none)."""
+    found = sorted((folder.parent / f"{folder.name}-{mode}").glob("*.onnx"))
     return found[0] if found else None
 
 
@@ -137,16 +140,19 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     step("export_plain", (PLAIN / "manifest.json").is_file(),
          edgefuse_cli("export", "smollm2", rel(PLAIN), "--task", "causal-lm", "--atol", "5e-4",
                       "--generate-tokens", "8", "--overwrite"))
-    step("quantize_plain_int4", graph_in(PLAIN, "model_int4") is not None,
-         edgefuse_cli("quantize", rel(PLAIN), "--mode", "int4", "--overwrite"))
-    step("quantize_plain_int8", graph_in(PLAIN, "model_int8") is not None,
-         edgefuse_cli("quantize", rel(PLAIN), "--mode", "dynamic", "--overwrite"))
-    if args.optimize:
-        step("optimize_plain", (DECODE / "plain_opt" / "model_opt.onnx").is_file(),
-             edgefuse_cli("optimize", rel(PLAIN), "--out-dir", rel(DECODE / "plain_opt"), "--overwrite"))
-        step("quantize_plain_opt_int4", graph_in(DECODE / "plain_opt", "model_opt_int4") is not None,
-             edgefuse_cli("quantize", rel(DECODE / "plain_opt" / "model_opt.onnx"), "--mode", "int4",
-                          "--output-name", "model_opt_int4.onnx", "--overwrite"))
+    step("quantize_plain_int4", quantized(PLAIN, "int4") is not None,
+         edgefuse_cli("quantize", rel(PLAIN), "--mode", "int4", "-o", rel(DECODE / "plain-int4"), "--overwrite"))
+    # int8 with the host preset's defaults; its logit cosine vs fp32 (recorded in the build log) is below the
+    # default gate of 0.9 on SmolLM2, so the gate is lowered to 0.8 to time the graph at all
+    step("quantize_plain_int8", quantized(PLAIN, "int8") is not None,
+         edgefuse_cli("quantize", rel(PLAIN), "--mode", "dynamic", "--min-cosine", "0.8",
+                      "-o", rel(DECODE / "plain-int8"), "--overwrite"))
+    if args.optimize:  # onnxruntime's basic optimisations + transformer fusions first, then the same int4
+        step("optimize_plain", (PLAIN / "model_opt.onnx").is_file(),
+             edgefuse_cli("optimize", rel(PLAIN), "--opt-level", "1", "--overwrite"))
+        step("quantize_plain_opt_int4", quantized(PLAIN_OPT, "int4") is not None,
+             edgefuse_cli("quantize", rel(PLAIN / "model_opt.onnx"), "--mode", "int4",
+                          "-o", rel(DECODE / "plain_opt-int4"), "--overwrite"))
     step("fuse", (FUSED_MODEL / "config.json").is_file(),
          edgefuse_cli("fuse", "smollm2", rel(FUSED_MODEL), "--keep-ratio", "0.5", "--layers", *layers,
                       "--round-to", "32", "--overwrite"))
@@ -155,8 +161,14 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     step("export_fused", (FUSED / "manifest.json").is_file(),
          edgefuse_cli("export", rel(FUSED_MODEL), rel(FUSED), "--task", "causal-lm", "--atol", "1e-2",
                       "--generate-tokens", "8", "--overwrite"))
-    step("quantize_fused_int4", graph_in(FUSED, "model_int4") is not None,
-         edgefuse_cli("quantize", rel(FUSED), "--mode", "int4", "--overwrite"))
+    step("quantize_fused_int4", quantized(FUSED, "int4") is not None,
+         edgefuse_cli("quantize", rel(FUSED), "--mode", "int4", "-o", rel(DECODE / "fused-int4"), "--overwrite"))
+    if args.optimize:
+        step("optimize_fused", (FUSED / "model_opt.onnx").is_file(),
+             edgefuse_cli("optimize", rel(FUSED), "--opt-level", "1", "--overwrite"))
+        step("quantize_fused_opt_int4", quantized(FUSED_OPT, "int4") is not None,
+             edgefuse_cli("quantize", rel(FUSED / "model_opt.onnx"), "--mode", "int4",
+                          "-o", rel(DECODE / "fused_opt-int4"), "--overwrite"))
     if (GENAI / "genai_config.json").is_file() and not args.rebuild:
         steps["genai_builder"] = {"command": "python -m onnxruntime_genai.models.builder -i "
                                   f"{rel(GENAI_IN)} -o {rel(GENAI)} -p int4 -e cpu", "cached": True}
@@ -186,10 +198,10 @@ def genai_runner(threads: int, ids: np.ndarray) -> Any:
 
     config = og.Config(str(GENAI))
     config.clear_providers()  # CPU
-    # same session settings as edgefuse's sessions: a fixed thread count, no spinning of idle pool threads
+    # the thread count of edgefuse's sessions; genai's JSON has no key for onnxruntime's allow_spinning, so its
+    # pool threads keep onnxruntime's default (spinning), which the CPU-time column shows at 2 threads
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
-        "config_entries": {"session.intra_op.allow_spinning": "0"}}}}}))
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
     model = og.Model(config)
     prompt = ids[0].astype(np.int32)
 
@@ -219,6 +231,7 @@ def llama_runner(gguf: Path, threads: int, ids: np.ndarray, suppress: list[int])
     llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False, seed=0)
     prompt = [int(t) for t in ids[0]]
+    vocab = llm.n_vocab()
 
     def run(n: int, wall: list[float], cpu: list[float]) -> list[int]:
         llm.reset()
@@ -227,7 +240,8 @@ def llama_runner(gguf: Path, threads: int, ids: np.ndarray, suppress: list[int])
         for _ in range(n):
             t0, c0 = time.perf_counter(), time.process_time()
             llm.eval(feed)
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            # the last position's logits (llama-cpp-python keeps no copy of them without logits_all)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,)).astype(np.float64)
             logits[suppress] = -np.inf
             nxt = int(logits.argmax())
             out.append(nxt)
@@ -245,15 +259,17 @@ def engines(args: argparse.Namespace, threads: int, ids: np.ndarray, suppress: l
     from edgefuse.models import _smollm2_gguf
 
     plan: list[tuple[str, Any]] = [
-        (PLAIN_INT4, lambda: ort_runner(_need(graph_in(PLAIN, "model_int4"), "plain int4"), threads, ids, suppress)),
-        (PLAIN_INT8, lambda: ort_runner(_need(graph_in(PLAIN, "model_int8"), "plain int8"), threads, ids, suppress)),
-        (FUSED_INT4, lambda: ort_runner(_need(graph_in(FUSED, "model_int4"), "fused int4"), threads, ids, suppress)),
+        (PLAIN_INT4, lambda: ort_runner(_need(quantized(PLAIN, "int4"), "plain int4"), threads, ids, suppress)),
+        (PLAIN_INT8, lambda: ort_runner(_need(quantized(PLAIN, "int8"), "plain int8"), threads, ids, suppress)),
+        (FUSED_INT4, lambda: ort_runner(_need(quantized(FUSED, "int4"), "fused int4"), threads, ids, suppress)),
         (GENAI_INT4, lambda: genai_runner(threads, ids)),
         (LLAMA, lambda: llama_runner(_smollm2_gguf(), threads, ids, suppress)),
     ]
     if args.optimize:
-        plan.insert(1, (OPT_INT4, lambda: ort_runner(_need(graph_in(DECODE / "plain_opt", "model_opt_int4"),
-                                                           "optimized int4"), threads, ids, suppress)))
+        plan.insert(1, (OPT_INT4, lambda: ort_runner(_need(quantized(PLAIN_OPT, "int4"), "optimized plain int4"),
+                                                     threads, ids, suppress)))
+        plan.insert(4, (FUSED_OPT_INT4, lambda: ort_runner(_need(quantized(FUSED_OPT, "int4"),
+                                                                 "optimized fused int4"), threads, ids, suppress)))
     if args.fp32:
         plan.insert(0, (PLAIN_FP32, lambda: ort_runner(PLAIN / "model.onnx", threads, ids, suppress)))
     out: dict[str, Any] = {}
@@ -297,19 +313,30 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(tables: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets at 1 thread, judged on the wall-clock p50 (the CPU-time ratio beside it)."""
     out: list[dict[str, Any]] = []
     one = tables.get("1", {})
-    fused = (one.get(FUSED_INT4) or {}).get("decode_ms_p50")
-    for ref, limit in ((PLAIN_INT4, 0.9), (GENAI_INT4, 1.0)):
-        ref_ms = (one.get(ref) or {}).get("decode_ms_p50")
-        r = ratio(fused, ref_ms)
-        out.append({"what": f"fused int4 decode p50 <= {limit}x {ref} (1 thread)",
-                    "measured": "not measured" if r is None else f"{fused:.2f} / {ref_ms:.2f} ms = {r:.3f}x",
-                    "met": None if r is None else r <= limit})
-    ll = (one.get(LLAMA) or {}).get("decode_ms_p50")
-    r = ratio(fused, ll)
-    out.append({"what": f"fused int4 vs {LLAMA} (1 thread): report whatever it is",
-                "measured": "not measured" if r is None else f"{fused:.2f} / {ll:.2f} ms = {r:.3f}x", "met": None})
+
+    def measured(cand: str, ref: str) -> tuple[str, float | None, float | None]:
+        c_ms, ref_ms = (one.get(cand) or {}).get("decode_ms_p50"), (one.get(ref) or {}).get("decode_ms_p50")
+        r = ratio(c_ms, ref_ms)
+        if r is None:
+            return "not measured", None, None
+        rc = ratio(one[cand]["decode_cpu_ms_p50"], one[ref]["decode_cpu_ms_p50"])
+        return f"{c_ms:.2f} / {ref_ms:.2f} ms = {r:.3f}x wall ({rc:.3f}x CPU time)", r, rc
+
+    # the fused graph against the plain graph of the same pipeline; then edgefuse's faster fused pipeline
+    pairs = [(FUSED_INT4, PLAIN_INT4, 0.9), (FUSED_OPT_INT4, OPT_INT4, 0.9)]
+    fused_ms = {k: one[k]["decode_ms_p50"] for k in (FUSED_INT4, FUSED_OPT_INT4) if k in one}
+    best = min(fused_ms, key=fused_ms.__getitem__) if fused_ms else FUSED_INT4
+    pairs += [(best, GENAI_INT4, 1.0), (best, LLAMA, None)]
+    for cand, ref, limit in pairs:
+        text, r, rc = measured(cand, ref)
+        what = f"{cand} decode p50 vs {ref} (1 thread)" + (f": <= {limit}x" if limit else ": reported, no target")
+        judged = r is not None and rc is not None and limit is not None
+        # met only when the wall clock and the CPU time both say so (the host is shared: either can mislead)
+        out.append({"what": what, "measured": text, "met": (r <= limit and rc <= limit) if judged else None,
+                    "met_wall": r <= limit if judged else None, "met_cpu": rc <= limit if judged else None})
     return out
 
 
@@ -344,22 +371,25 @@ def render(res: dict[str, Any]) -> str:
     lines += [f"Note: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     for t, table in res["tables"].items():
         base = (table.get(BASE) or {}).get("decode_ms_p50")
+        base_cpu = (table.get(BASE) or {}).get("decode_cpu_ms_p50")
         lines += [f"#### {t} thread{'s' if t != '1' else ''} (load {table['_load'][0]} -> {table['_load'][1]})", "",
                   "| engine | decode p50 ms | p90 ms | decode CPU p50 ms | prefill p50 ms (CPU) | decode vs "
-                  f"{BASE} |", "|---|---|---|---|---|---|"]
+                  f"{BASE}: wall (CPU) |", "|---|---|---|---|---|---|"]
         for label, g in table.items():
             if label.startswith("_"):
                 continue
-            r = ratio(g["decode_ms_p50"], base)
+            r, rc = ratio(g["decode_ms_p50"], base), ratio(g["decode_cpu_ms_p50"], base_cpu)
             lines.append(f"| {label} | {g['decode_ms_p50']:.2f} | {g['decode_ms_p90']:.2f} | "
                          f"{g['decode_cpu_ms_p50']:.2f} | {g['prefill_ms_p50']:.1f} ({g['prefill_cpu_ms_p50']:.1f})"
-                         f" | {'-' if r is None else f'{r:.3f}'} |")
+                         f" | {'-' if r is None else f'{r:.3f}'} ({'-' if rc is None else f'{rc:.3f}'}) |")
         lines.append("")
     if res.get("unavailable"):
         lines += ["Not measured:", ""] + [f"- {k}: {v}" for k, v in res["unavailable"].items()] + [""]
     lines += ["| target | measured | met? |", "|---|---|---|"]
     for t in res["targets"]:
         met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        if t.get("met_wall") is not None and t["met_wall"] != t["met_cpu"]:
+            met += f" (wall {'yes' if t['met_wall'] else 'no'}, CPU {'yes' if t['met_cpu'] else 'no'})"
         lines.append(f"| {t['what']} | {t['measured']} | {met} |")
     lines += ["", f"#### What each engine wrote ({res['tokens']} greedy tokens, EOS suppressed, 1 thread)", ""]
     for label, s in res["texts"].items():
