@@ -385,6 +385,18 @@ def targets(tables: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def agreement(texts: dict[str, Any]) -> None:
+    """Add to each engine's text how many of its first greedy tokens equal those of the fp32 graph (the
+    unquantized weights) where it ran, else of the ratio reference (greedy texts part for good at the first
+    different token)."""
+    ref = PLAIN_FP32 if PLAIN_FP32 in texts else BASE
+    ref_ids = (texts.get(ref) or {}).get("ids", [])
+    for s in texts.values():
+        same = [a == b for a, b in zip(s["ids"], ref_ids, strict=False)]
+        s["prefix_equal_to_ref"] = same.index(False) if False in same else len(same)
+        s["ref"] = ref
+
+
 def render(res: dict[str, Any]) -> str:
     env = res["env"]
     lines = [
@@ -438,8 +450,8 @@ def render(res: dict[str, Any]) -> str:
         lines.append(f"| {t['what']} | {t['measured']} | {met} |")
     lines += ["", f"#### What each engine wrote ({res['tokens']} greedy tokens, EOS suppressed, 1 thread)", ""]
     for label, s in res["texts"].items():
-        lines.append(f"- {label}: {s['text']!r} (first 8 ids {s['ids'][:8]}; tokens equal to {BASE}: "
-                     f"{s['equal_to_base']}/{res['tokens']})")
+        lines.append(f"- {label}: {s['text']!r} (first 8 ids {s['ids'][:8]}; first tokens equal to {s['ref']}: "
+                     f"{s['prefix_equal_to_ref']})")
     lines += ["", "#### The graphs", "", "| engine | file | MB | MatMulNBits | fp32 MatMul | LM head | attention | "
               "logit cosine vs fp32 (quantizer's check) |", "|---|---|---|---|---|---|---|---|"]
     for label, g in res.get("graphs", {}).items():
@@ -472,6 +484,7 @@ def main() -> None:
     if args.render:
         res = json.loads((RESULTS / "decode.json").read_text())
         res["notes"] = [*res.get("notes", []), *args.note]
+        agreement(res["texts"])
         (RESULTS / "decode.json").write_text(json.dumps(res, indent=1))
         (RESULTS / "decode.md").write_text(render(res))
         return
@@ -526,9 +539,7 @@ def main() -> None:
                 logger.info("threads %d %s: decode p50 %.2f ms (CPU %.2f), prefill %.1f ms", threads, label,
                             g["decode_ms_p50"], g["decode_cpu_ms_p50"], g["prefill_ms_p50"])
         del runners
-    base_ids = (texts.get(BASE) or {}).get("ids", [])
-    for s in texts.values():
-        s["equal_to_base"] = sum(a == b for a, b in zip(s["ids"], base_ids, strict=False))
+    agreement(texts)
     res = {"command": "python " + shlex.join(sys.argv), "env": env, "load_start": load_start,
            "load_end": " ".join(f"{x:.2f}" for x in load_average()), "wall_s": time.perf_counter() - t_start,
            "prompt": prompt, "prompt_tokens": int(ids.shape[1]), "prompt_ids": ids[0].tolist(),
