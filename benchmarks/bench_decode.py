@@ -1,9 +1,10 @@
 """Decode speed against the anchors (issue 14 item 4): per-token greedy decode of SmolLM2-135M through edgefuse's
 graphs, onnxruntime-genai's model-builder graph and llama.cpp, on the same weights, prompt and token count.
 
-Command (from the repository root; about 10 min on the shared 2-core host once the graphs are cached)::
+Command (from the repository root; 4 min on the shared 2-core host at load 6 once the graphs are cached, about
+20 min more to build them; in a git worktree point ``EDGEFUSE_SHARED_DATA`` at the shared data folder)::
 
-    nice -n 15 python benchmarks/bench_decode.py --threads 1 2 --rounds 7
+    nice -n 15 python benchmarks/bench_decode.py --threads 1 2 --rounds 5
 
 Install the anchors first (optional extra, not runtime dependencies; llama-cpp-python compiles llama.cpp)::
 
@@ -19,12 +20,17 @@ Engines (graphs cached in ``benchmarks/_work/decode/``, git-ignored; ``--rebuild
   ``edgefuse quantize --mode int4`` (MatMulNBits, block 32, symmetric, accuracy_level 4, round-to-nearest: the
   defaults) and ``--mode dynamic`` (int8, the host's preset); run by onnxruntime through edgefuse's greedy loop
   (:func:`edgefuse.ort.greedy_generate`).
-- ``edgefuse plain int4 + optimize``: ``edgefuse optimize`` (onnxruntime's transformer fusions) before int4.
-- ``edgefuse fused int4``: ``edgefuse fuse smollm2 --keep-ratio 0.5 --layers 15..29 --round-to 32`` (the paper's
-  fusion, as ``export_configs/smollm2-e2e-int4.yaml``), exported and quantized like the plain graph. The weights
-  are not recovered (no fine-tuning): decode speed does not depend on them, the text does.
+- ``edgefuse plain int4, optimized``: ``edgefuse optimize --opt-level 1`` (constant folding, then onnxruntime's
+  transformer fusions) before int4; the folding turns the tied LM head's ``Transpose(embedding)`` into a weight
+  that int4 quantizes, which the plain export + int4 leaves in fp32.
+- ``edgefuse fused int4`` (and ``, optimized``): ``edgefuse fuse smollm2 --keep-ratio 0.5 --layers 15..29
+  --round-to 32`` (the paper's fusion, as ``export_configs/smollm2-e2e-int4.yaml``), exported and quantized like
+  the plain graph. The weights are not recovered (no fine-tuning): decode speed does not depend on them, the text
+  does.
 - ``onnxruntime-genai int4``: ``python -m onnxruntime_genai.models.builder -i FP32_FOLDER -o DIR -p int4 -e cpu``
-  run by onnxruntime-genai's own generator loop (``append_tokens`` / ``generate_next_token``).
+  run by onnxruntime-genai's own generator loop (``append_tokens`` / ``generate_next_token``). The builder of
+  0.18 is written against transformers 5; with transformers 4 it runs with two unused class names stubbed and
+  ``rope_scaling`` spelled ``{"rope_type": "default"}`` (:func:`genai_build`), which leave the graph unchanged.
 - ``llama.cpp Q4_1``: the packaged GGUF file through llama-cpp-python (``Llama.eval`` per token, argmax).
 
 Every engine gets the same prompt token ids (the first held-out E2E meaning representation + "\\n", the recipe's
@@ -423,6 +429,13 @@ def render(res: dict[str, Any]) -> str:
         "round-to-nearest, in edgefuse and in the model builder alike); llama.cpp runs the Q4_1 file as it is. "
         "The fused graph is the paper's fusion at keep 0.5 in layers 15-29 with the frozen count scale folded, "
         "**not recovered** (no fine-tuning): its speed is that of the recipe's shipped model, its text is not.",
+        "",
+        "Anchors: `CMAKE_BUILD_PARALLEL_LEVEL=2 pip install -e '.[bench]'` installs onnxruntime-genai (a wheel; it "
+        "keeps the installed onnxruntime) and llama-cpp-python (compiled from source with cmake, about 25 min on "
+        "the shared 2 cores, built with -march=native: AVX-512, VNNI, AMX). onnxruntime-genai 0.18's model builder "
+        "is written against transformers 5: with transformers 4 it runs with two class names it imports for "
+        "Qwen3.5 stubbed and `rope_scaling` written `{\"rope_type\": \"default\"}` instead of null (the same "
+        "RoPE), neither of which changes a Llama graph.",
         "",
     ]
     lines += [f"Note: {n}" for n in [LLAMA_PREFILL_NOTE, *res.get("notes", [])]] + [""]
