@@ -222,12 +222,14 @@ def greedy_generate(
     suppress: Sequence[int] = (),
     stop: Sequence[int] = (),
     step_ms: list[float] | None = None,
+    step_cpu_ms: list[float] | None = None,
 ) -> np.ndarray:
     """Greedy decoding through a graph: with the KV cache when the graph has past inputs, else by re-running
     the whole sequence. ``suppress`` ids (EOS, as ``min_new_tokens`` does) are never chosen. With ``stop`` ids
     (EOS), decoding ends early once every row has produced one (rows that stopped earlier go on being decoded
     and are cut by the caller). ``step_ms`` gets the wall time of every step (the first is the prefill, each
-later one a decode step: session run, argmax and feed). Returns the new tokens ``[batch, <= n_tokens]``."""
+later one a decode step: session run, argmax and feed); ``step_cpu_ms`` gets the CPU time of the same steps (this
+process, all threads). Returns the new tokens ``[batch, <= n_tokens]``."""
     import time
 
     output_names = [o.name for o in session.get_outputs()]
@@ -236,7 +238,7 @@ later one a decode step: session run, argmax and feed). Returns the new tokens `
     all_ids, new = ids, []
     done = np.zeros(ids.shape[0], dtype=bool)
     for _ in range(n_tokens):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         feed = build_feed(session, cur_ids, cur_mask if not has_past else cur_mask[:, -cur_ids.shape[1] :],
                           past=past, full_mask=cur_mask)
         outs = dict(zip(output_names, session.run(None, feed), strict=True))
@@ -247,6 +249,8 @@ later one a decode step: session run, argmax and feed). Returns the new tokens `
         new.append(nxt)
         if step_ms is not None:
             step_ms.append((time.perf_counter() - t0) * 1e3)
+        if step_cpu_ms is not None:
+            step_cpu_ms.append((time.process_time() - c0) * 1e3)
         if stop:
             done |= np.isin(nxt[:, 0], list(stop))
             if done.all():

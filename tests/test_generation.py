@@ -17,6 +17,8 @@ from edgefuse.errors import ConfigError, MissingDependencyError
 from edgefuse.finetune.api import finetune_
 from edgefuse.finetune.data import load_finetune_data, split_rows
 from edgefuse.finetune.generation import (
+    decode_latency,
+    decode_timing,
     distinct_n,
     evaluate_generation,
     generate_onnx,
@@ -168,6 +170,38 @@ def test_torch_and_onnx_greedy_generation_agree(tmp_path):
     scores = evaluate_generation(lambda ps: generate_torch(model, tok, ps, max_new_tokens=10), prompts[:-2], refs[:-2])
     # the toy mapping is learnt: the validation MRs are described, not repeated
     assert scores.bleu > 50 and scores.degenerate_fraction == 0.0, scores.samples
+    # decode timing through the real graph: every step timed in wall and CPU time, none of them zero or nan
+    lat = decode_latency({"g": make_session(res.onnx_path, threads=1)}, tok, prompts[0], n_tokens=3, rounds=2)["g"]
+    assert lat["decode_steps"] == 4.0
+    assert all(lat[k] > 0 for k in ("decode_ms_p50", "decode_ms_p90", "decode_cpu_ms_p50", "prefill_ms_p50",
+                                    "prefill_cpu_ms_p50")), lat
+
+
+def test_decode_timing_alternates_runners_and_fails_closed():
+    calls: list[tuple[str, int]] = []
+
+    def runner(label: str, step_ms: float):
+        def run(n, wall, cpu):
+            calls.append((label, n))
+            wall.extend([100.0] + [step_ms] * (n - 1))
+            cpu.extend([50.0] + [step_ms / 2] * (n - 1))
+        return run
+
+    t = decode_timing({"a": runner("a", 2.0), "b": runner("b", 4.0)}, n_tokens=5, rounds=3)
+    # warm-up (2 tokens) once each, then a-b, b-a, a-b: load hits both alike
+    assert calls == [("a", 2), ("b", 2), ("a", 5), ("b", 5), ("b", 5), ("a", 5), ("a", 5), ("b", 5)]
+    assert (t["a"]["decode_ms_p50"], t["b"]["decode_ms_p50"], t["b"]["decode_cpu_ms_p50"]) == (2.0, 4.0, 2.0)
+    assert t["a"]["prefill_ms_p50"] == 100.0 and t["a"]["prefill_cpu_ms_p50"] == 50.0
+    assert t["a"]["decode_steps"] == 12.0
+
+    def short(n, wall, cpu):  # stopped at EOS: the token counts of the engines would differ
+        wall.extend([1.0] * (n - 1))
+        cpu.extend([1.0] * (n - 1))
+
+    with pytest.raises(ValueError, match="must decode exactly"):
+        decode_timing({"short": short}, n_tokens=4, rounds=1)
+    with pytest.raises(ValueError, match="n_tokens >= 2"):
+        decode_timing({"a": runner("a", 1.0)}, n_tokens=1)
 
 
 def test_checkpoints_are_selected_by_a_generation_metric(tmp_path):

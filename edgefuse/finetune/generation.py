@@ -313,15 +313,71 @@ def evaluate_generation(
     return score_generations(hyps, references, prompts=prompts, num_samples=num_samples)
 
 
+# One greedy decode of ``n`` new tokens that appends the wall and CPU milliseconds of every step (the first step
+# is the prefill) to the two lists it is given: what :func:`decode_timing` times. Any engine fits (an onnxruntime
+# session, onnxruntime-genai's generator, llama.cpp).
+DecodeRunner = Callable[[int, list[float], list[float]], Any]
+
+
+def decode_timing(runners: dict[str, DecodeRunner], *, n_tokens: int = 32, rounds: int = 3,
+                  warmup_tokens: int = 2) -> dict[str, dict[str, float]]:
+    """Per-token decode latency of each runner, interleaved: after one short warm-up run each, every round runs
+    every runner once, in an order that alternates between rounds, so load on a shared machine hits all of them
+    alike. The runner must decode exactly ``n_tokens`` (EOS suppressed).
+
+    Returns:
+        label -> ``decode_ms_p50``/``p90`` and ``decode_cpu_ms_p50`` (over all decode steps of all rounds),
+        ``prefill_ms_p50``, ``prefill_cpu_ms_p50`` and ``decode_steps``.
+
+    Raises:
+        ValueError: ``n_tokens`` < 2, ``rounds`` < 1, or a runner that timed another number of steps.
+
+    Example:
+        >>> def runner(n, wall, cpu):
+        ...     wall.extend([10.0] + [2.0] * (n - 1)); cpu.extend([9.0] + [1.0] * (n - 1))
+        >>> t = decode_timing({"a": runner}, n_tokens=4, rounds=2)["a"]
+        >>> t["decode_ms_p50"], t["decode_cpu_ms_p50"], t["prefill_ms_p50"], t["decode_steps"]
+        (2.0, 1.0, 10.0, 6.0)
+    """
+    if n_tokens < 2 or rounds < 1:
+        raise ValueError(f"decode timing needs n_tokens >= 2 and rounds >= 1 (got {n_tokens}, {rounds})")
+    labels = list(runners)
+    wall: dict[str, list[float]] = {k: [] for k in labels}
+    cpu: dict[str, list[float]] = {k: [] for k in labels}
+    prefill: dict[str, list[float]] = {k: [] for k in labels}
+    prefill_cpu: dict[str, list[float]] = {k: [] for k in labels}
+    for label in labels:  # warm-up: first runs allocate (arenas, prepacked weights)
+        runners[label](warmup_tokens, [], [])
+    for r in range(rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            times: list[float] = []
+            cpu_times: list[float] = []
+            runners[label](n_tokens, times, cpu_times)
+            if len(times) != n_tokens or len(cpu_times) != n_tokens:
+                raise ValueError(f"runner {label!r} timed {len(times)} wall / {len(cpu_times)} CPU steps, "
+                                 f"not {n_tokens}: it must decode exactly n_tokens (EOS suppressed)")
+            prefill[label].append(times[0])
+            prefill_cpu[label].append(cpu_times[0])
+            wall[label].extend(times[1:])
+            cpu[label].extend(cpu_times[1:])
+    return {k: {"decode_ms_p50": float(np.percentile(wall[k], 50)),
+                "decode_ms_p90": float(np.percentile(wall[k], 90)),
+                "decode_cpu_ms_p50": float(np.percentile(cpu[k], 50)),
+                "prefill_ms_p50": float(np.percentile(prefill[k], 50)),
+                "prefill_cpu_ms_p50": float(np.percentile(prefill_cpu[k], 50)),
+                "decode_steps": float(len(wall[k]))}
+            for k in labels}
+
+
 def decode_latency(
     sessions: dict[str, Any], tokenizer: Any, prompt: str, *, n_tokens: int = 32, rounds: int = 3
 ) -> dict[str, dict[str, float]]:
-    """Per-token greedy decode latency of each graph (batch 1, KV cache when the graph has one): every round runs
-    every graph once, in an order that alternates between rounds, so load on a shared machine hits all of them
-    alike. EOS is suppressed so each run decodes exactly ``n_tokens``.
+    """Per-token greedy decode latency of each graph (batch 1, KV cache when the graph has one), timed by
+    :func:`decode_timing` (interleaved rounds, EOS suppressed so each run decodes exactly ``n_tokens``).
 
     Returns:
-        label -> ``decode_ms_p50``, ``decode_ms_p90`` (over all decode steps of all rounds) and ``prefill_ms_p50``.
+        label -> ``decode_ms_p50``, ``decode_ms_p90`` (over all decode steps of all rounds), ``prefill_ms_p50`` and
+        the CPU times of :func:`decode_timing`.
 
     Example:
         >>> decode_latency({"int4": session}, tok, "name[Aromi]\\n")["int4"]["decode_ms_p50"]  # doctest: +SKIP
@@ -333,18 +389,9 @@ def decode_latency(
         raise ValueError(f"decode latency needs n_tokens >= 2 and rounds >= 1 (got {n_tokens}, {rounds})")
     ids, mask = tokenize(tokenizer, [prompt], 10**6)
     eos = _stop_ids(tokenizer)
-    steps: dict[str, list[float]] = {k: [] for k in sessions}
-    prefill: dict[str, list[float]] = {k: [] for k in sessions}
-    labels = list(sessions)
-    for label in labels:  # warm-up: first runs allocate
-        greedy_generate(sessions[label], ids, mask, 2, suppress=eos)
-    for r in range(rounds):
-        for label in labels if r % 2 == 0 else labels[::-1]:
-            times: list[float] = []
-            greedy_generate(sessions[label], ids, mask, n_tokens, suppress=eos, step_ms=times)
-            prefill[label].append(times[0])
-            steps[label].extend(times[1:])
-    return {k: {"decode_ms_p50": float(np.percentile(steps[k], 50)),
-                "decode_ms_p90": float(np.percentile(steps[k], 90)),
-                "prefill_ms_p50": float(np.percentile(prefill[k], 50)), "decode_steps": float(len(steps[k]))}
-            for k in labels}
+
+    def runner(session: Any) -> DecodeRunner:
+        return lambda n, wall, cpu: greedy_generate(session, ids, mask, n, suppress=eos, step_ms=wall,
+                                                    step_cpu_ms=cpu)
+
+    return decode_timing({k: runner(s) for k, s in sessions.items()}, n_tokens=n_tokens, rounds=rounds)
