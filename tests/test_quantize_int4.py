@@ -1,6 +1,7 @@
 """int4 (MatMulNBits) algorithms on a tiny decoder: every algorithm round-trips (graph runs, every weight MatMul
-becomes MatMulNBits, output close to fp32, accuracy_level written), exclusions hold for each algorithm, and the
-auto mode's int8 fallback."""
+becomes MatMulNBits, output close to fp32, accuracy_level written), exclusions hold for each algorithm, the auto
+mode's int8 and 8-bit-block fallbacks, the tied lm_head (MatMul of a transposed embedding), and the default writes
+what it claims."""
 
 from __future__ import annotations
 
@@ -89,3 +90,59 @@ def test_auto_int4_falls_back_to_int8(tiny_decoder: Path) -> None:
     assert counts.get("MatMulInteger", 0) == len(kept)  # the fallback MatMuls are int8, not fp32
     assert counts["MatMulNBits"] == base.quantized_nodes - len(kept)
     assert res.cosine_mean >= target
+
+
+def test_auto_int4_falls_back_to_8bit_blocks(tiny_decoder: Path) -> None:
+    base = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, overwrite=True),
+                         calibration_texts=TEXTS)
+    target = base.cosine_mean + 0.5 * (1.0 - base.cosine_mean)
+    cfg = QuantizeConfig(mode="int4", block_size=16, auto_target_cosine=target, int4_fallback="nbits8",
+                         auto_max_kept=8, overwrite=True, min_cosine=None)
+    res = quantize_onnx(tiny_decoder, cfg, calibration_texts=TEXTS)
+    kept = res.settings["kept_fp32_auto"]
+    assert "-nbits8-fallback" in res.onnx_path.name and kept
+    assert res.settings["nbits8_fallback"] == kept
+    bits = {n.name.rsplit("_Q", 1)[0]: _attr(n, "bits") for n in onnx.load(str(res.onnx_path)).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {bits[k] for k in kept} == {8} and sorted(b for b in bits.values() if b == 4)
+    assert len(bits) == base.quantized_nodes  # every MatMul quantized: 4 or 8 bits, none left fp32
+    assert res.cosine_mean >= target
+
+
+@pytest.fixture(scope="module")
+def tied_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with tied embeddings: its export computes the lm_head as MatMul(x, Transpose(embedding))."""
+    import transformers
+    from tiny import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    out = tmp_path_factory.mktemp("int4tied") / "llama"
+    export_onnx(model, ExportConfig(task="causal-lm", generate_tokens=0), out)
+    return out
+
+
+def _lm_head(model: onnx.ModelProto) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name.startswith("/lm_head/MatMul"))
+
+
+@pytest.mark.parametrize("tied", ["fp32", "int4", "nbits8"])
+def test_tied_lm_head(tied_decoder: Path, tied: str) -> None:
+    fp32 = onnx.load(str(tied_decoder / "model.onnx"))
+    producers = {o: n.op_type for n in fp32.graph.node for o in n.output}
+    assert producers[_lm_head(fp32).input[1]] == "Transpose"  # the pattern this option exists for
+    res = quantize_onnx(tied_decoder, QuantizeConfig(mode="int4", block_size=16, int4_tied=tied, overwrite=True,
+                                                     output_name=f"tied_{tied}.onnx"), calibration_texts=TEXTS)
+    model = onnx.load(str(res.onnx_path))
+    head = _lm_head(model)
+    n_weights = len(weight_matmuls(fp32))
+    assert res.settings["tied"] == {"nodes": [] if tied == "fp32" else ["/lm_head/MatMul"], "as": tied}
+    if tied == "fp32":
+        assert head.op_type == "MatMul" and res.quantized_nodes == n_weights
+    else:
+        assert head.op_type == "MatMulNBits" and _attr(head, "bits") == (4 if tied == "int4" else 8)
+        assert _attr(head, "accuracy_level") == 4 and res.quantized_nodes == n_weights + 1
+        assert not any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight"
+                       for n in model.graph.node)  # the dead Transpose is gone; the Gather keeps the table
+    assert res.cosine_mean >= QUANT_TINY_MIN_COSINE

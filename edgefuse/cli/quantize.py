@@ -49,6 +49,7 @@ QUANTIZE_FLAGS = (
     Flag("int4_accuracy_level", "--accuracy-level"),
     Flag("int4_algorithm"),
     Flag("int4_fallback"),
+    Flag("int4_tied"),
     Flag("auto_target_cosine", metavar="COS"),
     Flag("auto_max_kept", metavar="N"),
     Flag("min_cosine", metavar="COS"),
