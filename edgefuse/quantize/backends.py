@@ -255,8 +255,15 @@ def quantize_int4(
         quantizer._generate_q4_node_config = lambda: {  # type: ignore[method-assign]
             k: "fp32" if k in excluded else v for k, v in make_config().items()}
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # GPTQ/RTN print progress bars to stdout
-        quantizer.process()
+    try:
+        with contextlib.redirect_stdout(printed):  # GPTQ/RTN print progress bars to stdout
+            quantizer.process()
+    except (ValueError, IndexError) as exc:
+        # Intel Neural Compressor's packing (rtn, k_quant) fails on some shapes, e.g. one block per column
+        raise QuantizationError(
+            f"onnxruntime's int4 algorithm {cfg.int4_algorithm!r} failed on {src.name} at block size "
+            f"{cfg.block_size} ({str(exc)[:120]}); use --int4-algorithm default or another --block-size"
+        ) from None
     qmodel = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     _set_accuracy_level(qmodel, cfg.int4_accuracy_level)
     if not int8_nodes:
