@@ -28,6 +28,7 @@ SECTIONS = [
     ("tune", "Host-tuned graphs: fusions, int8 and session options chosen by measurement (issue 13)"),
     ("generation_e2e", "Generation: E2E NLG judged by generating, teacher vs fused vs int4 (issue 14)"),
     ("moe", "MoE export: sparse (gather-compute-scatter) vs dense-routing graphs (issue 14)"),
+    ("int4", "int4 that keeps quality: MatMulNBits variants on SmolLM2-135M (issue 14 item 3)"),
 ]
 
 

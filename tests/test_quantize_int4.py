@@ -186,3 +186,20 @@ def test_int4_algorithm_failure_is_one_line(tiny_decoder: Path) -> None:
     with pytest.raises(QuantizationError, match=r"'k_quant' failed.*--int4-algorithm default"):
         quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, int4_algorithm="k_quant",
                                                    overwrite=True), calibration_texts=TEXTS)
+
+
+def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path) -> None:
+    from edgefuse.quantize.backends import _RANKED
+
+    names = weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx")))
+    res = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, int4_8bit_share=0.5, overwrite=True,
+                                                     output_name="share.onnx"), calibration_texts=TEXTS)
+    chosen = res.settings["sensitive_8bit"]
+    assert len(chosen) == -(-len(names) // 2)  # ceil(0.5 n)
+    ranked = next(r for k, r in _RANKED.items() if k[0] == str((tiny_decoder / "model.onnx").resolve()))
+    assert chosen == [n for n, _ in ranked][: len(chosen)]  # the worst by the auto mode's ranking
+    assert sorted(n for n, _ in ranked) == sorted(names)
+    bits = {n.name.rsplit("_Q", 1)[0]: _attr(n, "bits") for n in onnx.load(str(res.onnx_path)).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {bits[n] for n in chosen} == {8} and {b for n, b in bits.items() if n not in chosen} == {4}
+    assert res.quantized_nodes == len(names) and res.cosine_mean >= QUANT_TINY_MIN_COSINE

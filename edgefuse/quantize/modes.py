@@ -87,9 +87,16 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclud
 
 
 def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
-    # the algorithm and an int8 fallback (with its reduce_range) change the bytes: they are part of the name
+    # the algorithm, symmetry, 8-bit parts and an int8 fallback (with its reduce_range) change the bytes: each
+    # setting other than the default is part of the name (int4-b32 is the default mix: see QuantizeConfig)
     algo = "" if cfg.int4_algorithm == "default" else f"{cfg.int4_algorithm}-"
     name = f"int4-{algo}b{cfg.block_size}"
+    name += "" if cfg.int4_symmetric else "-asym"
+    fields = QuantizeConfig.model_fields
+    if cfg.int4_8bit_share != fields["int4_8bit_share"].default:
+        name += f"-8bit{round(cfg.int4_8bit_share * 100)}"
+    if cfg.int4_tied != fields["int4_tied"].default:
+        name += f"-tied-{cfg.int4_tied}"
     if cfg.int4_fallback != "fp32" and cfg.auto_target_cosine is not None:
         name += f"-{cfg.int4_fallback}-fallback"
         if cfg.int4_fallback == "int8" and (preset.reduce_range if cfg.reduce_range is None else cfg.reduce_range):
