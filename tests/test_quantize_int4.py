@@ -39,7 +39,7 @@ def _attr(node: onnx.NodeProto, name: str) -> int | None:
 
 @pytest.mark.parametrize("algorithm", ["default", "rtn", "hqq", "gptq"])
 def test_int4_algorithms_round_trip(tiny_decoder: Path, algorithm: str) -> None:
-    cfg = QuantizeConfig(mode="int4", block_size=16, int4_algorithm=algorithm, overwrite=True)
+    cfg = QuantizeConfig(mode="int4", block_size=16, int4_algorithm=algorithm, int4_8bit_share=0.0, overwrite=True)
     res = quantize_onnx(tiny_decoder, cfg, calibration_texts=TEXTS)
     n_weights = len(weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx"))))
     model = onnx.load(str(res.onnx_path))
@@ -203,3 +203,21 @@ def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path)
             if n.op_type == "MatMulNBits"}
     assert {bits[n] for n in chosen} == {8} and {b for n, b in bits.items() if n not in chosen} == {4}
     assert res.quantized_nodes == len(names) and res.cosine_mean >= QUANT_TINY_MIN_COSINE
+
+
+def test_int4_default_writes_what_it_claims(tied_decoder: Path) -> None:
+    """``--mode int4`` with nothing else: symmetric 4-bit blocks of 32 (no zero points) with accuracy level 4 on
+    every weight MatMul, the tied lm_head left fp32 (as onnxruntime leaves it), no 8-bit part; named int4-b32."""
+    cfg = QuantizeConfig(mode="int4", overwrite=True)
+    assert (cfg.block_size, cfg.int4_symmetric, cfg.int4_accuracy_level, cfg.int4_algorithm, cfg.int4_tied,
+            cfg.int4_8bit_share) == (32, True, 4, "default", "fp32", 0.0)
+    res = quantize_onnx(tied_decoder, cfg, calibration_texts=TEXTS)
+    assert res.onnx_path.name == "model_int4-b32.onnx" and "sensitive_8bit" not in res.settings
+    names = weight_matmuls(onnx.load(str(tied_decoder / "model.onnx")))
+    model = onnx.load(str(res.onnx_path))
+    nodes = {n.name.rsplit("_Q", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert set(nodes) == set(names) and _lm_head(model).op_type == "MatMul"
+    for node in nodes.values():
+        assert (_attr(node, "bits"), _attr(node, "block_size"), _attr(node, "accuracy_level")) == (4, 32, 4)
+        assert len(node.input) == 3  # symmetric: no zero-point input
+    assert res.cosine_mean >= QUANT_TINY_MIN_COSINE

@@ -84,19 +84,20 @@ class QuantizeConfig(StrictModel):
         "MatMulNBits bits 8, activations quantized per block, so safe with massive activations).",
     )
     int4_tied: Literal["fp32", "int4", "nbits8"] = Field(
-        "nbits8",
+        "fp32",
         description="int4: what a MatMul whose weight is a transposed initializer becomes (the lm_head of models "
         "with tied embeddings, e.g. SmolLM2: onnxruntime's quantizers skip it): fp32, int4 like the rest, or 8-bit "
         "weight-only blocks (nbits8). The embedding table itself stays fp32.",
     )
     int4_8bit_share: float = Field(
-        0.25,
+        0.0,
         ge=0,
         le=1,
         description="int4: the share of weight MatMuls written as 8-bit blocks (MatMulNBits bits 8) instead of 4: "
         "those with the largest simulated int4 error on the calibration texts (the auto mode's ranking, one fp32 "
-        "run). 0: none (pure int4). The default 0.25 with int4_tied nbits8 is the measured best quality at the old "
-        "default's decode speed on SmolLM2-135M (benchmarks/results/int4.md).",
+        "run; counted over all weight MatMuls). 0: none (pure int4). 0.25 with int4_tied nbits8 is the candidate "
+        "default of benchmarks/results/int4.md (chosen from kernel and weight-error measurements; not yet measured "
+        "end to end).",
     )
     auto_target_cosine: float | None = Field(
         None,

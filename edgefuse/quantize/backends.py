@@ -199,10 +199,10 @@ _RANKED: dict[tuple[str, int, int], list[tuple[str, float]]] = {}  # (graph, mti
 
 def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
                       exclude: Sequence[str]) -> list[str]:
-    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (of the n not in ``exclude``) with the largest simulated
-    int4 error on the first calibration feed: the auto mode's ranking (:func:`edgefuse.quantize.auto.rank_matmuls`,
-    one fp32 run and numpy), computed once per graph and block size in a process (the auto mode calls the
-    backend once per MatMul it keeps)."""
+    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) with
+    the largest simulated int4 error on the first calibration feed: the auto mode's ranking
+    (:func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy), computed once per graph and block size
+    in a process (the auto mode calls the backend once per MatMul it keeps)."""
     import math
 
     from edgefuse.quantize.auto import rank_matmuls
@@ -217,8 +217,9 @@ def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, 
         names = weight_matmuls(onnx.load(str(src), load_external_data=False))
         _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
                                     block_size=cfg.block_size)
-    ranked = [n for n, _ in _RANKED[key] if n not in set(exclude)]
-    return ranked[: math.ceil(cfg.int4_8bit_share * len(ranked))]
+    # the count comes from every weight MatMul, so the auto mode's exclusions (one more per attempt) do not move it
+    k = math.ceil(cfg.int4_8bit_share * len(_RANKED[key]))
+    return [n for n, _ in _RANKED[key] if n not in set(exclude)][:k]
 
 
 def _nbits8(model: Any, nodes: Sequence[str], cfg: QuantizeConfig) -> Any:
