@@ -1,9 +1,11 @@
 """int4 that keeps quality (issue 14, item 3): onnxruntime's MatMulNBits variants on SmolLM2-135M against its fp32
 graph, judged on held-out E2E text, plus per-token decode speed.
 
-Command (from the repository root; about 40 min on the shared 2-core host)::
+Commands (from the repository root; the first about 30 min at load 6 on the shared 2-core host)::
 
-    nice -n 15 python benchmarks/bench_int4.py
+    nice -n 15 python benchmarks/bench_int4.py --val-rows 160 --cos-rows 32 --greedy-prompts 6
+    nice -n 15 python benchmarks/bench_int4.py --only "hqq b32" --val-rows 32 --out int4_hqq  # slow kernel
+    nice -n 15 python benchmarks/bench_int4.py --kernels     # lm_head / MLP-stack kernel costs only
 
 What it does:
 
@@ -11,20 +13,21 @@ What it does:
    (reused when its manifest exists);
 2. ranks every weight MatMul by its simulated int4 error (:func:`edgefuse.quantize.auto.rank_matmuls`, the auto
    mode's ranking) on a calibration text;
-3. writes one graph per variant (:data:`VARIANTS`) with edgefuse's own int4 backend
-   (:func:`edgefuse.quantize.backends.quantize_int4`): block size, accuracy level, symmetric or not, every
-   onnxruntime algorithm (default, rtn, k_quant, hqq, gptq), and 8-bit MatMulNBits / fp32 for lm_head and the most
-   sensitive MatMuls; the package's own default and its auto mode go through :func:`edgefuse.quantize.api
-   .quantize_onnx`, as a user runs them;
-4. scores every graph on the E2E validation part (``../shared/data/e2e/devset.csv`` split by meaning
+3. writes edgefuse's default int4 graph through :func:`edgefuse.quantize.api.quantize_onnx`, as a user runs it,
+   and one graph per variant (:data:`VARIANTS`) with edgefuse's int4 backend
+   (:func:`edgefuse.quantize.backends.quantize_int4`): block size, accuracy level, symmetric or not, onnxruntime's
+   algorithms (default, rtn, k_quant; hqq only with ``--only``), the tied lm_head (``int4_tied``) and the
+   8-bit share (``int4_8bit_share``); cached in ``benchmarks/_work/int4/graphs`` (``--rebuild`` redoes them);
+4. times per-token decode (batch 1, KV cache, 1 intra-op thread, every graph in turn within each round, order
+   reversed every other round), wall clock and CPU time, first: on a shared host the scoring may be cut short;
+5. scores every graph on the E2E validation part (``../shared/data/e2e/devset.csv`` split by meaning
    representation, 10 %, seed 0, as :func:`edgefuse.finetune.data.split_rows` does; first ``--val-rows`` rows):
    perplexity of ``ref`` + EOS after ``mr\\n``, top-1 agreement with the fp32 graph at every target position, cosine
    and KL divergence of the next-token logits against fp32 on the first ``--cos-rows`` rows, and free-running
-   greedy agreement (32 tokens after each of ``--greedy-prompts`` held-out MRs, EOS suppressed);
-5. times per-token decode (batch 1, KV cache, 1 intra-op thread, every graph in turn within each round, order
-   reversed every other round), wall clock and CPU time.
+   greedy agreement (``--n-greedy`` tokens after each of ``--greedy-prompts`` held-out MRs, EOS suppressed),
+   rewriting the results after every graph.
 
-Writes ``benchmarks/results/int4.json`` and ``int4.md``.
+Writes ``benchmarks/results/OUT.json`` and ``OUT.md`` (``--out``, default ``int4``).
 """
 
 from __future__ import annotations
