@@ -270,7 +270,6 @@ def kernel_timing(rounds: int = 60) -> dict[str, Any]:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -311,10 +310,7 @@ def kernel_timing(rounds: int = 60) -> dict[str, Any]:
     graphs["MLP stack fp32"] = stack
     for bits, block in ((4, 16), (4, 32), (4, 64), (8, 16), (8, 32)):
         graphs[f"MLP stack {bits}-bit b{block}"] = nbits(stack, bits, block, 4)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {k: ort.InferenceSession(str(v), so, providers=["CPUExecutionProvider"]) for k, v in graphs.items()}
+    sessions = {k: common.ort_session(v, threads=1) for k, v in graphs.items()}
     x = rng.standard_normal((1, 1, 576)).astype(np.float32)
     cpu: dict[str, list[float]] = {k: [] for k in sessions}
     for r in range(rounds):
