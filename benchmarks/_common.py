@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"  # committed: JSON + Markdown of every run
 WORK = BENCH / "_work"  # git-ignored: models, graphs and checkpoints the runs make
-SHARED_DATA = ROOT.parent / "shared" / "data"  # never copied into the repository
+# never copied into the repository; EDGEFUSE_SHARED_DATA points elsewhere (a git worktree one level deeper)
+SHARED_DATA = Path(os.environ.get("EDGEFUSE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 SST2 = SHARED_DATA / "sst2"  # train.tsv, validation.tsv (GLUE: sentence, label)
 E2E = SHARED_DATA / "e2e" / "devset.csv"  # mr, ref
 # bench_export writes its export folders here and bench_generation reuses them (neither exports twice)
@@ -169,6 +170,51 @@ def smol_export_config() -> Any:
 
     # 30 layers: fp32 kernels differ by up to 1.3e-4 (measured) -> atol 5e-4, as platform.md found with optimum
     return ExportConfig(task="causal-lm", generate_tokens=SMOL_GREEDY_TOKENS, atol=5e-4)
+
+
+# ------------------------------------------------------------------------------------------------ LM scoring
+def lm_batches(split: Any, pad: int, size: int = 8) -> Iterable[tuple[list[int], np.ndarray, np.ndarray, list[int]]]:
+    """Right-padded batches (indices, ids, mask, loss_start) of a causal-LM split, sorted by length so padding
+    wastes little."""
+    order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
+    for s in range(0, len(order), size):
+        idx = order[s : s + size]
+        width = max(len(split.input_ids[i]) for i in idx)
+        ids = np.full((len(idx), width), pad, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        for r, i in enumerate(idx):
+            ids[r, : len(split.input_ids[i])] = split.input_ids[i]
+            mask[r, : len(split.input_ids[i])] = 1
+        yield idx, ids, mask, [split.loss_start[i] for i in idx]
+
+
+def onnx_perplexity(
+    session: Any, split: Any, pad: int, ref_argmax: dict | None, on_rows: Any = None,
+) -> tuple[float, int, dict, float | None]:
+    """(perplexity, target tokens, argmax per target position, top-1 agreement with ``ref_argmax``) of a graph,
+    over the same target tokens as :func:`edgefuse.finetune.evaluate.evaluate` (``ref`` + EOS). ``on_rows(i,
+    logits)`` gets each row's target-position logits (float64) when given."""
+    import math
+
+    from edgefuse.ort import build_feed
+
+    nll, count, argmax, same = 0.0, 0, {}, 0
+    for idx, ids, mask, starts in lm_batches(split, pad):
+        logits = session.run(["logits"], build_feed(session, ids, mask))[0]  # (batch, seq, vocab)
+        for r, i in enumerate(idx):
+            n = int(mask[r].sum())
+            pos = np.arange(starts[r], n)  # target token positions, predicted from pos - 1
+            rows = logits[r, pos - 1].astype(np.float64)
+            top = rows.max(axis=-1, keepdims=True)
+            logz = np.log(np.exp(rows - top).sum(axis=-1)) + top[:, 0]
+            nll += float((logz - rows[np.arange(len(pos)), ids[r, pos]]).sum())
+            count += len(pos)
+            argmax[i] = rows.argmax(-1)
+            if ref_argmax is not None:
+                same += int((argmax[i] == ref_argmax[i]).sum())
+            if on_rows is not None:
+                on_rows(i, rows)
+    return math.exp(nll / count), count, argmax, (same / count if ref_argmax is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------------ exports

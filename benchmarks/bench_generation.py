@@ -65,7 +65,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
 import shlex
 import sys
@@ -82,6 +81,7 @@ from _common import (
     WORK,
     environment,
     export_row,
+    onnx_perplexity,
     reused_export_row,
     sample_texts,
     smol_export_config,
@@ -216,44 +216,6 @@ def e2e_validation(tok: Any, n_eval: int) -> Any:
     cfg = DataConfig(train=str(E2E), validation_fraction=0.1, group_column="mr", text_column="ref",
                      prompt_column="mr", max_length=MAX_LENGTH, max_validation_examples=n_eval, seed=0)
     return load_finetune_data(cfg, tok, "causal-lm")
-
-
-def _batches(split: Any, pad: int, size: int = 8):
-    """Right-padded batches (ids, mask, loss_start), sorted by length so padding wastes little."""
-    order = sorted(range(len(split)), key=lambda i: len(split.input_ids[i]))
-    for s in range(0, len(order), size):
-        idx = order[s : s + size]
-        width = max(len(split.input_ids[i]) for i in idx)
-        ids = np.full((len(idx), width), pad, dtype=np.int64)
-        mask = np.zeros((len(idx), width), dtype=np.int64)
-        for r, i in enumerate(idx):
-            ids[r, : len(split.input_ids[i])] = split.input_ids[i]
-            mask[r, : len(split.input_ids[i])] = 1
-        yield idx, ids, mask, [split.loss_start[i] for i in idx]
-
-
-def onnx_perplexity(
-    session: Any, split: Any, pad: int, ref_argmax: dict | None
-) -> tuple[float, int, dict, float | None]:
-    """(perplexity, target tokens, argmax per target position, top-1 agreement with ``ref_argmax``) of a graph,
-    over the same target tokens as :func:`edgefuse.finetune.evaluate.evaluate` (``ref`` + EOS)."""
-    from edgefuse.ort import build_feed
-
-    nll, count, argmax, same = 0.0, 0, {}, 0
-    for idx, ids, mask, starts in _batches(split, pad):
-        logits = session.run(["logits"], build_feed(session, ids, mask))[0]  # (batch, seq, vocab)
-        for r, i in enumerate(idx):
-            n = int(mask[r].sum())
-            pos = np.arange(starts[r], n)  # target token positions, predicted from pos - 1
-            rows = logits[r, pos - 1].astype(np.float64)
-            top = rows.max(axis=-1, keepdims=True)
-            logz = np.log(np.exp(rows - top).sum(axis=-1)) + top[:, 0]
-            nll += float((logz - rows[np.arange(len(pos)), ids[r, pos]]).sum())
-            count += len(pos)
-            argmax[i] = rows.argmax(-1)
-            if ref_argmax is not None:
-                same += int((argmax[i] == ref_argmax[i]).sum())
-    return math.exp(nll / count), count, argmax, (same / count if ref_argmax is not None else None)
 
 
 def probe_down_inputs(model: Any, split: Any, n: int = 8) -> list[dict[str, float]]:

@@ -29,6 +29,7 @@ SECTIONS = [
     ("generation_e2e", "Generation: E2E NLG judged by generating, teacher vs fused vs int4 (issue 14)"),
     ("moe", "MoE export: sparse (gather-compute-scatter) vs dense-routing graphs (issue 14)"),
     ("decode", "Decode speed against onnxruntime-genai and llama.cpp: SmolLM2-135M (issue 14 item 4)"),
+    ("int4", "int4 that keeps quality: MatMulNBits variants on SmolLM2-135M (issue 14 item 3)"),
 ]
 
 

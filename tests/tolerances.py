@@ -36,6 +36,10 @@ EXPORT_RTOL = 1e-3
 # int8/int4 of the small random test models against their fp32 graph: measured mean cosine >= 0.99 for int8
 # per-channel and >= 0.997 for int4; 0.95 leaves room for kernel differences between CPUs.
 QUANT_TINY_MIN_COSINE = 0.95
+# int4 (block 32) of one random 128 x 48 MatMul: relative error of the product measured 0.078-0.099 for every algorithm
+# and symmetry (4 bits keep ~1/16 of each block's range); 0.2 fails a broken packing (error ~1) but not a kernel
+# difference.
+INT4_ONE_MATMUL_MAX_ERROR = 0.2
 # The Done-when bar of issue 7 for all-MiniLM-L6-v2 int8 per-channel (cosine of the mean-pooled embedding).
 MINILM_INT8_MIN_COSINE = 0.99
 # DDP (2 gloo processes, batch b each) vs 1 process (batch 2b): the same examples and the same global loss

@@ -49,6 +49,8 @@ QUANTIZE_FLAGS = (
     Flag("int4_accuracy_level", "--accuracy-level"),
     Flag("int4_algorithm"),
     Flag("int4_fallback"),
+    Flag("int4_tied"),
+    Flag("int4_8bit_share", metavar="SHARE"),
     Flag("auto_target_cosine", metavar="COS"),
     Flag("auto_max_kept", metavar="N"),
     Flag("min_cosine", metavar="COS"),

@@ -70,17 +70,34 @@ class QuantizeConfig(StrictModel):
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="int4: MatMulNBits compute type (4 = int8 activations, fastest on CPU; 0 = unset)."
     )
-    int4_algorithm: Literal["default", "rtn", "hqq", "gptq"] = Field(
+    int4_algorithm: Literal["default", "rtn", "hqq", "gptq", "k_quant"] = Field(
         "default",
         description="int4: onnxruntime's MatMulNBits algorithm. default: its block quantizer (round to nearest, "
         "symmetric per int4_symmetric). rtn: Intel Neural Compressor's round to nearest. hqq: half-quadratic "
         "optimisation of scales and zero points (no data). gptq: error-compensating updates from the calibration "
-        "data (slowest to build).",
+        "data (slowest to build). k_quant: Intel Neural Compressor's k-quant (scales searched per block).",
     )
-    int4_fallback: Literal["fp32", "int8"] = Field(
+    int4_fallback: Literal["fp32", "int8", "nbits8"] = Field(
         "fp32",
         description="int4 with auto_target_cosine: what the MatMuls the auto mode takes out of int4 become: fp32, "
-        "or dynamic int8 (per-channel, the preset's types).",
+        "dynamic int8 (int8: MatMulInteger, per-channel, the preset's types) or 8-bit weight-only blocks (nbits8: "
+        "MatMulNBits bits 8, activations quantized per block, so safe with massive activations).",
+    )
+    int4_tied: Literal["fp32", "int4", "nbits8"] = Field(
+        "fp32",
+        description="int4: what a MatMul whose weight is a transposed initializer becomes (the lm_head of models "
+        "with tied embeddings, e.g. SmolLM2: onnxruntime's quantizers skip it): fp32, int4 like the rest, or 8-bit "
+        "weight-only blocks (nbits8). The embedding table itself stays fp32.",
+    )
+    int4_8bit_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="int4: the share of weight MatMuls written as 8-bit blocks (MatMulNBits bits 8) instead of 4: "
+        "those with the largest simulated int4 error on the calibration texts (the auto mode's ranking, one fp32 "
+        "run; counted over all weight MatMuls). 0: none (pure int4). 0.25 with int4_tied nbits8 is the candidate "
+        "default of benchmarks/results/int4.md (chosen from kernel and weight-error measurements; not yet measured "
+        "end to end).",
     )
     auto_target_cosine: float | None = Field(
         None,

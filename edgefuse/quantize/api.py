@@ -232,7 +232,9 @@ def _auto_fallback(
     from edgefuse.quantize.auto import auto_keep, rank_matmuls
 
     s = attempt.source
-    ranked = rank_matmuls(attempt.graph, attempt.inputs.feeds[0], s.candidates, mode=cfg.mode,
+    eight = set(attempt.settings.get("sensitive_8bit") or ())  # already 8-bit (int4_8bit_share): not candidates
+    ranked = rank_matmuls(attempt.graph, attempt.inputs.feeds[0], [c for c in s.candidates if c not in eight],
+                          mode=cfg.mode,
                           per_channel=cfg.per_channel, reduce_range=bool(attempt.settings.get("reduce_range", False)),
                           block_size=cfg.block_size)
     return auto_keep(ranked, s.exclude, cfg.auto_target_cosine, cfg.auto_max_kept, attempt, first_cosine)

@@ -108,6 +108,8 @@ def _int4_algo_config(cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]
         return None
     if algo == "rtn":
         return mnb.RTNWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    if algo == "k_quant":
+        return mnb.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
     if algo == "hqq":
         return mnb.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4, op_types_to_quantize=("MatMul",))
     if not feeds:
@@ -142,6 +144,102 @@ def _set_accuracy_level(model: Any, level: int) -> None:
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
 
 
+def untie_transposed_weights(model: Any) -> list[str]:
+    """Give every MatMul whose weight is ``Transpose(initializer)`` its own transposed initializer; return their
+    names. Exports of models with tied embeddings (SmolLM2, Llama, GPT-2) compute the lm_head as
+    ``MatMul(x, Transpose(embed_tokens.weight))``; onnxruntime's weight-only quantizers only take constant
+    initializers, so without this the largest MatMul of a small decoder (49152 x 576 in SmolLM2, a fifth of its
+    weights and of its decode time) stays fp32 in every int4 graph. The embedding table keeps its own fp32 copy
+    for the Gather. A Transpose left without consumers is removed.
+
+    Example:
+        >>> import numpy as np, onnx
+        >>> from onnx import helper, numpy_helper, TensorProto
+        >>> g = helper.make_graph(
+        ...     [helper.make_node("Transpose", ["e"], ["et"], perm=[1, 0]), helper.make_node("MatMul", ["x", "et"],
+        ...      ["y"], name="lm_head")], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        ...     [numpy_helper.from_array(np.ones((8, 4), np.float32), "e")])
+        >>> m = helper.make_model(g)
+        >>> untie_transposed_weights(m), [n.op_type for n in m.graph.node], m.graph.initializer[-1].dims
+        (['lm_head'], ['MatMul'], [4, 8])
+    """
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    uses.update(o.name for o in model.graph.output)
+    untied: list[str] = []
+    touched: list[Any] = []
+    for node in model.graph.node:
+        t = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+        w = numpy_helper.to_array(inits[t.input[0]])
+        if w.ndim != 2 or perm != [1, 0]:
+            continue
+        name = f"{t.input[0]}_transposed_for_{node.name or len(untied)}"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        uses[node.input[1]] -= 1
+        node.input[1] = name
+        untied.append(node.name)
+        touched.append(t)
+    for t in {id(t): t for t in touched}.values():
+        if uses[t.output[0]] <= 0:
+            model.graph.node.remove(t)
+    return untied
+
+
+_RANKED: dict[tuple[str, int, int], list[tuple[str, float]]] = {}  # (graph, mtime, block) -> ranking, per process
+
+
+def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
+                      exclude: Sequence[str]) -> list[str]:
+    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) with
+    the largest simulated int4 error on the first calibration feed: the auto mode's ranking
+    (:func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy), computed once per graph and block size
+    in a process (the auto mode calls the backend once per MatMul it keeps)."""
+    import math
+
+    from edgefuse.quantize.auto import rank_matmuls
+    from edgefuse.quantize.evaluate import weight_matmuls
+
+    if not feeds:
+        raise QuantizationError("int4_8bit_share needs calibration texts to rank the MatMuls; pass --calibration-data")
+    key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size)
+    if key not in _RANKED:
+        import onnx
+
+        names = weight_matmuls(onnx.load(str(src), load_external_data=False))
+        _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
+                                    block_size=cfg.block_size)
+    # the count comes from every weight MatMul, so the auto mode's exclusions (one more per attempt) do not move it
+    k = math.ceil(cfg.int4_8bit_share * len(_RANKED[key]))
+    return [n for n, _ in _RANKED[key] if n not in set(exclude)][:k]
+
+
+def _nbits8(model: Any, nodes: Sequence[str], cfg: QuantizeConfig) -> Any:
+    """``model`` with the MatMuls ``nodes`` as 8-bit weight-only blocks (MatMulNBits bits 8, the int4 blocks' size,
+    symmetry and accuracy level): the ``int4_fallback: nbits8`` form. Measured on SmolLM2-135M's lm_head
+    (576 x 49152, 1 thread, this package's benchmarks/results/int4.md): 2.9 ms against 2.3 ms for int4, 8.1 ms for
+    fp32 and 2.6 ms for dynamic int8, at a tenth of int4's error; activations are quantized per block of each
+    row, not per tensor as dynamic int8 does, so one token's massive activation cannot flatten the others."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    chosen = set(nodes)
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=8, block_size=cfg.block_size, is_symmetric=cfg.int4_symmetric,
+        accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=others, op_types_to_quantize=("MatMul",),
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
 def quantize_int4(
     src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str],
     feeds: Sequence[dict[str, np.ndarray]] = (), *, preset: QuantPreset | None = None, int8_nodes: Sequence[str] = (),
@@ -151,9 +249,10 @@ def quantize_int4(
     ``cfg.int4_algorithm`` picks onnxruntime's algorithm: ``default`` (its block quantizer, round to nearest,
     symmetric unless ``int4_symmetric`` is off), ``rtn`` (Intel Neural Compressor's round to nearest,
     asymmetric unless symmetric), ``hqq`` (half-quadratic optimisation of scale and zero point, no data) or
-    ``gptq`` (error-compensating column updates from calibration ``feeds``). ``exclude`` MatMuls stay fp32;
-    ``int8_nodes`` among them are then quantized to dynamic int8 (per-channel, the preset's types): the int4
-    auto mode's int8 fallback.
+    ``gptq`` (error-compensating column updates from calibration ``feeds``) or ``k_quant`` (Intel Neural
+    Compressor's k-quant: scales searched per block). ``exclude`` MatMuls stay fp32; ``int8_nodes`` among them
+    are written with 8 bits as ``cfg.int4_fallback`` says: ``int8``, dynamic int8 (MatMulInteger, per-channel, the
+    preset's types); ``nbits8``, 8-bit weight-only blocks (:func:`_nbits8`). They are the int4 auto mode's choices.
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -162,6 +261,18 @@ def quantize_int4(
                 "accuracy_level": cfg.int4_accuracy_level, "op_types": ["MatMul"], "algorithm": cfg.int4_algorithm}
     algo_config = _int4_algo_config(cfg, feeds)  # before loading: a config error costs no graph load
     model = onnx.load(str(src))
+    tied = untie_transposed_weights(model) if cfg.int4_tied != "fp32" else []
+    settings["tied"] = {"nodes": tied, "as": cfg.int4_tied}
+    nbits8 = list(int8_nodes) if cfg.int4_fallback == "nbits8" else []
+    if cfg.int4_fallback == "nbits8":
+        settings["nbits8_fallback"] = nbits8
+        int8_nodes = ()
+    nbits8 += tied if cfg.int4_tied == "nbits8" else []
+    if cfg.int4_8bit_share:
+        settings["sensitive_8bit"] = sensitive_matmuls(src, cfg, feeds, exclude)
+        nbits8 += settings["sensitive_8bit"]
+    if nbits8:  # first, so the 4-bit pass (which skips them by name) sees them as MatMulNBits already
+        model = _nbits8(model, nbits8, cfg)
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.int4_symmetric,
         accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=list(exclude),
@@ -175,8 +286,15 @@ def quantize_int4(
         quantizer._generate_q4_node_config = lambda: {  # type: ignore[method-assign]
             k: "fp32" if k in excluded else v for k, v in make_config().items()}
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # GPTQ/RTN print progress bars to stdout
-        quantizer.process()
+    try:
+        with contextlib.redirect_stdout(printed):  # GPTQ/RTN print progress bars to stdout
+            quantizer.process()
+    except (ValueError, IndexError) as exc:
+        # Intel Neural Compressor's packing (rtn, k_quant) fails on some shapes, e.g. one block per column
+        raise QuantizationError(
+            f"onnxruntime's int4 algorithm {cfg.int4_algorithm!r} failed on {src.name} at block size "
+            f"{cfg.block_size} ({str(exc)[:120]}); use --int4-algorithm default or another --block-size"
+        ) from None
     qmodel = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     _set_accuracy_level(qmodel, cfg.int4_accuracy_level)
     if not int8_nodes:

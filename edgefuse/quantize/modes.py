@@ -81,18 +81,25 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclud
           feeds: Sequence[dict[str, Any]], kept: Sequence[str]) -> dict[str, Any]:
     from edgefuse.quantize.backends import quantize_int4
 
-    # the auto mode's choices (beyond the user's own exclusions) become dynamic int8 with int4_fallback=int8
-    int8_nodes = list(kept) if cfg.int4_fallback == "int8" else []
+    # the auto mode's choices (beyond the user's own exclusions) become 8-bit with int4_fallback int8 or nbits8
+    int8_nodes = list(kept) if cfg.int4_fallback != "fp32" else []
     return quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8_nodes)
 
 
 def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
-    # the algorithm and an int8 fallback (with its reduce_range) change the bytes: they are part of the name
+    # the algorithm, symmetry, 8-bit parts and an int8 fallback (with its reduce_range) change the bytes: each
+    # setting other than the default is part of the name (int4-b32 is the default mix: see QuantizeConfig)
     algo = "" if cfg.int4_algorithm == "default" else f"{cfg.int4_algorithm}-"
     name = f"int4-{algo}b{cfg.block_size}"
-    if cfg.int4_fallback == "int8" and cfg.auto_target_cosine is not None:
-        name += "-int8-fallback"
-        if preset.reduce_range if cfg.reduce_range is None else cfg.reduce_range:
+    name += "" if cfg.int4_symmetric else "-asym"
+    fields = QuantizeConfig.model_fields
+    if cfg.int4_8bit_share != fields["int4_8bit_share"].default:
+        name += f"-8bit{round(cfg.int4_8bit_share * 100)}"
+    if cfg.int4_tied != fields["int4_tied"].default:
+        name += f"-tied-{cfg.int4_tied}"
+    if cfg.int4_fallback != "fp32" and cfg.auto_target_cosine is not None:
+        name += f"-{cfg.int4_fallback}-fallback"
+        if cfg.int4_fallback == "int8" and (preset.reduce_range if cfg.reduce_range is None else cfg.reduce_range):
             name += "-reduce-range"
     return name
 
