@@ -189,7 +189,7 @@ def test_int4_algorithm_failure_is_one_line(tiny_decoder: Path) -> None:
 
 
 def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path) -> None:
-    from edgefuse.quantize.backends import _RANKED
+    from edgefuse.quantize.modes import _RANKED
 
     names = weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx")))
     res = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, int4_8bit_share=0.5, overwrite=True,

@@ -23,80 +23,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgefuse.errors import QuantizationError
-from edgefuse.quantize.modes import get_mode
+from edgefuse.quantize.modes import (  # noqa: F401 - the ranking lives beside the mode table; re-exported here
+    MAX_TOKENS,
+    rank_matmuls,
+    relative_error,
+    sensitive_matmuls,
+)
 
 logger = logging.getLogger(__name__)
-
-MAX_TOKENS = 256  # rows of X kept per MatMul for the estimate (bounds memory on large decoders)
-
-
-def _fake_quant_activation(x: np.ndarray) -> np.ndarray:
-    """Per-tensor asymmetric uint8, as DynamicQuantizeLinear does."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    zero = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
-
-
-def relative_error(
-    x: np.ndarray, w: np.ndarray, *, mode: str, per_channel: bool, reduce_range: bool, block_size: int
-) -> float:
-    """Mean over the rows (tokens) of ``||x w - q(x) q(w)|| / ||x w||`` for one MatMul, simulated as the mode's
-    table entry says (:data:`edgefuse.quantize.modes.MODES`: activations quantized only in the int8 modes, with
-    a per-tensor scale as at run time). Rows whose output is zero are skipped."""
-    x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)[:MAX_TOKENS]
-    w64 = w.astype(np.float64)
-    ref = x64 @ w64  # (tokens, N)
-    spec = get_mode(mode)
-    xq = _fake_quant_activation(x64) if spec.quantizes_activations else x64
-    wq = spec.simulate_weight(w64, per_channel=per_channel, reduce_range=reduce_range, block_size=block_size)
-    num, den = np.linalg.norm(ref - xq @ wq, axis=1), np.linalg.norm(ref, axis=1)
-    live = den > 0
-    return float(np.mean(num[live] / den[live])) if live.any() else 0.0
-
-
-def rank_matmuls(
-    src: Path, feed: dict[str, np.ndarray], candidates: Sequence[str], *, mode: str, per_channel: bool,
-    reduce_range: bool, block_size: int,
-) -> list[tuple[str, float]]:
-    """``candidates`` (weight MatMul names) sorted by simulated relative error, worst first."""
-    import onnx
-    from onnx import numpy_helper
-
-    from edgefuse.ort import make_session
-
-    model = onnx.load(str(src))
-    nodes = {n.name: n for n in model.graph.node if n.name in set(candidates)}
-    inits = {i.name: i for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-    extra = sorted({nodes[c].input[0] for c in candidates} - outputs)
-    for name in extra:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    tmp = src.with_name(f".{src.stem}.probe.onnx")
-    try:
-        onnx.save(model, str(tmp))
-        session = make_session(tmp, optimize=False)  # unoptimised: the probed tensors must survive fusion passes
-        wanted = [n for n in extra]
-        values = dict(zip(wanted, session.run(wanted, feed), strict=True))
-    finally:
-        tmp.unlink(missing_ok=True)
-    ranked = []
-    for name in candidates:
-        node = nodes[name]
-        x = values.get(node.input[0])
-        if x is None:
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        ranked.append((name, relative_error(x, w, mode=mode, per_channel=per_channel, reduce_range=reduce_range,
-                                            block_size=block_size)))
-    return sorted(ranked, key=lambda t: -t[1])
-
 
 def auto_keep(
     ranked: Sequence[tuple[str, float]], base_exclude: list[str], target: float, max_kept: int,

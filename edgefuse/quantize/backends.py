@@ -194,34 +194,6 @@ def untie_transposed_weights(model: Any) -> list[str]:
     return untied
 
 
-_RANKED: dict[tuple[str, int, int], list[tuple[str, float]]] = {}  # (graph, mtime, block) -> ranking, per process
-
-
-def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
-                      exclude: Sequence[str]) -> list[str]:
-    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) with
-    the largest simulated int4 error on the first calibration feed: the auto mode's ranking
-    (:func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy), computed once per graph and block size
-    in a process (the auto mode calls the backend once per MatMul it keeps)."""
-    import math
-
-    from edgefuse.quantize.auto import rank_matmuls
-    from edgefuse.quantize.evaluate import weight_matmuls
-
-    if not feeds:
-        raise QuantizationError("int4_8bit_share needs calibration texts to rank the MatMuls; pass --calibration-data")
-    key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size)
-    if key not in _RANKED:
-        import onnx
-
-        names = weight_matmuls(onnx.load(str(src), load_external_data=False))
-        _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
-                                    block_size=cfg.block_size)
-    # the count comes from every weight MatMul, so the auto mode's exclusions (one more per attempt) do not move it
-    k = math.ceil(cfg.int4_8bit_share * len(_RANKED[key]))
-    return [n for n, _ in _RANKED[key] if n not in set(exclude)][:k]
-
-
 def _nbits8(model: Any, nodes: Sequence[str], cfg: QuantizeConfig) -> Any:
     """``model`` with the MatMuls ``nodes`` as 8-bit weight-only blocks (MatMulNBits bits 8, the int4 blocks' size,
     symmetry and accuracy level): the ``int4_fallback: nbits8`` form. Measured on SmolLM2-135M's lm_head
@@ -243,6 +215,7 @@ def _nbits8(model: Any, nodes: Sequence[str], cfg: QuantizeConfig) -> Any:
 def quantize_int4(
     src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str],
     feeds: Sequence[dict[str, np.ndarray]] = (), *, preset: QuantPreset | None = None, int8_nodes: Sequence[str] = (),
+    sensitive_8bit: Sequence[str] = (),
 ) -> dict[str, Any]:
     """4-bit weight-only blocks (MatMulNBits); activations stay float (int8 compute with accuracy_level 4).
 
@@ -253,6 +226,7 @@ def quantize_int4(
     Compressor's k-quant: scales searched per block). ``exclude`` MatMuls stay fp32; ``int8_nodes`` among them
     are written with 8 bits as ``cfg.int4_fallback`` says: ``int8``, dynamic int8 (MatMulInteger, per-channel, the
     preset's types); ``nbits8``, 8-bit weight-only blocks (:func:`_nbits8`). They are the int4 auto mode's choices.
+    ``sensitive_8bit`` (with ``cfg.int4_8bit_share``) are written as 8-bit blocks too.
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -268,8 +242,8 @@ def quantize_int4(
         settings["nbits8_fallback"] = nbits8
         int8_nodes = ()
     nbits8 += tied if cfg.int4_tied == "nbits8" else []
-    if cfg.int4_8bit_share:
-        settings["sensitive_8bit"] = sensitive_matmuls(src, cfg, feeds, exclude)
+    if cfg.int4_8bit_share:  # ranked by the caller (edgefuse.quantize.modes.sensitive_matmuls)
+        settings["sensitive_8bit"] = list(sensitive_8bit)
         nbits8 += settings["sensitive_8bit"]
     if nbits8:  # first, so the 4-bit pass (which skips them by name) sees them as MatMulNBits already
         model = _nbits8(model, nbits8, cfg)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.errors import QuantizationError
 from edgefuse.names import table_entry
 from edgefuse.quantize.presets import QuantPreset
 
@@ -83,7 +84,11 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclud
 
     # the auto mode's choices (beyond the user's own exclusions) become 8-bit with int4_fallback int8 or nbits8
     int8_nodes = list(kept) if cfg.int4_fallback != "fp32" else []
-    return quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8_nodes)
+    sensitive: list[str] = []
+    if cfg.int4_8bit_share:
+        sensitive = sensitive_matmuls(src, cfg, feeds, exclude)
+    return quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8_nodes,
+                         sensitive_8bit=sensitive)
 
 
 def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
@@ -172,3 +177,96 @@ def get_mode(name: str) -> QuantMode:
         ConfigError: unknown mode (the message lists the known ones).
     """
     return table_entry(MODES, name, what="quantization mode")
+
+
+# ------------------------------------------------------------------ simulated error and ranking (auto mode)
+MAX_TOKENS = 256  # rows of X kept per MatMul for the estimate (bounds memory on large decoders)
+
+
+def _fake_quant_activation(x: np.ndarray) -> np.ndarray:
+    """Per-tensor asymmetric uint8, as DynamicQuantizeLinear does."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def relative_error(
+    x: np.ndarray, w: np.ndarray, *, mode: str, per_channel: bool, reduce_range: bool, block_size: int
+) -> float:
+    """Mean over the rows (tokens) of ``||x w - q(x) q(w)|| / ||x w||`` for one MatMul, simulated as the mode's
+    table entry says (:data:`edgefuse.quantize.modes.MODES`: activations quantized only in the int8 modes, with
+    a per-tensor scale as at run time). Rows whose output is zero are skipped."""
+    x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)[:MAX_TOKENS]
+    w64 = w.astype(np.float64)
+    ref = x64 @ w64  # (tokens, N)
+    spec = get_mode(mode)
+    xq = _fake_quant_activation(x64) if spec.quantizes_activations else x64
+    wq = spec.simulate_weight(w64, per_channel=per_channel, reduce_range=reduce_range, block_size=block_size)
+    num, den = np.linalg.norm(ref - xq @ wq, axis=1), np.linalg.norm(ref, axis=1)
+    live = den > 0
+    return float(np.mean(num[live] / den[live])) if live.any() else 0.0
+
+
+def rank_matmuls(
+    src: Path, feed: dict[str, np.ndarray], candidates: Sequence[str], *, mode: str, per_channel: bool,
+    reduce_range: bool, block_size: int,
+) -> list[tuple[str, float]]:
+    """``candidates`` (weight MatMul names) sorted by simulated relative error, worst first."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgefuse.ort import make_session
+
+    model = onnx.load(str(src))
+    nodes = {n.name: n for n in model.graph.node if n.name in set(candidates)}
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    extra = sorted({nodes[c].input[0] for c in candidates} - outputs)
+    for name in extra:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    tmp = src.with_name(f".{src.stem}.probe.onnx")
+    try:
+        onnx.save(model, str(tmp))
+        session = make_session(tmp, optimize=False)  # unoptimised: the probed tensors must survive fusion passes
+        wanted = [n for n in extra]
+        values = dict(zip(wanted, session.run(wanted, feed), strict=True))
+    finally:
+        tmp.unlink(missing_ok=True)
+    ranked = []
+    for name in candidates:
+        node = nodes[name]
+        x = values.get(node.input[0])
+        if x is None:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        ranked.append((name, relative_error(x, w, mode=mode, per_channel=per_channel, reduce_range=reduce_range,
+                                            block_size=block_size)))
+    return sorted(ranked, key=lambda t: -t[1])
+
+
+_RANKED: dict[tuple[str, int, int], list[tuple[str, float]]] = {}  # (graph, mtime, block) -> ranking, per process
+
+
+def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
+                      exclude: Sequence[str]) -> list[str]:
+    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) with
+    the largest simulated int4 error on the first calibration feed: the auto mode's ranking
+    (:func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy), computed once per graph and block size
+    in a process (the auto mode calls the backend once per MatMul it keeps)."""
+    import math
+
+    from edgefuse.quantize.evaluate import weight_matmuls
+
+    if not feeds:
+        raise QuantizationError("int4_8bit_share needs calibration texts to rank the MatMuls; pass --calibration-data")
+    key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size)
+    if key not in _RANKED:
+        import onnx
+
+        names = weight_matmuls(onnx.load(str(src), load_external_data=False))
+        _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
+                                    block_size=cfg.block_size)
+    # the count comes from every weight MatMul, so the auto mode's exclusions (one more per attempt) do not move it
+    k = math.ceil(cfg.int4_8bit_share * len(_RANKED[key]))
+    return [n for n, _ in _RANKED[key] if n not in set(exclude)][:k]
