@@ -188,7 +188,7 @@ def run_pipeline(
                 t0 = time.perf_counter()
                 with store.build(stage.name) as tmp:
                     ctx = StageContext(cfg=cfg, stage=stage.name, store=store, out=tmp, records=dict(records),
-                                       input_hash=input_hash, progress=progress)
+                                       input_hash=input_hash, progress=progress, inputs=inputs)
                     result = stage.run(ctx)
                     seconds = time.perf_counter() - t0
                     record = store.commit_record(

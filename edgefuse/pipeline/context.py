@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +86,7 @@ class StageContext:
     records: dict[str, StageRecord]
     input_hash: str = ""
     progress: bool = False
+    inputs: dict[str, str] = field(default_factory=dict)  # what the stage reads -> hash (its record's inputs)
 
     def stage_dir(self, stage: str) -> Path:
         """The final folder of an earlier stage of this run."""

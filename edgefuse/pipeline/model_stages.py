@@ -42,10 +42,11 @@ def run_teacher(ctx: StageContext) -> dict[str, Any]:
     """Fine-tune the unfused source model on the task (the teacher of recovery and reference of the checks),
     or reuse the same teacher from the teacher cache (:mod:`edgefuse.pipeline.teacher_cache`)."""
     from edgefuse.pipeline import teacher_cache
-    from edgefuse.pipeline.context import MODEL_DIR, data_hash, source_hash
+    from edgefuse.pipeline.context import MODEL_DIR, SOURCE
 
     root = teacher_cache.cache_root(ctx.cfg.teacher_cache, ctx.store.run_dir)
-    key = teacher_cache.teacher_key(ctx.cfg, source=source_hash(ctx.cfg), data=data_hash(ctx.cfg))
+    # the source and data hashes the run already computed for this stage's inputs (no second read of the files)
+    key = teacher_cache.teacher_key(ctx.cfg, source=ctx.inputs[SOURCE], data=ctx.inputs["data"])
     hit = teacher_cache.lookup(root, key)
     if hit is not None:
         folder, result = hit
