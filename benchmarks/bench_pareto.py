@@ -25,7 +25,8 @@ Variants (``--variants``; widths ``--ratios``):
 
 Latency: every int8 graph on batch 1 x ``--seq`` tokens of real text, 1 intra-op thread, CPU time of the calling
 thread (``time.thread_time``; with one thread onnxruntime computes on it, so the share of the core other jobs take
-does not count) and wall clock, interleaved across all graphs in one process (forward and reverse order).
+does not count) and wall clock. Every graph is timed in its own process (``--rounds`` rounds over all graphs,
+forward and reverse order): one process holding every session ordered the graphs differently from pass to pass.
 
 Usage (from the repository root):
 
@@ -96,7 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-examples", type=int, help="use only the first N training rows (quick checks)")
     p.add_argument("--n-eval", type=int, help="validation sentences for the reported accuracy (default: all 872)")
     p.add_argument("--seq", type=int, default=64, help="tokens per latency run (default 64, the task's length)")
-    p.add_argument("--runs", type=int, default=40, help="timed latency runs per graph (default 40)")
+    p.add_argument("--runs", type=int, default=40, help="timed latency runs per graph and round (default 40)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="latency rounds; each times every graph once, in its own process (default 3)")
+    p.add_argument("--time-graph", type=Path, help=argparse.SUPPRESS)  # internal: the per-graph timing child
+    p.add_argument("--time-tuned", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--time-feeds", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help="torch threads for recovery (default 2)")
     p.add_argument("--tune", action="store_true",
                    help="also run `edgefuse tune` on every variant's export (this host's fastest graph that passes\n"
@@ -301,39 +307,67 @@ def _ort_accuracy(graph: Path, ctx: dict[str, Any]) -> float:
 
 # ------------------------------------------------------------------------------------------------ latency
 def latency(records: list[dict[str, Any]], args: argparse.Namespace, tok: Any, data_dir: Path) -> dict[str, Any]:
-    """1-thread CPU time and wall clock (ms) of every distinct graph, interleaved in one process."""
-    from edgefuse.ort import make_session
+    """1-thread CPU time and wall clock (ms) of every distinct graph, **each graph timed in its own process**.
+
+    One process holding 24 sessions gave orderings that changed from pass to pass (cache and allocator state shared
+    between sessions), so every graph gets a fresh interpreter: ``--rounds`` rounds, each visiting every graph once
+    in forward or reverse order (so slow drifts of the shared machine's load fall on all graphs alike); a visit
+    loads the graph, runs 5 warm-ups and ``--runs`` timed runs. Reported: the median over all timed runs of all
+    rounds, and the spread of the per-round medians.
+    """
+    import subprocess
+
     from edgefuse.quantize.evaluate import read_texts
 
     enc = tok(" ".join(read_texts(data_dir / "validation.tsv", 200)), truncation=True, max_length=args.seq,
               return_tensors="np")
     ids = enc["input_ids"].astype(np.int64)
-    feeds_all = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    from edgefuse.ort import session
-
-    graphs = {}
+    feeds_path = WORK / f"latency-feeds-seq{args.seq}.npz"
+    WORK.mkdir(parents=True, exist_ok=True)
+    np.savez(feeds_path, input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids))
+    graphs: dict[str, list[str]] = {}
     for r in records:
         key = f"{r['label']}-s{r['seed']}"
         if key not in graphs and (ROOT / r["graph"]).is_file():
-            sess = make_session(ROOT / r["graph"], threads=1)
-            graphs[key] = (sess, {i.name: feeds_all[i.name] for i in sess.get_inputs()})
-        if r.get("tuned") and f"{key}-tuned" not in graphs:
-            sess = session((ROOT / r["graph"]).parent, threads=1)  # the tuned graph with its session options
-            graphs[f"{key}-tuned"] = (sess, {i.name: feeds_all[i.name] for i in sess.get_inputs()})
+            graphs[key] = ["--time-graph", str(ROOT / r["graph"])]
+        if r.get("tuned") and f"{key}-tuned" not in graphs:  # the tuned graph with its session options
+            graphs[f"{key}-tuned"] = ["--time-graph", str((ROOT / r["graph"]).parent), "--time-tuned"]
     keys = list(graphs)
-    for k in keys:
-        for _ in range(5):
-            graphs[k][0].run(None, graphs[k][1])
-    cpu = np.zeros((len(keys), args.runs))
-    wall = np.zeros((len(keys), args.runs))
-    for i in range(args.runs):
-        for j in (range(len(keys)) if i % 2 == 0 else range(len(keys) - 1, -1, -1)):
-            sess, feeds = graphs[keys[j]]
-            c, w = time.thread_time(), time.perf_counter()
-            sess.run(None, feeds)
-            cpu[j, i], wall[j, i] = (time.thread_time() - c) * 1e3, (time.perf_counter() - w) * 1e3
-    return {k: {"cpu_ms_median": float(np.median(cpu[j])), "cpu_ms_p10": float(np.percentile(cpu[j], 10)),
-                "wall_ms_median": float(np.median(wall[j])), "runs": args.runs} for j, k in enumerate(keys)}
+    samples: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": [], "round_cpu": []} for k in keys}
+    for rnd in range(args.rounds):
+        order = keys if rnd % 2 == 0 else keys[::-1]
+        log.warning("latency round %d/%d: %d graphs, one process each (load %s)", rnd + 1, args.rounds, len(keys),
+                    " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        for k in order:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *graphs[k], "--time-feeds", str(feeds_path),
+                   "--runs", str(args.runs)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            res = json.loads(out)
+            samples[k]["cpu"] += res["cpu_ms"]
+            samples[k]["wall"] += res["wall_ms"]
+            samples[k]["round_cpu"].append(float(np.median(res["cpu_ms"])))
+    return {k: {"cpu_ms_median": float(np.median(v["cpu"])), "cpu_ms_p10": float(np.percentile(v["cpu"], 10)),
+                "wall_ms_median": float(np.median(v["wall"])), "round_cpu_ms_medians": v["round_cpu"],
+                "runs": len(v["cpu"]), "method": "one process per graph per round"}
+            for k, v in samples.items()}
+
+
+def time_one_graph(target: Path, tuned: bool, feeds_path: Path, runs: int) -> dict[str, list[float]]:
+    """The child of :func:`latency`: time one graph (or an export folder's tuned graph) at 1 intra-op thread."""
+    from edgefuse.ort import make_session, session
+
+    sess = session(target, threads=1) if tuned else make_session(target, threads=1)
+    data = np.load(feeds_path)
+    feeds = {i.name: data[i.name] for i in sess.get_inputs()}
+    for _ in range(5):
+        sess.run(None, feeds)
+    cpu, wall = [], []
+    for _ in range(runs):
+        c, w = time.thread_time(), time.perf_counter()
+        sess.run(None, feeds)
+        cpu.append((time.thread_time() - c) * 1e3)
+        wall.append((time.perf_counter() - w) * 1e3)
+    return {"cpu_ms": cpu, "wall_ms": wall}
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -461,8 +495,9 @@ def write_report(args: argparse.Namespace, records: list[dict[str, Any]], lat: d
         f"training rows every {args.eval_every} steps; reported: int8 graph on {meta['n_eval']} SST-2 validation "
         f"sentences (never used for selection). Seeds: {args.seeds}"
         + (" (leading methods; others seed 0)" if args.full else "") + ".  ",
-        f"Latency: batch 1 x {args.seq} tokens, 1 intra-op thread, median of {args.runs} interleaved runs, CPU time "
-        "of the calling thread (wall clock beside it).", "",
+        f"Latency: batch 1 x {args.seq} tokens, 1 intra-op thread, each graph in its own process, {args.rounds} "
+        f"rounds (forward/reverse order) x {args.runs} runs, median CPU time of the calling thread (wall clock "
+        "beside it).", "",
         "| variant | seeds | accuracy % (mean ± std) | CPU ms (1 thread) | wall ms | params | dominated by |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -532,6 +567,9 @@ def _settings(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.time_graph is not None:  # the latency child: one graph, one process, JSON on stdout
+        print(json.dumps(time_one_graph(args.time_graph, args.time_tuned, args.time_feeds, args.runs)))
+        return 0
     data_dir = _data_dir()
     start = time.perf_counter()
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
