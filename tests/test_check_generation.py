@@ -25,6 +25,16 @@ def test_generation_budgets_fail_closed() -> None:
         ("max_bleu_drop", True), ("max_degenerate_fraction", False), ("max_decode_ratio", False)]
 
 
+def test_a_bleu_drop_from_a_teacher_at_zero_bleu_is_not_judged() -> None:
+    from edgefuse.pipeline.measure import judged_bleu_drop
+
+    assert judged_bleu_drop(0.0, 0.0) is None  # both write nothing that matches: no evidence, fails closed
+    assert judged_bleu_drop(float("nan"), 1.0) is None and judged_bleu_drop(None, 1.0) is None
+    assert judged_bleu_drop(40.0, 1.5) == 1.5
+    verdict = judge(BudgetsConfig(max_bleu_drop=2.0), {"bleu_drop": judged_bleu_drop(0.0, 0.0)})[0]
+    assert not verdict.passed and verdict.measured is None
+
+
 def _recipe(tmp_path: Path, budgets: dict, **evaluate: Any) -> dict[str, Any]:
     model = saved_tiny(tmp_path / "model", "llama", "lm")
     data = write_csv(tmp_path / "e2e.csv", e2e_rows(80))

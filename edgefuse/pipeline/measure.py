@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,19 @@ def _latency(
             None if worst_ms is None else float(worst_ms[0]), detail)
 
 
+def judged_bleu_drop(teacher_bleu: float | None, drop: float | None) -> float | None:
+    """The BLEU drop a budget may judge, or None (not measured, so the budget fails) when the teacher's BLEU is
+    not a finite number above 0: a drop of 0 from a teacher that writes nothing matching is no evidence.
+
+    Example:
+        >>> judged_bleu_drop(56.9, 1.2), judged_bleu_drop(0.0, 0.0), judged_bleu_drop(float("nan"), 0.0)
+        (1.2, None, None)
+    """
+    if teacher_bleu is None or not math.isfinite(teacher_bleu) or teacher_bleu <= 0:
+        return None
+    return drop
+
+
 def measure(
     cfg: PipelineConfig, run_dir: Path, records: dict[str, StageRecord]
 ) -> tuple[dict[str, float | None], dict[str, str], str, str | None]:
@@ -125,7 +139,8 @@ def measure(
         details["accuracy_drop"] = f"teacher {teacher_acc} vs candidate {graph.get('accuracy')}, {n}"
         gen = ev.get("generation")
         if gen is not None:  # judged by generating (evaluate.generation_prompts)
-            values["bleu_drop"] = graph.get("bleu_drop_vs_teacher")
+            values["bleu_drop"] = judged_bleu_drop(gen["teacher"].get("bleu"), graph.get("bleu_drop_vs_teacher"))
+            usable = values["bleu_drop"] is not None
             values["degenerate_fraction"] = graph.get("degenerate_fraction")
             values["decode_ms"] = graph.get("decode_ms_p50")
             ref_ms = ev["graphs"].get(ref_role, {}).get("decode_ms_p50")
@@ -133,7 +148,8 @@ def measure(
                                       if ref_ms and graph.get("decode_ms_p50") is not None else None)
             where = f"greedy, {gen['prompts']} held-out prompts ({gen['references']} references)"
             details["bleu_drop"] = (f"teacher BLEU {gen['teacher']['bleu']:.2f} vs candidate {graph.get('bleu')}, "
-                                    f"{where}")
+                                    f"{where}" + ("" if usable else "; the teacher's BLEU is not > 0, so no drop "
+                                                  "can be judged (fails closed)"))
             details["degenerate_fraction"] = where
             details["decode_ms"] = "p50 per token, batch 1, interleaved with the other graphs"
             details["decode_ratio"] = f"vs {ref_role} graph, p50 per token, same interleaved run"
