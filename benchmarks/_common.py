@@ -305,3 +305,15 @@ def matmul_graphs(tmp: Path, m: int, k: int, n: int) -> dict[str, tuple[str, dic
     except Exception as exc:  # older onnxruntime without the NBits quantizer: report int4 as unmeasured
         print(f"int4 kernel not measured: {exc}", file=sys.stderr)
     return graphs
+
+
+def export_tokenizer(folder: Path, fallback: str = "smollm2") -> Any:
+    """The tokenizer saved beside an exported graph (an export folder has no weights, so
+    :func:`edgefuse.models.load_tokenizer` refuses it), else the built-in model ``fallback``'s."""
+    from edgefuse.models import load_tokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    return load_tokenizer(fallback)

@@ -475,7 +475,7 @@ def main() -> None:
             raise SystemExit(f"--folder {args.folder}: no model.onnx there; pass an fp32 export folder")
         GRAPHS = WORK / slug(str(args.folder))
         export = {"folder": str(args.folder), "note": "given with --folder"}
-        tok = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").is_file() else "smollm2")
+        tok = common.export_tokenizer(folder)
     else:
         tok = load_tokenizer("smollm2")
         folder, export = export_folder()
