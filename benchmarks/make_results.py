@@ -30,6 +30,10 @@ SECTIONS = [
     ("moe", "MoE export: sparse (gather-compute-scatter) vs dense-routing graphs (issue 14)"),
     ("decode", "Decode speed against onnxruntime-genai and llama.cpp: SmolLM2-135M (issue 14 item 4)"),
     ("int4", "int4 that keeps quality: MatMulNBits variants on SmolLM2-135M (issue 14 item 3)"),
+    ("int4_e2e", "int4 on the E2E fine-tuned SmolLM2, judged by BLEU (issue 14 item 3)"),
+    ("int8_avx2", "int8 as an AVX2 CPU computes it: SmolLM2 under qemu's Haswell (issue 14 item 3)"),
+    ("smollm2_recipe", "The SmolLM2 E2E recipe end to end: fine-tune, fuse, recover, int4, generate (issue 14)"),
+    ("e2e_sweep", "Which layers, how much, which method: SmolLM2 on E2E (issue 14 item 2)"),
 ]
 
 
