@@ -99,3 +99,15 @@ def test_generation_budgets_need_the_evaluate_generation(tmp_path: Path) -> None
     raw["data"].pop("prompt_column")
     with pytest.raises(ConfigError, match="prompt_column"):
         config_from_dict(raw)
+
+
+def test_the_run_summary_shows_bleu_and_decode_only_for_generation() -> None:
+    from edgefuse.cli.run import summary_table
+
+    plain = summary_table([{"variant": "final fp32", "size_mib": 1.0, "accuracy": 0.9}])
+    assert "BLEU" not in plain and "decode ms" not in plain
+    gen = summary_table([{"variant": "final quantized", "size_mib": 1.0, "bleu": 57.31, "degenerate_fraction": 0.0,
+                          "decode_ms": 23.5}, {"variant": "unfused fp32", "size_mib": 2.0}])
+    header, _, first, second = gen.splitlines()
+    assert header.split()[-4:] == ["BLEU", "degenerate", "decode", "ms"]
+    assert first.split()[-3:] == ["57.31", "0.000", "23.50"] and second.split()[-3:] == ["-", "-", "-"]

@@ -81,14 +81,23 @@ def _cell(value: Any, fmt: str) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The short table printed at the end of a run: one line per graph."""
-    header = ("graph", "size MiB", "p50 ms", "x ref", "peak MiB", "cos teacher", "cos torch", "accuracy")
+    header: tuple[str, ...] = ("graph", "size MiB", "p50 ms", "x ref", "peak MiB", "cos teacher", "cos torch",
+                               "accuracy")
+    # a decoder judged by generating (evaluate.generation_prompts) also shows what it writes and how fast
+    generation = any(r.get("bleu") is not None for r in rows)
+    if generation:
+        header += ("BLEU", "degenerate", "decode ms")
     lines = []
     for r in rows:
-        lines.append((
+        line = (
             r["variant"], _cell(r.get("size_mib"), ".1f"), _cell(r.get("latency_ms"), ".2f"),
             _cell(r.get("latency_ratio"), ".2f"), _cell(r.get("peak_rss_mib"), ".0f"), _cell(r.get("cosine"), ".4f"),
             _cell(r.get("cosine_vs_pytorch"), ".4f"), _cell(r.get("accuracy"), ".4f"),
-        ))
+        )
+        if generation:
+            line += (_cell(r.get("bleu"), ".2f"), _cell(r.get("degenerate_fraction"), ".3f"),
+                     _cell(r.get("decode_ms"), ".2f"))
+        lines.append(line)
     return format_table(lines, header=header, right=range(1, len(header)))
 
 

@@ -186,6 +186,10 @@ def variant_rows(records: dict[str, Any], graphs: dict[str, str], *, with_role: 
             "cosine": (ev.get("vs_teacher") or {}).get("cosine_mean"),
             "cosine_vs_pytorch": (ev.get("vs_pytorch") or {}).get("cosine_mean"),
             "accuracy": ev.get("accuracy"),
+            # causal LMs judged by generating (evaluate.generation_prompts): greedy BLEU and per-token decode;
+            # absent (not None) otherwise, so that reports of other models get no empty columns
+            **({"bleu": ev["bleu"], "degenerate_fraction": ev.get("degenerate_fraction"),
+                "decode_ms": ev.get("decode_ms_p50")} if ev.get("bleu") is not None else {}),
             **({"role": role} if with_role else {}),
         })
     return rows
