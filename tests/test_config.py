@@ -125,7 +125,8 @@ def test_bad_value_names_the_allowed_values() -> None:
                        match=r"model.task: 'embedding' is not allowed; allowed values: 'feature-extraction'"):
         config_from_dict({"schema_version": 1, "model": {"task": "embedding"}})
     with pytest.raises(ConfigError,
-                       match=r"quantize.mode: 'int3' is not allowed; allowed values: 'dynamic', 'static' or 'int4'"):
+                       match=r"quantize.mode: 'int3' is not allowed; allowed values: 'int8', 'dynamic', 'static', "
+                             r"'int8-blocks' or 'int4'"):
         config_from_dict({"schema_version": 1, "export": {}, "quantize": {"mode": "int3"}})
 
 

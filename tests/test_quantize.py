@@ -201,8 +201,10 @@ def test_dynamic_int8_is_the_same_graph_for_every_preset(small_bert: Path, tmp_p
 
     shas = set()
     for preset in ("arm64", "avx2", "avx512-vnni"):
-        cfg = QuantizeConfig(preset=preset, reduce_range=False)
+        cfg = QuantizeConfig(preset=preset, reduce_range=False)  # the default int8 -> dynamic for an encoder
         res = quantize_onnx(small_bert, cfg, tmp_path / preset, calibration_texts=TEXTS)
+        assert res.mode == "dynamic"
+        cfg = cfg.model_copy(update={"mode": "dynamic"})
         assert res.onnx_path == tmp_path / preset / "model.onnx" and variant_name(cfg, preset) == "int8"
         manifest = read_manifest(tmp_path / preset)
         assert list(manifest["graphs"]) == ["model.onnx"] and manifest["graphs"]["model.onnx"]["kind"] == "dynamic"
@@ -210,11 +212,13 @@ def test_dynamic_int8_is_the_same_graph_for_every_preset(small_bert: Path, tmp_p
         shas.add(sha256_file(res.onnx_path))
     assert len(shas) == 1
     assert variant_name(QuantizeConfig(mode="static"), "avx2") == "qdq-int8-au8-reduce-range"
-    assert variant_name(QuantizeConfig(), "avx2") == variant_name(QuantizeConfig(), "avx512") == "int8-reduce-range"
-    assert variant_name(QuantizeConfig(), "avx512-vnni") == variant_name(QuantizeConfig(), "arm64") == "int8"
-    assert variant_name(QuantizeConfig(reduce_range=False), "avx2") == "int8"
+    dyn = QuantizeConfig(mode="dynamic")
+    assert variant_name(dyn, "avx2") == variant_name(dyn, "avx512") == "int8-reduce-range"
+    assert variant_name(dyn, "avx512-vnni") == variant_name(dyn, "arm64") == "int8"
+    assert variant_name(QuantizeConfig(mode="dynamic", reduce_range=False), "avx2") == "int8"
     assert variant_name(QuantizeConfig(mode="static"), "arm64") == "qdq-int8-as8"
-    assert variant_name(QuantizeConfig(per_channel=False, reduce_range=True), "arm64") == "int8-per-tensor-reduce-range"
+    per_tensor = QuantizeConfig(mode="dynamic", per_channel=False, reduce_range=True)
+    assert variant_name(per_tensor, "arm64") == "int8-per-tensor-reduce-range"
 
 
 def test_auto_ranking_sees_massive_activations() -> None:

@@ -14,7 +14,7 @@ from edgefuse.config.quantize import QuantizeConfig, QuantMode
 from edgefuse.errors import ConfigError
 from edgefuse.fusion.clustering import MlpWeights
 from edgefuse.fusion.methods import METHODS, compress_mlp
-from edgefuse.quantize.modes import MODES
+from edgefuse.quantize.modes import MODES, get_mode
 
 
 def test_every_compression_method_is_a_config_choice_and_documented() -> None:
@@ -55,7 +55,10 @@ def test_unknown_method_and_bad_width_are_config_errors() -> None:
 def test_every_quantization_mode_is_a_config_choice_with_a_distinct_variant_name() -> None:
     from edgefuse.quantize.presets import resolve_preset
 
-    assert tuple(MODES) == get_args(QuantMode)
+    # "int8" is the default that names no graph form until it is resolved for the graph's task
+    assert ("int8", *MODES) == get_args(QuantMode)
+    with pytest.raises(ValueError, match="must be resolved"):
+        get_mode("int8")
     described = QuantizeConfig.model_fields["mode"].description
     names = set()
     for name, entry in MODES.items():
@@ -84,9 +87,8 @@ def test_mode_simulation_quantizes_what_the_mode_quantizes() -> None:
 
 
 def test_unknown_quantization_mode_is_a_config_error() -> None:
-    from edgefuse.quantize.modes import get_mode
-
-    with pytest.raises(ConfigError, match="unknown quantization mode 'int2'; choose one of dynamic, static, int4"):
+    with pytest.raises(ConfigError,
+                       match="unknown quantization mode 'int2'; choose one of dynamic, static, int8-blocks, int4"):
         get_mode("int2")
 
 

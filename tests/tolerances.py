@@ -40,6 +40,10 @@ QUANT_TINY_MIN_COSINE = 0.95
 # and symmetry (4 bits keep ~1/16 of each block's range); 0.2 fails a broken packing (error ~1) but not a kernel
 # difference.
 INT4_ONE_MATMUL_MAX_ERROR = 0.2
+# 8-bit blocks vs dynamic int8 on one random 128 x 48 MatMul whose first token has a 3,000 activation: relative error
+# of the product on the other 15 tokens measured 0.008 (blocks) and 1.0 (dynamic int8, the per-tensor
+# scale rounds them away); 0.05 separates the two with a wide margin on both sides.
+INT8_BLOCKS_MASSIVE_MAX_ERROR = 0.05
 # The Done-when bar of issue 7 for all-MiniLM-L6-v2 int8 per-channel (cosine of the mean-pooled embedding).
 MINILM_INT8_MIN_COSINE = 0.99
 # DDP (2 gloo processes, batch b each) vs 1 process (batch 2b): the same examples and the same global loss

@@ -12,9 +12,12 @@ from edgefuse.config.quantize import QuantizeConfig
 
 HELP = """Quantize the fp32 graph of an export folder and check the result against it.
 
-modes: dynamic (int8 weights, activations quantized at run time; per-channel by default), static (int8 QDQ,
-activation ranges calibrated on data: minmax, percentile or entropy), int4 (weight-only 4-bit blocks,
-MatMulNBits). Presets pick int8 types per CPU (arm64, avx2, avx512, avx512-vnni); auto detects this host's.
+modes: int8 (the default: dynamic for encoders and classifiers, int8-blocks for causal LMs), dynamic (int8
+weights, activations quantized at run time per tensor; per-channel by default), static (int8 QDQ, activation
+ranges calibrated on data: minmax, percentile or entropy), int8-blocks (weight-only 8-bit blocks, MatMulNBits
+bits 8: activations quantized per block of each token, so a decoder's massive activations cost nothing), int4
+(weight-only 4-bit blocks, MatMulNBits). Presets pick int8 types per CPU (arm64, avx2, avx512, avx512-vnni);
+auto detects this host's.
 
 The quantized graph is compared with fp32 on task data (mean cosine of the pooled embedding / logits, max
 difference, accuracy with --eval-data) and its quantized MatMuls are counted; a graph that quantized nothing
@@ -25,6 +28,7 @@ examples:
   edgefuse quantize out/minilm-onnx --mode dynamic --preset arm64 --exclude 're:/output/dense/MatMul$'
   edgefuse quantize out/minilm-onnx --mode static --calibration-data data/sst2/train.tsv \\
       --calibration-method percentile
+  edgefuse quantize out/smol-onnx                               # a decoder: -> out/smol-onnx-int8-blocks-b32/
   edgefuse quantize out/smol-onnx --mode int4 --block-size 32
   edgefuse quantize out/smol-onnx --mode int4 --int4-algorithm hqq --auto-target-cosine 0.95 --int4-fallback int8
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
@@ -101,7 +105,10 @@ def format_result(res: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    from edgefuse.quantize.api import resolved_config
+
+    # the default mode "int8" becomes dynamic or int8-blocks from the graph's task: the output name depends on it
+    cfg = resolved_config(Path(args.export_dir), _config(args))
     if args.dry_run:
         from edgefuse.quantize.api import default_output_name
         from edgefuse.quantize.presets import resolve_preset

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from edgefuse.config import StrictModel
 
 # the names of edgefuse.quantize.modes.MODES (a test keeps them equal; this module must not import numpy)
-QuantMode = Literal["dynamic", "static", "int4"]
+QuantMode = Literal["int8", "dynamic", "static", "int8-blocks", "int4"]
 QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
 Preset = Literal["auto", "arm64", "avx2", "avx512", "avx512-vnni"]
 PRESETS: tuple[str, ...] = get_args(Preset)
@@ -27,9 +27,13 @@ class QuantizeConfig(StrictModel):
     """
 
     mode: QuantMode = Field(
-        "dynamic",
-        description="dynamic: int8 weights, activations quantized at run time (MatMulInteger). static: int8 QDQ "
-        "with activation ranges calibrated on data. int4: weight-only 4-bit blocks (MatMulNBits).",
+        "int8",
+        description="int8 (the default): the int8 form that suits the graph, chosen from its task: dynamic for "
+        "encoders and classifiers, int8-blocks for causal LMs (decoders), whose massive activations defeat "
+        "dynamic int8's per-tensor activation scale on every CPU. dynamic: int8 weights, activations quantized at "
+        "run time per tensor (MatMulInteger). static: int8 QDQ with activation ranges calibrated on data. "
+        "int8-blocks: weight-only 8-bit blocks (MatMulNBits bits 8, every weight MatMul and a tied lm_head), "
+        "activations quantized per block of each token at run time. int4: weight-only 4-bit blocks (MatMulNBits).",
     )
     preset: Preset = Field(
         "auto",
@@ -65,10 +69,13 @@ class QuantizeConfig(StrictModel):
     )
     calibration_samples: int = Field(64, ge=1, description="Texts read from calibration_data.")
     max_sequence_length: int = Field(128, ge=2, description="Tokens per calibration/evaluation text.")
-    block_size: int = Field(32, description="int4: weights per quantization block (16, 32, 64, 128 or 256).")
-    int4_symmetric: bool = Field(True, description="int4: symmetric blocks (no zero point; the fast ARM path).")
+    block_size: int = Field(
+        32, description="int4 and int8-blocks: weights per quantization block (16, 32, 64, 128 or 256).")
+    int4_symmetric: bool = Field(
+        True, description="int4 and int8-blocks: symmetric blocks (no zero point; the fast ARM path).")
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="int4: MatMulNBits compute type (4 = int8 activations, fastest on CPU; 0 = unset)."
+        4, description="int4 and int8-blocks: MatMulNBits compute type (4 = int8 activations, fastest on CPU; "
+        "0 = unset; 8-bit blocks need 4: level 0 measured 76x slower)."
     )
     int4_algorithm: Literal["default", "rtn", "hqq", "gptq", "k_quant"] = Field(
         "default",

@@ -57,7 +57,7 @@ def variant_name(cfg: QuantizeConfig, preset: str) -> str:
     ``int8-reduce-range``, ``int4-b32`` (the preset only where it changes a type).
 
     Example:
-        >>> variant_name(QuantizeConfig(mode="static"), "avx2"), variant_name(QuantizeConfig(), "arm64")
+        >>> variant_name(QuantizeConfig(mode="static"), "avx2"), variant_name(QuantizeConfig(mode="dynamic"), "arm64")
         ('qdq-int8-au8-reduce-range', 'int8')
     """
     from edgefuse.quantize.presets import resolve_preset
@@ -76,6 +76,24 @@ def default_output_name(cfg: QuantizeConfig, preset: str, *, own_folder: bool = 
     if cfg.output_name:
         return cfg.output_name
     return FP32_GRAPH if own_folder else f"model_{variant_name(cfg, preset)}.onnx"
+
+
+def source_task(src: str | Path) -> str:
+    """The task of the fp32 graph at ``src`` (an export folder or a .onnx file): its manifest's, else read from
+    the graph's outputs (the weights are not loaded)."""
+    import onnx
+
+    folder, name, manifest = locate_graph(Path(src), require_manifest=False)
+    task = (manifest or {}).get("task")
+    return task or _infer_task(onnx.load(str(folder / name), load_external_data=False))
+
+
+def resolved_config(src: str | Path, cfg: QuantizeConfig) -> QuantizeConfig:
+    """``cfg`` with the default mode ``int8`` replaced by the int8 form for the graph at ``src``
+    (:func:`edgefuse.quantize.modes.resolve_mode`); unchanged for every other mode."""
+    from edgefuse.quantize.modes import resolve_mode
+
+    return resolve_mode(cfg, source_task(src)) if cfg.mode == "int8" else cfg
 
 
 def _infer_task(model: Any) -> str:
@@ -355,6 +373,10 @@ def quantize_onnx(
 
     cfg = as_config(QuantizeConfig, cfg)
     start = time.perf_counter()
+    requested = cfg.mode
+    cfg = resolved_config(src, cfg)  # the default "int8": dynamic for encoders, int8-blocks for decoders
+    if requested != cfg.mode:
+        logger.info("mode int8 -> %s for this graph's task", cfg.mode)
     mode = get_mode(cfg.mode)
     preset = resolve_preset(cfg.preset)
     source = _open_source(Path(src), cfg, out_dir, preset.name)

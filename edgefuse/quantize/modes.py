@@ -91,6 +91,32 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclud
                          sensitive_8bit=sensitive)
 
 
+def _int8_blocks(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
+                 feeds: Sequence[dict[str, Any]], kept: Sequence[str]) -> dict[str, Any]:
+    from edgefuse.quantize.backends import quantize_int8_blocks
+
+    return quantize_int8_blocks(src, dst, cfg, exclude)
+
+
+def _int8_blocks_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
+    return f"int8-blocks-b{cfg.block_size}" + ("" if cfg.int4_symmetric else "-asym")
+
+
+def resolve_mode(cfg: QuantizeConfig, task: str) -> QuantizeConfig:
+    """``cfg`` with the default mode ``int8`` replaced by the int8 form for a graph of ``task``: ``int8-blocks``
+    for causal LMs, ``dynamic`` for everything else; any other mode is returned as it is.
+
+    Example:
+        >>> resolve_mode(QuantizeConfig(), "causal-lm").mode, resolve_mode(QuantizeConfig(), "feature-extraction").mode
+        ('int8-blocks', 'dynamic')
+        >>> resolve_mode(QuantizeConfig(mode="dynamic"), "causal-lm").mode
+        'dynamic'
+    """
+    if cfg.mode != "int8":
+        return cfg
+    return cfg.model_copy(update={"mode": "int8-blocks" if task == "causal-lm" else "dynamic"})
+
+
 def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
     # the algorithm, symmetry, 8-bit parts and an int8 fallback (with its reduce_range) change the bytes: each
     # setting other than the default is part of the name (int4-b32 is the default mix: see QuantizeConfig)
@@ -136,6 +162,17 @@ def int8_weight(w: np.ndarray, *, per_channel: bool, reduce_range: bool, block_s
     return np.clip(np.round(w / scale), -qmax, qmax) * scale
 
 
+def int8_block_weight(w: np.ndarray, *, block_size: int, per_channel: bool = True,
+                      reduce_range: bool = False) -> np.ndarray:
+    """``w`` [K, N] after symmetric 8-bit blocks along the reduction axis, and dequantization."""
+    k, n = w.shape
+    pad = (-k) % block_size
+    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)
+    scale = np.abs(wp).max(axis=1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    return (np.clip(np.round(wp / scale), -128, 127) * scale).reshape(-1, n)[:k]
+
+
 def int4_weight(w: np.ndarray, *, block_size: int, per_channel: bool = True, reduce_range: bool = False) -> np.ndarray:
     """``w`` [K, N] after symmetric 4-bit blocks along the reduction axis, and dequantization."""
     k, n = w.shape
@@ -161,6 +198,13 @@ MODES: dict[str, QuantMode] = {
             simulate_weight=int8_weight, quantizes_activations=True, int8=True,
         ),
         QuantMode(
+            "int8-blocks", "weight-only 8-bit blocks (MatMulNBits bits 8), activations quantized per block of "
+            "each token at run time", _int8_blocks, variant=_int8_blocks_variant, needs_calibration=False,
+            count_quantized=_count_ops("MatMulNBits"), simulate_weight=int8_block_weight,
+            # per-block 8-bit activations: far below the weight error, unlike dynamic int8's per-tensor scale
+            quantizes_activations=False, int8=False,
+        ),
+        QuantMode(
             "int4", "weight-only 4-bit blocks (MatMulNBits)", _int4,
             variant=_int4_variant, needs_calibration=False,
             count_quantized=_count_ops("MatMulNBits"), simulate_weight=int4_weight, quantizes_activations=False,
@@ -175,7 +219,11 @@ def get_mode(name: str) -> QuantMode:
 
     Raises:
         ConfigError: unknown mode (the message lists the known ones).
+        ValueError: ``int8``, which names no graph form until :func:`resolve_mode` chose one for the task.
     """
+    if name == "int8":
+        raise ValueError("internal error: quantization mode 'int8' must be resolved for the graph's task first "
+                         "(edgefuse.quantize.modes.resolve_mode)")
     return table_entry(MODES, name, what="quantization mode")
 
 
