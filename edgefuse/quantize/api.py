@@ -80,7 +80,12 @@ def default_output_name(cfg: QuantizeConfig, preset: str, *, own_folder: bool = 
 
 def source_task(src: str | Path) -> str:
     """The task of the fp32 graph at ``src`` (an export folder or a .onnx file): its manifest's, else read from
-    the graph's outputs (the weights are not loaded)."""
+    the graph's outputs (the weights are not loaded).
+
+    Example:
+        >>> source_task("out/smol-onnx")  # doctest: +SKIP
+        'causal-lm'
+    """
     import onnx
 
     folder, name, manifest = locate_graph(Path(src), require_manifest=False)
@@ -90,7 +95,12 @@ def source_task(src: str | Path) -> str:
 
 def resolved_config(src: str | Path, cfg: QuantizeConfig) -> QuantizeConfig:
     """``cfg`` with the default mode ``int8`` replaced by the int8 form for the graph at ``src``
-    (:func:`edgefuse.quantize.modes.resolve_mode`); unchanged for every other mode."""
+    (:func:`edgefuse.quantize.modes.resolve_mode`); unchanged for every other mode.
+
+    Example:
+        >>> resolved_config("out/smol-onnx", QuantizeConfig()).mode  # doctest: +SKIP
+        'int8-blocks'
+    """
     from edgefuse.quantize.modes import resolve_mode
 
     return resolve_mode(cfg, source_task(src)) if cfg.mode == "int8" else cfg
