@@ -127,6 +127,7 @@ def build(label: str, kw: dict[str, Any], extras: dict[str, Any], folder: Path, 
     """Write one variant's graph with edgefuse's int4 backend (cached unless ``rebuild``)."""
     from edgefuse.config.quantize import QuantizeConfig
     from edgefuse.quantize.backends import quantize_int4
+    from edgefuse.quantize.modes import sensitive_matmuls
     from edgefuse.quantize.presets import resolve_preset
 
     dst = GRAPHS / f"{slug(label)}.onnx"
@@ -138,9 +139,11 @@ def build(label: str, kw: dict[str, Any], extras: dict[str, Any], folder: Path, 
     cfg = QuantizeConfig(mode="int4", min_cosine=None, **kw,
                          int4_fallback=fallback if fallback != "fp32" else "fp32")
     GRAPHS.mkdir(parents=True, exist_ok=True)
+    # the 8-bit share is chosen exactly as the int4 mode chooses it (quantize_int4 only writes what it is given)
+    sensitive = sensitive_matmuls(folder / "model.onnx", cfg, feeds, nodes) if cfg.int4_8bit_share else []
     settings, wall, cpu = timed(lambda: quantize_int4(
         folder / "model.onnx", dst, cfg, nodes, feeds, preset=resolve_preset("auto"),
-        int8_nodes=nodes if fallback != "fp32" else ()))
+        int8_nodes=nodes if fallback != "fp32" else (), sensitive_8bit=sensitive))
     info = {"settings": settings, "build_s": wall, "build_cpu_s": cpu, "special": nodes, "special_as": fallback,
             "size_bytes": dst.stat().st_size}
     info_path.write_text(json.dumps(info, indent=1))
