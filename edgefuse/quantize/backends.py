@@ -263,7 +263,7 @@ def quantize_int4(
     settings["tied"] = {"nodes": tied, "as": cfg.int4_tied}
     nbits8 = list(int8_nodes) if cfg.int4_fallback == "nbits8" else []
     if cfg.int4_fallback == "nbits8":
-        settings["nbits8_fallback"] = nbits8
+        settings["nbits8_fallback"] = list(nbits8)  # a copy: the tied and sensitive MatMuls are added below
         int8_nodes = ()
     nbits8 += tied if cfg.int4_tied == "nbits8" else []
     if cfg.int4_8bit_share:  # ranked by the caller (edgefuse.quantize.modes.sensitive_matmuls)
