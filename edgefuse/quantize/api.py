@@ -86,11 +86,12 @@ def source_task(src: str | Path) -> str:
         >>> source_task("out/smol-onnx")  # doctest: +SKIP
         'causal-lm'
     """
-    import onnx
+    from edgefuse.ort import load_graph
 
     folder, name, manifest = locate_graph(Path(src), require_manifest=False)
     task = (manifest or {}).get("task")
-    return task or _infer_task(onnx.load(str(folder / name), load_external_data=False))
+    # load_graph: a corrupt or text file is a one-line TargetNotFoundError (exit 3), not a protobuf traceback
+    return task or _infer_task(load_graph(folder / name))
 
 
 def resolved_config(src: str | Path, cfg: QuantizeConfig) -> QuantizeConfig:
