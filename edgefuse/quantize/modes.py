@@ -162,25 +162,27 @@ def int8_weight(w: np.ndarray, *, per_channel: bool, reduce_range: bool, block_s
     return np.clip(np.round(w / scale), -qmax, qmax) * scale
 
 
+def _block_weight(w: np.ndarray, block_size: int, bits: int) -> np.ndarray:
+    """``w`` [K, N] after symmetric ``bits``-bit blocks along the reduction axis (MatMulNBits' layout), and
+    dequantization."""
+    qmax = 2 ** (bits - 1) - 1
+    k, n = w.shape
+    pad = (-k) % block_size
+    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)  # (blocks, block, N)
+    scale = np.abs(wp).max(axis=1, keepdims=True) / qmax
+    scale[scale == 0] = 1.0
+    return (np.clip(np.round(wp / scale), -qmax - 1, qmax) * scale).reshape(-1, n)[:k]
+
+
 def int8_block_weight(w: np.ndarray, *, block_size: int, per_channel: bool = True,
                       reduce_range: bool = False) -> np.ndarray:
     """``w`` [K, N] after symmetric 8-bit blocks along the reduction axis, and dequantization."""
-    k, n = w.shape
-    pad = (-k) % block_size
-    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)
-    scale = np.abs(wp).max(axis=1, keepdims=True) / 127.0
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(wp / scale), -128, 127) * scale).reshape(-1, n)[:k]
+    return _block_weight(w, block_size, 8)
 
 
 def int4_weight(w: np.ndarray, *, block_size: int, per_channel: bool = True, reduce_range: bool = False) -> np.ndarray:
     """``w`` [K, N] after symmetric 4-bit blocks along the reduction axis, and dequantization."""
-    k, n = w.shape
-    pad = (-k) % block_size
-    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)  # (blocks, block, N)
-    scale = np.abs(wp).max(axis=1, keepdims=True) / 7.0
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(wp / scale), -8, 7) * scale).reshape(-1, n)[:k]
+    return _block_weight(w, block_size, 4)
 
 
 MODES: dict[str, QuantMode] = {
