@@ -84,6 +84,12 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
      {}),
     ("sym b16 + lm_head nbits8 + 8-bit share 0.1", {"block_size": 16, "int4_tied": "nbits8", "int4_8bit_share": 0.1},
      {}),
+    ("sym b16 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 16, "int4_tied": "nbits8",
+                                                     "int4_8bit_share": 0.25}, {}),
+    ("hqq b32 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 32, "int4_algorithm": "hqq", "int4_tied": "nbits8",
+                                                     "int4_8bit_share": 0.25}, {"slow": True}),
+    ("gptq b32 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 32, "int4_algorithm": "gptq",
+                                                      "int4_tied": "nbits8", "int4_8bit_share": 0.25}, {"slow": True}),
     ("every MatMul nbits8 (8-bit blocks)", {"block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 1.0}, {}),
 ]
 

@@ -89,7 +89,11 @@ EVAL_FLAGS = (
     Flag("generation_prompts", metavar="N"),
     Flag("generation_max_new_tokens", metavar="N"),
 )
-FT_FLAGS = OBJECTIVE_FLAGS + OPTIM_FLAGS + EVAL_FLAGS
+QUANT_FLAGS = (
+    Flag("quant_aware_bits", metavar="{4,8}"),
+    Flag("quant_aware_block_size", metavar="N"),
+)
+FT_FLAGS = OBJECTIVE_FLAGS + OPTIM_FLAGS + EVAL_FLAGS + QUANT_FLAGS
 
 
 def register(sub: Any) -> None:
@@ -120,6 +124,8 @@ def register(sub: Any) -> None:
     add_flags(o, FinetuneConfig, WEIGHT_FLAGS + OBJECTIVE_FLAGS)
     o.add_argument("--teacher", help="the unfused teacher model (needed by the logits and hidden objectives)")
     add_flags(p.add_argument_group("optimisation and budget"), FinetuneConfig, OPTIM_FLAGS)
+    add_flags(p.add_argument_group("quantization-aware training (for the int4 / int8-blocks graph)"),
+              FinetuneConfig, QUANT_FLAGS)
     e = p.add_argument_group("evaluation, checkpoints, output")
     add_flags(e, FinetuneConfig, EVAL_FLAGS)
     e.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT_DIR")
@@ -130,7 +136,9 @@ def register(sub: Any) -> None:
         help="fold the frozen scale into the weights before saving (default: on; --no-fold keeps it "
         "separate, for further training)",
     )
-    e.add_argument("--fold-into", choices=("down", "up"), default="down", help="where to fold the scale")
+    e.add_argument("--fold-into", choices=("auto", "down", "up"), default="auto",
+                   help="where to fold the scale: auto (the up projection where that is exact: gated MLPs, ReLU; "
+                   "else the down projection, as the export does and as --quant-aware-bits assumes)")
     e.add_argument("--threads", type=int, help="torch intra-op threads")
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR's model and checkpoints")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -218,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
+    from edgefuse.export.api import resolve_fold
     from edgefuse.finetune.api import finetune_
     from edgefuse.finetune.data import load_finetune_data
     from edgefuse.fusion.persist import save_fused
@@ -237,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(ft_cfg.seed)  # a freshly initialised head is seeded
     model = load_model(args.model, ft_cfg.task, **kwargs)
     teacher = load_model(args.teacher, ft_cfg.task, **kwargs) if args.teacher else None
+    # resolved before training: an impossible fold ('up' on a GELU MLP) must not cost a training run
+    into = resolve_fold(model, args.fold_into) if args.fold else "keep"
     result = finetune_(
         model,
         ft_cfg,
@@ -249,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.world_size > 1 and _rank() != 0:
         return 0
-    folded = fold_scales_(model, into=args.fold_into) if args.fold else 0
+    folded = fold_scales_(model, into=into) if into in ("down", "up") else 0
     save_fused(model, out / "model", tokenizer=tok, overwrite=True)
     summary = {
         **result.to_dict(),

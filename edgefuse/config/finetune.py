@@ -199,6 +199,16 @@ class FinetuneConfig(StrictModel):
     generation_max_new_tokens: int = Field(
         64, ge=1, description="causal-lm: the most tokens decoded per prompt (generation_metric)."
     )
+    quant_aware_bits: Literal[4, 8] | None = Field(
+        None,
+        description="Quantization-aware training: every weight MatMul but the lm_head computes with its weight "
+        "rounded to onnxruntime's symmetric block grid of this many bits (gradients pass straight through), so "
+        "the int4 (4) or int8-blocks (8) graph of the result holds exactly the weights training used. Evaluation "
+        "and checkpoint selection see the rounded model. None: off.",
+    )
+    quant_aware_block_size: int = Field(
+        32, ge=1, description="Block size of the quant-aware grid; must equal quantize.block_size."
+    )
     num_samples: int = Field(3, ge=0, description="causal-lm: greedy samples generated from validation prompts.")
     sample_max_new_tokens: int = Field(40, ge=1, description="causal-lm: new tokens per greedy sample.")
     log_every_steps: int = Field(10, ge=1, description="Record the loss curve every N steps.")

@@ -203,6 +203,8 @@ class PipelineConfig(StrictModel):
         for key in ("optimize", "quantize", "tune", "profile"):
             if getattr(self, key) is not None and self.export is None:
                 problems.append(f"{key} needs an export section (it works on the exported graph)")
+        for key, ft in phases:
+            problems += self._quant_aware_problems(key, ft)
         if self.check is not None:
             problems += self._check_problems(self.check)
         if self.search is not None and self.fusion is None:
@@ -243,6 +245,30 @@ class PipelineConfig(StrictModel):
         if self.finetune is None:
             return []
         return list(self.finetune) if isinstance(self.finetune, list) else [self.finetune]
+
+    def _quant_aware_problems(self, key: str, ft: FinetuneConfig) -> list[str]:
+        """A quant-aware phase trains against one grid: the quantize section must write that grid."""
+        bits = ft.quant_aware_bits
+        if bits is None:
+            return []
+        q = self.quantize
+        mode = {4: "int4", 8: "int8-blocks"}[bits]
+        int8_is_blocks = bits == 8 and q is not None and q.mode == "int8" and self.model.task == "causal-lm"
+        if q is None or (q.mode != mode and not int8_is_blocks):
+            return [f"{key}.quant_aware_bits {bits} trains for quantize.mode {mode!r}, but the quantize section is "
+                    f"{'missing' if q is None else repr(q.mode)}: set quantize.mode: {mode} or remove quant_aware_bits"]
+        problems = []
+        if q.block_size != ft.quant_aware_block_size:
+            problems.append(f"{key}.quant_aware_block_size {ft.quant_aware_block_size} differs from "
+                            f"quantize.block_size {q.block_size}: set both to the same value")
+        if bits == 4 and (not q.int4_symmetric or q.int4_algorithm != "default"):
+            problems.append(f"{key}.quant_aware_bits 4 trains for onnxruntime's symmetric round-to-nearest grid; "
+                            f"quantize has int4_symmetric {q.int4_symmetric}, int4_algorithm {q.int4_algorithm!r}: "
+                            "set int4_symmetric: true and int4_algorithm: default")
+        if self.export is not None and self.export.fold_scales not in ("auto",):
+            problems.append(f"{key}.quant_aware_bits assumes export.fold_scales 'auto' (where the grid is applied), "
+                            f"got {self.export.fold_scales!r}")
+        return problems
 
     def _check_problems(self, check: CheckConfig) -> list[str]:
         """What the check's budgets need from the other sections."""

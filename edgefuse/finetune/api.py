@@ -201,6 +201,12 @@ def finetune_(
     # trainable="fused-mlps" and the frozen teacher change requires_grad; the caller gets its flags back
     # (frozen MoE routers were frozen above on purpose and stay so)
     flags = [(p, p.requires_grad) for m in (model, teacher) if m is not None for p in m.parameters()]
+    if cfg.quant_aware_bits is not None:
+        from edgefuse.finetune.quant_aware import attach_fake_quant_
+
+        grid = attach_fake_quant_(model, bits=cfg.quant_aware_bits, block_size=cfg.quant_aware_block_size)
+        logger.info("quant-aware: %d weight MatMuls train on the %d-bit block grid (block %d)", len(grid),
+                    cfg.quant_aware_bits, cfg.quant_aware_block_size)
     try:
         outcome = run_loop(
             model,
@@ -219,6 +225,10 @@ def finetune_(
                 model, data, tokenizer, num_samples=cfg.num_samples, max_new_tokens=cfg.sample_max_new_tokens
             )
     finally:
+        if cfg.quant_aware_bits is not None:
+            from edgefuse.finetune.quant_aware import detach_fake_quant_
+
+            detach_fake_quant_(model)  # fp32 weights whose quantized graph is the model that was trained
         for p, flag in flags:
             p.requires_grad_(flag)
         if ctx.initialized_here:

@@ -163,15 +163,13 @@ def int8_weight(w: np.ndarray, *, per_channel: bool, reduce_range: bool, block_s
 
 
 def _block_weight(w: np.ndarray, block_size: int, bits: int) -> np.ndarray:
-    """``w`` [K, N] after symmetric ``bits``-bit blocks along the reduction axis (MatMulNBits' layout), and
-    dequantization."""
-    qmax = 2 ** (bits - 1) - 1
-    k, n = w.shape
-    pad = (-k) % block_size
-    wp = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, n)  # (blocks, block, N)
-    scale = np.abs(wp).max(axis=1, keepdims=True) / qmax
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(wp / scale), -qmax - 1, qmax) * scale).reshape(-1, n)[:k]
+    """``w`` [K, N] after onnxruntime's symmetric ``bits``-bit blocks along the reduction axis (MatMulNBits' layout),
+    and dequantization (:func:`edgefuse.quantize.blocks.block_fake_quant`)."""
+    import torch
+
+    from edgefuse.quantize.blocks import block_fake_quant
+
+    return block_fake_quant(torch.from_numpy(np.ascontiguousarray(w)), block_size=block_size, bits=bits).numpy()
 
 
 def int8_block_weight(w: np.ndarray, *, block_size: int, per_channel: bool = True,
