@@ -11,12 +11,12 @@ from edgefuse.config import StrictModel
 # The fusions of onnxruntime.transformers.optimizer that edgefuse exposes, each mapped to one FusionOptions flag
 # (edgefuse.optimize.fusions.FUSION_FLAGS).
 FusionName = Literal[
-    "layer_norm", "gelu", "skip_layer_norm", "bias_skip_layer_norm", "attention", "rotary", "embed_layer_norm",
-    "bias_gelu", "gelu_approximation",
+    "group_query_attention", "layer_norm", "gelu", "skip_layer_norm", "bias_skip_layer_norm", "attention", "rotary",
+    "embed_layer_norm", "bias_gelu", "gelu_approximation",
 ]
 FUSIONS: tuple[str, ...] = (
-    "layer_norm", "gelu", "skip_layer_norm", "bias_skip_layer_norm", "attention", "rotary", "embed_layer_norm",
-    "bias_gelu", "gelu_approximation",
+    "group_query_attention", "layer_norm", "gelu", "skip_layer_norm", "bias_skip_layer_norm", "attention", "rotary",
+    "embed_layer_norm", "bias_gelu", "gelu_approximation",
 )
 # Everything except gelu_approximation, which changes the function (tanh approximation of erf GELU)
 DEFAULT_FUSIONS: tuple[str, ...] = tuple(f for f in FUSIONS if f != "gelu_approximation")
@@ -35,7 +35,10 @@ class OptimizeConfig(StrictModel):
     fusions: list[FusionName] | Literal["default", "none"] = Field(
         "default",
         description="The fusions to apply: a list of names, 'default' (all but gelu_approximation) or 'none' (the "
-        "graph only goes through the optimizer's clean-up). Names: layer_norm, gelu, skip_layer_norm (Add + "
+        "graph only goes through the optimizer's clean-up). Names: group_query_attention (edgefuse's own pass, run "
+        "first: the attention of a Llama-type decoder with KV cache -> one GroupQueryAttention node a layer, with the "
+        "rotary embedding and the cache inside; cached keys are then rotated at absolute positions, see "
+        "docs/optimize.md), layer_norm, gelu, skip_layer_norm (Add + "
         "LayerNormalization -> SkipLayerNormalization, SkipSimplifiedLayerNormalization for RMSNorm), "
         "bias_skip_layer_norm, attention (Attention; QAttention after int8 with op type Attention), rotary "
         "(RotaryEmbedding), embed_layer_norm (EmbedLayerNormalization), bias_gelu (BiasGelu / FastGelu with bias), "

@@ -56,6 +56,27 @@ def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: in
     return {k: int(v) for k, v in stats.items() if v}
 
 
+def _group_query_attention(src: Path, folder: Path, private: Path) -> tuple[Any, Path | None]:
+    """edgefuse's GroupQueryAttention pass on ``src``: its result, and the rewritten graph in ``private`` (None
+    when the pass does not apply; the reason is in the result and in the log)."""
+    import json
+
+    import onnx
+
+    from edgefuse.optimize.gqa import fuse_group_query_attention
+
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model = onnx.load(str(src))
+    res = fuse_group_query_attention(model, config)
+    if not res.layers:
+        logger.info("group_query_attention not applied: %s", res.reason)
+        return res, None
+    staged = private / "gqa.onnx"
+    onnx.save(model, str(staged))
+    return res, staged
+
+
 def optimize_onnx(
     src: Path, cfg: OptimizeConfig, out_dir: Path | None = None, *, tokenizer: Any = None
 ) -> OptimizeResult:
@@ -98,12 +119,19 @@ def optimize_onnx(
         private = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=work))
         try:
             tmp = private / name
-            fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
+            source, gqa = src_path, None
+            if "group_query_attention" in fusions:
+                gqa, staged = _group_query_attention(src_path, folder, private)
+                source = staged or src_path
+            fused = run_optimizer(source, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
                                   opt_level=cfg.opt_level)
+            if gqa is not None and gqa.layers:
+                fused["GroupQueryAttention"] = gqa.layers
             cases = compare_graphs(
                 make_session(src_path), make_session(tmp), task=task, vocab=qe.folder_vocab(folder),
                 shapes=list(cfg.validate_shapes), atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed,
-                tokenizer=tokenizer if tokenizer is not None else qe.folder_tokenizer(folder))
+                tokenizer=tokenizer if tokenizer is not None else qe.folder_tokenizer(folder),
+                own_cache=gqa is not None and gqa.layers > 0)
             outputs = [o for c in cases for o in c.outputs]
             max_diff = max((o.max_abs_diff for o in outputs), default=float("nan"))
             min_cos = min((o.cosine for o in outputs), default=float("nan"))
@@ -125,6 +153,9 @@ def optimize_onnx(
 
         settings = {"source": src_name, "fusions": list(fusions), "ort_model_type": ort_type, "num_heads": heads,
                     "hidden_size": hidden, "opt_level": cfg.opt_level, "optimizer": f"onnxruntime {ort_version}"}
+        if gqa is not None:
+            # the KV-cache convention changes with it: keys rotated at absolute positions (docs/optimize.md)
+            settings["group_query_attention"] = {"layers": gqa.layers, "not_applied": gqa.reason}
         checks = {"reference": src_name, "atol": cfg.atol, "rtol": cfg.rtol, "max_abs_diff": max_diff,
                   "min_cosine": min_cos, "fused_ops": fused, "op_counts": counts,
                   "cases": [{"label": c.label, "outputs": [vars(o) for o in c.outputs]} for c in cases]}

@@ -67,11 +67,16 @@ def ort_model_type_or_none(model_type: str) -> str | None:
         return None
 
 
+# fusions edgefuse runs itself before onnxruntime's optimizer (edgefuse.optimize.gqa)
+OWN_FUSIONS: tuple[str, ...] = ("group_query_attention",)
+
+
 def fusion_options(model_type: str, enabled: Iterable[str]) -> Any:
-    """A ``FusionOptions`` with exactly the fusions in ``enabled`` switched on."""
+    """A ``FusionOptions`` with exactly the onnxruntime fusions in ``enabled`` switched on (edgefuse's own passes,
+    :data:`OWN_FUSIONS`, are not onnxruntime's concern)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    on = set(enabled)
+    on = set(enabled) - set(OWN_FUSIONS)
     unknown = on - set(FUSION_FLAGS)
     if unknown:
         raise ValueError(f"unknown fusion(s) {sorted(unknown)}; known: {', '.join(FUSION_FLAGS)}")
