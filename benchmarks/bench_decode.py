@@ -17,12 +17,13 @@ ONNX graph is built from that fp32 folder; llama.cpp runs the GGUF file itself (
 Engines (graphs cached in ``benchmarks/_work/decode/``, git-ignored; ``--rebuild`` makes them again):
 
 - ``edgefuse plain fp32 / int4 / int8``: ``edgefuse export smollm2 --task causal-lm`` (KV cache), then
-  ``edgefuse quantize --mode int4`` (MatMulNBits, block 32, symmetric, accuracy_level 4, round-to-nearest: the
-  defaults) and ``--mode dynamic`` (int8, the host's preset); run by onnxruntime through edgefuse's greedy loop
-  (:func:`edgefuse.ort.greedy_generate`).
-- ``edgefuse plain int4, optimized``: ``edgefuse optimize --opt-level 1`` (constant folding, then onnxruntime's
-  transformer fusions) before int4; the folding turns the tied LM head's ``Transpose(embedding)`` into a weight
-  that int4 quantizes, which the plain export + int4 leaves in fp32.
+  ``edgefuse quantize --mode int4`` (MatMulNBits, block 32, symmetric, accuracy_level 4, round-to-nearest, with
+  the defaults of the time of the run: see the results file) and ``--mode dynamic`` (int8, the host's preset); run
+  by onnxruntime through edgefuse's greedy loop (:func:`edgefuse.ort.greedy_generate`).
+- ``edgefuse plain int4, optimized``: ``edgefuse optimize --opt-level 1`` (constant folding, onnxruntime's
+  transformer fusions, then edgefuse's ``group_query_attention``: one GroupQueryAttention node a layer) before
+  int4; the folding turns the tied LM head's ``Transpose(embedding)`` into a weight that int4 quantizes, which
+  the plain export + int4 leaves in fp32.
 - ``edgefuse fused int4`` (and ``, optimized``): ``edgefuse fuse smollm2 --keep-ratio 0.5 --layers 15..29
   --round-to 32`` (the paper's fusion, as ``export_configs/smollm2-e2e-int4.yaml``), exported and quantized like
   the plain graph. The weights are not recovered (no fine-tuning): decode speed does not depend on them, the text
@@ -166,7 +167,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                       "-o", rel(DECODE / "plain-int8"), "--overwrite"))
     if args.optimize:  # onnxruntime's basic optimisations + transformer fusions first, then the same int4
         step("optimize_plain", (PLAIN / "model_opt.onnx").is_file(),
-             edgefuse_cli("optimize", rel(PLAIN), "--opt-level", "1", "--overwrite"))
+             # GroupQueryAttention's reassociation moves near-zero logits of the 30-layer model by up to 2e-4
+             edgefuse_cli("optimize", rel(PLAIN), "--opt-level", "1", "--atol", "1e-3", "--overwrite"))
         step("quantize_plain_opt_int4", quantized(PLAIN_OPT, "int4") is not None,
              edgefuse_cli("quantize", rel(PLAIN / "model_opt.onnx"), "--mode", "int4", *GATE,
                           "-o", rel(DECODE / "plain_opt-int4"), "--overwrite"))

@@ -35,10 +35,10 @@ class OptimizeConfig(StrictModel):
     fusions: list[FusionName] | Literal["default", "none"] = Field(
         "default",
         description="The fusions to apply: a list of names, 'default' (all but gelu_approximation) or 'none' (the "
-        "graph only goes through the optimizer's clean-up). Names: group_query_attention (edgefuse's own pass, run "
-        "first: the attention of a Llama-type decoder with KV cache -> one GroupQueryAttention node a layer, with the "
-        "rotary embedding and the cache inside; cached keys are then rotated at absolute positions, see "
-        "docs/optimize.md), layer_norm, gelu, skip_layer_norm (Add + "
+        "graph only goes through the optimizer's clean-up). Names: group_query_attention (edgefuse's own pass, "
+        "run after onnxruntime's: the attention of a Llama-type decoder with KV cache -> one GroupQueryAttention "
+        "node a layer, with the rotary embedding and the cache inside; cached keys are then rotated at absolute "
+        "positions, see docs/optimize.md), layer_norm, gelu, skip_layer_norm (Add + "
         "LayerNormalization -> SkipLayerNormalization, SkipSimplifiedLayerNormalization for RMSNorm), "
         "bias_skip_layer_norm, attention (Attention; QAttention after int8 with op type Attention), rotary "
         "(RotaryEmbedding), embed_layer_norm (EmbedLayerNormalization), bias_gelu (BiasGelu / FastGelu with bias), "

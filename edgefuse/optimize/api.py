@@ -56,9 +56,9 @@ def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: in
     return {k: int(v) for k, v in stats.items() if v}
 
 
-def _group_query_attention(src: Path, folder: Path, private: Path) -> tuple[Any, Path | None]:
-    """edgefuse's GroupQueryAttention pass on ``src``: its result, and the rewritten graph in ``private`` (None
-    when the pass does not apply; the reason is in the result and in the log)."""
+def _group_query_attention(path: Path, folder: Path) -> Any:
+    """edgefuse's GroupQueryAttention pass on the graph at ``path``, rewritten in place when it applies; returns
+    its :class:`~edgefuse.optimize.gqa.GqaResult` (the reason it did not apply is also logged)."""
     import json
 
     import onnx
@@ -67,14 +67,13 @@ def _group_query_attention(src: Path, folder: Path, private: Path) -> tuple[Any,
 
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    model = onnx.load(str(src))
+    model = onnx.load(str(path))
     res = fuse_group_query_attention(model, config)
     if not res.layers:
         logger.info("group_query_attention not applied: %s", res.reason)
-        return res, None
-    staged = private / "gqa.onnx"
-    onnx.save(model, str(staged))
-    return res, staged
+        return res
+    onnx.save(model, str(path))
+    return res
 
 
 def optimize_onnx(
@@ -119,14 +118,13 @@ def optimize_onnx(
         private = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=work))
         try:
             tmp = private / name
-            source, gqa = src_path, None
-            if "group_query_attention" in fusions:
-                gqa, staged = _group_query_attention(src_path, folder, private)
-                source = staged or src_path
-            fused = run_optimizer(source, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
+            fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
                                   opt_level=cfg.opt_level)
-            if gqa is not None and gqa.layers:
-                fused["GroupQueryAttention"] = gqa.layers
+            gqa = None
+            if "group_query_attention" in fusions:
+                # after onnxruntime's fusions: its symbolic shape inference (which its norm fusions need) does
+                # not know the fused node's optional inputs
+                gqa = _group_query_attention(tmp, folder)
             cases = compare_graphs(
                 make_session(src_path), make_session(tmp), task=task, vocab=qe.folder_vocab(folder),
                 shapes=list(cfg.validate_shapes), atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed,
@@ -145,6 +143,10 @@ def optimize_onnx(
                     f"atol={cfg.atol:g}, rtol={cfg.rtol:g}: {shown}. Nothing was written; disable the fusion that "
                     "changes it (--disable)")
             counts = qe.op_counts(load_graph(tmp))
+            if gqa is not None and gqa.layers:  # the pass replaced what onnxruntime fused (RotaryEmbedding): recount
+                from edgefuse.optimize.fusions import FUSED_OPS
+
+                fused = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
             counts_fp32 = qe.op_counts(load_graph(src_path))
             publish_file(tmp, work / name, overwrite=cfg.overwrite)
         finally:
