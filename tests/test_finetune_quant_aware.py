@@ -178,3 +178,23 @@ def test_bad_bits_are_refused() -> None:
         FinetuneConfig(max_steps=1, quant_aware_bits=3)
     with pytest.raises(ValueError, match="bits 4 or 8"):
         attach_fake_quant_(torch.nn.Linear(4, 4), bits=2, block_size=4)
+
+
+def test_the_rounded_weight_follows_every_update() -> None:
+    """The rounding is cached between forwards (generation calls each layer once a token) and recomputed after the
+    weight changes in place, as an optimiser step or a checkpoint restore changes it."""
+    lin = torch.nn.Linear(32, 4)
+    attach_fake_quant_(torch.nn.Sequential(lin), bits=4, block_size=BLOCK)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        first = lin(x)
+        torch.testing.assert_close(lin(x), first)
+        lin.weight.mul_(2.0)
+        want = x @ block_fake_quant(lin.weight.T, block_size=BLOCK, bits=4) + lin.bias
+        torch.testing.assert_close(lin(x), want)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        want = x @ block_fake_quant(lin.weight.T, block_size=BLOCK, bits=4) + lin.bias
+        torch.testing.assert_close(lin(x), want)

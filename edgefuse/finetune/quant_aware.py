@@ -40,20 +40,34 @@ from edgefuse.fusion.scale import get_scale
 from edgefuse.quantize.blocks import block_fake_quant
 
 _ATTR = "_edgefuse_fake_quant"
+_CACHE = "_edgefuse_fake_quant_cache"
 
 
-def _grid_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight, rounded to the grid (straight-through gradient)."""
+def _rounded(module: nn.Module) -> torch.Tensor:
+    """The module's weight rounded to the grid (no gradient), computed once per weight update: the optimiser
+    changes weights in place, which bumps their version counter, and generation calls every layer once a token."""
     bits, block, fold_down = getattr(module, _ATTR)
     w = module.weight
-    mm = w.T  # -> [K, N], MatMul layout
+    key = (w._version, w.data_ptr())
+    cached = module.__dict__.get(_CACHE)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    mm = w.detach().T  # -> [K, N], MatMul layout
     scale = get_scale(module) if fold_down else None
     if scale is not None:  # the export multiplies input row j of W2 by n_j: round that weight
         s = scale.to(mm.dtype)[:, None]
-        q = block_fake_quant(mm.detach() * s, block_size=block, bits=bits) / s
+        q = block_fake_quant(mm * s, block_size=block, bits=bits) / s
     else:
-        q = block_fake_quant(mm.detach(), block_size=block, bits=bits)
-    return w + (q.T - w).detach()
+        q = block_fake_quant(mm, block_size=block, bits=bits)
+    q = q.T.contiguous()
+    module.__dict__[_CACHE] = (key, q)
+    return q
+
+
+def _grid_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight, rounded to the grid, with a straight-through gradient to the fp32 weight."""
+    w = module.weight
+    return w + (_rounded(module) - w).detach()
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +135,7 @@ def detach_fake_quant_(model: nn.Module) -> int:
         if hasattr(module, _ATTR):
             delattr(module, _ATTR)
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(_CACHE, None)
             count += 1
     return count
 
