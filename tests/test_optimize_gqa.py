@@ -61,7 +61,10 @@ def test_attention_becomes_one_node_per_layer_and_agrees(arch: str, llama: Path,
     assert sum("own cache" in label for label in labels if "cached keys" not in label) == 3
     assert any("cached keys of the unpadded rows" in label for label in labels)
     entry = json.loads((folder / "manifest.json").read_text())["graphs"]["gqa.onnx"]
-    assert entry["settings"]["group_query_attention"] == {"layers": layers, "not_applied": None}
+    assert entry["settings"]["group_query_attention"] == {"layers": layers, "packed_qkv": layers, "not_applied": None}
+    # per layer one packed q/k/v projection, o, gate, up, down; plus the lm_head (attention's two MatMuls and the
+    # rotary frequencies' are inside the fused node)
+    assert res.op_counts["MatMul"] == 5 * layers + 1 < res.op_counts_fp32["MatMul"]
 
 
 def test_greedy_text_is_unchanged_on_a_padded_batch(llama: Path) -> None:

@@ -157,7 +157,8 @@ def optimize_onnx(
                     "hidden_size": hidden, "opt_level": cfg.opt_level, "optimizer": f"onnxruntime {ort_version}"}
         if gqa is not None:
             # the KV-cache convention changes with it: keys rotated at absolute positions (docs/optimize.md)
-            settings["group_query_attention"] = {"layers": gqa.layers, "not_applied": gqa.reason}
+            settings["group_query_attention"] = {"layers": gqa.layers, "packed_qkv": gqa.packed_qkv,
+                                                 "not_applied": gqa.reason}
         checks = {"reference": src_name, "atol": cfg.atol, "rtol": cfg.rtol, "max_abs_diff": max_diff,
                   "min_cosine": min_cos, "fused_ops": fused, "op_counts": counts,
                   "cases": [{"label": c.label, "outputs": [vars(o) for o in c.outputs]} for c in cases]}

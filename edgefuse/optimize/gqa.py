@@ -6,6 +6,8 @@ two MatMuls and a Softmax. At batch 1 and one new token each does almost no arit
 decode time. onnxruntime's transformer optimizer does not fuse this form of the graph; this pass does, the way
 onnxruntime-genai's model builder writes it: the q/k/v projections feed one ``GroupQueryAttention`` node that
 applies the rotary embedding (``cos_cache``/``sin_cache``, from ``rope_theta``), appends to the cache and attends.
+The q, k and v projections are packed into one MatMul (one kernel instead of three at every step), as the model
+builder does.
 
 Padding: edgefuse's decoders are left-padded (``attention_mask`` has zeros before the text). Every row counts as
 full length, and an additive ``attention_bias`` built from ``attention_mask`` (the dtype's lowest value at padded
@@ -40,10 +42,12 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclass(frozen=True)
 class GqaResult:
-    """What the pass did: ``layers`` fused (0 when not applied) and, when not applied, the ``reason``."""
+    """What the pass did: ``layers`` fused (0 when not applied) and, when not applied, the ``reason``;
+    ``packed_qkv``: the layers whose q/k/v projections became one MatMul."""
 
     layers: int
     reason: str | None = None
+    packed_qkv: int = 0
 
 
 def _rope_caches(config: dict[str, Any], head_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +85,43 @@ def _projection(nodes: dict[str, Any], consumers: dict[str, list[Any]], layer: i
     return out
 
 
+def _pack_qkv(layer: int, nodes: dict[str, Any], consumers: dict[str, list[Any]],
+              inits: dict[str, Any]) -> tuple[list[Any], list[Any], str] | None:
+    """One MatMul (and bias Add) for the q, k and v projections of ``layer``, as onnxruntime-genai writes them:
+    the new nodes, the new initializers and the packed output; None when the three do not share their input or
+    their weights (and biases) are not constants."""
+    from onnx import helper, numpy_helper
+
+    base = f"/model/layers.{layer}/self_attn"
+    mms = [nodes.get(f"{base}/{n}_proj/MatMul") for n in "qkv"]
+    if any(m is None for m in mms) or len({m.input[0] for m in mms}) != 1:
+        return None
+    if not all(m.input[1] in inits for m in mms):
+        return None
+    adds = []
+    for m, n in zip(mms, "qkv", strict=True):
+        after = consumers.get(m.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add" and after[0].name.startswith(f"{base}/{n}_proj/"):
+            other = [i for i in after[0].input if i != m.output[0]]
+            if len(other) != 1 or other[0] not in inits:
+                return None
+            adds.append(other[0])
+    if adds and len(adds) != 3:
+        return None
+    weight = np.concatenate([numpy_helper.to_array(inits[m.input[1]]) for m in mms], axis=1)
+    w_name, out = f"model.layers.{layer}.self_attn.qkv_proj.weight", f"{base}/qkv_proj/MatMul_output_0"
+    new_inits = [numpy_helper.from_array(weight, w_name)]
+    new_nodes = [helper.make_node("MatMul", [mms[0].input[0], w_name], [out], name=f"{base}/qkv_proj/MatMul")]
+    if adds:
+        bias = np.concatenate([numpy_helper.to_array(inits[b]) for b in adds])
+        b_name = f"model.layers.{layer}.self_attn.qkv_proj.bias"
+        new_inits.append(numpy_helper.from_array(bias, b_name))
+        new_nodes.append(helper.make_node("Add", [out, b_name], [f"{base}/qkv_proj/Add_output_0"],
+                                          name=f"{base}/qkv_proj/Add"))
+        out = f"{base}/qkv_proj/Add_output_0"
+    return new_nodes, new_inits, out
+
+
 def _prune(graph: Any) -> None:
     """Drop every node and initializer no graph output depends on."""
     needed = {o.name for o in graph.output}
@@ -99,13 +140,15 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(inits)
 
 
-def fuse_group_query_attention(model: Any, config: dict[str, Any]) -> GqaResult:
+def fuse_group_query_attention(model: Any, config: dict[str, Any], *, pack_qkv: bool = True) -> GqaResult:
     """Replace the attention of every layer of an exported Llama-type decoder with KV cache by one
     ``GroupQueryAttention`` node, in place.
 
     Args:
         model: the ``onnx.ModelProto`` of an edgefuse export (``text-generation-with-past``).
         config: the export folder's ``config.json``.
+        pack_qkv: also merge each layer's q, k and v projections into one MatMul (and one bias Add), as
+            onnxruntime-genai's model builder does, where their weights are constants sharing one input.
 
     Returns:
         A :class:`GqaResult`; ``layers`` 0 and a ``reason`` when the graph is left as it was.
@@ -181,29 +224,40 @@ def fuse_group_query_attention(model: Any, config: dict[str, Any]) -> GqaResult:
            name=f"{p}Concat_bias_shape", axis=0),
         mk("Expand", [f"{p}bias4d", f"{p}bias_shape"], [f"{p}attention_bias"], name=f"{p}Expand_bias"),
     ]
-    fused = []
+    fused: list[list[Any]] = []
     replaced = set()
+    inits = {i.name: i for i in graph.initializer}
+    packed = 0
     for layer, q, k, v, o_node, cache, present in plan:
         out = f"/model/layers.{layer}/self_attn/GroupQueryAttention_output_0"
-        fused.append(mk(
+        pack = _pack_qkv(layer, nodes, consumers, inits) if pack_qkv else None
+        group: list[Any] = []
+        if pack is not None:  # one MatMul for q, k and v: fewer, larger kernels at decode
+            group, new_inits, qkv = pack
+            graph.initializer.extend(new_inits)
+            q, k, v = qkv, "", ""
+            packed += 1
+        group.append(mk(
             "GroupQueryAttention",
             [q, k, v, *cache, f"{p}seqlens_k", f"{p}total_len", f"{p}cos_cache", f"{p}sin_cache", "",
              f"{p}attention_bias"],
             [out, *present], name=f"/model/layers.{layer}/self_attn/GroupQueryAttention", domain=MS_DOMAIN,
             num_heads=heads, kv_num_heads=kv_heads, scale=1.0 / math.sqrt(head_dim), do_rotary=1,
             rotary_interleaved=0, local_window_size=-1))
+        fused.append(group)
         o_node.input[0] = out
         replaced.update(present)
     # the old producers of the cache outputs go; everything else that only fed them is pruned below
     kept = [n for n in graph.node if not replaced.intersection(n.output)]
     del graph.node[:]
     graph.node.extend(shared + kept)
-    # GroupQueryAttention before its consumer (o_proj): insert each right before it
-    for node in fused:
-        out = node.output[0]
+    # each layer's new nodes (packed projection, GroupQueryAttention) right before their consumer, o_proj
+    for group in fused:
+        out = group[-1].output[0]
         idx = next(i for i, n in enumerate(graph.node) if out in n.input)
-        graph.node.insert(idx, node)
+        for j, node in enumerate(group):  # protobuf lists take no slice assignment
+            graph.node.insert(idx + j, node)
     _prune(graph)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return GqaResult(len(plan))
+    return GqaResult(len(plan), packed_qkv=packed)
