@@ -98,14 +98,14 @@ class QuantizeConfig(StrictModel):
         "table itself stays fp32.",
     )
     int4_8bit_share: float = Field(
-        0.25,
+        0.5,
         ge=0,
         le=1,
         description="int4: the share of weight MatMuls written as 8-bit blocks (MatMulNBits bits 8) instead of 4: "
         "those with the largest simulated int4 error on the calibration texts (the auto mode's ranking, one fp32 "
-        "run; counted over all weight MatMuls). 0: none (pure int4). The default 0.25 with int4_tied nbits8, on "
-        "the E2E-recovered fused SmolLM2 (benchmarks/results/int4_e2e.md): perplexity +7.4 % and BLEU -3.5 "
-        "against fp32, decode 0.82x the CPU time of pure int4 with an fp32 lm_head (+17.1 %, BLEU -6.1).",
+        "run; counted over all weight MatMuls). 0: none (pure int4; use it after quant-aware recovery). The "
+        "default 0.5 with int4_tied nbits8, on the E2E-tuned SmolLM2 (benchmarks/results/int4_plain.md): "
+        "perplexity +2.3 %, BLEU -1.3 against fp32, at the decode CPU time of the share 0.25 (+5.8 %, BLEU -6.0).",
     )
     auto_target_cosine: float | None = Field(
         None,
