@@ -38,6 +38,9 @@ def test_a_bleu_drop_from_a_teacher_at_zero_bleu_is_not_judged() -> None:
 def _recipe(tmp_path: Path, budgets: dict, **evaluate: Any) -> dict[str, Any]:
     model = saved_tiny(tmp_path / "model", "llama", "lm")
     data = write_csv(tmp_path / "e2e.csv", e2e_rows(80))
+    phase = {"task_weight": 1.0, "logits_weight": 1.0, "temperature": 1.0, "batch_size": 8, "learning_rate": 1e-2,
+             "warmup_ratio": 0.0, "generation_metric": "bleu", "generation_prompts": 4, "generation_max_new_tokens": 10,
+             "num_samples": 0}
     return {
         "schema_version": 1,
         "run_dir": str(tmp_path / "run"),
@@ -46,12 +49,13 @@ def _recipe(tmp_path: Path, budgets: dict, **evaluate: Any) -> dict[str, Any]:
                  "text_column": "ref", "prompt_separator": " "},
         "teacher": {"max_steps": 60, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0, "num_samples": 0},
         "fusion": {"keep_ratio": 0.5, "layers": [1]},
-        "finetune": {"task_weight": 1.0, "logits_weight": 1.0, "temperature": 1.0, "max_steps": 30,
-                     "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0, "eval_every_steps": 15,
-                     "generation_metric": "bleu", "generation_prompts": 4, "generation_max_new_tokens": 10,
-                     "num_samples": 0},
+        # the shipped recipe's shape: an fp32 recovery phase, then a quant-aware one on the int4 grid
+        "finetune": [{**phase, "max_steps": 30, "eval_every_steps": 15},
+                     {**phase, "max_steps": 10, "eval_before": True, "quant_aware_bits": 4,
+                      "quant_aware_block_size": 16}],
         "export": {"generate_tokens": 4, "validate_shapes": [[1, 5], [2, 7]]},
-        "quantize": {"mode": "int4", "block_size": 16, "min_cosine": None},
+        "optimize": {"atol": 1e-3, "validate_shapes": [[1, 5], [2, 7]]},
+        "quantize": {"mode": "int4", "block_size": 16, "min_cosine": None, "int4_8bit_share": 0.0},
         "evaluate": {"max_examples": 8, "batch_size": 4, "threads": 1, "generation_prompts": 6,
                      "generation_max_new_tokens": 10, "decode_tokens": 6, "decode_rounds": 2, **evaluate},
         "check": {"candidate": "quantized", "reference": "original-fp32", "budgets": budgets},
@@ -75,6 +79,8 @@ def test_check_budgets_bleu_drop_and_decode_latency(tmp_path: Path, capsys: pyte
     assert measured["max_decode_ms"] > 0 and measured["max_decode_ratio"] > 0
     # the stage record: teacher, PyTorch and every graph scored on the same held-out prompts
     gen = json.loads((tmp_path / "run" / "evaluate" / "record.json").read_text())["result"]["generation"]
+    phases = json.loads((tmp_path / "run" / "finetune" / "record.json").read_text())["result"]["phases"]
+    assert [p["steps_run"] for p in phases] == [30, 10] and phases[1]["initial_metrics"]  # the quant-aware phase ran
     assert gen["prompts"] >= 1 and set(gen["graphs"]) == {"reference", "fp32", "quantized"}
     assert gen["teacher"]["bleu"] > 50  # the teacher learnt the toy task: the comparison is not between two zeros
     cand = gen["graphs"]["quantized"]
