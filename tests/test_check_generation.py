@@ -81,7 +81,7 @@ def test_check_budgets_bleu_drop_and_decode_latency(tmp_path: Path, capsys: pyte
     gen = json.loads((tmp_path / "run" / "evaluate" / "record.json").read_text())["result"]["generation"]
     phases = json.loads((tmp_path / "run" / "finetune" / "record.json").read_text())["result"]["phases"]
     assert [p["steps_run"] for p in phases] == [30, 10] and phases[1]["initial_metrics"]  # the quant-aware phase ran
-    assert gen["prompts"] >= 1 and set(gen["graphs"]) == {"reference", "fp32", "quantized"}
+    assert gen["prompts"] >= 1 and set(gen["graphs"]) == {"reference", "fp32", "optimized", "quantized"}
     assert gen["teacher"]["bleu"] > 50  # the teacher learnt the toy task: the comparison is not between two zeros
     cand = gen["graphs"]["quantized"]
     assert measured["max_bleu_drop"] == pytest.approx(gen["teacher"]["bleu"] - cand["bleu"])

@@ -195,3 +195,20 @@ def test_keep_trace_is_kept_and_linked(pair: tuple[Path, Path], tmp_path: Path, 
     assert 'href="traces/mlp.json"' in html and 'href="traces/mlp_int8.json"' in html
     profile = ProfileResult.from_dict(json.loads((out / "profile.json").read_text()))
     assert profile.graphs[0].op_profile is not None and profile.graphs[0].op_profile.trace == "traces/mlp.json"
+
+
+def test_a_latency_axis_spanning_more_than_20x_goes_log() -> None:
+    """The log branch of the latency axis (values more than 20x apart, e.g. fp32 beside int4 on a loaded host)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgefuse.report.plots import _ms_axis
+
+    fig, ax = plt.subplots()
+    ax.barh(["a", "b"], [1.0, 50.0])
+    _ms_axis(ax.xaxis, [1.0, 50.0])
+    _ms_axis(ax.yaxis, [2.0, 3.0])
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    plt.close(fig)

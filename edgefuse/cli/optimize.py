@@ -11,8 +11,8 @@ from edgefuse.cli.options import Flag, add_flags, config_from_args
 from edgefuse.config.optimize import FUSIONS, OptimizeConfig
 
 HELP = f"""Apply onnxruntime's transformer fusions to the fp32 graph of an export folder, each fusion switchable,
-and check the result output by output against the fp32 graph (padded batches, real text, one KV-cache decode
-step for decoders). A graph that disagrees fails with exit code 7 and is not written.
+and check the result output by output against the fp32 graph (padded batches, real text, KV-cache decoding steps
+for decoders). A graph that disagrees fails with exit code 7 and is not written.
 
 fusions: {', '.join(FUSIONS)}. Default: all but gelu_approximation.
 Whether a fusion is faster depends on the CPU and the onnxruntime release (SkipLayerNormalization is slower

@@ -21,10 +21,10 @@ Example:
     >>> x = torch.randn(3, 64)
     >>> names = attach_fake_quant_(model, bits=4, block_size=32)
     >>> names
-    ['0']
+    ['0', '1']
     >>> y_q = model(x)
     >>> detach_fake_quant_(model)
-    1
+    2
     >>> bool((model(x) - y_q).abs().max() > 0)
     True
 """

@@ -4,7 +4,7 @@ Takes an export folder (or a ``.onnx`` file in one) and an :class:`~edgefuse.con
 gives ``model_opt.onnx`` beside it (or the configured name): the graph after
 ``onnxruntime.transformers.optimizer.optimize_model`` with exactly the fusions asked for (attention,
 skip_layer_norm, bias_gelu, embed_layer_norm, rotary, ...), compared output by output with the fp32 graph on
-padded batches (and one KV-cache decode step for decoders), its operators counted, and recorded in the
+padded batches (and KV-cache decoding steps for decoders), its operators counted, and recorded in the
 folder's ``manifest.json``. A graph that disagrees raises :class:`~edgefuse.errors.ExportValidationError`
 (exit 7) and leaves no file. Quantize the result with ``edgefuse quantize FOLDER/model_opt.onnx``.
 

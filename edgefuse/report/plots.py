@@ -46,7 +46,8 @@ def _ms_axis(axis: Any, values: Sequence[float]) -> None:
     positive = [v for v in values if v and v > 0]
     fmt = FuncFormatter(lambda v, _pos: f"{v:g} ms")
     if positive and max(positive) / min(positive) > 20:
-        axis.set_scale("log")
+        # Axis has no public scale setter: the Axes' set_xscale/set_yscale is the API
+        (axis.axes.set_yscale if axis.axis_name == "y" else axis.axes.set_xscale)("log")
         axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.set_minor_formatter(NullFormatter())
     axis.set_major_formatter(fmt)
