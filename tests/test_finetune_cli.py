@@ -203,3 +203,27 @@ def test_causal_lm_e2e_style_with_group_split_and_samples(tmp_path, capsys):
     result = json.loads((out / "finetune_result.json").read_text())
     assert result["best_metric_name"] == "perplexity" and len(result["samples"]) == 1
     assert "greedy:" in capsys.readouterr().out
+
+
+def test_quant_aware_recovery_from_the_cli_folds_into_up_for_a_gated_mlp(tmp_path):
+    model = saved_tiny(tmp_path / "llama", arch="llama", head="lm", fuse=0.5)
+    data = write_csv(tmp_path / "e2e.csv", e2e_rows(64))
+    out = tmp_path / "out"
+    args = ["finetune", str(model), str(out), "--task", "causal-lm", "--train", str(data), "--validation-fraction",
+            "0.25", "--group-column", "mr", "--prompt-column", "mr", "--text-column", "ref", "--max-steps", "3",
+            "--num-samples", "0", "--quant-aware-bits", "4", "--quant-aware-block-size", "16", *COMMON]
+    assert main(args) == 0
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert result["finetune_config"]["quant_aware_bits"] == 4 and result["folded_scales"] == 2
+    assert not (out / "model" / SCALES_FILE).exists()
+
+
+def test_an_inexact_fold_is_refused_before_training(tmp_path, sst, capsys):
+    """--fold-into up on a GELU encoder would change the function: a config error, before any step is run."""
+    fused = saved_tiny(tmp_path / "fused", fuse=0.5)
+    out = tmp_path / "out"
+    code = main(["finetune", str(fused), str(out), "--task", "sequence-classification", "--train", str(sst[0]),
+                 "--max-steps", "2", "--fold-into", "up", *COMMON])
+    err = capsys.readouterr().err
+    assert code == 2 and "fold_scales 'up' is exact only" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "finetune_result.json").exists()
