@@ -24,6 +24,8 @@ Engines (graphs cached in ``benchmarks/_work/decode/``, git-ignored; ``--rebuild
   transformer fusions, then edgefuse's ``group_query_attention``: one GroupQueryAttention node a layer) before
   int4; the folding turns the tied LM head's ``Transpose(embedding)`` into a weight that int4 quantizes, which
   the plain export + int4 leaves in fp32.
+- ``..., optimized, pure 4-bit``: the optimized graphs quantized with ``--int4-8bit-share 0`` (only the tied
+  lm_head in 8 bits): what the SmolLM2 recipe ships after its quant-aware recovery phase.
 - ``edgefuse fused int4`` (and ``, optimized``): ``edgefuse fuse smollm2 --keep-ratio 0.5 --layers 15..29
   --round-to 32`` (the paper's fusion, as ``export_configs/smollm2-e2e-int4.yaml``), exported and quantized like
   the plain graph. The weights are not recovered (no fine-tuning): decode speed does not depend on them, the text

@@ -90,6 +90,8 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
                                                      "int4_8bit_share": 0.25}, {"slow": True}),
     ("gptq b32 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 32, "int4_algorithm": "gptq",
                                                       "int4_tied": "nbits8", "int4_8bit_share": 0.25}, {"slow": True}),
+    ("sym b32 + lm_head nbits8 + 8-bit share 0.75", {"block_size": 32, "int4_tied": "nbits8",
+                                                     "int4_8bit_share": 0.75}, {}),
     ("every MatMul nbits8 (8-bit blocks)", {"block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 1.0}, {}),
 ]
 
