@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ DEFAULT_NAME = "model_opt.onnx"
 
 
 def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: int, fusions: tuple[str, ...],
-                  opt_level: int) -> dict[str, int]:
-    """onnxruntime's ``optimize_model`` with exactly ``fusions``; saves to ``dst``; returns its fused-op counts."""
+                  opt_level: int, rewrite: Callable[[Any], None] | None = None) -> dict[str, int]:
+    """onnxruntime's ``optimize_model`` with exactly ``fusions``, then ``rewrite`` (edgefuse's own passes) on the
+    in-memory graph; saves to ``dst``; returns onnxruntime's fused-op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     from edgefuse.optimize.fusions import fusion_options
@@ -50,30 +52,19 @@ def run_optimizer(src: Path, dst: Path, *, ort_type: str, heads: int, hidden: in
             model = optimize_model(str(src), model_type=ort_type, num_heads=heads, hidden_size=hidden,
                                    optimization_options=fusion_options(ort_type, fusions), opt_level=opt_level)
             stats = model.get_fused_operator_statistics()
+            if rewrite is not None:
+                rewrite(model.model)
             model.save_model_to_file(str(dst), use_external_data_format=False)
     finally:
         logging.disable(logging.NOTSET)
     return {k: int(v) for k, v in stats.items() if v}
 
 
-def _group_query_attention(path: Path, folder: Path) -> Any:
-    """edgefuse's GroupQueryAttention pass on the graph at ``path``, rewritten in place when it applies; returns
-    its :class:`~edgefuse.optimize.gqa.GqaResult` (the reason it did not apply is also logged)."""
+def _config_json(folder: Path) -> dict[str, Any]:
     import json
 
-    import onnx
-
-    from edgefuse.optimize.gqa import fuse_group_query_attention
-
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    model = onnx.load(str(path))
-    res = fuse_group_query_attention(model, config)
-    if not res.layers:
-        logger.info("group_query_attention not applied: %s", res.reason)
-        return res
-    onnx.save(model, str(path))
-    return res
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def optimize_onnx(
@@ -118,13 +109,21 @@ def optimize_onnx(
         private = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=work))
         try:
             tmp = private / name
-            fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
-                                  opt_level=cfg.opt_level)
-            gqa = None
-            if "group_query_attention" in fusions:
+            passes: list[Any] = []  # the GroupQueryAttention pass's result, when it ran
+
+            def own_passes(model: Any) -> None:
                 # after onnxruntime's fusions: its symbolic shape inference (which its norm fusions need) does
                 # not know the fused node's optional inputs
-                gqa = _group_query_attention(tmp, folder)
+                from edgefuse.optimize.gqa import fuse_group_query_attention
+
+                passes.append(fuse_group_query_attention(model, _config_json(folder)))
+                if not passes[-1].layers:
+                    logger.info("group_query_attention not applied: %s", passes[-1].reason)
+
+            fused = run_optimizer(src_path, tmp, ort_type=ort_type, heads=heads, hidden=hidden, fusions=fusions,
+                                  opt_level=cfg.opt_level,
+                                  rewrite=own_passes if "group_query_attention" in fusions else None)
+            gqa = passes[0] if passes else None
             cases = compare_graphs(
                 make_session(src_path), make_session(tmp), task=task, vocab=qe.folder_vocab(folder),
                 shapes=list(cfg.validate_shapes), atol=cfg.atol, rtol=cfg.rtol, seed=cfg.seed,

@@ -67,7 +67,7 @@ def ort_model_type_or_none(model_type: str) -> str | None:
         return None
 
 
-# fusions edgefuse runs itself before onnxruntime's optimizer (edgefuse.optimize.gqa)
+# fusions edgefuse runs itself, on the graph onnxruntime's optimizer wrote (edgefuse.optimize.gqa)
 OWN_FUSIONS: tuple[str, ...] = ("group_query_attention",)
 
 

@@ -72,17 +72,24 @@ def _not_applicable(config: dict[str, Any]) -> str | None:
     return None
 
 
-def _projection(nodes: dict[str, Any], consumers: dict[str, list[Any]], layer: int, name: str) -> str | None:
-    """The output of ``self_attn/<name>_proj`` of ``layer``: its MatMul, or the bias Add after it (Qwen2)."""
+def _projection_nodes(nodes: dict[str, Any], consumers: dict[str, list[Any]], layer: int,
+                      name: str) -> tuple[Any, Any]:
+    """The MatMul of ``self_attn/<name>_proj`` of ``layer`` (None when absent) and the bias Add after it
+    (Qwen2; None without one)."""
     node = nodes.get(f"/model/layers.{layer}/self_attn/{name}_proj/MatMul")
     if node is None:
-        return None
-    out = node.output[0]
-    after = consumers.get(out, [])
+        return None, None
+    after = consumers.get(node.output[0], [])
     if len(after) == 1 and after[0].op_type == "Add" and after[0].name.startswith(
             f"/model/layers.{layer}/self_attn/{name}_proj/"):
-        return after[0].output[0]
-    return out
+        return node, after[0]
+    return node, None
+
+
+def _projection(nodes: dict[str, Any], consumers: dict[str, list[Any]], layer: int, name: str) -> str | None:
+    """The output of ``self_attn/<name>_proj`` of ``layer``: its MatMul, or the bias Add after it (Qwen2)."""
+    node, add = _projection_nodes(nodes, consumers, layer, name)
+    return None if node is None else (add or node).output[0]
 
 
 def _pack_qkv(layer: int, nodes: dict[str, Any], consumers: dict[str, list[Any]],
@@ -93,16 +100,16 @@ def _pack_qkv(layer: int, nodes: dict[str, Any], consumers: dict[str, list[Any]]
     from onnx import helper, numpy_helper
 
     base = f"/model/layers.{layer}/self_attn"
-    mms = [nodes.get(f"{base}/{n}_proj/MatMul") for n in "qkv"]
+    found = [_projection_nodes(nodes, consumers, layer, n) for n in "qkv"]
+    mms = [m for m, _ in found]
     if any(m is None for m in mms) or len({m.input[0] for m in mms}) != 1:
         return None
     if not all(m.input[1] in inits for m in mms):
         return None
     adds = []
-    for m, n in zip(mms, "qkv", strict=True):
-        after = consumers.get(m.output[0], [])
-        if len(after) == 1 and after[0].op_type == "Add" and after[0].name.startswith(f"{base}/{n}_proj/"):
-            other = [i for i in after[0].input if i != m.output[0]]
+    for m, add in found:
+        if add is not None:
+            other = [i for i in add.input if i != m.output[0]]
             if len(other) != 1 or other[0] not in inits:
                 return None
             adds.append(other[0])

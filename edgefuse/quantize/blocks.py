@@ -48,7 +48,8 @@ def block_fake_quant(w: torch.Tensor, *, block_size: int, bits: int) -> torch.Te
     wp = torch.nn.functional.pad(wf, (0, 0, 0, pad)).reshape(-1, block_size, n)  # (blocks, block, N)
     idx = wp.abs().argmax(dim=1, keepdim=True)
     scale = torch.gather(wp, 1, idx) / lo  # the extreme maps to lo exactly
-    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / torch.where(scale == 0, torch.ones_like(scale), scale))
+    # onnxruntime multiplies by the reciprocal; an all-zero block (scale 0) stays 0 with any finite reciprocal
+    inv = 1.0 / torch.where(scale == 0, torch.ones_like(scale), scale)
     # onnxruntime rounds v + zero_point (a positive number) half away from zero: half up on v
     q = torch.clamp(torch.floor(wp * inv + 0.5), lo, -lo - 1)
     return (q * scale).reshape(-1, n)[:k].to(w.dtype)
