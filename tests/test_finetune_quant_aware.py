@@ -11,7 +11,7 @@ import torch
 from test_finetune import lm_data
 from test_finetune_fixtures import word_tokenizer
 from tiny import tiny_model
-from tolerances import QUANT_AWARE_GRAPH_ATOL
+from tolerances import FP32_EXACT_ATOL, FP32_EXACT_RTOL, QUANT_AWARE_GRAPH_ATOL, QUANT_AWARE_MIN_CHANGE
 
 from edgefuse.config.export import ExportConfig
 from edgefuse.config.finetune import FinetuneConfig
@@ -59,8 +59,8 @@ def test_attach_rounds_the_weights_and_detach_restores_the_model() -> None:
         for (_, m), (_, r) in zip(quantizable_modules(model), quantizable_modules(ref), strict=True):
             r.weight.copy_(block_fake_quant(m.weight.T, block_size=BLOCK, bits=4).T)
         want = ref(**x).logits
-    torch.testing.assert_close(rounded, want, atol=1e-5, rtol=1e-5)
-    assert (rounded - before).abs().max() > 1e-3
+    torch.testing.assert_close(rounded, want, atol=FP32_EXACT_ATOL, rtol=FP32_EXACT_RTOL)
+    assert (rounded - before).abs().max() > QUANT_AWARE_MIN_CHANGE
     assert detach_fake_quant_(model) == len(names) and not has_fake_quant(model)
     with torch.no_grad():
         torch.testing.assert_close(model(**x).logits, before)

@@ -129,3 +129,6 @@ FILES_TEST_MIN_COSINE = 0.5
 # (accuracy_level 0: float activations): both hold the same rounded weights, so only fp32 reassociation and the
 # folded scale's rounding differ, on tiny logits of magnitude ~1.
 QUANT_AWARE_GRAPH_ATOL = 1e-4
+# Rounding a tiny model's weights to the 4-bit grid must move its logits by more than this, or the grid was not
+# attached (4-bit steps are about a tenth of a weight's range; logits of the tiny models are of magnitude ~1).
+QUANT_AWARE_MIN_CHANGE = 1e-3
