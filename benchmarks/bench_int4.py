@@ -93,6 +93,14 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("sym b32 + lm_head nbits8 + 8-bit share 0.75", {"block_size": 32, "int4_tied": "nbits8",
                                                      "int4_8bit_share": 0.75}, {}),
     ("every MatMul nbits8 (8-bit blocks)", {"block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 1.0}, {}),
+    ("activation scaling + sym b32 + lm_head nbits8 + 8-bit share 0.25", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation-scale"}, {}),
+    ("activation scaling + sym b32 + lm_head nbits8 (pure 4-bit)", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_scaling": "activation-scale"}, {}),
+    ("activation scale + clip + sym b32 + lm_head nbits8 + 8-bit share 0.25", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation"}, {}),
+    ("activation scale + clip + sym b32 + lm_head nbits8 (pure 4-bit)", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_scaling": "activation"}, {}),
 ]
 
 
@@ -151,10 +159,20 @@ def build(label: str, kw: dict[str, Any], extras: dict[str, Any], folder: Path, 
                          int4_fallback=fallback if fallback != "fp32" else "fp32")
     GRAPHS.mkdir(parents=True, exist_ok=True)
     # the 8-bit share is chosen exactly as the int4 mode chooses it (quantize_int4 only writes what it is given)
-    sensitive = sensitive_matmuls(folder / "model.onnx", cfg, feeds, nodes) if cfg.int4_8bit_share else []
+    src = folder / "model.onnx"
+    scaling = None
+    if cfg.int4_scaling != "none":  # as the int4 mode does it: scale, then rank and quantize (and clip) that graph
+        from edgefuse.quantize.scaling import scale_graph
+
+        src = dst.with_name(f".{dst.stem}.scaled.onnx")
+        scaling = scale_graph(folder / "model.onnx", src, feeds, block_size=cfg.block_size)
+    sensitive = sensitive_matmuls(src, cfg, feeds, nodes) if cfg.int4_8bit_share else []
     settings, wall, cpu = timed(lambda: quantize_int4(
-        folder / "model.onnx", dst, cfg, nodes, feeds, preset=resolve_preset("auto"),
+        src, dst, cfg, nodes, feeds, preset=resolve_preset("auto"),
         int8_nodes=nodes if fallback != "fp32" else (), sensitive_8bit=sensitive))
+    if scaling is not None:
+        settings["scaling"] = scaling
+        src.unlink()
     info = {"settings": settings, "build_s": wall, "build_cpu_s": cpu, "special": nodes, "special_as": fallback,
             "size_bytes": dst.stat().st_size}
     info_path.write_text(json.dumps(info, indent=1))

@@ -159,6 +159,7 @@ def _pipeline(finetune: dict, quantize: dict | None, export: dict | None = None)
          "differs from quantize.block_size 32"),
         ({"quant_aware_bits": 4}, {"mode": "int4", "int4_algorithm": "hqq"}, None, "int4_algorithm: default"),
         ({"quant_aware_bits": 4}, {"mode": "int4"}, {"fold_scales": "down"}, "fold_scales 'auto'"),
+        ({"quant_aware_bits": 4}, {"mode": "int4", "int4_scaling": "activation"}, None, "int4_scaling: none"),
     ],
 )
 def test_a_quantize_section_that_does_not_write_the_grid_is_refused(finetune, quantize, export, match) -> None:
@@ -167,7 +168,7 @@ def test_a_quantize_section_that_does_not_write_the_grid_is_refused(finetune, qu
 
 
 def test_matching_sections_are_accepted() -> None:
-    cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 4}, {"mode": "int4"}))
+    cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 4}, {"mode": "int4", "int4_scaling": "none"}))
     assert cfg.finetune_phases[0].quant_aware_bits == 4
     cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 8}, {"mode": "int8"}))
     assert cfg.quantize.mode == "int8"

@@ -132,3 +132,7 @@ QUANT_AWARE_GRAPH_ATOL = 1e-4
 # Rounding a tiny model's weights to the 4-bit grid must move its logits by more than this, or the grid was not
 # attached (4-bit steps are about a tenth of a weight's range; logits of the tiny models are of magnitude ~1).
 QUANT_AWARE_MIN_CHANGE = 1e-3
+# Activation-aware scaling rewrites W to diag(s) W and the activation's writer to 1/s: exact in real arithmetic; in
+# fp32 only the rounding of the scaled weights and of the reassociated products moves the outputs, relative to their
+# magnitude (factors up to ~50 in the tests: a few ulps each, 1e-5 leaves room on deeper graphs).
+SCALING_FP32_ATOL = 1e-5

@@ -52,6 +52,7 @@ QUANTIZE_FLAGS = (
     Flag("int4_symmetric", "--int4-asymmetric", negate=True, extra="Give --int4-asymmetric for zero points."),
     Flag("int4_accuracy_level", "--accuracy-level"),
     Flag("int4_algorithm"),
+    Flag("int4_scaling"),
     Flag("int4_fallback"),
     Flag("int4_tied"),
     Flag("int4_8bit_share", metavar="SHARE"),

@@ -265,6 +265,10 @@ class PipelineConfig(StrictModel):
             problems.append(f"{key}.quant_aware_bits 4 trains for onnxruntime's symmetric round-to-nearest grid; "
                             f"quantize has int4_symmetric {q.int4_symmetric}, int4_algorithm {q.int4_algorithm!r}: "
                             "set int4_symmetric: true and int4_algorithm: default")
+        if bits == 4 and q.int4_scaling != "none":
+            problems.append(f"{key}.quant_aware_bits 4 trained the weights as they are on the grid; quantize."
+                            f"int4_scaling {q.int4_scaling!r} would rescale and clip them first: set "
+                            "quantize.int4_scaling: none")
         if self.export is not None and self.export.fold_scales not in ("auto",):
             problems.append(f"{key}.quant_aware_bits assumes export.fold_scales 'auto' (where the grid is applied), "
                             f"got {self.export.fold_scales!r}")

@@ -84,6 +84,13 @@ class QuantizeConfig(StrictModel):
         "optimisation of scales and zero points (no data). gptq: error-compensating updates from the calibration "
         "data (slowest to build). k_quant: Intel Neural Compressor's k-quant (scales searched per block).",
     )
+    int4_scaling: Literal["none", "activation", "activation-scale"] = Field(
+        "none",
+        description="int4: activation-aware weight preparation, searched on the calibration texts against "
+        "onnxruntime's 4-bit grid (AWQ's two steps). activation: per-channel scales (an exact rewrite of the fp32 "
+        "graph, folded into the norm or up projection that writes the activation: no extra operator), then each "
+        "4-bit block's clipping range. activation-scale: the scales only. none: quantize the weights as exported.",
+    )
     int4_fallback: Literal["fp32", "int8", "nbits8"] = Field(
         "fp32",
         description="int4 with auto_target_cosine: what the MatMuls the auto mode takes out of int4 become: fp32, "

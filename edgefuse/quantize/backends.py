@@ -236,6 +236,26 @@ def quantize_int8_blocks(src: Path, dst: Path, cfg: QuantizeConfig, exclude: lis
             "accuracy_level": cfg.int4_accuracy_level, "op_types": ["MatMul"], "tied": {"nodes": tied, "as": "nbits8"}}
 
 
+def _clip_4bit(model: Any, src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
+               exclude: Sequence[str]) -> dict[str, Any]:
+    """Clip the blocks of the MatMuls about to become 4-bit (``int4_scaling: activation``, the second half of
+    AWQ: :func:`edgefuse.quantize.scaling.clip_model`). Only on the grid it searches on: onnxruntime's symmetric
+    round to nearest; the 8-bit and excluded MatMuls keep their weights."""
+    from edgefuse.quantize.scaling import clip_model
+
+    if cfg.int4_algorithm != "default" or not cfg.int4_symmetric:
+        return {"skipped": f"the clip search simulates the symmetric default grid, not int4_algorithm "
+                           f"{cfg.int4_algorithm!r} with int4_symmetric {cfg.int4_symmetric}"}
+    if not feeds:
+        raise QuantizationError("int4_scaling activation needs calibration texts; pass --calibration-data or set "
+                                "--int4-scaling none")
+    excluded = set(exclude)
+    inits = {i.name for i in model.graph.initializer}
+    nodes = [n.name for n in model.graph.node
+             if n.op_type == "MatMul" and n.name not in excluded and len(n.input) > 1 and n.input[1] in inits]
+    return clip_model(model, src, feeds, nodes, block_size=cfg.block_size)
+
+
 def quantize_int4(
     src: Path, dst: Path, cfg: QuantizeConfig, exclude: list[str],
     feeds: Sequence[dict[str, np.ndarray]] = (), *, preset: QuantPreset | None = None, int8_nodes: Sequence[str] = (),
@@ -271,6 +291,8 @@ def quantize_int4(
         nbits8 += settings["sensitive_8bit"]
     if nbits8:  # first, so the 4-bit pass (which skips them by name) sees them as MatMulNBits already
         model = _nbits8(model, nbits8, cfg)
+    if cfg.int4_scaling == "activation":
+        settings["clipping"] = _clip_4bit(model, src, cfg, feeds, exclude)
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.int4_symmetric,
         accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=list(exclude),

@@ -84,11 +84,33 @@ def _int4(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclud
 
     # the auto mode's choices (beyond the user's own exclusions) become 8-bit with int4_fallback int8 or nbits8
     int8_nodes = list(kept) if cfg.int4_fallback != "fp32" else []
+    scaling = None
+    if cfg.int4_scaling != "none":  # the clipping half of "activation" runs in quantize_int4, after the ranking
+        src, scaling = scaled_source(src, cfg, feeds)
     sensitive: list[str] = []
-    if cfg.int4_8bit_share:
+    if cfg.int4_8bit_share:  # ranked on the graph that is quantized: after scaling
         sensitive = sensitive_matmuls(src, cfg, feeds, exclude)
-    return quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8_nodes,
-                         sensitive_8bit=sensitive)
+    settings = quantize_int4(src, dst, cfg, exclude, feeds, preset=preset, int8_nodes=int8_nodes,
+                             sensitive_8bit=sensitive)
+    return {**settings, "scaling": scaling} if scaling is not None else settings
+
+
+_SCALED: dict[tuple[str, int, int], tuple[Path, dict[str, Any]]] = {}  # per process: the auto mode's attempts
+
+
+def scaled_source(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """``src`` with activation-aware scaling (:mod:`edgefuse.quantize.scaling`), written once per graph and block
+    size beside it as ``.<name>.scaled.onnx`` (the quantize stage's private workspace), and what was scaled."""
+    from edgefuse.quantize.scaling import scale_graph
+
+    if not feeds:
+        raise QuantizationError("int4_scaling activation needs calibration texts; pass --calibration-data or set "
+                                "--int4-scaling none")
+    key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size)
+    if key not in _SCALED or not _SCALED[key][0].is_file():
+        dst = src.with_name(f".{src.stem}.scaled{src.suffix}")
+        _SCALED[key] = dst, scale_graph(src, dst, feeds, block_size=cfg.block_size)
+    return _SCALED[key]
 
 
 def _int8_blocks(src: Path, dst: Path, cfg: QuantizeConfig, preset: QuantPreset, exclude: list[str],
@@ -126,6 +148,8 @@ def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
     fields = QuantizeConfig.model_fields
     if cfg.int4_8bit_share != fields["int4_8bit_share"].default:
         name += f"-8bit{round(cfg.int4_8bit_share * 100)}"
+    if cfg.int4_scaling != fields["int4_scaling"].default:
+        name += f"-scaling-{cfg.int4_scaling}"
     if cfg.int4_tied != fields["int4_tied"].default:
         name += f"-tied-{cfg.int4_tied}"
     if cfg.int4_fallback != "fp32" and cfg.auto_target_cosine is not None:
@@ -256,6 +280,46 @@ def relative_error(
     return float(np.mean(num[live] / den[live])) if live.any() else 0.0
 
 
+def probe_tensors(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]],
+                  names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """The values of the intermediate tensors ``names`` of ``model`` (loaded from ``src``) on each feed: one fp32
+    run per feed of the model with them as extra outputs (saved beside ``src`` and removed; the outputs are taken
+    off ``model`` again, so it is unchanged: no copy of a large graph's weights).
+
+    Example:
+        >>> import numpy as np, onnx, tempfile
+        >>> from pathlib import Path
+        >>> from onnx import helper, TensorProto
+        >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])],
+        ...     "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        >>> src = Path(tempfile.mkdtemp()) / "m.onnx"
+        >>> probe_tensors(m, src, [{"x": np.array([-1.0, 2.0], np.float32)}], ["h"])[0]["h"].tolist()
+        [0.0, 2.0]
+    """
+    import onnx
+
+    from edgefuse.ort import make_session
+
+    outputs = model.graph.output
+    before = len(outputs)
+    known = {o.name for o in outputs}
+    for name in names:
+        if name not in known:
+            outputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    tmp = src.with_name(f".{src.stem}.probe.onnx")
+    try:
+        onnx.save(model, str(tmp))
+        session = make_session(tmp, optimize=False)  # unoptimised: the probed tensors must survive fusion passes
+        wanted = list(names)
+        return [dict(zip(wanted, session.run(wanted, feed), strict=True)) for feed in feeds]
+    finally:
+        tmp.unlink(missing_ok=True)
+        while len(outputs) > before:
+            outputs.pop()
+
+
 def rank_matmuls(
     src: Path, feed: dict[str, np.ndarray], candidates: Sequence[str], *, mode: str, per_channel: bool,
     reduce_range: bool, block_size: int,
@@ -264,23 +328,10 @@ def rank_matmuls(
     import onnx
     from onnx import numpy_helper
 
-    from edgefuse.ort import make_session
-
     model = onnx.load(str(src))
     nodes = {n.name: n for n in model.graph.node if n.name in set(candidates)}
     inits = {i.name: i for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-    extra = sorted({nodes[c].input[0] for c in candidates} - outputs)
-    for name in extra:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    tmp = src.with_name(f".{src.stem}.probe.onnx")
-    try:
-        onnx.save(model, str(tmp))
-        session = make_session(tmp, optimize=False)  # unoptimised: the probed tensors must survive fusion passes
-        wanted = [n for n in extra]
-        values = dict(zip(wanted, session.run(wanted, feed), strict=True))
-    finally:
-        tmp.unlink(missing_ok=True)
+    values = probe_tensors(model, src, [feed], sorted({nodes[c].input[0] for c in candidates}))[0]
     ranked = []
     for name in candidates:
         node = nodes[name]
