@@ -89,7 +89,7 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("hqq b32 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 32, "int4_algorithm": "hqq", "int4_tied": "nbits8",
                                                      "int4_8bit_share": 0.25}, {"slow": True}),
     ("gptq b32 + lm_head nbits8 + 8-bit share 0.25", {"block_size": 32, "int4_algorithm": "gptq",
-                                                      "int4_tied": "nbits8", "int4_8bit_share": 0.25}, {"slow": True}),
+                                                      "int4_tied": "nbits8", "int4_8bit_share": 0.25}, {}),
     ("sym b32 + lm_head nbits8 + 8-bit share 0.75", {"block_size": 32, "int4_tied": "nbits8",
                                                      "int4_8bit_share": 0.75}, {}),
     ("every MatMul nbits8 (8-bit blocks)", {"block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 1.0}, {}),
@@ -101,6 +101,11 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation"}, {}),
     ("activation scale + clip + sym b32 + lm_head nbits8 (pure 4-bit)", {
         "block_size": 32, "int4_tied": "nbits8", "int4_scaling": "activation"}, {}),
+    ("activation scaling + gptq b32 + lm_head nbits8 + 8-bit share 0.25", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation-scale",
+        "int4_algorithm": "gptq"}, {}),
+    ("activation scaling + gptq b32 + lm_head nbits8 (pure 4-bit)", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_scaling": "activation-scale", "int4_algorithm": "gptq"}, {}),
 ]
 
 

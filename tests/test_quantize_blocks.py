@@ -69,3 +69,37 @@ def test_bad_arguments_are_refused() -> None:
         block_fake_quant(torch.zeros(4, 4), block_size=4, bits=3)
     with pytest.raises(ValueError, match="2-D weight"):
         block_fake_quant(torch.zeros(4), block_size=4, bits=4)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_gptq_weights_are_packed_unchanged_by_onnxruntime(block: int, tmp_path: Path) -> None:
+    """edgefuse's GPTQ writes weights on the grid onnxruntime recomputes, so its default quantizer packs exactly
+    them (a padded last block included), and their output error on the calibration activations is below round to
+    nearest's."""
+    from edgefuse.quantize.gptq import gptq_grid
+
+    g = torch.Generator().manual_seed(block)
+    # correlated channels (as real activations are): GPTQ moves one channel's rounding error onto the others
+    x = torch.randn(512, 24, generator=g) @ torch.randn(24, 80, generator=g) + 0.1 * torch.randn(512, 80, generator=g)
+    w = torch.randn(80, 6, generator=g)
+    q = gptq_grid(w, x.double().T @ x.double(), block_size=block)
+    got = _onnxruntime_weight(q.numpy(), 4, block, tmp_path)
+    np.testing.assert_array_equal(got, q.numpy())
+    rtn = block_fake_quant(w, block_size=block, bits=4)
+    assert float((x @ (w - q)).norm()) < 0.9 * float((x @ (w - rtn)).norm())
+
+
+def test_gptq_ignores_dead_channels_and_refuses_bad_shapes() -> None:
+    from edgefuse.quantize.gptq import gptq_grid
+
+    x = torch.randn(64, 32)
+    x[:, 5] = 0.0  # a channel never active: H has a zero row
+    q = gptq_grid(torch.randn(32, 4), x.T @ x, block_size=16)
+    assert torch.isfinite(q).all() and torch.equal(q[5], torch.zeros(4))
+    with pytest.raises(ValueError, match="gptq_grid needs"):
+        gptq_grid(torch.randn(32, 4), torch.eye(16), block_size=16)
+
+
+def test_gptq_needs_symmetric_blocks() -> None:
+    with pytest.raises(ValueError, match="int4_symmetric: true"):
+        QuantizeConfig(mode="int4", int4_algorithm="gptq", int4_symmetric=False)

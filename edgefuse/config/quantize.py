@@ -81,8 +81,9 @@ class QuantizeConfig(StrictModel):
         "default",
         description="int4: onnxruntime's MatMulNBits algorithm. default: its block quantizer (round to nearest, "
         "symmetric per int4_symmetric). rtn: Intel Neural Compressor's round to nearest. hqq: half-quadratic "
-        "optimisation of scales and zero points (no data). gptq: error-compensating updates from the calibration "
-        "data (slowest to build). k_quant: Intel Neural Compressor's k-quant (scales searched per block).",
+        "optimisation of scales and zero points (no data). gptq: edgefuse's GPTQ (error-compensating updates from "
+        "the calibration data) onto the default quantizer's symmetric grid, so the same kernel runs it. k_quant: "
+        "Intel Neural Compressor's k-quant (scales searched per block).",
     )
     int4_scaling: Literal["none", "activation", "activation-scale"] = Field(
         "none",
@@ -145,6 +146,9 @@ class QuantizeConfig(StrictModel):
     def _check(self) -> QuantizeConfig:
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_size {self.block_size} is not one of 16, 32, 64, 128, 256")
+        if self.int4_algorithm == "gptq" and not self.int4_symmetric:
+            raise ValueError("int4_algorithm gptq writes onnxruntime's symmetric grid; set int4_symmetric: true "
+                             "(drop --int4-asymmetric)")
         if self.output_name is not None and (not self.output_name.endswith(".onnx") or "/" in self.output_name):
             raise ValueError(f"output_name {self.output_name!r} must be a plain file name ending in .onnx")
         if self.output_name == "model.onnx":

@@ -114,19 +114,9 @@ def _int4_algo_config(cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]
         return mnb.HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4, op_types_to_quantize=("MatMul",))
     if not feeds:
         raise QuantizationError("int4 algorithm gptq needs calibration data; pass --calibration-data")
-    # GPTQ iterates over a deep copy of the reader; ours yields each feed once
-    return mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_IterFeeds(feeds), block_size=cfg.block_size,
-                                         op_types_to_quantize=("MatMul",))
-
-
-class _IterFeeds:
-    """The iterable of (feed) dicts that onnxruntime's GPTQ calibration loop expects."""
-
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-        self._feeds = list(feeds)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self._feeds)
+    # edgefuse's GPTQ (edgefuse.quantize.gptq) writes weights already on the default quantizer's grid, which then
+    # packs them unchanged: onnxruntime's own GPTQ did not finish one SmolLM2 graph in 20 CPU minutes
+    return None
 
 
 def _set_accuracy_level(model: Any, level: int) -> None:
@@ -249,11 +239,16 @@ def _clip_4bit(model: Any, src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[
     if not feeds:
         raise QuantizationError("int4_scaling activation needs calibration texts; pass --calibration-data or set "
                                 "--int4-scaling none")
+    return clip_model(model, src, feeds, _weight_matmuls(model, exclude), block_size=cfg.block_size)
+
+
+def _weight_matmuls(model: Any, exclude: Sequence[str]) -> list[str]:
+    """The MatMuls of ``model`` with an initializer weight that are not in ``exclude``: the ones about to become
+    4-bit (the 8-bit ones are MatMulNBits already)."""
     excluded = set(exclude)
     inits = {i.name for i in model.graph.initializer}
-    nodes = [n.name for n in model.graph.node
-             if n.op_type == "MatMul" and n.name not in excluded and len(n.input) > 1 and n.input[1] in inits]
-    return clip_model(model, src, feeds, nodes, block_size=cfg.block_size)
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and n.name not in excluded and len(n.input) > 1 and n.input[1] in inits]
 
 
 def quantize_int4(
@@ -266,7 +261,8 @@ def quantize_int4(
     ``cfg.int4_algorithm`` picks onnxruntime's algorithm: ``default`` (its block quantizer, round to nearest,
     symmetric unless ``int4_symmetric`` is off), ``rtn`` (Intel Neural Compressor's round to nearest,
     asymmetric unless symmetric), ``hqq`` (half-quadratic optimisation of scale and zero point, no data) or
-    ``gptq`` (error-compensating column updates from calibration ``feeds``) or ``k_quant`` (Intel Neural
+    ``gptq`` (edgefuse's GPTQ, :mod:`edgefuse.quantize.gptq`: error-compensating updates from calibration
+    ``feeds``, written on the default quantizer's grid, which then packs them unchanged) or ``k_quant`` (Intel Neural
     Compressor's k-quant: scales searched per block). ``exclude`` MatMuls stay fp32; ``int8_nodes`` among them
     are written with 8 bits as ``cfg.int4_fallback`` says: ``int8``, dynamic int8 (MatMulInteger, per-channel, the
     preset's types); ``nbits8``, 8-bit weight-only blocks (:func:`_nbits8`). They are the int4 auto mode's choices.
@@ -274,6 +270,8 @@ def quantize_int4(
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from edgefuse.quantize.gptq import gptq_model
 
     settings = {"format": "QOperator", "bits": 4, "block_size": cfg.block_size, "symmetric": cfg.int4_symmetric,
                 "accuracy_level": cfg.int4_accuracy_level, "op_types": ["MatMul"], "algorithm": cfg.int4_algorithm}
@@ -293,18 +291,14 @@ def quantize_int4(
         model = _nbits8(model, nbits8, cfg)
     if cfg.int4_scaling == "activation":
         settings["clipping"] = _clip_4bit(model, src, cfg, feeds, exclude)
+    if cfg.int4_algorithm == "gptq":
+        settings["gptq"] = gptq_model(model, src, feeds, _weight_matmuls(model, exclude), block_size=cfg.block_size)
     quantizer = MatMulNBitsQuantizer(
         model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.int4_symmetric,
         accuracy_level=cfg.int4_accuracy_level or None, nodes_to_exclude=list(exclude),
         op_types_to_quantize=("MatMul",),
         algo_config=algo_config,
     )
-    if cfg.int4_algorithm == "gptq":
-        # onnxruntime honours nodes_to_exclude for every algorithm but GPTQ, which quantizes each MatMul of its
-        # node config: mark the excluded ones "fp32" there, as it does itself for RTN
-        make_config, excluded = quantizer._generate_q4_node_config, set(exclude)
-        quantizer._generate_q4_node_config = lambda: {  # type: ignore[method-assign]
-            k: "fp32" if k in excluded else v for k, v in make_config().items()}
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):  # GPTQ/RTN print progress bars to stdout

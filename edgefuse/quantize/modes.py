@@ -320,6 +320,47 @@ def probe_tensors(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]],
             outputs.pop()
 
 
+def feeds_for_rows(feeds: Sequence[dict[str, np.ndarray]], rows: int) -> int:
+    """How many of ``feeds`` (from the first) hold ``rows`` unpadded tokens; all of them when they hold fewer.
+
+    Example:
+        >>> import numpy as np
+        >>> feeds = [{"attention_mask": np.ones((1, 5))}, {"attention_mask": np.ones((1, 5))}]
+        >>> feeds_for_rows(feeds, 4), feeds_for_rows(feeds, 6), feeds_for_rows(feeds, 99)
+        (1, 2, 2)
+    """
+    used, seen = 0, 0
+    for feed in feeds:
+        used += 1
+        mask = feed.get("attention_mask")
+        seen += int(mask.sum()) if mask is not None else rows
+        if seen >= rows:
+            break
+    return used
+
+
+def activation_rows(values: Sequence[dict[str, np.ndarray]], feeds: Sequence[dict[str, np.ndarray]], name: str,
+                    rows: int) -> np.ndarray:
+    """The rows (tokens) of the probed tensor ``name`` over ``values`` (:func:`probe_tensors` of ``feeds``), padded
+    tokens (``attention_mask`` 0) left out, at most ``rows`` of them, as ``[tokens, channels]``.
+
+    Example:
+        >>> import numpy as np
+        >>> v = [{"h": np.arange(6.0).reshape(1, 3, 2)}]
+        >>> activation_rows(v, [{"attention_mask": np.array([[0, 1, 1]])}], "h", 10).tolist()
+        [[2.0, 3.0], [4.0, 5.0]]
+    """
+    out = []
+    for v, feed in zip(values, feeds, strict=True):
+        a = v[name]
+        mask = feed.get("attention_mask")
+        flat = a.reshape(-1, a.shape[-1])
+        if mask is not None and mask.size * a.shape[-1] == a.size:
+            flat = flat[mask.reshape(-1) > 0]
+        out.append(flat)
+    return np.concatenate(out)[:rows]
+
+
 def rank_matmuls(
     src: Path, feed: dict[str, np.ndarray], candidates: Sequence[str], *, mode: str, per_channel: bool,
     reduce_range: bool, block_size: int,

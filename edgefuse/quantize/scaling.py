@@ -192,21 +192,6 @@ def search_scale(x: np.ndarray, weights: Sequence[np.ndarray], *, block_size: in
     return best[1], best[2].numpy(), errors
 
 
-def _activation_rows(values: list[dict[str, np.ndarray]], feeds: Sequence[dict[str, np.ndarray]], x: str
-                     ) -> np.ndarray:
-    """The rows (tokens) of ``x`` over the probed feeds, padding left out (``attention_mask`` 0), at most
-    :data:`MAX_ROWS`."""
-    rows = []
-    for v, feed in zip(values, feeds, strict=True):
-        a = v[x]
-        mask = feed.get("attention_mask")
-        flat = a.reshape(-1, a.shape[-1])
-        if mask is not None and mask.size * a.shape[-1] == a.size:
-            flat = flat[mask.reshape(-1) > 0]
-        rows.append(flat)
-    return np.concatenate(rows)[:MAX_ROWS]
-
-
 def _private_initializer(model: Any, node: Any, index: int, uses: Counter) -> Any:
     """``node.input[index]``'s initializer, copied under a new name first when anything else reads it."""
     from onnx import numpy_helper
@@ -310,7 +295,7 @@ def clip_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
     """
     from onnx import numpy_helper
 
-    from edgefuse.quantize.modes import probe_tensors
+    from edgefuse.quantize.modes import activation_rows, feeds_for_rows, probe_tensors
 
     if not feeds:
         raise ValueError("weight clipping needs calibration feeds")
@@ -319,14 +304,14 @@ def clip_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
     todo = [n for n in by_name.values() if n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
     if not todo:
         return {"matmuls": 0, "blocks_clipped": 0}
-    used = _feeds_for_rows(feeds)
+    used = feeds_for_rows(feeds, MAX_ROWS)
     values = probe_tensors(model, src, feeds[:used], sorted({n.input[0] for n in todo}))
     report: dict[str, Any] = {"matmuls": 0, "blocks_clipped": 0, "error_before": 0.0, "error_after": 0.0,
                               "names": [n.name for n in todo]}
     for i, node in enumerate(todo, 1):
         init = inits[node.input[1]]
         w = numpy_helper.to_array(init)
-        clipped, errors = search_clip(_activation_rows(values, feeds[:used], node.input[0]), w,
+        clipped, errors = search_clip(activation_rows(values, feeds[:used], node.input[0], MAX_ROWS), w,
                                       block_size=block_size)
         moved = np.pad(np.abs(clipped - w), ((0, (-w.shape[0]) % block_size), (0, 0)))
         blocks = int(np.count_nonzero(moved.reshape(-1, block_size, w.shape[1]).max(axis=1)))
@@ -341,18 +326,6 @@ def clip_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
     return report
 
 
-def _feeds_for_rows(feeds: Sequence[dict[str, np.ndarray]]) -> int:
-    """How many of ``feeds`` give :data:`MAX_ROWS` unpadded tokens (all of them when they give fewer)."""
-    used, rows = 0, 0
-    for feed in feeds:
-        used += 1
-        mask = feed.get("attention_mask")
-        rows += int(mask.sum()) if mask is not None else MAX_ROWS
-        if rows >= MAX_ROWS:
-            break
-    return used
-
-
 def scale_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *, block_size: int) -> dict[str, Any]:
     """Write ``dst``: the graph ``src`` with activation-aware channel scaling (see the module's docstring) searched
     on ``feeds``; return what was done (for the manifest): groups scaled, their alphas, calibration rows.
@@ -364,18 +337,18 @@ def scale_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *,
     from onnx import numpy_helper
 
     from edgefuse.quantize.backends import _external
-    from edgefuse.quantize.modes import probe_tensors
+    from edgefuse.quantize.modes import activation_rows, feeds_for_rows, probe_tensors
 
     if not feeds:
         raise ValueError("activation-aware scaling needs calibration feeds")
     model = onnx.load(str(src))
     groups = find_groups(model)
-    used = _feeds_for_rows(feeds)
+    used = feeds_for_rows(feeds, MAX_ROWS)
     values = probe_tensors(model, src, feeds[:used], [g.x for g in groups]) if groups else []
     report: dict[str, Any] = {"method": "activation", "groups": 0, "alphas": {}, "unscaled": [],
                               "calibration_rows": 0}
     for n, g in enumerate(groups, 1):
-        x = _activation_rows(values, feeds[: len(values)], g.x)
+        x = activation_rows(values, feeds[: len(values)], g.x, MAX_ROWS)
         report["calibration_rows"] = max(report["calibration_rows"], len(x))
         inits = {i.name: i for i in model.graph.initializer}  # afresh: a shared weight may have been copied
         weights = [numpy_helper.to_array(inits[m.input[1]]) for m in g.members]
