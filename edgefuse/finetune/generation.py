@@ -155,6 +155,24 @@ def _libraries() -> tuple[Any, Any]:
     return sacrebleu, rouge_scorer
 
 
+def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    # sacrebleu wants one stream per reference slot; a shorter group is padded with None (no reference)
+    width = max(len(r) for r in references)
+    return [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU of ``hypotheses`` against their reference groups, exactly as :func:`score_generations` computes
+    it (sacrebleu, default tokenization, multi-reference), without the other scores: for resampling.
+
+    Example:
+        >>> round(corpus_bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]), 1)
+        100.0
+    """
+    sacrebleu, _ = _libraries()
+    return float(sacrebleu.corpus_bleu([h.strip() for h in hypotheses], _reference_streams(references)).score)
+
+
 def score_generations(
     hypotheses: Sequence[str],
     references: Sequence[Sequence[str]],
@@ -182,9 +200,7 @@ def score_generations(
         raise ValueError("a hypothesis has no reference; every prompt needs at least one")
     sacrebleu, rouge_scorer = _libraries()
     hyps = [h.strip() for h in hypotheses]
-    width = max(len(r) for r in references)
-    # sacrebleu wants one stream per reference slot; a shorter group is padded with None (no reference)
-    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+    streams = _reference_streams(references)
     bleu = sacrebleu.corpus_bleu(hyps, streams).score
     chrf = sacrebleu.corpus_chrf(hyps, streams).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
