@@ -74,6 +74,7 @@ GENAI_IN, GENAI = DECODE / "hf_fp32", DECODE / "ortgenai_int4"
 PLAIN_INT4, PLAIN_INT8 = "edgefuse plain int4", "edgefuse plain int8"
 FUSED_INT4, GENAI_INT4, LLAMA = "edgefuse fused int4", "onnxruntime-genai int4", "llama.cpp Q4_1 (GGUF)"
 OPT_INT4, FUSED_OPT_INT4 = "edgefuse plain int4, optimized", "edgefuse fused int4, optimized"
+SPINNING = " (spinning, as onnxruntime-genai)"
 PURE_INT4, FUSED_PURE_INT4 = ("edgefuse plain int4, optimized, pure 4-bit",
                               "edgefuse fused int4, optimized, pure 4-bit (the recipe's setting)")
 PLAIN_FP32 = "edgefuse plain fp32"
@@ -210,10 +211,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- engines
-def ort_runner(path: Path, threads: int, ids: np.ndarray, suppress: list[int]) -> Any:
+def ort_runner(path: Path, threads: int, ids: np.ndarray, suppress: list[int], *, spinning: bool = False) -> Any:
     from edgefuse.ort import greedy_generate, make_session
 
-    session = make_session(path, threads=threads)
+    # edgefuse's sessions do not spin by default (fair on a shared machine); ``spinning`` sets onnxruntime's
+    # default, which onnxruntime-genai keeps, so the two can be compared at more than one thread
+    session = make_session(path, threads=threads, options={"allow_spinning": True} if spinning else None)
     mask = np.ones_like(ids)
 
     def run(n: int, wall: list[float], cpu: list[float]) -> list[int]:
@@ -316,6 +319,10 @@ def engines(args: argparse.Namespace, threads: int, ids: np.ndarray, suppress: l
         (label, lambda p=path, label=label: ort_runner(_need(p, label), threads, ids, suppress))
         for label, path in edgefuse_graphs(args).items()
     ]
+    if args.spinning and threads > 1:
+        plan += [(f"{label}{SPINNING}", lambda p=path, label=label: ort_runner(_need(p, label), threads, ids,
+                                                                            suppress, spinning=True))
+                 for label, path in edgefuse_graphs(args).items() if label in (FUSED_PURE_INT4, PURE_INT4)]
     plan += [(GENAI_INT4, lambda: genai_runner(threads, ids)),
              (LLAMA, lambda: llama_runner(_smollm2_gguf(), threads, ids, suppress))]
     out: dict[str, Any] = {}
@@ -505,6 +512,9 @@ def main() -> None:
                     help="skip the `edgefuse optimize` + int4 graph")
     ap.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the plain fp32 graph row")
     ap.add_argument("--rebuild", action="store_true", help="build every graph again")
+    ap.add_argument("--spinning", action="store_true",
+                    help="at 2+ threads also run the pure 4-bit graphs with onnxruntime's thread spinning on (its "
+                         "default, which onnxruntime-genai keeps; edgefuse's sessions turn it off)")
     ap.add_argument("--note", action="append", default=[], help="a sentence for the results file (repeatable)")
     ap.add_argument("--render", action="store_true", help="only rewrite decode.md from decode.json (with --note)")
     args = ap.parse_args()

@@ -247,3 +247,23 @@ def test_scale_and_clip_is_closer_to_fp32_than_scale_only(outlier_decoder: Path)
     assert "clipping" not in scale.settings and both.settings["clipping"]["matmuls"] > 0
     assert set(both.settings["sensitive_8bit"]).isdisjoint(both.settings["clipping"].get("names", []))
     assert both.cosine_mean > scale.cosine_mean  # measured 0.99559 against 0.99439: clipping is searched on these texts
+
+
+def test_cli_quantize_with_scaling_and_gptq(outlier_decoder: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from edgefuse.cli import main
+
+    out = tmp_path / "q"
+    code = main(["quantize", str(outlier_decoder), "--mode", "int4", "--block-size", "16", "--int4-scaling",
+                 "activation-scale", "--int4-algorithm", "gptq", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    entry = json.loads((out / "manifest.json").read_text())
+    settings = json.dumps(entry)
+    assert '"scaling"' in settings and '"gptq"' in settings and '"clipping"' not in settings
+    with pytest.raises(SystemExit) as exc:  # argparse's own exit for a bad choice
+        main(["quantize", str(outlier_decoder), "--mode", "int4", "--int4-scaling", "awq"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "awq" in err and "activation" in err and "Traceback" not in err
