@@ -101,6 +101,14 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation"}, {}),
     ("activation scale + clip + sym b32 + lm_head nbits8 (pure 4-bit)", {
         "block_size": 32, "int4_tied": "nbits8", "int4_scaling": "activation"}, {}),
+    ("gptq in block order, largest-weight scales + lm_head nbits8 + 8-bit share 0.25", {
+        "block_size": 32, "int4_algorithm": "gptq", "int4_tied": "nbits8", "int4_8bit_share": 0.25},
+     {"gptq": {"ACT_ORDER": False, "CLIP_SCALES": False}}),
+    ("gptq act-order, largest-weight scales + lm_head nbits8 + 8-bit share 0.25", {
+        "block_size": 32, "int4_algorithm": "gptq", "int4_tied": "nbits8", "int4_8bit_share": 0.25},
+     {"gptq": {"CLIP_SCALES": False}}),
+    ("gptq b32 + lm_head nbits8 (pure 4-bit)", {"block_size": 32, "int4_algorithm": "gptq", "int4_tied": "nbits8"},
+     {}),
     ("activation scaling + gptq b32 + lm_head nbits8 + 8-bit share 0.25", {
         "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation-scale",
         "int4_algorithm": "gptq"}, {}),
@@ -155,7 +163,7 @@ def build(label: str, kw: dict[str, Any], extras: dict[str, Any], folder: Path, 
     info_path = dst.with_suffix(".json")
     if dst.is_file() and info_path.is_file() and not rebuild:
         return dst, json.loads(info_path.read_text())
-    fallback, spec = next(((k, v) for k, v in extras.items() if k != "slow"), ("fp32", None))
+    fallback, spec = next(((k, v) for k, v in extras.items() if k not in ("slow", "gptq")), ("fp32", None))
     nodes = special_nodes(spec, ranked) if spec else []
     # every variant names its tied-head and 8-bit-share settings against pure 4-bit (the defaults moved to the
     # candidate mix after benchmarks/results/int4_e2e.md)
@@ -172,9 +180,18 @@ def build(label: str, kw: dict[str, Any], extras: dict[str, Any], folder: Path, 
         src = dst.with_name(f".{dst.stem}.scaled.onnx")
         scaling = scale_graph(folder / "model.onnx", src, feeds, block_size=cfg.block_size)
     sensitive = sensitive_matmuls(src, cfg, feeds, nodes) if cfg.int4_8bit_share else []
-    settings, wall, cpu = timed(lambda: quantize_int4(
-        src, dst, cfg, nodes, feeds, preset=resolve_preset("auto"),
-        int8_nodes=nodes if fallback != "fp32" else (), sensitive_8bit=sensitive))
+    import edgefuse.quantize.gptq as gptq_module
+
+    saved = {k: getattr(gptq_module, k) for k in extras.get("gptq", {})}
+    for k, v in extras.get("gptq", {}).items():  # an ablation of edgefuse's GPTQ choices (module constants)
+        setattr(gptq_module, k, v)
+    try:
+        settings, wall, cpu = timed(lambda: quantize_int4(
+            src, dst, cfg, nodes, feeds, preset=resolve_preset("auto"),
+            int8_nodes=nodes if fallback != "fp32" else (), sensitive_8bit=sensitive))
+    finally:
+        for k, v in saved.items():
+            setattr(gptq_module, k, v)
     if scaling is not None:
         settings["scaling"] = scaling
         src.unlink()

@@ -38,53 +38,71 @@ logger = logging.getLogger(__name__)
 
 DAMP = 0.01  # the reference implementation's dampening: 1 % of the mean diagonal of H keeps it invertible
 MAX_ROWS = 4096  # calibration tokens for H (a K x K sum: more rows cost little)
+# The choices of gptq_model, each measured on SmolLM2 (benchmarks/results/int4_gptq_*.md); module constants so the
+# benchmark can switch them off one at a time, not user settings
+ACT_ORDER = True  # channels by decreasing activity
+CLIP_SCALES = True  # block scales from the searched clipping (search_clip), not from the largest weight
+
+
+def _block_scales(ref: torch.Tensor, block_size: int, lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale ``[blocks, N]``, row of each block's extreme ``[blocks, N]``) of ``ref`` ``[K, N]`` on the grid."""
+    k, n = ref.shape
+    pad = (-k) % block_size
+    blocks = torch.nn.functional.pad(ref, (0, 0, 0, pad)).reshape(-1, block_size, n)
+    idx = blocks.abs().argmax(dim=1)  # (blocks, N)
+    scale = torch.gather(blocks, 1, idx[:, None, :])[:, 0, :] / lo
+    rows = idx + torch.arange(blocks.shape[0])[:, None] * block_size
+    return scale, rows
 
 
 def gptq_grid(w: torch.Tensor, h: torch.Tensor, *, block_size: int, bits: int = 4, damp: float = DAMP,
-              lazy: int = 128) -> torch.Tensor:
+              lazy: int = 128, act_order: bool = True, scale_from: torch.Tensor | None = None) -> torch.Tensor:
     """``w`` ``[K, N]`` (MatMul layout) quantized by GPTQ with Hessian ``h`` ``[K, K]`` onto the symmetric block
     grid of ``bits`` (blocks of ``block_size`` along ``K``), dequantized, in ``w``'s dtype.
 
-    Each block's scale is taken when GPTQ reaches the block, from its current (error-updated) values; the value
-    of largest magnitude keeps code ``-2**(bits-1)`` exactly, so onnxruntime recomputes the same scale.
+    The block scales are fixed before the updates ("static groups"), from ``scale_from`` (e.g. the weights with
+    searched clipping, :func:`edgefuse.quantize.scaling.search_clip`) or from ``w``: each block's value of largest
+    magnitude keeps code ``-2**(bits-1)`` exactly, so onnxruntime recomputes the same scale from the result. With
+    fixed scales the channels can be taken in any order: ``act_order`` takes them by decreasing ``H`` diagonal
+    (the most active first, while the most channels remain to absorb their error), as GPTQ's reference code
+    does.
     """
     if w.dim() != 2 or h.shape != (w.shape[0], w.shape[0]):
         raise ValueError(f"gptq_grid needs w [K, N] and h [K, K], got {list(w.shape)} and {list(h.shape)}")
-    k, n = w.shape
+    k = w.shape[0]
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    lazy = max(block_size, lazy // block_size * block_size)  # whole blocks per lazy batch
     W = w.detach().float().clone()
     H = h.detach().double().clone()
     dead = torch.diag(H) == 0  # channels never active: their weights cannot matter
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
+    ref = (W if scale_from is None else scale_from.detach().float().clone())
+    ref[dead, :] = 0.0
+    scales, extreme_rows = _block_scales(ref, block_size, lo)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
-    scale = torch.zeros(n)
-    forced = torch.zeros(n, dtype=torch.long)
-    cols = torch.arange(n)
+    inv_all = 1.0 / torch.where(scales == 0, torch.ones_like(scales), scales)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         W1, U1 = W[i1:i2].clone(), U[i1:i2, i1:i2]
         Err = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            row = i1 + i
-            if row % block_size == 0:  # a new block: its scale from the values as they are now
-                vals = W1[i:i + block_size]
-                idx = vals.abs().argmax(dim=0)
-                scale = vals[idx, cols] / lo
-                forced = row + idx
-            inv = 1.0 / torch.where(scale == 0, torch.ones_like(scale), scale)
-            q = torch.clamp(torch.floor(W1[i] * inv + 0.5), lo, hi)
-            q = torch.where(forced == row, torch.full_like(q, lo), q)  # the extreme keeps the grid's end
-            deq = q * scale
-            Q[row] = deq
+            row = int(perm[i1 + i])  # the channel in w's own order
+            b = row // block_size
+            q = torch.clamp(torch.floor(W1[i] * inv_all[b] + 0.5), lo, hi)
+            q = torch.where(extreme_rows[b] == row, torch.full_like(q, lo), q)  # the extreme keeps the grid's end
+            deq = q * scales[b]
+            Q[i1 + i] = deq
             err = (W1[i] - deq) / U1[i, i]
             Err[i] = err
             W1[i + 1:] -= U1[i, i + 1:, None] * err[None, :]
         W[i2:] -= U[i1:i2, i2:].T @ Err
-    return Q.to(w.dtype)
+    out = torch.empty_like(Q)
+    out[perm] = Q
+    return out.to(w.dtype)
 
 
 def gptq_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], nodes: Sequence[str], *,
@@ -101,6 +119,7 @@ def gptq_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
 
     from edgefuse.quantize.blocks import block_fake_quant
     from edgefuse.quantize.modes import activation_rows, feeds_for_rows, probe_tensors
+    from edgefuse.quantize.scaling import search_clip
 
     if not feeds:
         raise ValueError("GPTQ needs calibration feeds")
@@ -112,19 +131,32 @@ def gptq_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
         return report
     used = feeds_for_rows(feeds, MAX_ROWS)
     values = probe_tensors(model, src, feeds[:used], sorted({n.input[0] for n in todo}))
+    report.update({"act_order": ACT_ORDER, "clip_scales": CLIP_SCALES, "too_few_rows": [],
+                   "calibration_rows": len(activation_rows(values, feeds[:used], todo[0].input[0], MAX_ROWS))})
     for i, node in enumerate(todo, 1):
-        x = torch.from_numpy(np.array(activation_rows(values, feeds[:used], node.input[0], MAX_ROWS),
-                                      dtype=np.float32))
+        x_np = activation_rows(values, feeds[:used], node.input[0], MAX_ROWS)
         init = inits[node.input[1]]
-        w = torch.from_numpy(np.array(numpy_helper.to_array(init), dtype=np.float32))
-        q = gptq_grid(w, x.double().T @ x.double(), block_size=block_size, bits=bits)
+        w_np = numpy_helper.to_array(init)
+        if len(x_np) < w_np.shape[0]:
+            # fewer tokens than input channels: H is singular and GPTQ would fit these few tokens; the MatMul is
+            # left to round to nearest (the graph stays correct), and the report says so
+            report["too_few_rows"].append(node.name)
+            continue
+        x = torch.from_numpy(np.array(x_np, dtype=np.float32))
+        w = torch.from_numpy(np.array(w_np, dtype=np.float32))
+        ref = torch.from_numpy(search_clip(x_np, w_np, block_size=block_size, bits=bits)[0]) if CLIP_SCALES else None
+        q = gptq_grid(w, x.double().T @ x.double(), block_size=block_size, bits=bits, act_order=ACT_ORDER,
+                      scale_from=ref)
         ref = (x @ w).pow(2).sum().clamp_min(1e-30)
         report["error_rtn"] += float((x @ (w - block_fake_quant(w, block_size=block_size, bits=bits))).pow(2).sum()
                                      / ref)
         report["error_gptq"] += float((x @ (w - q)).pow(2).sum() / ref)
         report["matmuls"] += 1
-        report["calibration_rows"] = max(report["calibration_rows"], len(x))
         init.CopyFrom(numpy_helper.from_array(q.numpy().astype(numpy_helper.to_array(init).dtype), init.name))
         if i % 30 == 0 or i == len(todo):
             logger.info("gptq: %d/%d MatMuls", i, len(todo))
+    if report["too_few_rows"]:
+        logger.warning("gptq: %d MatMuls kept round to nearest: the calibration texts give %d tokens, fewer than "
+                       "their input size; pass more --calibration-data (--calibration-samples)",
+                       len(report["too_few_rows"]), report["calibration_rows"])
     return report
