@@ -263,3 +263,22 @@ def test_search_finetune_key_and_its_old_name() -> None:
     assert SearchConfig.model_validate({"min_cosine": 0.9, "recover": True}).finetune  # the 0.1 spelling
     with pytest.raises(ValueError, match=r"give search\.finetune only"):
         SearchConfig.model_validate({"min_cosine": 0.9, "recover": True, "finetune": False})
+
+
+def test_calibration_texts_never_include_a_held_out_row(tmp_path: Path) -> None:
+    """The quantize and tune stages calibrate on ``StageContext.texts``: with a grouped held-out split those must
+    be training rows only (GPTQ and the activation-aware search fit their calibration texts)."""
+    from edgefuse.finetune.data import split_rows
+    from edgefuse.pipeline.context import StageContext
+
+    data = tmp_path / "e2e.csv"
+    data.write_text("mr,ref\n" + "".join(f"m{i // 3},text {i}\n" for i in range(60)), encoding="utf-8")
+    cfg = config_from_dict({"schema_version": 1, "run_dir": str(tmp_path / "run"),
+                            "model": {"name_or_path": "unused", "task": "causal-lm"},
+                            "data": {"train": str(data), "validation_fraction": 0.25, "group_column": "mr",
+                                     "prompt_column": "mr", "text_column": "ref", "prompt_separator": " "}})
+    ctx = StageContext(cfg=cfg, stage="quantize", store=None, out=tmp_path, records={})  # type: ignore[arg-type]
+    texts = ctx.texts(60)
+    _, val, _ = split_rows(cfg.data)
+    held_out = {f"{r['mr']} {r['ref']}" for r in val}
+    assert texts and len(texts) == 60 - len(val) and not held_out & set(texts)
