@@ -165,9 +165,10 @@ def build(label: str, kw: dict[str, Any], extras: dict[str, Any], folder: Path, 
         return dst, json.loads(info_path.read_text())
     fallback, spec = next(((k, v) for k, v in extras.items() if k not in ("slow", "gptq")), ("fp32", None))
     nodes = special_nodes(spec, ranked) if spec else []
-    # every variant names its tied-head and 8-bit-share settings against pure 4-bit (the defaults moved to the
-    # candidate mix after benchmarks/results/int4_e2e.md)
-    kw = {"int4_tied": "fp32", "int4_8bit_share": 0.0, **kw}
+    # every variant names its tied-head, 8-bit-share and algorithm settings against pure 4-bit round to nearest
+    # (the defaults moved to the candidate mix after benchmarks/results/int4_e2e.md, and to gptq after
+    # int4_default.md)
+    kw = {"int4_tied": "fp32", "int4_8bit_share": 0.0, "int4_algorithm": "default", **kw}
     cfg = QuantizeConfig(mode="int4", min_cosine=None, **kw,
                          int4_fallback=fallback if fallback != "fp32" else "fp32")
     GRAPHS.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def _recipe(tmp_path: Path, budgets: dict, **evaluate: Any) -> dict[str, Any]:
         "export": {"generate_tokens": 4, "validate_shapes": [[1, 5], [2, 7]]},
         "optimize": {"atol": 1e-3, "validate_shapes": [[1, 5], [2, 7]]},
         "quantize": {"mode": "int4", "block_size": 16, "min_cosine": None, "int4_8bit_share": 0.0,
-                     "int4_scaling": "none"},
+                     "int4_scaling": "none", "int4_algorithm": "default"},
         "evaluate": {"max_examples": 8, "batch_size": 4, "threads": 1, "generation_prompts": 6,
                      "generation_max_new_tokens": 10, "decode_tokens": 6, "decode_rounds": 2, **evaluate},
         "check": {"candidate": "quantized", "reference": "original-fp32", "budgets": budgets},

@@ -94,7 +94,7 @@ def _graph_output(path: Path, ids: np.ndarray, output: str) -> np.ndarray:
 
 def _int4(folder: Path) -> Path:
     cfg = QuantizeConfig(mode="int4", block_size=BLOCK, int4_tied="fp32", int4_8bit_share=0.0, int4_accuracy_level=0,
-                         min_cosine=None, overwrite=True)
+                         min_cosine=None, overwrite=True, int4_algorithm="default")  # the grid QAT trained on
     return quantize_onnx(folder, cfg).onnx_path
 
 
@@ -158,8 +158,11 @@ def _pipeline(finetune: dict, quantize: dict | None, export: dict | None = None)
         ({"quant_aware_bits": 4, "quant_aware_block_size": 16}, {"mode": "int4", "block_size": 32}, None,
          "differs from quantize.block_size 32"),
         ({"quant_aware_bits": 4}, {"mode": "int4", "int4_algorithm": "hqq"}, None, "int4_algorithm: default"),
-        ({"quant_aware_bits": 4}, {"mode": "int4"}, {"fold_scales": "down"}, "fold_scales 'auto'"),
-        ({"quant_aware_bits": 4}, {"mode": "int4", "int4_scaling": "activation"}, None, "int4_scaling: none"),
+        ({"quant_aware_bits": 4}, {"mode": "int4", "int4_algorithm": "default"}, {"fold_scales": "down"},
+         "fold_scales 'auto'"),
+        ({"quant_aware_bits": 4}, {"mode": "int4", "int4_algorithm": "default", "int4_scaling": "activation"}, None,
+         "int4_scaling: none"),
+        ({"quant_aware_bits": 4}, {"mode": "int4"}, None, "int4_algorithm: default"),  # gptq, the default
     ],
 )
 def test_a_quantize_section_that_does_not_write_the_grid_is_refused(finetune, quantize, export, match) -> None:
@@ -168,7 +171,8 @@ def test_a_quantize_section_that_does_not_write_the_grid_is_refused(finetune, qu
 
 
 def test_matching_sections_are_accepted() -> None:
-    cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 4}, {"mode": "int4", "int4_scaling": "none"}))
+    cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 4},
+                                                  {"mode": "int4", "int4_algorithm": "default"}))
     assert cfg.finetune_phases[0].quant_aware_bits == 4
     cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 8}, {"mode": "int8"}))
     assert cfg.quantize.mode == "int8"

@@ -206,18 +206,19 @@ def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path)
 
 
 def test_int4_default_writes_what_it_claims(tied_decoder: Path) -> None:
-    """``--mode int4`` with nothing else: symmetric blocks of 32 (no zero points) with accuracy level 4 on every
-    weight MatMul, 4-bit but for the quarter with the largest simulated int4 error and the tied lm_head, which
-    are 8-bit blocks; named int4-b32."""
+    """``--mode int4`` with nothing else: GPTQ onto symmetric blocks of 32 (no zero points) with accuracy level 4
+    on every weight MatMul, 4-bit but for the quarter with the largest simulated int4 error and the tied lm_head,
+    which are 8-bit blocks; named int4-b32."""
     import math
 
     cfg = QuantizeConfig(mode="int4", overwrite=True)
     assert (cfg.block_size, cfg.int4_symmetric, cfg.int4_accuracy_level, cfg.int4_algorithm, cfg.int4_tied,
-            cfg.int4_8bit_share) == (32, True, 4, "default", "nbits8", 0.25)
+            cfg.int4_8bit_share) == (32, True, 4, "gptq", "nbits8", 0.25)
     res = quantize_onnx(tied_decoder, cfg, calibration_texts=TEXTS)
     names = weight_matmuls(onnx.load(str(tied_decoder / "model.onnx")))
     sensitive = res.settings["sensitive_8bit"]
     assert res.onnx_path.name == "model_int4-b32.onnx" and len(sensitive) == math.ceil(0.25 * len(names))
+    assert res.settings["gptq"]["matmuls"] + len(res.settings["gptq"]["too_few_rows"]) > 0  # GPTQ saw the 4-bit ones
     model = onnx.load(str(res.onnx_path))
     nodes = {n.name.rsplit("_Q", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert set(nodes) == {*names, "/lm_head/MatMul"} and _lm_head(model).op_type == "MatMulNBits"

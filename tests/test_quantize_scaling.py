@@ -194,7 +194,8 @@ def test_scale_graph_keeps_the_decoder_and_scales_its_norms(outlier_decoder: Pat
 
 
 def test_quantize_with_activation_scaling_is_closer_to_fp32(outlier_decoder: Path) -> None:
-    kw = {"mode": "int4", "block_size": 16, "int4_8bit_share": 0.0, "min_cosine": None, "overwrite": True}
+    kw = {"mode": "int4", "block_size": 16, "int4_8bit_share": 0.0, "min_cosine": None, "overwrite": True,
+          "int4_algorithm": "default"}  # against round to nearest: the grid the search simulates
     plain = quantize_onnx(outlier_decoder, QuantizeConfig(**kw), calibration_texts=TEXTS)
     cfg = QuantizeConfig(**kw, int4_scaling="activation")
     scaled = quantize_onnx(outlier_decoder, cfg, calibration_texts=TEXTS)
@@ -234,13 +235,14 @@ def test_clip_never_worsens_a_block_and_touches_only_the_named_matmuls(tmp_path:
 
 def test_clipping_is_skipped_for_grids_it_does_not_simulate(outlier_decoder: Path) -> None:
     cfg = QuantizeConfig(mode="int4", block_size=16, int4_8bit_share=0.0, min_cosine=None, overwrite=True,
-                         int4_scaling="activation", int4_symmetric=False)
+                         int4_scaling="activation", int4_symmetric=False, int4_algorithm="default")
     res = quantize_onnx(outlier_decoder, cfg, calibration_texts=TEXTS)
     assert "skipped" in res.settings["clipping"] and res.settings["scaling"]["groups"] >= 1
 
 
 def test_scale_and_clip_is_closer_to_fp32_than_scale_only(outlier_decoder: Path) -> None:
-    kw = {"mode": "int4", "block_size": 16, "int4_8bit_share": 0.25, "min_cosine": None, "overwrite": True}
+    kw = {"mode": "int4", "block_size": 16, "int4_8bit_share": 0.25, "min_cosine": None, "overwrite": True,
+          "int4_algorithm": "default"}
     scale = quantize_onnx(outlier_decoder, QuantizeConfig(**kw, int4_scaling="activation-scale"),
                           calibration_texts=TEXTS)
     both = quantize_onnx(outlier_decoder, QuantizeConfig(**kw, int4_scaling="activation"), calibration_texts=TEXTS)
@@ -271,7 +273,7 @@ def test_cli_quantize_with_scaling_and_gptq(outlier_decoder: Path, tmp_path: Pat
 
 def test_gptq_is_closer_to_fp32_than_round_to_nearest(outlier_decoder: Path) -> None:
     kw = {"mode": "int4", "block_size": 16, "min_cosine": None, "overwrite": True}
-    rtn = quantize_onnx(outlier_decoder, QuantizeConfig(**kw), calibration_texts=TEXTS)
+    rtn = quantize_onnx(outlier_decoder, QuantizeConfig(**kw, int4_algorithm="default"), calibration_texts=TEXTS)
     gptq = quantize_onnx(outlier_decoder, QuantizeConfig(**kw, int4_algorithm="gptq"), calibration_texts=TEXTS)
     report = gptq.settings["gptq"]
     assert report["matmuls"] > 0 and not report["too_few_rows"] and report["error_gptq"] < report["error_rtn"]

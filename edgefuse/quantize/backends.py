@@ -17,16 +17,11 @@ import numpy as np
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import QuantizationError
 from edgefuse.quantize.presets import QuantPreset
+from edgefuse.quantize.probe import needs_external_data
 
 logger = logging.getLogger(__name__)
 
 _CALIBRATION = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-# graphs above this are written with external data (protobuf's 2 GB limit, with room for the quantizer's copies)
-EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def _external(src: Path) -> bool:
-    return src.stat().st_size > EXTERNAL_DATA_BYTES
 
 
 class _FeedReader:
@@ -60,7 +55,7 @@ def quantize_dynamic_int8(
     quantize_dynamic(
         model_input=str(src), model_output=str(dst), op_types_to_quantize=list(cfg.op_types),
         per_channel=cfg.per_channel, reduce_range=reduce_range, weight_type=QuantType[preset.weight],
-        nodes_to_exclude=exclude, use_external_data_format=_external(src),
+        nodes_to_exclude=exclude, use_external_data_format=needs_external_data(src),
         # graphs of optimum/torch lack some value_info: without a default type ORT stops with
         # "Unable to find data type for weight_name"
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -89,7 +84,7 @@ def quantize_static_qdq(
             model_input=str(src), model_output=str(dst), calibration_data_reader=_FeedReader(feeds),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(cfg.op_types), per_channel=cfg.per_channel,
             reduce_range=reduce_range, activation_type=QuantType[act], weight_type=QuantType[preset.weight],
-            nodes_to_exclude=exclude, use_external_data_format=_external(src),
+            nodes_to_exclude=exclude, use_external_data_format=needs_external_data(src),
             calibrate_method=getattr(CalibrationMethod, _CALIBRATION[cfg.calibration_method]),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                            # s8 activations are symmetric around 0 (ORT's S8S8 QDQ recommendation)
@@ -221,7 +216,7 @@ def quantize_int8_blocks(src: Path, dst: Path, cfg: QuantizeConfig, exclude: lis
     nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in excluded]
     model = _nbits8(model, nodes, cfg)  # MatMuls without a constant weight (attention scores) are left as they are
     _set_accuracy_level(model, cfg.int4_accuracy_level)
-    onnx.save_model(model, str(dst), save_as_external_data=_external(src))
+    onnx.save_model(model, str(dst), save_as_external_data=needs_external_data(src))
     return {"format": "QOperator", "bits": 8, "block_size": cfg.block_size, "symmetric": cfg.int4_symmetric,
             "accuracy_level": cfg.int4_accuracy_level, "op_types": ["MatMul"], "tied": {"nodes": tied, "as": "nbits8"}}
 
@@ -312,7 +307,7 @@ def quantize_int4(
     qmodel = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     _set_accuracy_level(qmodel, cfg.int4_accuracy_level)
     if not int8_nodes:
-        onnx.save_model(qmodel, str(dst), save_as_external_data=_external(src))
+        onnx.save_model(qmodel, str(dst), save_as_external_data=needs_external_data(src))
         return settings
     if preset is None:
         raise ValueError("int8 fallback nodes need the int8 preset")
@@ -320,12 +315,12 @@ def quantize_int4(
 
     mid = dst.with_name(f".{dst.stem}.int4.onnx")
     try:
-        onnx.save_model(qmodel, str(mid), save_as_external_data=_external(src))
+        onnx.save_model(qmodel, str(mid), save_as_external_data=needs_external_data(src))
         reduce_range = _reduce_range(cfg, preset)
         quantize_dynamic(
             model_input=str(mid), model_output=str(dst), op_types_to_quantize=["MatMul"],
             nodes_to_quantize=list(int8_nodes), per_channel=cfg.per_channel, reduce_range=reduce_range,
-            weight_type=QuantType[preset.weight], use_external_data_format=_external(src),
+            weight_type=QuantType[preset.weight], use_external_data_format=needs_external_data(src),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:

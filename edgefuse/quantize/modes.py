@@ -33,6 +33,7 @@ from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import QuantizationError
 from edgefuse.names import table_entry
 from edgefuse.quantize.presets import QuantPreset
+from edgefuse.quantize.probe import probe_tensors
 
 # backend(src, dst, cfg, preset, exclude, calibration feeds, kept) -> the settings it used (for the manifest);
 # ``kept`` are the MatMuls of ``exclude`` that the auto mode took out of the mode (not the user's exclusions):
@@ -142,10 +143,10 @@ def resolve_mode(cfg: QuantizeConfig, task: str) -> QuantizeConfig:
 def _int4_variant(cfg: QuantizeConfig, preset: QuantPreset) -> str:
     # the algorithm, symmetry, 8-bit parts and an int8 fallback (with its reduce_range) change the bytes: each
     # setting other than the default is part of the name (int4-b32 is the default mix: see QuantizeConfig)
-    algo = "" if cfg.int4_algorithm == "default" else f"{cfg.int4_algorithm}-"
+    fields = QuantizeConfig.model_fields
+    algo = "" if cfg.int4_algorithm == fields["int4_algorithm"].default else f"{cfg.int4_algorithm}-"
     name = f"int4-{algo}b{cfg.block_size}"
     name += "" if cfg.int4_symmetric else "-asym"
-    fields = QuantizeConfig.model_fields
     if cfg.int4_8bit_share != fields["int4_8bit_share"].default:
         name += f"-8bit{round(cfg.int4_8bit_share * 100)}"
     if cfg.int4_scaling != fields["int4_scaling"].default:
@@ -278,87 +279,6 @@ def relative_error(
     num, den = np.linalg.norm(ref - xq @ wq, axis=1), np.linalg.norm(ref, axis=1)
     live = den > 0
     return float(np.mean(num[live] / den[live])) if live.any() else 0.0
-
-
-def probe_tensors(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]],
-                  names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """The values of the intermediate tensors ``names`` of ``model`` (loaded from ``src``) on each feed: one fp32
-    run per feed of the model with them as extra outputs (saved beside ``src`` and removed; the outputs are taken
-    off ``model`` again, so it is unchanged: no copy of a large graph's weights).
-
-    Example:
-        >>> import numpy as np, onnx, tempfile
-        >>> from pathlib import Path
-        >>> from onnx import helper, TensorProto
-        >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])],
-        ...     "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
-        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-        >>> src = Path(tempfile.mkdtemp()) / "m.onnx"
-        >>> probe_tensors(m, src, [{"x": np.array([-1.0, 2.0], np.float32)}], ["h"])[0]["h"].tolist()
-        [0.0, 2.0]
-    """
-    import onnx
-
-    from edgefuse.ort import make_session
-
-    outputs = model.graph.output
-    before = len(outputs)
-    known = {o.name for o in outputs}
-    for name in names:
-        if name not in known:
-            outputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    tmp = src.with_name(f".{src.stem}.probe.onnx")
-    try:
-        onnx.save(model, str(tmp))
-        session = make_session(tmp, optimize=False)  # unoptimised: the probed tensors must survive fusion passes
-        wanted = list(names)
-        return [dict(zip(wanted, session.run(wanted, feed), strict=True)) for feed in feeds]
-    finally:
-        tmp.unlink(missing_ok=True)
-        while len(outputs) > before:
-            outputs.pop()
-
-
-def feeds_for_rows(feeds: Sequence[dict[str, np.ndarray]], rows: int) -> int:
-    """How many of ``feeds`` (from the first) hold ``rows`` unpadded tokens; all of them when they hold fewer.
-
-    Example:
-        >>> import numpy as np
-        >>> feeds = [{"attention_mask": np.ones((1, 5))}, {"attention_mask": np.ones((1, 5))}]
-        >>> feeds_for_rows(feeds, 4), feeds_for_rows(feeds, 6), feeds_for_rows(feeds, 99)
-        (1, 2, 2)
-    """
-    used, seen = 0, 0
-    for feed in feeds:
-        used += 1
-        mask = feed.get("attention_mask")
-        seen += int(mask.sum()) if mask is not None else rows
-        if seen >= rows:
-            break
-    return used
-
-
-def activation_rows(values: Sequence[dict[str, np.ndarray]], feeds: Sequence[dict[str, np.ndarray]], name: str,
-                    rows: int) -> np.ndarray:
-    """The rows (tokens) of the probed tensor ``name`` over ``values`` (:func:`probe_tensors` of ``feeds``), padded
-    tokens (``attention_mask`` 0) left out, at most ``rows`` of them, as ``[tokens, channels]``.
-
-    Example:
-        >>> import numpy as np
-        >>> v = [{"h": np.arange(6.0).reshape(1, 3, 2)}]
-        >>> activation_rows(v, [{"attention_mask": np.array([[0, 1, 1]])}], "h", 10).tolist()
-        [[2.0, 3.0], [4.0, 5.0]]
-    """
-    out = []
-    for v, feed in zip(values, feeds, strict=True):
-        a = v[name]
-        mask = feed.get("attention_mask")
-        flat = a.reshape(-1, a.shape[-1])
-        if mask is not None and mask.size * a.shape[-1] == a.size:
-            flat = flat[mask.reshape(-1) > 0]
-        out.append(flat)
-    return np.concatenate(out)[:rows]
 
 
 def rank_matmuls(

@@ -295,7 +295,7 @@ def clip_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
     """
     from onnx import numpy_helper
 
-    from edgefuse.quantize.modes import activation_rows, feeds_for_rows, probe_tensors
+    from edgefuse.quantize.probe import activation_rows, feeds_for_rows, probe_tensors
 
     if not feeds:
         raise ValueError("weight clipping needs calibration feeds")
@@ -336,8 +336,7 @@ def scale_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *,
     import onnx
     from onnx import numpy_helper
 
-    from edgefuse.quantize.backends import _external
-    from edgefuse.quantize.modes import activation_rows, feeds_for_rows, probe_tensors
+    from edgefuse.quantize.probe import activation_rows, feeds_for_rows, needs_external_data, probe_tensors
 
     if not feeds:
         raise ValueError("activation-aware scaling needs calibration feeds")
@@ -363,6 +362,6 @@ def scale_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], *,
         if n % 10 == 0 or n == len(groups):
             logger.info("activation-aware scaling: %d/%d activations searched (%d scaled)", n, len(groups),
                         report["groups"])
-    kw = {"location": f"{dst.name}.data", "all_tensors_to_one_file": True} if _external(src) else {}
-    onnx.save_model(model, str(dst), save_as_external_data=_external(src), **kw)
+    kw = {"location": f"{dst.name}.data", "all_tensors_to_one_file": True} if needs_external_data(src) else {}
+    onnx.save_model(model, str(dst), save_as_external_data=needs_external_data(src), **kw)
     return report
