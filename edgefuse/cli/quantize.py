@@ -16,8 +16,9 @@ modes: int8 (the default: dynamic for encoders and classifiers, int8-blocks for 
 weights, activations quantized at run time per tensor; per-channel by default), static (int8 QDQ, activation
 ranges calibrated on data: minmax, percentile or entropy), int8-blocks (weight-only 8-bit blocks, MatMulNBits
 bits 8: activations quantized per block of each token, so a decoder's massive activations cost nothing), int4
-(weight-only 4-bit blocks, MatMulNBits). Presets pick int8 types per CPU (arm64, avx2, avx512, avx512-vnni);
-auto detects this host's.
+(weight-only 4-bit blocks, MatMulNBits; the weights chosen by GPTQ on the calibration texts, so give it task text
+with --calibration-data: a MatMul with fewer calibration tokens than inputs stays round to nearest). Presets
+pick int8 types per CPU (arm64, avx2, avx512, avx512-vnni); auto detects this host's.
 
 The quantized graph is compared with fp32 on task data (mean cosine of the pooled embedding / logits, max
 difference, accuracy with --eval-data) and its quantized MatMuls are counted; a graph that quantized nothing
@@ -29,7 +30,7 @@ examples:
   edgefuse quantize out/minilm-onnx --mode static --calibration-data data/sst2/train.tsv \\
       --calibration-method percentile
   edgefuse quantize out/smol-onnx                               # a decoder: -> out/smol-onnx-int8-blocks-b32/
-  edgefuse quantize out/smol-onnx --mode int4 --block-size 32
+  edgefuse quantize out/smol-onnx --mode int4 --calibration-data data/e2e/devset.csv
   edgefuse quantize out/smol-onnx --mode int4 --int4-algorithm hqq --auto-target-cosine 0.95 --int4-fallback int8
   edgefuse quantize out/minilm-onnx --mode dynamic --per-tensor --auto-target-cosine 0.99 --json
   edgefuse quantize out/sst2-onnx --eval-data data/sst2/validation.tsv
