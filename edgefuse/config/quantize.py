@@ -81,8 +81,8 @@ class QuantizeConfig(StrictModel):
         "gptq",
         description="int4: how the 4-bit weights are chosen. gptq (the default): edgefuse's GPTQ, error-"
         "compensating updates from the calibration texts, written on the grid of onnxruntime's block quantizer, so "
-        "the same kernel runs it at the same speed; a MatMul whose calibration texts hold fewer tokens than its "
-        "input size stays round to nearest (reported; pass --calibration-data). default: onnxruntime's block "
+        "the same kernel runs it at the same speed; a MatMul whose calibration texts hold fewer tokens than half "
+        "its input size stays round to nearest (reported; pass --calibration-data). default: onnxruntime's block "
         "quantizer alone (round to nearest, symmetric per int4_symmetric). rtn: Intel Neural Compressor's round to "
         "nearest. hqq: half-quadratic optimisation of scales and zero points (no data). k_quant: Intel Neural "
         "Compressor's k-quant (scales searched per block). On the E2E-tuned SmolLM2, gptq against default: "
