@@ -43,7 +43,11 @@ EXPORT_WORK = WORK / "export"
 
 # ------------------------------------------------------------------------------------------------- environment
 def git_commit(root: Path = ROOT) -> str:
-    """The checked-out commit of ``root`` ("unknown" outside a git checkout or without git)."""
+    """The checked-out commit of ``root``; in a copy of a checkout without git (a benchmark run from a snapshot, so
+    that edits cannot change it while it runs), the ``EDGEFUSE_BENCH_COMMIT`` the copy was made from; else
+    "unknown"."""
+    if os.environ.get("EDGEFUSE_BENCH_COMMIT"):
+        return os.environ["EDGEFUSE_BENCH_COMMIT"] + " (a copy of that commit's tree)"
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
