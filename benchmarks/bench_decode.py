@@ -41,7 +41,7 @@ prompt format) and decodes exactly ``--tokens`` new tokens greedily with EOS sup
 :func:`edgefuse.finetune.generation.decode_timing`: a warm-up run each, then rounds that run every engine once in
 an order alternating between rounds; wall and CPU time (this process, all threads) of every step.
 
-Writes ``benchmarks/results/decode.json`` and ``decode.md``.
+Writes ``benchmarks/results/decode.json`` and ``decode.md`` (``--out`` names others).
 """
 
 from __future__ import annotations
@@ -516,15 +516,16 @@ def main() -> None:
                     help="at 2+ threads also run the pure 4-bit graphs with onnxruntime's thread spinning on (its "
                          "default, which onnxruntime-genai keeps; edgefuse's sessions turn it off)")
     ap.add_argument("--note", action="append", default=[], help="a sentence for the results file (repeatable)")
-    ap.add_argument("--render", action="store_true", help="only rewrite decode.md from decode.json (with --note)")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json (with --note)")
+    ap.add_argument("--out", default="decode", help="results name: benchmarks/results/OUT.{json,md}")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.render:
-        res = json.loads((RESULTS / "decode.json").read_text())
+        res = json.loads((RESULTS / f"{args.out}.json").read_text())
         res["notes"] = [*res.get("notes", []), *args.note]
         agreement(res["texts"])
-        (RESULTS / "decode.json").write_text(json.dumps(res, indent=1))
-        (RESULTS / "decode.md").write_text(render(res))
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=1))
+        (RESULTS / f"{args.out}.md").write_text(render(res))
         return
     import onnxruntime
     import torch
@@ -585,8 +586,8 @@ def main() -> None:
            "graphs": graphs,
            "tables": tables, "unavailable": unavailable, "texts": texts, "targets": targets(tables),
            "notes": args.note}
-    (RESULTS / "decode.json").write_text(json.dumps(res, indent=1))
-    (RESULTS / "decode.md").write_text(render(res))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(render(res))
     print(render(res))
 
 

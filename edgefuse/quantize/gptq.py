@@ -163,10 +163,10 @@ def gptq_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
         ref = torch.from_numpy(search_clip(x_np, w_np, block_size=block_size, bits=bits)[0]) if CLIP_SCALES else None
         q = gptq_grid(w, x.double().T @ x.double(), block_size=block_size, bits=bits, act_order=ACT_ORDER,
                       scale_from=ref)
-        ref = (x @ w).pow(2).sum().clamp_min(1e-30)
-        report["error_rtn"] += float((x @ (w - block_fake_quant(w, block_size=block_size, bits=bits))).pow(2).sum()
-                                     / ref)
-        report["error_gptq"] += float((x @ (w - q)).pow(2).sum() / ref)
+        energy = (x @ w).pow(2).sum().clamp_min(1e-30)
+        rtn = block_fake_quant(w, block_size=block_size, bits=bits)
+        report["error_rtn"] += float((x @ (w - rtn)).pow(2).sum() / energy)
+        report["error_gptq"] += float((x @ (w - q)).pow(2).sum() / energy)
         report["matmuls"] += 1
         init.CopyFrom(numpy_helper.from_array(q.numpy().astype(numpy_helper.to_array(init).dtype), init.name))
         if i % 30 == 0 or i == len(todo):
