@@ -238,12 +238,12 @@ def _clip_4bit(model: Any, src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[
 
 
 def _weight_matmuls(model: Any, exclude: Sequence[str]) -> list[str]:
-    """The MatMuls of ``model`` with an initializer weight that are not in ``exclude``: the ones about to become
-    4-bit (the 8-bit ones are MatMulNBits already)."""
+    """The weight MatMuls of ``model`` not in ``exclude``: the ones about to become 4-bit (the 8-bit ones are
+    MatMulNBits already)."""
+    from edgefuse.quantize.evaluate import weight_matmuls
+
     excluded = set(exclude)
-    inits = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and n.name not in excluded and len(n.input) > 1 and n.input[1] in inits]
+    return [n for n in weight_matmuls(model) if n not in excluded]
 
 
 def quantize_int4(

@@ -168,7 +168,7 @@ def gptq_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
         report["error_rtn"] += float((x @ (w - rtn)).pow(2).sum() / energy)
         report["error_gptq"] += float((x @ (w - q)).pow(2).sum() / energy)
         report["matmuls"] += 1
-        init.CopyFrom(numpy_helper.from_array(q.numpy().astype(numpy_helper.to_array(init).dtype), init.name))
+        init.CopyFrom(numpy_helper.from_array(q.numpy().astype(w_np.dtype), init.name))
         if i % 30 == 0 or i == len(todo):
             logger.info("gptq: %d/%d MatMuls", i, len(todo))
     if report["too_few_rows"]:

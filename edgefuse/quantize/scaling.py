@@ -61,8 +61,9 @@ _NORMS = {  # op type -> (scale input, bias input or None): where a normalisatio
 class ScaleGroup:
     """One activation ``x``, the weight MatMuls that read it, and where its division by ``s`` is folded.
 
-    ``fold`` is ``("init", [names])`` (divide these per-channel initializers: a norm's scale and bias, or a Mul's
-    factor) or ``("columns", matmul, bias)`` (divide the columns of that MatMul's weight and its bias initializer).
+    ``fold`` is ``("init", node, [names])`` (divide these per-channel initializers of ``node``: a norm's scale and
+    bias, or a Mul's factor) or ``("columns", matmul, bias)`` (divide the columns of that MatMul's weight and its
+    bias initializer, None without one).
     """
 
     x: str
@@ -288,7 +289,8 @@ def clip_model(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]], no
                block_size: int) -> dict[str, Any]:
     """Clip the weights of the MatMuls ``nodes`` of ``model`` (loaded from ``src``) in place, block by block, as
     :func:`search_clip` finds on the calibration ``feeds`` (4-bit grid); return what was clipped (for the
-    manifest): MatMuls, blocks clipped, and the summed output error before and after.
+    manifest): MatMuls, blocks clipped, the summed output error unclipped (``error_before``) and with the best
+    single ratio per MatMul (``error_after``; the per-block choice that is written is at least as good).
 
     Raises:
         ValueError: ``feeds`` is empty.
