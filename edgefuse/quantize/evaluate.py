@@ -20,7 +20,7 @@ import numpy as np
 from edgefuse.errors import DataError
 from edgefuse.metrics import rowwise_cosine
 from edgefuse.ort import random_batch, task_vectors, tokenize
-from edgefuse.records import read_records
+from edgefuse.records import read_records, spread
 
 # Used when no calibration data is given: varied English, short and long, so ranges are not degenerate.
 BUILTIN_TEXTS: tuple[str, ...] = (
@@ -46,7 +46,8 @@ BATCH = 8
 
 
 def read_texts(path: Path, limit: int) -> list[str]:
-    """Up to ``limit`` texts from a data file with a header (column sentence/text/ref/mr, else the first column).
+    """Up to ``limit`` texts, evenly spaced over a data file with a header (column sentence/text/ref/mr, else the
+    first column): see :func:`edgefuse.records.spread`.
 
     Raises:
         TargetNotFoundError, DataError: see :func:`edgefuse.records.read_records`.
@@ -54,7 +55,7 @@ def read_texts(path: Path, limit: int) -> list[str]:
     rows = read_records(str(path))
     header = list(rows[0])
     col = next((c for c in TEXT_COLUMNS if c in header), header[0])
-    return [str(r[col]) for r in rows[:limit] if r.get(col) is not None]
+    return spread([str(r[col]) for r in rows if r.get(col) is not None], limit)
 
 
 def read_labelled(path: Path, limit: int | None) -> tuple[list[str], list[int]]:
