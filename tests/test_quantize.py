@@ -144,6 +144,14 @@ def test_accuracy_on_labelled_data(small_bert: Path, tmp_path: Path) -> None:
         read_texts(tmp_path / "missing.tsv", 4)
 
 
+def test_calibration_texts_cover_the_whole_file(tmp_path: Path) -> None:
+    # a sorted file's first rows are one kind of text (E2E: 64 rows, 7 restaurants); calibration spreads out
+    data = tmp_path / "sorted.csv"
+    data.write_text("mr,ref\n" + "".join(f"m{i // 10},r{i}\n" for i in range(100)))
+    assert read_texts(data, 4) == ["r0", "r25", "r50", "r75"]
+    assert read_texts(data, 1000) == [f"r{i}" for i in range(100)]
+
+
 def test_causal_lm_int8_and_int4(tmp_path: Path) -> None:
     export_onnx(fused("llama", "lm"), ExportConfig(task="causal-lm", generate_tokens=0), tmp_path / "llama")
     for cfg in (QuantizeConfig(mode="dynamic"), QuantizeConfig(mode="int4", block_size=16),

@@ -292,3 +292,27 @@ def test_gptq_leaves_a_matmul_with_too_few_tokens_to_round_to_nearest(tmp_path: 
     assert np.array_equal(numpy_helper.to_array(model.graph.initializer[0]), w)  # untouched
     report = gptq_model(model, src, [{"x": _outlier_x(64)}], ["p"], block_size=16)
     assert report["matmuls"] == 1 and not np.array_equal(numpy_helper.to_array(model.graph.initializer[0]), w)
+
+
+def test_probes_of_one_graph_at_once_use_their_own_files(tmp_path: Path) -> None:
+    # two runs probing the same export used to share `.model.probe.onnx`: one deleted the other's file mid-load
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgefuse.quantize.probe import probe_tensors
+
+    w = _rng(K, 4)
+    src = _save([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+                 {"w": w}, tmp_path / "model.onnx")
+    planted = tmp_path / ".model.probe.onnx"
+    planted.write_text("not edgefuse's")
+    x = _outlier_x(4)
+
+    def probe(_: int) -> np.ndarray:
+        return probe_tensors(onnx.load(str(src)), src, [{"x": x}] * 3, ["h"])[2]["h"]
+
+    with ThreadPoolExecutor(4) as pool:
+        values = list(pool.map(probe, range(8)))
+    for v in values:
+        np.testing.assert_array_equal(v, np.maximum(x, 0))
+    assert planted.read_text() == "not edgefuse's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.probe.onnx", "model.onnx"]

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import QuantizationError
+from edgefuse.io_utils import temp_file
 from edgefuse.quantize.presets import QuantPreset
 from edgefuse.quantize.probe import needs_external_data
 
@@ -313,7 +314,7 @@ def quantize_int4(
         raise ValueError("int8 fallback nodes need the int8 preset")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    mid = dst.with_name(f".{dst.stem}.int4.onnx")
+    mid = temp_file(dst.parent, f"{dst.stem}.int4.onnx")  # a new name: concurrent runs never share it
     try:
         onnx.save_model(qmodel, str(mid), save_as_external_data=needs_external_data(src))
         reduce_range = _reduce_range(cfg, preset)
@@ -325,5 +326,6 @@ def quantize_int4(
         )
     finally:
         mid.unlink(missing_ok=True)
+        mid.with_name(mid.name + ".data").unlink(missing_ok=True)  # onnx's default external-data name
     settings.update({"int8_fallback": list(int8_nodes), "int8_reduce_range": reduce_range})
     return settings

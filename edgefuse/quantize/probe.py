@@ -22,8 +22,8 @@ def needs_external_data(src: Path) -> bool:
 def probe_tensors(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]],
                   names: Sequence[str]) -> list[dict[str, np.ndarray]]:
     """The values of the intermediate tensors ``names`` of ``model`` (loaded from ``src``) on each feed: one fp32
-    run per feed of the model with them as extra outputs (saved beside ``src`` and removed; the outputs are taken
-    off ``model`` again, so it is unchanged: no copy of a large graph's weights).
+    run per feed of the model with them as extra outputs (saved beside ``src`` under a new name and removed; the
+    outputs are taken off ``model`` again, so it is unchanged: no copy of a large graph's weights).
 
     Example:
         >>> import numpy as np, onnx, tempfile
@@ -39,6 +39,7 @@ def probe_tensors(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]],
     """
     import onnx
 
+    from edgefuse.io_utils import temp_file
     from edgefuse.ort import make_session
 
     outputs = model.graph.output
@@ -47,7 +48,9 @@ def probe_tensors(model: Any, src: Path, feeds: Sequence[dict[str, np.ndarray]],
     for name in names:
         if name not in known:
             outputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    tmp = src.with_name(f".{src.stem}.probe.onnx")
+    # a new name per call (O_EXCL), beside src so that external-data paths resolve: two runs probing the same
+    # graph at once must not write, load or delete each other's file
+    tmp = temp_file(src.parent, f"{src.stem}.probe.onnx")
     try:
         onnx.save(model, str(tmp))
         session = make_session(tmp, optimize=False)  # unoptimised: the probed tensors must survive fusion passes
