@@ -444,6 +444,7 @@ def render(res: dict[str, Any]) -> str:
         f"free-running greedy: {res['n_greedy']} tokens after each of the first {res['greedy_prompts']} held-out "
         f"MRs, EOS suppressed. Calibration (GPTQ, the ranking, edgefuse's checks): "
         + (f"{res['calib_rows']} train rows evenly spaced over the split ({res['calib_mrs']} MRs)"
+           + (f", rotated by {res['calib_offset']} rows first" if res.get("calib_offset") else "")
            if res.get("calib_select") == "spread" else f"the first {res.get('calib_rows', 32)} train rows") + ".", "",
         (f"Model: the fp32 export in `{res['export']['folder']}` (`--folder`; fine-tuned weights are off the GGUF's "
          "4-bit grid, so the note on the plain model below does not apply).  " if res["export"].get("note") else "")
@@ -524,6 +525,8 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--calib-rows", type=int, default=32,
                     help="E2E training rows to calibrate on (GPTQ, the scaling search, the ranking, the checks)")
+    ap.add_argument("--calib-offset", type=int, default=0,
+                    help="rotate the training rows by this many before taking --calib-rows evenly spaced ones")
     ap.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
     ap.add_argument("--out", default="int4", help="results name: benchmarks/results/OUT.{json,md}")
     ap.add_argument("--kernels", action="store_true", help="only the kernel timing (results/int4_kernels.json)")
@@ -569,7 +572,9 @@ def main() -> None:
         tok = load_tokenizer("smollm2")
         folder, export = export_folder()
     train, _, _ = split_rows(data_config(None))
-    calib_rows = spread(train, args.calib_rows)  # as edgefuse's quantize stage picks its calibration texts
+    # as edgefuse's quantize stage picks its calibration texts; --calib-offset rotates the rows first, so another
+    # offset draws another evenly spaced set (a second sample of calibration's effect on the same graphs)
+    calib_rows = spread(train[args.calib_offset:] + train[:args.calib_offset], args.calib_rows)
     calib = [f"{r['mr']}\n{r['ref']}" for r in calib_rows]
     split = load_finetune_data(data_config(args.val_rows), tok, "causal-lm").validation
     prompts, _ = heldout_groups(data_config(None), max_prompts=args.greedy_prompts)
@@ -612,7 +617,7 @@ def main() -> None:
              "greedy_prompts": args.greedy_prompts, "n_greedy": args.n_greedy, "ranked": ranked, "builds": builds,
              "rows": rows, "decode": decode, "notes": args.note, "load_start": load_start,
              "default_label": args.default_label, "calib_rows": args.calib_rows, "calib_select": "spread",
-             "calib_mrs": len({r["mr"] for r in calib_rows})}
+             "calib_offset": args.calib_offset, "calib_mrs": len({r["mr"] for r in calib_rows})}
     ref = Reference(set(range(args.cos_rows)))
     fp32 = score(graphs["fp32"], split, tok, ref, None, prompts, None, args.threads, args.n_greedy)
     ref_argmax, ref_greedy = fp32.pop("_argmax"), fp32.pop("_greedy")
