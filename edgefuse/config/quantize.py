@@ -67,7 +67,11 @@ class QuantizeConfig(StrictModel):
         description="static and auto: a TSV/CSV file (first column of text, or 'sentence'/'ref'/'text') to "
         "calibrate on and to measure the error with. None: built-in English sentences.",
     )
-    calibration_samples: int = Field(64, ge=1, description="Texts read from calibration_data.")
+    calibration_samples: int = Field(
+        64, ge=1,
+        description="Texts taken from calibration_data (a pipeline: from its training rows), evenly spaced over "
+        "the file rather than its first rows: a sorted file's start is one kind of text.",
+    )
     max_sequence_length: int = Field(128, ge=2, description="Tokens per calibration/evaluation text.")
     block_size: int = Field(
         32, description="int4 and int8-blocks: weights per quantization block (16, 32, 64, 128 or 256).")

@@ -129,7 +129,11 @@ class TuneConfig(StrictModel):
     calibration_data: Path | None = Field(
         None, description="TSV/CSV of texts for the gate and static calibration. None: built-in sentences."
     )
-    calibration_samples: int = Field(64, ge=1, description="Texts read from calibration_data.")
+    calibration_samples: int = Field(
+        64, ge=1,
+        description="Texts taken from calibration_data (a pipeline: from its training rows), evenly spaced over "
+        "the file rather than its first rows: a sorted file's start is one kind of text.",
+    )
     max_sequence_length: int = Field(128, ge=2, description="Tokens per gate/calibration text.")
     eval_data: Path | None = Field(
         None, description="Labelled TSV (sentence, label) of a sequence-classification export: accuracy gate."
