@@ -146,6 +146,23 @@ def check_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str], source
             )
 
 
+def builtin_texts(n: int | None = None) -> list[str]:
+    """The first ``n`` (all when None) lines of edgefuse's built-in English corpus (``edgefuse/data/corpus.txt``,
+    282 everyday sentences): the text every stage falls back to when it is given none (fusion's activation
+    statistics, quantization's calibration and checks, the profiler's output check, the teacher agreement line).
+
+    Example:
+        >>> texts = builtin_texts(3)
+        >>> len(texts), all(isinstance(t, str) and t for t in texts), len(builtin_texts()) >= 256
+        (3, True, True)
+    """
+    from importlib import resources
+
+    text = resources.files("edgefuse").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines if n is None else lines[:n]
+
+
 def spread(rows: Sequence[T], n: int) -> list[T]:
     """``n`` rows evenly spaced over ``rows`` (every row when ``n`` covers them), first row included.
 

@@ -144,6 +144,21 @@ def test_accuracy_on_labelled_data(small_bert: Path, tmp_path: Path) -> None:
         read_texts(tmp_path / "missing.tsv", 4)
 
 
+def test_without_data_calibration_reads_the_built_in_corpus(small_bert: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # one source of built-in text (edgefuse/data/corpus.txt), calibration_samples lines of it: 16 fixed sentences
+    # were too few tokens for GPTQ on any SmolLM2 MatMul
+    import edgefuse.records as records
+
+    asked: list[int | None] = []
+    real = records.builtin_texts
+    monkeypatch.setattr(records, "builtin_texts", lambda n=None: asked.append(n) or real(n))
+    res = quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, calibration_samples=40),
+                        out_dir=tmp_path / "q")
+    assert asked == [40] and res.samples == 40  # a classifier compares one row per text
+    assert len(real(40)) == 40 and len(set(real(40))) == 40
+
+
 def test_calibration_texts_cover_the_whole_file(tmp_path: Path) -> None:
     # a sorted file's first rows are one kind of text (E2E: 64 rows, 7 restaurants); calibration spreads out
     data = tmp_path / "sorted.csv"

@@ -17,7 +17,8 @@ weights, activations quantized at run time per tensor; per-channel by default), 
 ranges calibrated on data: minmax, percentile or entropy), int8-blocks (weight-only 8-bit blocks, MatMulNBits
 bits 8: activations quantized per block of each token, so a decoder's massive activations cost nothing), int4
 (weight-only 4-bit blocks, MatMulNBits; the weights chosen by GPTQ on the calibration texts, so give it task text
-with --calibration-data: a MatMul with fewer calibration tokens than half its inputs stays round to nearest).
+with --calibration-data, else it fits a built-in English corpus; a MatMul with fewer calibration tokens than half
+its inputs stays round to nearest).
 Presets pick int8 types per CPU (arm64, avx2, avx512, avx512-vnni); auto detects this host's.
 
 The quantized graph is compared with fp32 on task data (mean cosine of the pooled embedding / logits, max

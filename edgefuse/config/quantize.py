@@ -64,8 +64,9 @@ class QuantizeConfig(StrictModel):
     )
     calibration_data: Path | None = Field(
         None,
-        description="static and auto: a TSV/CSV file (first column of text, or 'sentence'/'ref'/'text') to "
-        "calibrate on and to measure the error with. None: built-in English sentences.",
+        description="A TSV/CSV file (first column of text, or 'sentence'/'ref'/'text') to calibrate on (static, "
+        "int4's GPTQ, scaling and 8-bit ranking, auto) and to measure the error with. None: the built-in English "
+        "corpus (edgefuse/data/corpus.txt).",
     )
     calibration_samples: int = Field(
         64, ge=1,

@@ -127,7 +127,7 @@ class TuneConfig(StrictModel):
         "also agree with this machine's run of the same graph to this cosine. A candidate below it is rejected."
     )
     calibration_data: Path | None = Field(
-        None, description="TSV/CSV of texts for the gate and static calibration. None: built-in sentences."
+        None, description="TSV/CSV of texts for the gate and static calibration. None: the built-in English corpus."
     )
     calibration_samples: int = Field(
         64, ge=1,

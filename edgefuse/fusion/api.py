@@ -174,14 +174,15 @@ def _activation_stats(
     """Per-site mean |down input| for ``fusion-pruned`` + ``importance: activations``; else empty."""
     if cfg.method != "fusion-pruned" or cfg.importance != "activations":
         return {}
-    from edgefuse.fusion.calibrate import corpus_texts, down_input_stats
+    from edgefuse.fusion.calibrate import down_input_stats
+    from edgefuse.records import builtin_texts
 
     if tokenizer is None:
         raise ConfigError(
             "fusion-pruned with importance: activations needs the model's tokenizer to read calibration text; "
             "pass one (or use importance: weights)"
         )
-    chosen = list(texts)[: cfg.calibration_examples] if texts is not None else corpus_texts(cfg.calibration_examples)
+    chosen = list(texts)[: cfg.calibration_examples] if texts is not None else builtin_texts(cfg.calibration_examples)
     return down_input_stats(model, sites, chosen, tokenizer)
 
 

@@ -4,17 +4,13 @@ selected MLP's down projection (one value per intermediate unit) over a few text
 Texts run one at a time, unpadded, so that the mean is over real tokens only. Statistics are taken on the
 unfused model, before any MLP is changed.
 
-Example:
-    >>> texts = corpus_texts(3)
-    >>> len(texts), all(isinstance(t, str) and t for t in texts)
-    (3, True)
+Without texts the built-in corpus is used (:func:`edgefuse.records.builtin_texts`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 import torch
@@ -24,12 +20,6 @@ from edgefuse.errors import ConfigError, FusionError
 from edgefuse.fusion.sites import MlpSite
 
 logger = logging.getLogger(__name__)
-
-
-def corpus_texts(n: int) -> list[str]:
-    """The first ``n`` non-empty lines of the built-in corpus (``edgefuse/data/corpus.txt``)."""
-    text = resources.files("edgefuse").joinpath("data/corpus.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()][:n]
 
 
 @torch.no_grad()

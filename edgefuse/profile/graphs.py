@@ -146,8 +146,6 @@ def _vocab_bound(graph, name: str, inits: dict, producers: dict) -> int | None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "merges.txt")
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
-"""Plain English sentences shipped with edgefuse: the real text of the profiler's output check."""
 
 
 def shared_tokenizer_folder(infos: Sequence[GraphInfo]) -> Path | None:
@@ -167,7 +165,8 @@ def shared_tokenizer_folder(infos: Sequence[GraphInfo]) -> Path | None:
 def real_text_feeds(
     infos: Sequence[GraphInfo], shapes: Sequence[tuple[int, int]]
 ) -> dict[tuple[int, int], dict[str, np.ndarray]]:
-    """Token ids of real sentences (:data:`CORPUS`, tokenized by the graphs' shared tokenizer), per shape.
+    """Token ids of real sentences (the built-in corpus, :func:`edgefuse.records.builtin_texts`, tokenized by
+    the graphs' shared tokenizer), per shape.
 
     Random ids say little about a compressed model (a fused, recovered graph agrees with its teacher far
     better on text than on noise), so the output check runs on text whenever the graphs' folders share a
@@ -186,7 +185,9 @@ def real_text_feeds(
         return {}
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    lines = [line.strip() for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from edgefuse.records import builtin_texts
+
+    lines = builtin_texts()
     feeds: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for b, s in shapes:
         enc = tok([lines[i % len(lines)] for i in range(b)], padding="max_length", truncation=True, max_length=s,

@@ -1,7 +1,8 @@
 """How far a model or graph is from a reference model (the original, or the teacher): cosine of their task
-outputs on built-in sentences (the quantize stage's calibration sentences). ``edgefuse fuse`` says with it
-whether to recover; ``edgefuse export --teacher`` and ``edgefuse quantize --teacher`` print it for the graph, so
-``fuse -> export -> quantize`` does not report "ok" all the way for a model nobody should ship.
+outputs on the first 16 sentences of the built-in corpus (:func:`edgefuse.records.builtin_texts`). ``edgefuse
+fuse`` says with it whether to recover; ``edgefuse export --teacher`` and ``edgefuse quantize --teacher`` print
+it for the graph, so ``fuse -> export -> quantize`` does not report "ok" all the way for a model nobody should
+ship.
 
 Feature extraction compares the mean-pooled embedding, classification the logits, causal LMs the next-token
 logits of every real token. Without a tokenizer, seeded random token ids are compared instead.
@@ -19,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from edgefuse.metrics import Agreement, EvalBatch, torch_vectors
+
+AGREEMENT_TEXTS = 16  # one batch: a quick distance, printed on every fuse/export/quantize with a teacher
 
 
 def distance_to_original(original: Any, fused: Any, tokenizer: Any, task: str, *,
@@ -52,15 +55,16 @@ def describe(d: dict[str, Any], task: str, reference: str) -> str:
 def builtin_batch(model: Any, tokenizer: Any, task: str, max_length: int) -> tuple[EvalBatch, str]:
     """The built-in sentences as one batch (random ids of the model's vocabulary without a tokenizer)."""
     from edgefuse.ort import random_batch, tokenize
-    from edgefuse.quantize.evaluate import BUILTIN_TEXTS
+    from edgefuse.records import builtin_texts
 
+    texts = builtin_texts(AGREEMENT_TEXTS)
     left = task == "causal-lm"
     if tokenizer is not None:
         if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        ids, mask = tokenize(tokenizer, list(BUILTIN_TEXTS), max_length, left_pad=left)
-        text = f"{len(BUILTIN_TEXTS)} built-in sentences"
+        ids, mask = tokenize(tokenizer, texts, max_length, left_pad=left)
+        text = f"{len(texts)} built-in sentences"
     else:
-        ids, mask = random_batch(int(model.config.vocab_size), len(BUILTIN_TEXTS), 24, 0, left_pad=left)
-        text = f"{len(BUILTIN_TEXTS)} rows of random token ids (no tokenizer)"
+        ids, mask = random_batch(int(model.config.vocab_size), len(texts), 24, 0, left_pad=left)
+        text = f"{len(texts)} rows of random token ids (no tokenizer)"
     return EvalBatch(ids, mask), text

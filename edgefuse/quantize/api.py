@@ -235,10 +235,11 @@ def _prepare_inputs(source: _Source, cfg: QuantizeConfig, mode: QuantMode, texts
     (one uniform-length row per feed when the mode calibrates: ORT's histogram calibrators stack them)."""
     from edgefuse.ort import build_feed, make_session
     from edgefuse.quantize import evaluate as qe
+    from edgefuse.records import builtin_texts
 
     tokenizer = qe.folder_tokenizer(source.folder)
     texts = texts or (qe.read_texts(cfg.calibration_data, cfg.calibration_samples)
-                      if cfg.calibration_data else list(qe.BUILTIN_TEXTS))
+                      if cfg.calibration_data else builtin_texts(cfg.calibration_samples))
     vocab = qe.folder_vocab(source.folder)
     batches = qe.token_batches(texts, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab)
     ref_session = make_session(source.path)

@@ -2,9 +2,11 @@
 quantized graph with fp32 (cosine, max difference, accuracy) and the node counts of a graph (how many run
 quantized is each mode's own count, :data:`edgefuse.quantize.modes.MODES`).
 
+Without calibration data the texts are the built-in corpus (:func:`edgefuse.records.builtin_texts`).
+
 Example:
-    >>> BUILTIN_TEXTS[0]
-    'A man is eating food.'
+    >>> TEXT_COLUMNS
+    ('sentence', 'text', 'ref', 'mr')
 """
 
 from __future__ import annotations
@@ -22,27 +24,9 @@ from edgefuse.metrics import rowwise_cosine
 from edgefuse.ort import random_batch, task_vectors, tokenize
 from edgefuse.records import read_records, spread
 
-# Used when no calibration data is given: varied English, short and long, so ranges are not degenerate.
-BUILTIN_TEXTS: tuple[str, ...] = (
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The new movie is awesome and the actors were brilliant.",
-    "The service at this restaurant was slow, and the soup arrived cold.",
-    "Edge devices run small language models without a network connection.",
-    "Quantization stores weights in eight bits instead of thirty-two.",
-    "The cat sat quietly on the warm windowsill, watching the rain.",
-    "Stock markets fell sharply after the central bank raised interest rates again.",
-    "Please restart the router and check whether the green light is on.",
-    "She finished the marathon in under four hours despite the heat.",
-    "An old lighthouse stands at the end of the rocky peninsula.",
-    "This is the worst product I have ever bought; it broke after a day.",
-    "Researchers trained the network on millions of labelled images.",
-    "The train to Paris leaves at seven from platform nine.",
-    "He plays the violin beautifully, though he never took lessons.",
-    "Heavy snow closed the mountain pass for three days.",
-)
 TEXT_COLUMNS = ("sentence", "text", "ref", "mr")
 BATCH = 8
+RANDOM_ROWS = 16  # rows of random ids when there is no tokenizer (a graph exported without one)
 
 
 def read_texts(path: Path, limit: int) -> list[str]:
@@ -105,7 +89,7 @@ def token_batches(
     (percentile, entropy) stack every batch's tensors and need equal shapes.
     """
     left = task == "causal-lm"
-    n = len(texts) if texts else len(BUILTIN_TEXTS)
+    n = len(texts) if texts else RANDOM_ROWS
     if tokenizer is None or not texts:
         if uniform:
             return [random_batch(vocab, 1, min(max_length, 24), seed + i, left_pad=left) for i in range(n)]

@@ -36,11 +36,12 @@ class _Data:
     def __init__(self, folder: Path, task: str, cfg: TuneConfig, texts: list[str] | None) -> None:
         from edgefuse.ort import build_feed, make_session
         from edgefuse.quantize import evaluate as qe
+        from edgefuse.records import builtin_texts
 
         tok = qe.folder_tokenizer(folder)
         vocab = qe.folder_vocab(folder)
         texts = texts or (qe.read_texts(cfg.calibration_data, cfg.calibration_samples) if cfg.calibration_data
-                          else list(qe.BUILTIN_TEXTS))
+                          else builtin_texts(cfg.calibration_samples))
         self.task = task
         self.batches = qe.token_batches(texts, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab)
         ref = make_session(folder / FP32_GRAPH)
