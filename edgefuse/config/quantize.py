@@ -90,9 +90,7 @@ class QuantizeConfig(StrictModel):
         "its input size stays round to nearest (reported; pass --calibration-data). default: onnxruntime's block "
         "quantizer alone (round to nearest, symmetric per int4_symmetric). rtn: Intel Neural Compressor's round to "
         "nearest. hqq: half-quadratic optimisation of scales and zero points (no data). k_quant: Intel Neural "
-        "Compressor's k-quant (scales searched per block). On the E2E-tuned SmolLM2, gptq against default: "
-        "perplexity +1.5 % against +5.5 % over fp32 and BLEU -0.7 against -6.2 "
-        "(benchmarks/results/int4_default.md).",
+        "Compressor's k-quant (scales searched per block). Measured against each other in docs/export.md.",
     )
     int4_scaling: Literal["none", "activation", "activation-scale"] = Field(
         "none",
