@@ -167,7 +167,7 @@ def spread(rows: Sequence[T], n: int) -> list[T]:
     """``n`` rows evenly spaced over ``rows`` (every row when ``n`` covers them), first row included.
 
     Calibration sets are taken this way rather than as the first ``n`` rows: data files are often sorted (E2E
-    groups its references by meaning representation, so its first 64 training rows describe 7 restaurants), and
+    groups its references by meaning representation, so its first 64 training rows hold 7 of them), and
     GPTQ and the activation search fit whatever text they are given.
 
     Example:

@@ -94,7 +94,8 @@ def _graph_output(path: Path, ids: np.ndarray, output: str) -> np.ndarray:
 
 def _int4(folder: Path) -> Path:
     cfg = QuantizeConfig(mode="int4", block_size=BLOCK, int4_tied="fp32", int4_8bit_share=0.0, int4_accuracy_level=0,
-                         min_cosine=None, overwrite=True, int4_algorithm="default")  # the grid QAT trained on
+                         min_cosine=None, overwrite=True, int4_algorithm="default",  # the grid QAT trained on
+                         int4_scaling="none")
     return quantize_onnx(folder, cfg).onnx_path
 
 
@@ -163,6 +164,8 @@ def _pipeline(finetune: dict, quantize: dict | None, export: dict | None = None)
         ({"quant_aware_bits": 4}, {"mode": "int4", "int4_algorithm": "default", "int4_scaling": "activation"}, None,
          "int4_scaling: none"),
         ({"quant_aware_bits": 4}, {"mode": "int4"}, None, "int4_algorithm: default"),  # gptq, the default
+        ({"quant_aware_bits": 4}, {"mode": "int4", "int4_algorithm": "default"}, None,
+         "int4_scaling: none"),  # activation-scale, the default
     ],
 )
 def test_a_quantize_section_that_does_not_write_the_grid_is_refused(finetune, quantize, export, match) -> None:
@@ -172,7 +175,8 @@ def test_a_quantize_section_that_does_not_write_the_grid_is_refused(finetune, qu
 
 def test_matching_sections_are_accepted() -> None:
     cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 4},
-                                                  {"mode": "int4", "int4_algorithm": "default"}))
+                                                  {"mode": "int4", "int4_algorithm": "default",
+                                                   "int4_scaling": "none"}))
     assert cfg.finetune_phases[0].quant_aware_bits == 4
     cfg = PipelineConfig.model_validate(_pipeline({"quant_aware_bits": 8}, {"mode": "int8"}))
     assert cfg.quantize.mode == "int8"

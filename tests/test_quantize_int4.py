@@ -192,8 +192,10 @@ def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path)
     from edgefuse.quantize.modes import _RANKED
 
     names = weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx")))
+    # int4_scaling none: the ranking is then keyed by this graph (with scaling it ranks the scaled copy)
     res = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, int4_8bit_share=0.5, overwrite=True,
-                                                     output_name="share.onnx"), calibration_texts=TEXTS)
+                                                     int4_scaling="none", output_name="share.onnx"),
+                        calibration_texts=TEXTS)
     chosen = res.settings["sensitive_8bit"]
     assert len(chosen) == -(-len(names) // 2)  # ceil(0.5 n)
     ranked = next(r for k, r in _RANKED.items() if k[0] == str((tiny_decoder / "model.onnx").resolve()))
@@ -206,19 +208,20 @@ def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path)
 
 
 def test_int4_default_writes_what_it_claims(tied_decoder: Path) -> None:
-    """``--mode int4`` with nothing else: GPTQ onto symmetric blocks of 32 (no zero points) with accuracy level 4
-    on every weight MatMul, 4-bit but for the quarter with the largest simulated int4 error and the tied lm_head,
-    which are 8-bit blocks; named int4-b32."""
+    """``--mode int4`` with nothing else: activation-aware channel scales, then GPTQ onto symmetric blocks of 32
+    (no zero points) with accuracy level 4 on every weight MatMul, 4-bit but for the quarter with the largest
+    simulated int4 error and the tied lm_head, which are 8-bit blocks; named int4-b32."""
     import math
 
     cfg = QuantizeConfig(mode="int4", overwrite=True)
     assert (cfg.block_size, cfg.int4_symmetric, cfg.int4_accuracy_level, cfg.int4_algorithm, cfg.int4_tied,
-            cfg.int4_8bit_share) == (32, True, 4, "gptq", "nbits8", 0.25)
+            cfg.int4_8bit_share, cfg.int4_scaling) == (32, True, 4, "gptq", "nbits8", 0.25, "activation-scale")
     res = quantize_onnx(tied_decoder, cfg, calibration_texts=TEXTS)
     names = weight_matmuls(onnx.load(str(tied_decoder / "model.onnx")))
     sensitive = res.settings["sensitive_8bit"]
     assert res.onnx_path.name == "model_int4-b32.onnx" and len(sensitive) == math.ceil(0.25 * len(names))
     assert res.settings["gptq"]["matmuls"] + len(res.settings["gptq"]["too_few_rows"]) > 0  # GPTQ saw the 4-bit ones
+    assert res.settings["scaling"]["groups"] + len(res.settings["scaling"]["unscaled"]) > 0  # the search ran
     model = onnx.load(str(res.onnx_path))
     nodes = {n.name.rsplit("_Q", 1)[0]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert set(nodes) == {*names, "/lm_head/MatMul"} and _lm_head(model).op_type == "MatMulNBits"

@@ -267,7 +267,8 @@ class PipelineConfig(StrictModel):
                             "set int4_symmetric: true and int4_algorithm: default")
         if bits == 4 and q.int4_scaling != "none":
             problems.append(f"{key}.quant_aware_bits 4 trained the weights as they are on the grid; quantize."
-                            f"int4_scaling {q.int4_scaling!r} would rescale and clip them first: set "
+                            f"int4_scaling {q.int4_scaling!r} would "
+                            f"{'rescale and clip' if q.int4_scaling == 'activation' else 'rescale'} them first: set "
                             "quantize.int4_scaling: none")
         if self.export is not None and self.export.fold_scales not in ("auto",):
             problems.append(f"{key}.quant_aware_bits assumes export.fold_scales 'auto' (where the grid is applied), "

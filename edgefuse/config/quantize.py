@@ -93,11 +93,12 @@ class QuantizeConfig(StrictModel):
         "Compressor's k-quant (scales searched per block). Measured against each other in docs/export.md.",
     )
     int4_scaling: Literal["none", "activation", "activation-scale"] = Field(
-        "none",
+        "activation-scale",
         description="int4: activation-aware weight preparation, searched on the calibration texts against "
-        "onnxruntime's 4-bit grid (AWQ's two steps). activation: per-channel scales (an exact rewrite of the fp32 "
-        "graph, folded into the norm or up projection that writes the activation: no extra operator), then each "
-        "4-bit block's clipping range. activation-scale: the scales only. none: quantize the weights as exported.",
+        "onnxruntime's 4-bit grid (AWQ's two steps). activation-scale (the default): per-channel scales, an exact "
+        "rewrite of the fp32 graph folded into the norm or up projection that writes the activation (no extra "
+        "operator, the same speed). activation: the scales, then each 4-bit block's clipping range (round to "
+        "nearest only). none: quantize the weights as exported (what quant-aware recovery trained for).",
     )
     int4_fallback: Literal["fp32", "int8", "nbits8"] = Field(
         "fp32",
