@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -66,9 +68,8 @@ def render(pooled: dict[tuple[str, str], list], runs: list[dict[str, Any]], args
     env = runs[0]["environment"]
     lines = [
         "# int4 quality over several calibration sets (issue 14, item 3)", "",
-        "Command: `python benchmarks/int4_calibration.py " + " ".join(args.names)
-        + f" --default-as '{args.default_as}' --out {args.out}`. It pools the runs below (each file holds its own "
-        "command, commit and load); nothing is measured again.", "",
+        f"Command: `python benchmarks/int4_calibration.py {shlex.join(sys.argv[1:])}`. It pools the runs below "
+        "(each file holds its own command, commit and load); nothing is measured again.", "",
         f"Host of the runs: {env.get('cpu_model')}, {env.get('cores_logical')} logical cores, onnxruntime "
         f"{env.get('versions', {}).get('onnxruntime')}.", "",
         "Runs: " + "; ".join(
