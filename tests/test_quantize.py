@@ -144,19 +144,32 @@ def test_accuracy_on_labelled_data(small_bert: Path, tmp_path: Path) -> None:
         read_texts(tmp_path / "missing.tsv", 4)
 
 
-def test_without_data_calibration_reads_the_built_in_corpus(small_bert: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    # one source of built-in text (edgefuse/data/corpus.txt), calibration_samples lines of it: 16 fixed sentences
-    # were too few tokens for GPTQ on any SmolLM2 MatMul
-    import edgefuse.records as records
+def test_without_data_calibration_reads_the_built_in_corpus(small_bert: Path, tmp_path: Path) -> None:
+    # one source of built-in text (edgefuse/data/corpus.txt): calibration_samples lines of it to calibrate on
+    # (16 fixed sentences were too few tokens for GPTQ on any SmolLM2 MatMul) and as many others to check on
+    from edgefuse.quantize.evaluate import fit_and_check_texts
+    from edgefuse.records import builtin_texts
 
-    asked: list[int | None] = []
-    real = records.builtin_texts
-    monkeypatch.setattr(records, "builtin_texts", lambda n=None: asked.append(n) or real(n))
+    fit, check, held_out = fit_and_check_texts(40, None)
+    assert held_out and len(fit) == len(check) == 40 and set(fit) | set(check) <= set(builtin_texts())
+    assert not set(fit) & set(check)
     res = quantize_onnx(small_bert, QuantizeConfig(mode="int4", block_size=16, calibration_samples=40),
                         out_dir=tmp_path / "q")
-    assert asked == [40] and res.samples == 40  # a classifier compares one row per text
-    assert len(real(40)) == 40 and len(set(real(40))) == 40
+    assert res.held_out and res.samples == 40  # a classifier compares one row per text
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert '"held_out": true' in json.dumps(manifest)
+
+
+def test_the_check_is_held_out_only_when_the_data_allows(tmp_path: Path) -> None:
+    from edgefuse.quantize.evaluate import fit_and_check_texts
+
+    data = tmp_path / "d.csv"
+    data.write_text("text\n" + "".join(f"t{i}\n" for i in range(10)))
+    fit, check, held_out = fit_and_check_texts(5, data)
+    assert held_out and fit == ["t0", "t2", "t4", "t6", "t8"] and check == ["t1", "t3", "t5", "t7", "t9"]
+    fit, check, held_out = fit_and_check_texts(6, data)  # 10 < 2 x 6: both on the same texts, and said so
+    assert not held_out and fit == check and len(fit) == 6
+    assert fit_and_check_texts(3, data, ["x", "y"]) == (["x", "y"], ["x", "y"], False)  # the caller's texts
 
 
 def test_calibration_texts_cover_the_whole_file(tmp_path: Path) -> None:

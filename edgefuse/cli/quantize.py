@@ -95,7 +95,9 @@ def format_result(res: Any) -> str:
              f"  size {res.size_bytes_fp32 / 2**20:.1f} MiB -> {res.size_bytes / 2**20:.1f} MiB; ops "
              + ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items())
                          if k in ("MatMul", "MatMulInteger", "MatMulNBits", "QuantizeLinear", "DequantizeLinear")),
-             f"  vs fp32 on {res.samples} rows: cosine mean {res.cosine_mean:.5f} min {res.cosine_min:.5f}, "
+             f"  vs fp32 on {res.samples} rows"
+             + (" not calibrated on" if res.held_out else " of the calibration texts")
+             + f": cosine mean {res.cosine_mean:.5f} min {res.cosine_min:.5f}, "
              f"max|diff| {res.max_abs_diff:.3g}"]
     if res.accuracy is not None:
         lines.append(f"  accuracy {res.accuracy:.4f} (fp32 {res.accuracy_fp32:.4f})")

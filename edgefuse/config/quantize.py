@@ -65,8 +65,8 @@ class QuantizeConfig(StrictModel):
     calibration_data: Path | None = Field(
         None,
         description="A TSV/CSV file (first column of text, or 'sentence'/'ref'/'text') to calibrate on (static, "
-        "int4's GPTQ, scaling and 8-bit ranking, auto) and to measure the error with. None: the built-in English "
-        "corpus (edgefuse/data/corpus.txt).",
+        "int4's GPTQ, scaling and 8-bit ranking, auto) and to check the result on (other rows of it when it holds "
+        "twice calibration_samples). None: the built-in English corpus (edgefuse/data/corpus.txt).",
     )
     calibration_samples: int = Field(
         64, ge=1,

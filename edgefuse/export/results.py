@@ -95,6 +95,7 @@ class QuantizeResult:
     accuracy: float | None = None
     auto_steps: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     seconds: float = 0.0
+    held_out: bool = False  # the check's texts were not calibrated on (quantize.evaluate.fit_and_check_texts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

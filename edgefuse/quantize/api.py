@@ -174,10 +174,11 @@ class _Inputs:
     """The texts as token batches, the fp32 reference outputs on them, and the calibration feeds."""
 
     tokenizer: Any
-    batches: list[Any]
+    batches: list[Any]  # the check texts
     refs: list[Any]
     ref_session: Any
-    feeds: list[dict[str, Any]]
+    feeds: list[dict[str, Any]]  # the calibration texts
+    held_out: bool  # no check text was calibrated on
 
 
 @dataclass
@@ -231,23 +232,23 @@ def _open_source(src: Path, cfg: QuantizeConfig, out_dir: Path | None, preset: s
 
 
 def _prepare_inputs(source: _Source, cfg: QuantizeConfig, mode: QuantMode, texts: list[str] | None) -> _Inputs:
-    """Token batches of the calibration texts, the fp32 outputs on them, and the feeds to calibrate with
-    (one uniform-length row per feed when the mode calibrates: ORT's histogram calibrators stack them)."""
+    """Token batches of the check texts, the fp32 outputs on them, and the feeds of the calibration texts (one
+    uniform-length row per feed when the mode calibrates: ORT's histogram calibrators stack them); the two sets
+    are disjoint where the data allows (:func:`edgefuse.quantize.evaluate.fit_and_check_texts`)."""
     from edgefuse.ort import build_feed, make_session
     from edgefuse.quantize import evaluate as qe
-    from edgefuse.records import builtin_texts
 
     tokenizer = qe.folder_tokenizer(source.folder)
-    texts = texts or (qe.read_texts(cfg.calibration_data, cfg.calibration_samples)
-                      if cfg.calibration_data else builtin_texts(cfg.calibration_samples))
+    fit, check, held_out = qe.fit_and_check_texts(cfg.calibration_samples, cfg.calibration_data, texts)
+    held_out = held_out and tokenizer is not None  # without a tokenizer both are the same seeded random ids
     vocab = qe.folder_vocab(source.folder)
-    batches = qe.token_batches(texts, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab)
+    batches = qe.token_batches(check, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab)
     ref_session = make_session(source.path)
     refs = qe.reference_vectors(ref_session, source.task, batches)
-    calib = batches if not mode.needs_calibration else qe.token_batches(
-        texts, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab, uniform=True)
+    calib = qe.token_batches(fit, tokenizer, task=source.task, max_length=cfg.max_sequence_length, vocab=vocab,
+                             uniform=mode.needs_calibration)
     feeds = [build_feed(ref_session, ids, mask) for ids, mask in calib]
-    return _Inputs(tokenizer, batches, refs, ref_session, feeds)
+    return _Inputs(tokenizer, batches, refs, ref_session, feeds, held_out)
 
 
 def _auto_fallback(
@@ -406,7 +407,8 @@ def quantize_onnx(
         settings = {**attempt.settings, "mode": mode.name, "preset": preset.to_dict(), "excluded": source.exclude,
                     "kept_fp32_auto": kept, "source": source.name}
         checks = {"reference": source.name, "cosine_mean": cos_mean, "cosine_min": cos_min,
-                  "max_abs_diff": max_diff, "samples": samples, "quantized_matmuls": n_quant,
+                  "max_abs_diff": max_diff, "samples": samples, "held_out": inputs.held_out,
+                  "quantized_matmuls": n_quant,
                   "weight_matmuls": len(source.candidates) + len(source.exclude), "op_counts": counts,
                   "accuracy_fp32": acc_fp32, "accuracy": acc, "auto_steps": steps}
         record_derived(source.manifest, source.folder, source.out, work, source.out_name, kind=mode.name,
@@ -417,5 +419,5 @@ def quantize_onnx(
         op_counts=counts, quantized_nodes=n_quant, kept_fp32=tuple(source.exclude + kept),
         size_bytes_fp32=source.path.stat().st_size, size_bytes=source.final.stat().st_size, cosine_mean=cos_mean,
         cosine_min=cos_min, max_abs_diff=max_diff, samples=samples, accuracy_fp32=acc_fp32, accuracy=acc,
-        auto_steps=tuple(steps), seconds=time.perf_counter() - start,
+        auto_steps=tuple(steps), seconds=time.perf_counter() - start, held_out=inputs.held_out,
     )

@@ -29,9 +29,9 @@ BATCH = 8
 RANDOM_ROWS = 16  # rows of random ids when there is no tokenizer (a graph exported without one)
 
 
-def read_texts(path: Path, limit: int) -> list[str]:
-    """Up to ``limit`` texts, evenly spaced over a data file with a header (column sentence/text/ref/mr, else the
-    first column): see :func:`edgefuse.records.spread`.
+def read_texts(path: Path, limit: int | None) -> list[str]:
+    """Up to ``limit`` texts (all when None), evenly spaced over a data file with a header (column
+    sentence/text/ref/mr, else the first column): see :func:`edgefuse.records.spread`.
 
     Raises:
         TargetNotFoundError, DataError: see :func:`edgefuse.records.read_records`.
@@ -39,7 +39,37 @@ def read_texts(path: Path, limit: int) -> list[str]:
     rows = read_records(str(path))
     header = list(rows[0])
     col = next((c for c in TEXT_COLUMNS if c in header), header[0])
-    return spread([str(r[col]) for r in rows if r.get(col) is not None], limit)
+    texts = [str(r[col]) for r in rows if r.get(col) is not None]
+    return texts if limit is None else spread(texts, limit)
+
+
+def fit_and_check_texts(n: int, data: Path | None, texts: Sequence[str] | None = None
+                        ) -> tuple[list[str], list[str], bool]:
+    """(texts to calibrate on, texts to check the quantized graph on, whether no check text was calibrated on).
+
+    GPTQ and the activation search fit their calibration texts, so a check on those texts flatters the graph.
+    From a data file (or the built-in corpus when ``data`` is None) holding at least ``2 n`` texts, ``n`` are
+    taken evenly spaced to calibrate on and ``n`` others, evenly spaced over the rest, to check on. Fewer texts,
+    or ``texts`` given by the caller, are used for both (and the third value says so).
+
+    Example:
+        >>> fit, check, held_out = fit_and_check_texts(2, None)
+        >>> len(fit), len(check), held_out, set(fit) & set(check)
+        (2, 2, True, set())
+        >>> fit_and_check_texts(2, None, ["a b", "c d"])
+        (['a b', 'c d'], ['a b', 'c d'], False)
+    """
+    if texts:
+        return list(texts), list(texts), False
+    from edgefuse.records import builtin_texts
+
+    pool = read_texts(data, None) if data else builtin_texts()
+    fit_at = spread(range(len(pool)), n)
+    fit = [pool[i] for i in fit_at]
+    if len(pool) < 2 * n:
+        return fit, fit, False
+    taken = set(fit_at)
+    return fit, spread([t for i, t in enumerate(pool) if i not in taken], n), True
 
 
 def read_labelled(path: Path, limit: int | None) -> tuple[list[str], list[int]]:

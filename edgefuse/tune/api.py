@@ -36,17 +36,15 @@ class _Data:
     def __init__(self, folder: Path, task: str, cfg: TuneConfig, texts: list[str] | None) -> None:
         from edgefuse.ort import build_feed, make_session
         from edgefuse.quantize import evaluate as qe
-        from edgefuse.records import builtin_texts
-
         tok = qe.folder_tokenizer(folder)
         vocab = qe.folder_vocab(folder)
-        texts = texts or (qe.read_texts(cfg.calibration_data, cfg.calibration_samples) if cfg.calibration_data
-                          else builtin_texts(cfg.calibration_samples))
+        # the gate checks texts that static calibration did not see, where the data allows
+        fit, check, self.held_out = qe.fit_and_check_texts(cfg.calibration_samples, cfg.calibration_data, texts)
         self.task = task
-        self.batches = qe.token_batches(texts, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab)
+        self.batches = qe.token_batches(check, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab)
         ref = make_session(folder / FP32_GRAPH)
         self.refs = qe.reference_vectors(ref, task, self.batches)
-        calib = qe.token_batches(texts, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab, uniform=True)
+        calib = qe.token_batches(fit, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab, uniform=True)
         self.feeds = [build_feed(ref, ids, mask) for ids, mask in calib]
         self.eval_batches: list[Any] = []
         self.labels: list[int] = []
