@@ -446,7 +446,8 @@ def render(res: dict[str, Any]) -> str:
         + (f"{res['calib_rows']} train rows evenly spaced over the split ({res['calib_mrs']} MRs)"
            + (f", rotated by {res['calib_offset']} rows first" if res.get("calib_offset") else "")
            if res.get("calib_select") == "spread" else
-           f"the first {res['calib_rows']} lines of edgefuse's built-in English corpus (no task text)"
+           f"{res['calib_rows']} lines of edgefuse's built-in English corpus (no task text; the first ones before "
+           "commit 87c93ef, evenly spaced from it on, as quantize takes them)"
            if res.get("calib_select") == "builtin" else f"the first {res.get('calib_rows', 32)} train rows") + ".", "",
         (f"Model: the fp32 export in `{res['export']['folder']}` (`--folder`; fine-tuned weights are off the GGUF's "
          "4-bit grid, so the note on the plain model below does not apply).  " if res["export"].get("note") else "")
@@ -528,7 +529,8 @@ def main() -> None:
     ap.add_argument("--calib-rows", type=int, default=32,
                     help="E2E training rows to calibrate on (GPTQ, the scaling search, the ranking, the checks)")
     ap.add_argument("--calib-builtin", action="store_true",
-                    help="calibrate on the first --calib-rows lines of edgefuse's built-in corpus instead of E2E rows")
+                    help="calibrate on --calib-rows lines of edgefuse's built-in corpus, as quantize does without "
+                    "data, instead of E2E rows")
     ap.add_argument("--calib-offset", type=int, default=0,
                     help="rotate the training rows by this many before taking --calib-rows evenly spaced ones")
     ap.add_argument("--note", action="append", default=[], help="a note for the Markdown (repeatable)")
@@ -561,8 +563,8 @@ def main() -> None:
     from edgefuse.models import load_tokenizer
     from edgefuse.ort import build_feed, make_session
     from edgefuse.quantize.auto import rank_matmuls
-    from edgefuse.quantize.evaluate import weight_matmuls
-    from edgefuse.records import builtin_texts, spread
+    from edgefuse.quantize.evaluate import fit_and_check_texts, weight_matmuls
+    from edgefuse.records import spread
 
     global GRAPHS
     if args.folder is not None:
@@ -581,7 +583,7 @@ def main() -> None:
     calib_rows = spread(train[args.calib_offset:] + train[:args.calib_offset], args.calib_rows)
     calib = [f"{r['mr']}\n{r['ref']}" for r in calib_rows]
     if args.calib_builtin:  # what `edgefuse quantize` calibrates on without --calibration-data
-        calib, calib_rows = builtin_texts(args.calib_rows), []
+        calib, calib_rows = fit_and_check_texts(args.calib_rows, None)[0], []
     split = load_finetune_data(data_config(args.val_rows), tok, "causal-lm").validation
     prompts, _ = heldout_groups(data_config(None), max_prompts=args.greedy_prompts)
     fp32_session = make_session(folder / "model.onnx")
