@@ -209,7 +209,8 @@ def build_with_edgefuse(label: str, cfg_kw: dict[str, Any], folder: Path, calib:
     from edgefuse.quantize.api import quantize_onnx
 
     out = GRAPHS / slug(label)
-    cfg = QuantizeConfig(mode="int4", overwrite=True, min_cosine=None, **cfg_kw)
+    # calibration_samples = all the texts given: every one is calibrated on, as the other variants' builds are
+    cfg = QuantizeConfig(mode="int4", overwrite=True, min_cosine=None, calibration_samples=len(calib), **cfg_kw)
     res, wall, cpu = timed(lambda: quantize_onnx(folder, cfg, out, calibration_texts=calib))
     info = {"settings": res.settings, "build_s": wall, "build_cpu_s": cpu, "cosine_check": res.cosine_mean,
             "auto_steps": list(res.auto_steps), "kept": list(res.kept_fp32), "size_bytes": res.size_bytes,

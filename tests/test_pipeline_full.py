@@ -40,7 +40,7 @@ def _classifier_config(tmp_path: Path, **extra: object) -> dict:
             {"max_steps": 3, "batch_size": 8, "task_weight": 1.0, "logits_weight": 1.0},
         ],
         export={"validate_shapes": [[1, 5], [2, 7]]},
-        quantize={"mode": "dynamic", "preset": "avx512-vnni", "min_cosine": None},
+        quantize={"mode": "dynamic", "preset": "avx512-vnni", "min_cosine": None, "calibration_samples": 16},
         profile=FAST_PROFILE,
         report={"formats": ["json", "md", "html"], "plots": False},
     )
@@ -64,6 +64,8 @@ def test_every_stage_on_a_tiny_classifier(tmp_path: Path) -> None:
     assert result.stage("finetune").result["finetune"] == phases[-1]
     quant = result.stage("quantize").result
     assert quant["graph"] == "quantized/model.onnx" and quant["quantize"]["quantized_nodes"] > 0
+    # 16 training rows to calibrate on, 16 others to check on
+    assert quant["quantize"]["held_out"] is True and quant["quantize"]["samples"] == 16
     # optimum-loadable folder: config and tokenizer beside the int8 graph
     assert (run / "quantize" / "quantized" / "config.json").is_file()
     assert (run / "quantize" / "quantized" / "tokenizer.json").is_file()

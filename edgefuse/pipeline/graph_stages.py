@@ -93,8 +93,8 @@ def run_quantize(ctx: StageContext) -> dict[str, Any]:
     qcfg = ctx.cfg.quantize
     graphs = graph_paths(ctx)
     src = graphs.get("optimized", graphs["fp32"])
-    # calibrate and compare on the task's own text unless the quantize section names a file
-    texts = None if qcfg.calibration_data is not None else ctx.texts(qcfg.calibration_samples)
+    # calibrate on the task's own text unless the quantize section names a file, and check on as many other rows
+    texts = None if qcfg.calibration_data is not None else ctx.texts(2 * qcfg.calibration_samples)
     result = quantize_onnx(src, qcfg, ctx.out / ONNX_DIRS["quantized"], calibration_texts=texts)
     data = result.to_dict()
     data["src_path"] = str(src)
@@ -112,7 +112,7 @@ def run_tune(ctx: StageContext) -> dict[str, Any]:
     folder = ctx.out / ONNX_DIRS["tuned"]
     src = graph_paths(ctx)["fp32"].parent
     shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model_tuned*.onnx", "tune_report.*"))
-    texts = None if tcfg.calibration_data is not None else ctx.texts(tcfg.calibration_samples)
+    texts = None if tcfg.calibration_data is not None else ctx.texts(2 * tcfg.calibration_samples)
     result = tune_folder(folder, tcfg, calibration_texts=texts)
     data = result.to_dict()
     data["folder"] = _relative(ctx, folder)

@@ -367,7 +367,8 @@ def quantize_onnx(
             keys, or None for the defaults (dynamic int8 for this CPU).
         out_dir: where to write: another folder gets ``model.onnx`` plus the config, tokenizer and a manifest
             (loadable with optimum's ``from_pretrained``); default: beside the source as ``model_<variant>.onnx``.
-        calibration_texts: texts to calibrate and compare on (instead of ``cfg.calibration_data``).
+        calibration_texts: texts to take the calibration and check texts from, as from
+            ``cfg.calibration_data`` (:func:`edgefuse.quantize.evaluate.fit_and_check_texts`).
 
     Raises:
         TargetNotFoundError: the source or an ``exclude`` entry matches nothing.

@@ -48,22 +48,22 @@ def fit_and_check_texts(n: int, data: Path | None, texts: Sequence[str] | None =
     """(texts to calibrate on, texts to check the quantized graph on, whether no check text was calibrated on).
 
     GPTQ and the activation search fit their calibration texts, so a check on those texts flatters the graph.
-    From a data file (or the built-in corpus when ``data`` is None) holding at least ``2 n`` texts, ``n`` are
-    taken evenly spaced to calibrate on and ``n`` others, evenly spaced over the rest, to check on. Fewer texts,
-    or ``texts`` given by the caller, are used for both (and the third value says so).
+    From the texts (``texts`` when given, else the data file, else the built-in corpus), when they hold at least
+    ``2 n``: ``n`` taken evenly spaced to calibrate on and ``n`` others, evenly spaced over the rest, to check on.
+    Fewer texts are used for both (up to ``n`` of them; the third value says so).
 
     Example:
         >>> fit, check, held_out = fit_and_check_texts(2, None)
         >>> len(fit), len(check), held_out, set(fit) & set(check)
         (2, 2, True, set())
+        >>> fit_and_check_texts(2, None, ["a b", "c d", "e f", "g h"])
+        (['a b', 'e f'], ['c d', 'g h'], True)
         >>> fit_and_check_texts(2, None, ["a b", "c d"])
         (['a b', 'c d'], ['a b', 'c d'], False)
     """
-    if texts:
-        return list(texts), list(texts), False
     from edgefuse.records import builtin_texts
 
-    pool = read_texts(data, None) if data else builtin_texts()
+    pool = list(texts) if texts else read_texts(data, None) if data else builtin_texts()
     fit_at = spread(range(len(pool)), n)
     fit = [pool[i] for i in fit_at]
     if len(pool) < 2 * n:

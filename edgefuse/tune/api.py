@@ -86,7 +86,8 @@ def tune_folder(folder: Path, cfg: TuneConfig, *, calibration_texts: list[str] |
     Args:
         folder: a folder written by ``edgefuse export`` (its ``model.onnx`` is the fp32 reference).
         cfg: the candidates, the gate, the timing point and budget, the target.
-        calibration_texts: texts for the gate and static calibration (instead of ``cfg.calibration_data``).
+        calibration_texts: texts to take the static calibration and gate texts from, as from
+            ``cfg.calibration_data`` (:func:`edgefuse.quantize.evaluate.fit_and_check_texts`).
 
     Raises:
         TargetNotFoundError: not an export folder.
