@@ -92,13 +92,11 @@ def render(pooled: dict[tuple[str, str], list], runs: list[dict[str, Any]], args
         coss = [r["cos"] for r in recs if r["cos"] is not None]
         mean = statistics.fmean(drops)
         met = mean <= TARGET_DROP
+        kl = f"{statistics.fmean(kls):.4f}" if kls else ""
+        cos = f"{statistics.fmean(coss):.4f}" if coss else ""
         lines.append(
             f"| {model} | {recipe} | {len(recs)} | {mean:.2f} | {min(drops):.2f} .. {max(drops):.2f} | "
-            f"{statistics.fmean(r['ppl_ratio'] for r in recs):.4f} | "
-            f"{statistics.fmean(kls):.4f} | {statistics.fmean(coss):.4f} | {'met' if met else 'missed'} |"
-            if kls and coss else
-            f"| {model} | {recipe} | {len(recs)} | {mean:.2f} | {min(drops):.2f} .. {max(drops):.2f} | "
-            f"{statistics.fmean(r['ppl_ratio'] for r in recs):.4f} | | | {'met' if met else 'missed'} |")
+            f"{statistics.fmean(r['ppl_ratio'] for r in recs):.4f} | {kl} | {cos} | {'met' if met else 'missed'} |")
         summary[f"{model} | {recipe}"] = {"runs": recs, "mean_drop": mean, "met": met}
     lines += ["", "Per run:", "", "| model | graph recipe | run | BLEU drop | ppl / fp32 | KL | cosine |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

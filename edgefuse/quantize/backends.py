@@ -316,7 +316,7 @@ def quantize_int4(
 
     mid = temp_file(dst.parent, f"{dst.stem}.int4.onnx")  # a new name: concurrent runs never share it
     try:
-        onnx.save_model(qmodel, str(mid), save_as_external_data=needs_external_data(src))
+        onnx.save_model(qmodel, str(mid), save_as_external_data=needs_external_data(src), location=f"{mid.name}.data")
         reduce_range = _reduce_range(cfg, preset)
         quantize_dynamic(
             model_input=str(mid), model_output=str(dst), op_types_to_quantize=["MatMul"],
@@ -326,6 +326,6 @@ def quantize_int4(
         )
     finally:
         mid.unlink(missing_ok=True)
-        mid.with_name(mid.name + ".data").unlink(missing_ok=True)  # onnx's default external-data name
+        mid.with_name(f"{mid.name}.data").unlink(missing_ok=True)
     settings.update({"int8_fallback": list(int8_nodes), "int8_reduce_range": reduce_range})
     return settings

@@ -22,7 +22,7 @@ import numpy as np
 from edgefuse.errors import DataError
 from edgefuse.metrics import rowwise_cosine
 from edgefuse.ort import random_batch, task_vectors, tokenize
-from edgefuse.records import read_records, spread
+from edgefuse.records import builtin_texts, read_records, spread
 
 TEXT_COLUMNS = ("sentence", "text", "ref", "mr")
 BATCH = 8
@@ -61,8 +61,6 @@ def fit_and_check_texts(n: int, data: Path | None, texts: Sequence[str] | None =
         >>> fit_and_check_texts(2, None, ["a b", "c d"])
         (['a b', 'c d'], ['a b', 'c d'], False)
     """
-    from edgefuse.records import builtin_texts
-
     pool = list(texts) if texts else read_texts(data, None) if data else builtin_texts()
     fit_at = spread(range(len(pool)), n)
     fit = [pool[i] for i in fit_at]

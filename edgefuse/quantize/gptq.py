@@ -93,9 +93,12 @@ def gptq_grid(w: torch.Tensor, h: torch.Tensor, *, block_size: int, bits: int = 
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     Q = torch.zeros_like(W)
-    if not static:  # scales taken when a block is reached: whole blocks per lazy batch
+    if static:
+        inv = 1.0 / torch.where(scales == 0, torch.ones_like(scales), scales)
+    else:  # scales taken when a block is reached: whole blocks per lazy batch
         lazy = max(block_size, lazy // block_size * block_size)
         scales = torch.zeros((-(-k // block_size), W.shape[1]))
+        inv = torch.zeros_like(scales)
         extreme_rows = torch.zeros(scales.shape, dtype=torch.long)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
@@ -107,8 +110,8 @@ def gptq_grid(w: torch.Tensor, h: torch.Tensor, *, block_size: int, bits: int = 
             if not static and row % block_size == 0:  # the block's scale from its values as they are now
                 scales[b], extreme_rows[b] = (t[0] for t in _block_scales(W1[i:i + block_size], block_size, lo))
                 extreme_rows[b] += row
-            inv = 1.0 / torch.where(scales[b] == 0, torch.ones_like(scales[b]), scales[b])
-            q = torch.clamp(torch.floor(W1[i] * inv + 0.5), lo, hi)
+                inv[b] = 1.0 / torch.where(scales[b] == 0, torch.ones_like(scales[b]), scales[b])
+            q = torch.clamp(torch.floor(W1[i] * inv[b] + 0.5), lo, hi)
             q = torch.where(extreme_rows[b] == row, torch.full_like(q, lo), q)  # the extreme keeps the grid's end
             deq = q * scales[b]
             Q[i1 + i] = deq

@@ -36,10 +36,11 @@ class _Data:
     def __init__(self, folder: Path, task: str, cfg: TuneConfig, texts: list[str] | None) -> None:
         from edgefuse.ort import build_feed, make_session
         from edgefuse.quantize import evaluate as qe
+
         tok = qe.folder_tokenizer(folder)
         vocab = qe.folder_vocab(folder)
         # the gate checks texts that static calibration did not see, where the data allows
-        fit, check, self.held_out = qe.fit_and_check_texts(cfg.calibration_samples, cfg.calibration_data, texts)
+        fit, check, _ = qe.fit_and_check_texts(cfg.calibration_samples, cfg.calibration_data, texts)
         self.task = task
         self.batches = qe.token_batches(check, tok, task=task, max_length=cfg.max_sequence_length, vocab=vocab)
         ref = make_session(folder / FP32_GRAPH)
