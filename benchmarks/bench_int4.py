@@ -114,6 +114,9 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         "int4_algorithm": "gptq"}, {}),
     ("activation scaling + gptq b32 + lm_head nbits8 (pure 4-bit)", {
         "block_size": 32, "int4_tied": "nbits8", "int4_scaling": "activation-scale", "int4_algorithm": "gptq"}, {}),
+    ("activation scaling + gptq b32 + lm_head nbits8 + 8-bit share 0.25 ranked by output KL", {
+        "block_size": 32, "int4_tied": "nbits8", "int4_8bit_share": 0.25, "int4_scaling": "activation-scale",
+        "int4_algorithm": "gptq", "int4_8bit_rank": "output"}, {}),
 ]
 
 

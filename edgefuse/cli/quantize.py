@@ -58,6 +58,7 @@ QUANTIZE_FLAGS = (
     Flag("int4_fallback"),
     Flag("int4_tied"),
     Flag("int4_8bit_share", metavar="SHARE"),
+    Flag("int4_8bit_rank"),
     Flag("auto_target_cosine", metavar="COS"),
     Flag("auto_max_kept", metavar="N"),
     Flag("min_cosine", metavar="COS"),

@@ -124,6 +124,14 @@ class QuantizeConfig(StrictModel):
         "CPU time of pure 4-bit and costs 6.0 BLEU against fp32; 0.5 costs 1.3 BLEU at 1.12x; 1.0 (= int8-blocks) "
         "0.5 BLEU at 1.15x.",
     )
+    int4_8bit_rank: Literal["error", "output"] = Field(
+        "error",
+        description="int4 with int4_8bit_share: how the MatMuls written as 8-bit blocks are chosen. error: by the "
+        "simulated relative int4 error of each MatMul's own output (the auto mode's ranking; one fp32 run). "
+        "output: by what each MatMul's 4-bit error does to the model's output, measured: the mean KL divergence "
+        "of the logits (other graphs: the relative error of the first output) from fp32 with that MatMul alone on "
+        "the 4-bit grid, on 8 calibration texts; one run per MatMul (about 1 s each for SmolLM2-135M on 2 cores).",
+    )
     auto_target_cosine: float | None = Field(
         None,
         gt=0,

@@ -305,7 +305,7 @@ def rank_matmuls(
     return sorted(ranked, key=lambda t: -t[1])
 
 
-_RANKED: dict[tuple[str, int, int], list[tuple[str, float]]] = {}  # (graph, mtime, block) -> ranking, per process
+_RANKED: dict[tuple[str, int, int, str], list[tuple[str, float]]] = {}  # (graph, mtime, block, rank) -> ranking
 
 
 def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
@@ -320,13 +320,18 @@ def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, 
 
     if not feeds:
         raise QuantizationError("int4_8bit_share needs calibration texts to rank the MatMuls; pass --calibration-data")
-    key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size)
+    key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size, cfg.int4_8bit_rank)
     if key not in _RANKED:
         import onnx
 
         names = weight_matmuls(onnx.load(str(src), load_external_data=False))
-        _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
-                                    block_size=cfg.block_size)
+        if cfg.int4_8bit_rank == "output":
+            from edgefuse.quantize.sensitivity import rank_by_output
+
+            _RANKED[key] = rank_by_output(src, feeds, names, block_size=cfg.block_size)
+        else:
+            _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
+                                        block_size=cfg.block_size)
     # the count comes from every weight MatMul, so the auto mode's exclusions (one more per attempt) do not move it
     k = math.ceil(cfg.int4_8bit_share * len(_RANKED[key]))
     return [n for n, _ in _RANKED[key] if n not in set(exclude)][:k]

@@ -1,0 +1,82 @@
+"""The output-error ranking of the int4 8-bit share (``int4_8bit_rank: output``,
+:mod:`edgefuse.quantize.sensitivity`): it ranks by the effect on the output where the own-output ranking does not,
+fails closed on a graph it cannot measure, and the quantize stage writes what it ranked worst as 8-bit blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_quantize_int4 import TEXTS, _attr, tiny_decoder  # noqa: F401  (the fixture is used by name)
+from tolerances import QUANT_TINY_MIN_COSINE
+
+from edgefuse.config.quantize import QuantizeConfig
+from edgefuse.errors import QuantizationError
+from edgefuse.quantize.api import quantize_onnx
+from edgefuse.quantize.evaluate import weight_matmuls
+from edgefuse.quantize.modes import rank_matmuls
+from edgefuse.quantize.sensitivity import rank_by_output
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _two_branch_graph(tmp_path: Path, *, damp: float = 1e-3, log: bool = False) -> tuple[Path, list[dict]]:
+    """``logits = damp * (x @ Wa) + x @ Wb``: ``Wa`` has one outlier per 32-block (a large 4-bit error of its
+    own output) but reaches the output damped; ``Wb`` is smooth (a small own error) and reaches it in full."""
+    rng = np.random.default_rng(0)
+    wa = rng.normal(size=(64, 16)).astype(np.float32)
+    wa[::32] *= 40.0  # the block's extreme sets a coarse step for the other 31 weights
+    wb = rng.normal(size=(64, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="branch_a"),
+             helper.make_node("Mul", ["a", "damp"], ["ad"]),
+             helper.make_node("MatMul", ["x", "wb"], ["b"], name="branch_b"),
+             helper.make_node("Add", ["ad", "b"], ["s"])]
+    nodes.append(helper.make_node("Log", ["s"], ["logits"]) if log else helper.make_node("Identity", ["s"], ["logits"]))
+    inits = [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb"),
+             numpy_helper.from_array(np.array(damp, np.float32), "damp")]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 6, 16])], inits)
+    src = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    feeds = [{"x": rng.normal(size=(1, 6, 64)).astype(np.float32)} for _ in range(3)]
+    return src, feeds
+
+
+def test_output_ranking_sees_what_the_own_error_ranking_misses(tmp_path: Path) -> None:
+    src, feeds = _two_branch_graph(tmp_path)
+    own = rank_matmuls(src, feeds[0], ["branch_a", "branch_b"], mode="int4", per_channel=True, reduce_range=False,
+                       block_size=32)
+    assert [n for n, _ in own] == ["branch_a", "branch_b"]  # the outlier branch has the larger own error ...
+    out = rank_by_output(src, feeds, ["branch_a", "branch_b"], block_size=32)
+    assert [n for n, _ in out] == ["branch_b", "branch_a"]  # ... but the undamped one moves the output more
+    assert all(np.isfinite(v) and v > 0 for _, v in out)
+
+
+def test_output_ranking_refuses_a_graph_it_cannot_measure(tmp_path: Path) -> None:
+    src, feeds = _two_branch_graph(tmp_path, log=True)  # log of negative values: nan before any quantization
+    with pytest.raises(QuantizationError, match="not finite"):
+        rank_by_output(src, feeds, ["branch_a", "branch_b"], block_size=32)
+    with pytest.raises(QuantizationError, match="--calibration-data"):
+        rank_by_output(src, [], ["branch_a"], block_size=32)
+
+
+def test_int4_8bit_rank_output_writes_the_worst_by_output_in_8_bits(tiny_decoder: Path) -> None:  # noqa: F811
+    from edgefuse.quantize.modes import _RANKED
+
+    names = weight_matmuls(onnx.load(str(tiny_decoder / "model.onnx")))
+    res = quantize_onnx(tiny_decoder, QuantizeConfig(mode="int4", block_size=16, int4_8bit_share=0.25, overwrite=True,
+                                                     int4_scaling="none", int4_8bit_rank="output",
+                                                     output_name="rank_output.onnx"),
+                        calibration_texts=TEXTS)
+    chosen = res.settings["sensitive_8bit"]
+    ranked = next(r for k, r in _RANKED.items()
+                  if k[0] == str((tiny_decoder / "model.onnx").resolve()) and k[3] == "output")
+    assert sorted(n for n, _ in ranked) == sorted(names) and len(chosen) == -(-len(names) // 4)
+    assert chosen == [n for n, _ in ranked][: len(chosen)]
+    bits = {n.name.rsplit("_Q", 1)[0]: _attr(n, "bits") for n in onnx.load(str(res.onnx_path)).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {bits[n] for n in chosen} == {8} and {b for n, b in bits.items() if n not in chosen} == {4}
+    assert res.cosine_mean >= QUANT_TINY_MIN_COSINE
