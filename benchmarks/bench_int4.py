@@ -527,6 +527,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variant labels to build and score (default: all)")
     ap.add_argument("--time", nargs="*", help="variant labels to time (default: a representative set)")
     ap.add_argument("--default-label", default="edgefuse default (quantize_onnx)")
+    ap.add_argument("--no-default", action="store_true",
+                    help="do not build edgefuse's default (when a --only variant already is the recipe to measure)")
     ap.add_argument("--auto-target", type=float, default=None,
                     help="also run edgefuse's auto mode (int4 -> nbits8 fallback) to this logit cosine")
     ap.add_argument("--rebuild", action="store_true")
@@ -603,8 +605,10 @@ def main() -> None:
 
     graphs: dict[str, Path] = {"fp32": folder / "model.onnx"}
     builds: dict[str, Any] = {}
-    logger.info("building %s through quantize_onnx (load %s)", args.default_label, load_average())
-    graphs[args.default_label], builds[args.default_label] = build_with_edgefuse(args.default_label, {}, folder, calib)
+    if not args.no_default:
+        logger.info("building %s through quantize_onnx (load %s)", args.default_label, load_average())
+        graphs[args.default_label], builds[args.default_label] = build_with_edgefuse(args.default_label, {}, folder,
+                                                                                     calib)
     for label, kw, extras in VARIANTS:
         if (args.only and label not in args.only) or (extras.get("slow") and not args.only):
             continue  # HQQ's float zero points take a slow kernel: >11 min to score 160 rows; run it with --only

@@ -209,13 +209,14 @@ def test_int4_8bit_share_writes_the_most_sensitive_in_8_bits(tiny_decoder: Path)
 
 def test_int4_default_writes_what_it_claims(tied_decoder: Path) -> None:
     """``--mode int4`` with nothing else: activation-aware channel scales, then GPTQ onto symmetric blocks of 32
-    (no zero points) with accuracy level 4 on every weight MatMul, 4-bit but for the quarter with the largest
-    simulated int4 error and the tied lm_head, which are 8-bit blocks; named int4-b32."""
+    (no zero points) with accuracy level 4 on every weight MatMul, 4-bit but for the quarter whose 4-bit error
+    moves the output most and the tied lm_head, which are 8-bit blocks; named int4-b32."""
     import math
 
     cfg = QuantizeConfig(mode="int4", overwrite=True)
     assert (cfg.block_size, cfg.int4_symmetric, cfg.int4_accuracy_level, cfg.int4_algorithm, cfg.int4_tied,
-            cfg.int4_8bit_share, cfg.int4_scaling) == (32, True, 4, "gptq", "nbits8", 0.25, "activation-scale")
+            cfg.int4_8bit_share, cfg.int4_scaling, cfg.int4_8bit_rank) == (32, True, 4, "gptq", "nbits8", 0.25,
+                                                                           "activation-scale", "output")
     res = quantize_onnx(tied_decoder, cfg, calibration_texts=TEXTS)
     names = weight_matmuls(onnx.load(str(tied_decoder / "model.onnx")))
     sensitive = res.settings["sensitive_8bit"]

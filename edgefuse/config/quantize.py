@@ -118,19 +118,20 @@ class QuantizeConfig(StrictModel):
         ge=0,
         le=1,
         description="int4: the share of weight MatMuls written as 8-bit blocks (MatMulNBits bits 8) instead of 4: "
-        "those with the largest simulated int4 error on the calibration texts (the auto mode's ranking, one fp32 "
-        "run; counted over all weight MatMuls). 0: none (pure int4; use it after quant-aware recovery). On the "
+        "the most sensitive ones on the calibration texts, ranked as int4_8bit_rank says (counted over all weight "
+        "MatMuls). 0: none (pure int4; use it after quant-aware recovery). On the "
         "E2E-tuned SmolLM2 (benchmarks/results/int4_plain.md, int4_speed.md) the default 0.25 decodes 1.02x the "
         "CPU time of pure 4-bit and costs 6.0 BLEU against fp32; 0.5 costs 1.3 BLEU at 1.12x; 1.0 (= int8-blocks) "
         "0.5 BLEU at 1.15x.",
     )
     int4_8bit_rank: Literal["error", "output"] = Field(
-        "error",
-        description="int4 with int4_8bit_share: how the MatMuls written as 8-bit blocks are chosen. error: by the "
-        "simulated relative int4 error of each MatMul's own output (the auto mode's ranking; one fp32 run). "
-        "output: by what each MatMul's 4-bit error does to the model's output, measured: the mean KL divergence "
+        "output",
+        description="int4 with int4_8bit_share: how the MatMuls written as 8-bit blocks are chosen. output (the "
+        "default): by what each MatMul's 4-bit error does to the model's output, measured: the mean KL divergence "
         "of the logits (other graphs: the relative error of the first output) from fp32 with that MatMul alone on "
-        "the 4-bit grid, on 8 calibration texts; one run per MatMul (about 1 s each for SmolLM2-135M on 2 cores).",
+        "the 4-bit grid, on 8 calibration texts; one forward pass per MatMul (about 1 s each for SmolLM2-135M on 2 "
+        "cores). error: by the simulated relative int4 error of each MatMul's own output (the auto mode's "
+        "ranking; one fp32 run), which favours narrow MatMuls such as v_proj whatever their effect.",
     )
     auto_target_cosine: float | None = Field(
         None,

@@ -310,10 +310,12 @@ _RANKED: dict[tuple[str, int, int, str], list[tuple[str, float]]] = {}  # (graph
 
 def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
                       exclude: Sequence[str]) -> list[str]:
-    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) with
-    the largest simulated int4 error on the first calibration feed: the auto mode's ranking
-    (:func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy), computed once per graph and block size
-    in a process (the auto mode calls the backend once per MatMul it keeps)."""
+    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) that
+    4-bit hurts most, ranked as ``cfg.int4_8bit_rank`` says: ``output``, by the measured effect of each one's
+    4-bit error on the graph's output (:func:`edgefuse.quantize.sensitivity.rank_by_output`, one forward pass per
+    MatMul); ``error``, by the simulated int4 error of its own output on the first calibration feed (the auto
+    mode's ranking, :func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy). Computed once per
+    graph, block size and ranking in a process (the auto mode calls the backend once per MatMul it keeps)."""
     import math
 
     from edgefuse.quantize.evaluate import weight_matmuls
