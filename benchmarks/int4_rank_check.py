@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, as the other benchmarks run it
-
 import bench_int4 as B
 
 import edgefuse.quantize.modes as M
