@@ -9,7 +9,8 @@ fewer and heavier units, so its error reaches the residual stream less averaged 
 This module measures the effect itself (``int4_8bit_rank: output``): one onnxruntime session of the graph with the
 candidate weights as inputs, one fp32 run of a batch of calibration texts for the reference, then per candidate
 MatMul one run of the same batch with only that weight on the 4-bit grid (round to nearest, onnxruntime's
-symmetric blocks), scored by the mean KL divergence of the output distribution from the fp32 one over every token. Errors of a few MatMuls add up
+symmetric blocks), scored by the mean KL divergence of the output distribution from the fp32 one over every
+token. Errors of a few MatMuls add up
 roughly independently at this size, so the worst individual ones are the ones to keep at 8 bits.
 
 Example:
