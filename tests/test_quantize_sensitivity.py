@@ -80,3 +80,22 @@ def test_int4_8bit_rank_output_writes_the_worst_by_output_in_8_bits(tiny_decoder
             if n.op_type == "MatMulNBits"}
     assert {bits[n] for n in chosen} == {8} and {b for n, b in bits.items() if n not in chosen} == {4}
     assert res.cosine_mean >= QUANT_TINY_MIN_COSINE
+
+
+def test_auto_mode_keeps_fallbacks_in_the_output_ranking_order(tiny_decoder: Path) -> None:  # noqa: F811
+    # with int4_8bit_rank output, the auto mode's fp32 fallbacks continue the 8-bit share's ranking
+    from edgefuse.quantize.modes import _RANKED
+
+    kw = {"mode": "int4", "block_size": 16, "int4_8bit_share": 0.25, "int4_scaling": "none",
+          "int4_8bit_rank": "output", "overwrite": True, "min_cosine": None}
+    base = quantize_onnx(tiny_decoder, QuantizeConfig(**kw, output_name="auto_base.onnx"), calibration_texts=TEXTS)
+    target = base.cosine_mean + 0.5 * (1.0 - base.cosine_mean)
+    res = quantize_onnx(tiny_decoder, QuantizeConfig(**kw, auto_target_cosine=target, auto_max_kept=12,
+                                                     output_name="auto_out.onnx"), calibration_texts=TEXTS)
+    ranked = next(r for k, r in _RANKED.items()
+                  if k[0] == str((tiny_decoder / "model.onnx").resolve()) and k[3] == "output")
+    eight = res.settings["sensitive_8bit"]
+    kept = list(res.kept_fp32)
+    assert kept and res.cosine_mean >= target > base.cosine_mean
+    assert kept == [n for n, _ in ranked if n not in eight][: len(kept)]
+    assert [s["estimated_error"] for s in res.auto_steps[1:]] == [dict(ranked)[n] for n in kept]

@@ -130,8 +130,9 @@ class QuantizeConfig(StrictModel):
         "default): by what each MatMul's 4-bit error does to the model's output, measured: the mean KL divergence "
         "of the logits (other graphs: the relative error of the first output) from fp32 with that MatMul alone on "
         "the 4-bit grid, on 8 calibration texts; one forward pass per MatMul (about 1 s each for SmolLM2-135M on 2 "
-        "cores). error: by the simulated relative int4 error of each MatMul's own output (the auto mode's "
-        "ranking; one fp32 run), which favours narrow MatMuls such as v_proj whatever their effect.",
+        "cores). error: by the simulated relative int4 error of each MatMul's own output (one fp32 run), which "
+        "favours narrow MatMuls such as v_proj whatever their effect. With auto_target_cosine the auto mode's "
+        "int4 fallbacks follow the same ranking.",
     )
     auto_target_cosine: float | None = Field(
         None,

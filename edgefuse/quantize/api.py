@@ -257,17 +257,29 @@ def _auto_fallback(
     """Keep the most error-sensitive MatMuls in fp32 until ``auto_target_cosine`` is met (nothing when it is off
     or already met); return (kept, steps). With ``int4_fallback: int8`` the int4 backend quantizes the kept
     MatMuls to dynamic int8 instead (each attempt passes them to the mode's backend as ``kept``), so the target
-    is measured on the graph with the fallback in place."""
+    is measured on the graph with the fallback in place.
+
+    The order: int4 with ``int4_8bit_rank: output`` takes the 8-bit share's own ranking (the measured effect of
+    each MatMul's 4-bit error on the output, on the graph the backend quantizes, scaled where it is), so the
+    fallbacks continue where the 8-bit share stopped; every other mode ranks by the simulated error of each
+    MatMul's own output (:func:`edgefuse.quantize.auto.rank_matmuls`)."""
     if cfg.auto_target_cosine is None or passes_min(first_cosine, cfg.auto_target_cosine):
         return [], []
     from edgefuse.quantize.auto import auto_keep, rank_matmuls
 
-    s = attempt.source
+    s, feeds = attempt.source, attempt.inputs.feeds
     eight = set(attempt.settings.get("sensitive_8bit") or ())  # already 8-bit (int4_8bit_share): not candidates
-    ranked = rank_matmuls(attempt.graph, attempt.inputs.feeds[0], [c for c in s.candidates if c not in eight],
-                          mode=cfg.mode,
-                          per_channel=cfg.per_channel, reduce_range=bool(attempt.settings.get("reduce_range", False)),
-                          block_size=cfg.block_size)
+    candidates = [c for c in s.candidates if c not in eight]
+    if cfg.mode == "int4" and cfg.int4_8bit_rank == "output":
+        from edgefuse.quantize.modes import int4_ranking, scaled_source
+
+        graph = scaled_source(attempt.graph, cfg, feeds)[0] if cfg.int4_scaling != "none" else attempt.graph
+        allowed = set(candidates)
+        ranked = [(n, score) for n, score in int4_ranking(graph, cfg, feeds) if n in allowed]
+    else:
+        ranked = rank_matmuls(attempt.graph, feeds[0], candidates, mode=cfg.mode, per_channel=cfg.per_channel,
+                              reduce_range=bool(attempt.settings.get("reduce_range", False)),
+                              block_size=cfg.block_size)
     return auto_keep(ranked, s.exclude, cfg.auto_target_cosine, cfg.auto_max_kept, attempt, first_cosine)
 
 

@@ -9,7 +9,8 @@ tokens (rows) of ``||y - q(x) Q(W)|| / ||y||``. Per token, not over the whole te
 have "massive activations" (one token, e.g. the first, with a down-projection input ~1000x the others); a
 per-tensor int8 scale then rounds every other token's input to zero, yet that token dominates a whole-tensor
 norm and hid the damage (measured on SmolLM2-135M, benchmarks/results/export.md). The decision is made on the
-real quantized graph, never on the estimate.
+real quantized graph, never on the estimate. (int4 with ``int4_8bit_rank: output``, the default, ranks its
+fallbacks by the measured KL of each MatMul's 4-bit error instead: :func:`edgefuse.quantize.modes.int4_ranking`.)
 
 Example:
     >>> import numpy as np
@@ -53,7 +54,7 @@ def auto_keep(
         kept.append(name)
         cos = attempt(base_exclude + kept)
         steps.append({"kept": len(kept), "node": name, "estimated_error": err, "cosine": cos})
-        logger.info("auto: kept %d in fp32 (latest %s, est. error %.3g): cosine %.5f", len(kept), name, err, cos)
+        logger.info("auto: kept %d in fp32 (latest %s, rank score %.3g): cosine %.5f", len(kept), name, err, cos)
     if cos < target:
         raise QuantizationError(
             f"auto mode kept {len(kept)} MatMul(s) in fp32 and reached cosine {cos:.5f}, below the target "

@@ -308,23 +308,25 @@ def rank_matmuls(
 _RANKED: dict[tuple[str, int, int, str], list[tuple[str, float]]] = {}  # (graph, mtime, block, rank) -> ranking
 
 
-def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
-                      exclude: Sequence[str]) -> list[str]:
-    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) that
-    4-bit hurts most, ranked as ``cfg.int4_8bit_rank`` says: ``output``, by the measured effect of each one's
-    4-bit error on the graph's output (:func:`edgefuse.quantize.sensitivity.rank_by_output`, one forward pass per
-    MatMul); ``error``, by the simulated int4 error of its own output on the first calibration feed (the auto
-    mode's ranking, :func:`edgefuse.quantize.auto.rank_matmuls`, one fp32 run and numpy). Computed once per
-    graph, block size and ranking in a process (the auto mode calls the backend once per MatMul it keeps)."""
-    import math
+def int4_ranking(src: Path, cfg: QuantizeConfig,
+                 feeds: Sequence[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+    """Every weight MatMul of ``src`` with its 4-bit score, most sensitive first, ranked as ``cfg.int4_8bit_rank``
+    says: ``output``, by the measured effect of each one's 4-bit error on the graph's output
+    (:func:`edgefuse.quantize.sensitivity.rank_by_output`, one forward pass per MatMul); ``error``, by the
+    simulated int4 error of its own output on the first calibration feed (:func:`rank_matmuls`, one fp32 run and
+    numpy). Computed once per graph, block size and ranking in a process: the 8-bit share and the auto mode's
+    fallbacks (which call the backend once per MatMul they keep) share it.
 
-    from edgefuse.quantize.evaluate import weight_matmuls
-
+    Raises:
+        QuantizationError: no calibration feeds to rank on.
+    """
     if not feeds:
-        raise QuantizationError("int4_8bit_share needs calibration texts to rank the MatMuls; pass --calibration-data")
+        raise QuantizationError("ranking the MatMuls for int4 needs calibration texts; pass --calibration-data")
     key = (str(src.resolve()), src.stat().st_mtime_ns, cfg.block_size, cfg.int4_8bit_rank)
     if key not in _RANKED:
         import onnx
+
+        from edgefuse.quantize.evaluate import weight_matmuls
 
         names = weight_matmuls(onnx.load(str(src), load_external_data=False))
         if cfg.int4_8bit_rank == "output":
@@ -334,6 +336,23 @@ def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, 
         else:
             _RANKED[key] = rank_matmuls(src, feeds[0], names, mode="int4", per_channel=True, reduce_range=False,
                                         block_size=cfg.block_size)
+    return _RANKED[key]
+
+
+def sensitive_matmuls(src: Path, cfg: QuantizeConfig, feeds: Sequence[dict[str, np.ndarray]],
+                      exclude: Sequence[str]) -> list[str]:
+    """The ``ceil(cfg.int4_8bit_share x n)`` weight MatMuls (n: all of them; those in ``exclude`` are skipped) that
+    4-bit hurts most, in the order of :func:`int4_ranking`.
+
+    Raises:
+        QuantizationError: no calibration feeds to rank on.
+    """
+    import math
+
+    if not feeds:
+        raise QuantizationError("int4_8bit_share needs calibration texts to rank the MatMuls; pass --calibration-data")
+    ranked = int4_ranking(src, cfg, feeds)
     # the count comes from every weight MatMul, so the auto mode's exclusions (one more per attempt) do not move it
-    k = math.ceil(cfg.int4_8bit_share * len(_RANKED[key]))
-    return [n for n, _ in _RANKED[key] if n not in set(exclude)][:k]
+    k = math.ceil(cfg.int4_8bit_share * len(ranked))
+    skip = set(exclude)
+    return [n for n, _ in ranked if n not in skip][:k]
