@@ -6,7 +6,7 @@ come from runs that scored them (their files say which).
 
     python benchmarks/int4_decode_speed.py --tokenizer runs/x/export/fp32 \\
         --graph fp32=runs/x/export/fp32/model.onnx --graph int4=OUT/int4/model.onnx \\
-        --ratio int4/fp32 --rounds 9 --out int4_decode_speed
+        --ratio 'int4/fp32<=0.5' --rounds 9 --out int4_decode_speed
 """
 from __future__ import annotations
 
@@ -39,14 +39,25 @@ def ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0 else math.nan
 
 
+def parse_ratio(text: str, graphs: dict[str, Path]) -> tuple[str, str, float | None]:
+    """``A/B`` or ``A/B<=LIMIT`` -> (A, B, LIMIT or None); both labels must be graphs given."""
+    pair, sep, limit = text.partition("<=")
+    a, slash, b = pair.partition("/")
+    if not slash or a not in graphs or b not in graphs:
+        raise SystemExit(f"--ratio {text!r}: expected A/B[<=LIMIT] with both labels given by --graph")
+    try:
+        return a, b, float(limit) if sep else None
+    except ValueError:
+        raise SystemExit(f"--ratio {text!r}: the limit after <= is not a number") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--graph", type=parse_graph, action="append", required=True, help="LABEL=PATH (repeatable)")
     ap.add_argument("--tokenizer", type=Path, required=True, help="an export folder holding the tokenizer")
     ap.add_argument("--ratio", action="append", default=[],
-                    help="A/B: report CPU and wall p50 of graph A over graph B (repeatable)")
-    ap.add_argument("--limit", type=float, action="append", default=[],
-                    help="the target of the matching --ratio (met when the CPU ratio is at most this)")
+                    help="A/B or A/B<=LIMIT: CPU and wall p50 of graph A over graph B, with a target (met when the "
+                         "CPU ratio is at most LIMIT) (repeatable)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--note", action="append", default=[])
@@ -54,12 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     graphs = dict(args.graph)
-    ratios = [r.split("/") for r in args.ratio]
-    for a_b in ratios:
-        if len(a_b) != 2 or not set(a_b) <= set(graphs):
-            raise SystemExit(f"--ratio {'/'.join(a_b)}: expected A/B with both labels given by --graph")
-    if args.limit and len(args.limit) != len(ratios):
-        raise SystemExit("--limit: give one per --ratio, or none")
+    ratios = [parse_ratio(r, graphs) for r in args.ratio]
     env = common.environment(threads=1)
     tok = common.export_tokenizer(args.tokenizer)
     from edgefuse.finetune.generation import heldout_groups
@@ -71,11 +77,10 @@ def main() -> None:
     res = {"environment": env, "graphs": {k: str(v) for k, v in graphs.items()}, "timing": timing,
            "tokens": args.tokens, "rounds": args.rounds, "load_end": load_end, "prompt": prompt,
            "wall_s": time.perf_counter() - t0, "notes": args.note, "ratios": []}
-    for i, (a, b) in enumerate(ratios):
+    for a, b, limit in ratios:
         # a clock that did not move (or went backwards) measures nothing: the ratio is nan and the target missed
         cpu = ratio(timing[a]["decode_cpu_ms"], timing[b]["decode_cpu_ms"])
         wall = ratio(timing[a]["decode_ms_p50"], timing[b]["decode_ms_p50"])
-        limit = args.limit[i] if args.limit else None
         res["ratios"].append({"a": a, "b": b, "cpu": cpu, "wall_p50": wall, "limit": limit,
                               "met": None if limit is None else bool(cpu <= limit)})
     common.write_result(f"{args.out}.json", res)

@@ -48,6 +48,7 @@ SECTIONS = [
     ("int4_calibration", "The int4 default chosen over four calibration sets per model (issue 14)"),
     ("int4_rank_pruned", "The int4 8-bit share ranked by output KL or by own error, fused SmolLM2 (issue 14)"),
     ("int4_rank_plain", "The int4 8-bit share ranked by output KL, unfused SmolLM2 (issue 14)"),
+    ("int4_rank_speed", "Decode speed of the int4 default ranked by output KL against the previous default (issue 14)"),
     ("int4_spread64_plain", "int4 calibrated on 64 evenly spaced rows: the unfused teacher (issue 14)"),
     ("int4_spread64_pruned", "int4 calibrated on 64 evenly spaced rows: the fusion-pruned model (issue 14)"),
     ("int4_spread64o22_plain", "int4, a second set of 64 evenly spaced rows: the unfused teacher (issue 14)"),
