@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_quantize_int4 import TEXTS, _attr, tiny_decoder  # noqa: F401  (the fixture is used by name)
-from tolerances import QUANT_TINY_MIN_COSINE
+from tolerances import OUTPUT_KL_RTOL, QUANT_TINY_MIN_COSINE
 
 from edgefuse.config.quantize import QuantizeConfig
 from edgefuse.errors import QuantizationError
@@ -53,6 +53,33 @@ def test_output_ranking_sees_what_the_own_error_ranking_misses(tmp_path: Path) -
     out = rank_by_output(src, feeds, ["branch_a", "branch_b"], block_size=32)
     assert [n for n, _ in out] == ["branch_b", "branch_a"]  # ... but the undamped one moves the output more
     assert all(np.isfinite(v) and v > 0 for _, v in out)
+
+
+def test_output_ranking_score_is_the_mean_kl_of_the_next_token_distribution(tmp_path: Path) -> None:
+    """The score of one MatMul equals KL(fp32 || with that weight on the 4-bit grid), averaged over every position
+    of every feed, computed here from the weights in float64 numpy: the cached-entropy form the ranking uses is
+    the same quantity, not an approximation of it."""
+    import torch
+
+    from edgefuse.quantize.blocks import block_fake_quant
+
+    src, feeds = _two_branch_graph(tmp_path)
+    weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in onnx.load(str(src)).graph.initializer}
+
+    def log_probs(wb: np.ndarray, x: np.ndarray) -> np.ndarray:
+        z = (weights["damp"] * (x @ weights["wa"]) + x @ wb).reshape(-1, 16)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    wb_q = block_fake_quant(torch.from_numpy(weights["wb"].astype(np.float32)), block_size=32, bits=4).double().numpy()
+    kls = []
+    for feed in feeds:
+        x = feed["x"].astype(np.float64)
+        ref, got = log_probs(weights["wb"], x), log_probs(wb_q, x)
+        kls.append(float((np.exp(ref) * (ref - got)).sum(-1).mean()))
+    score = dict(rank_by_output(src, feeds, ["branch_a", "branch_b"], block_size=32))["branch_b"]
+    assert score > 0
+    assert score == pytest.approx(float(np.mean(kls)), rel=OUTPUT_KL_RTOL)
 
 
 def test_output_ranking_refuses_a_graph_it_cannot_measure(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def _batched(feeds: Sequence[dict[str, np.ndarray]], session: Any, max_texts: in
 
 
 def _scores(output: np.ndarray, mask: np.ndarray | None, kind: str) -> Any:
-    """What the reference keeps of an output: log-probabilities of the unmasked positions (``kl``), or the output
+    """What a run's output is compared by: log-probabilities of the unmasked positions (``kl``), or the output
     itself (``mse``)."""
     import torch
 
@@ -85,11 +85,24 @@ def _scores(output: np.ndarray, mask: np.ndarray | None, kind: str) -> Any:
     return torch.log_softmax(rows.double(), dim=-1)
 
 
-def _divergence(ref: Any, got: Any, kind: str) -> float:
-    """Mean KL(ref || got) over positions, or the relative squared error of the output."""
-    if kind == "mse":
-        return float((got - ref).double().pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30))
-    return float((ref.exp() * (ref - got)).sum(-1).mean())
+class _Reference:
+    """The fp32 run's scores, with what every comparison against them shares computed once: for ``kl`` the
+    probabilities ``p`` and ``sum p log p`` per position, so that a candidate costs one product instead of an
+    ``exp`` and two over the whole vocabulary at every position."""
+
+    def __init__(self, scores: Any, kind: str) -> None:
+        self.scores, self.kind = scores, kind
+        if kind == "kl":
+            self.probs = scores.exp()
+            self.neg_entropy = (self.probs * scores).sum(-1)
+
+    def divergence(self, got: Any) -> float:
+        """Mean KL(ref || got) over positions (``kl``: float64, exactly ``sum p (log p - log q)`` rearranged), or
+        the relative squared error of the output (``mse``)."""
+        if self.kind == "mse":
+            return float((got - self.scores).double().pow(2).sum()
+                         / self.scores.double().pow(2).sum().clamp_min(1e-30))
+        return float((self.neg_entropy - (self.probs * got).sum(-1)).mean())
 
 
 def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates: Sequence[str], *,
@@ -144,10 +157,12 @@ def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates
         return [_scores(session.run([first], {**feed, **ws})[0], feed.get("attention_mask"), kind)
                 for feed in batches]
 
-    refs = run(weights)
-    if not all(bool(r.isfinite().all()) for r in refs):
+    ref_scores = run(weights)
+    if not all(bool(r.isfinite().all()) for r in ref_scores):
         raise QuantizationError(f"{src.name}: the fp32 graph's output is not finite on the calibration texts; "
                                 "nothing to rank MatMuls against")
+    refs = [_Reference(r, kind) for r in ref_scores]
+    del ref_scores
     ranked = []
     for i, name in enumerate(candidates):
         if name not in weight_of:
@@ -155,7 +170,7 @@ def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates
         wname = weight_of[name]
         q = block_fake_quant(torch.from_numpy(weights[wname]), block_size=block_size, bits=bits).numpy()
         got = run({**weights, wname: np.ascontiguousarray(q, dtype=np.float32)})
-        score = float(np.mean([_divergence(r, g, kind) for r, g in zip(refs, got, strict=True)]))
+        score = float(np.mean([r.divergence(g) for r, g in zip(refs, got, strict=True)]))
         ranked.append((name, score if np.isfinite(score) else float("inf")))  # non-finite: the worst error
         if (i + 1) % 25 == 0:
             logger.info("ranked %d of %d MatMuls by their output error", i + 1, len(candidates))
