@@ -82,6 +82,25 @@ def test_output_ranking_score_is_the_mean_kl_of_the_next_token_distribution(tmp_
     assert score == pytest.approx(float(np.mean(kls)), rel=OUTPUT_KL_RTOL)
 
 
+def test_output_ranking_reports_progress_in_a_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranking runs the graph once per MatMul (minutes on a decoder): a log that is not a terminal gets
+    heartbeat lines with the count and the time left (here every update, instead of every 30 s)."""
+    import io
+
+    import edgefuse.progress as progress
+
+    log = io.StringIO()
+    monkeypatch.setattr(progress, "progress_bar", lambda total, *, desc, unit="step", initial=0: progress.Heartbeat(
+        total, desc=desc, unit=unit, initial=initial, stream=log, every_s=0.0))
+    src, feeds = _two_branch_graph(tmp_path)
+    rank_by_output(src, feeds, ["branch_a", "branch_b"], block_size=32)
+    lines = log.getvalue().splitlines()
+    assert [line.split(", elapsed")[0] for line in lines] == [
+        "int4 8-bit share: ranking by output error: MatMul 1/2 (50%)",
+        "int4 8-bit share: ranking by output error: MatMul 2/2 (100%)"]
+    assert "ETA" in lines[0]
+
+
 def test_output_ranking_refuses_a_graph_it_cannot_measure(tmp_path: Path) -> None:
     src, feeds = _two_branch_graph(tmp_path, log=True)  # log of negative values: nan before any quantization
     with pytest.raises(QuantizationError, match="not finite"):

@@ -33,14 +33,11 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 MAX_TEXTS = 8  # calibration texts per candidate run: 8 E2E texts (~520 tokens) rank SmolLM2's 210 MatMuls in 225 s
 
@@ -121,6 +118,7 @@ def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates
     from onnx import numpy_helper
 
     from edgefuse.errors import QuantizationError
+    from edgefuse.progress import progress_bar
     from edgefuse.quantize.blocks import block_fake_quant
 
     if not feeds:
@@ -164,7 +162,10 @@ def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates
     refs = [_Reference(r, kind) for r in ref_scores]
     del ref_scores
     ranked = []
-    for i, name in enumerate(candidates):
+    # one forward pass per MatMul takes minutes on a decoder: a bar on a terminal, a line every 30 s in a log
+    bar = progress_bar(len(candidates), desc="int4 8-bit share: ranking by output error", unit="MatMul")
+    for name in candidates:
+        bar.update(1)
         if name not in weight_of:
             continue
         wname = weight_of[name]
@@ -172,6 +173,5 @@ def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates
         got = run({**weights, wname: np.ascontiguousarray(q, dtype=np.float32)})
         score = float(np.mean([r.divergence(g) for r, g in zip(refs, got, strict=True)]))
         ranked.append((name, score if np.isfinite(score) else float("inf")))  # non-finite: the worst error
-        if (i + 1) % 25 == 0:
-            logger.info("ranked %d of %d MatMuls by their output error", i + 1, len(candidates))
+    bar.close()
     return sorted(ranked, key=lambda t: -t[1])
