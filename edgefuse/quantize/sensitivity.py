@@ -164,14 +164,15 @@ def rank_by_output(src: Path, feeds: Sequence[dict[str, np.ndarray]], candidates
     ranked = []
     # one forward pass per MatMul takes minutes on a decoder: a bar on a terminal, a line every 30 s in a log
     bar = progress_bar(len(candidates), desc="int4 8-bit share: ranking by output error", unit="MatMul")
-    for name in candidates:
-        bar.update(1)
-        if name not in weight_of:
-            continue
-        wname = weight_of[name]
-        q = block_fake_quant(torch.from_numpy(weights[wname]), block_size=block_size, bits=bits).numpy()
-        got = run({**weights, wname: np.ascontiguousarray(q, dtype=np.float32)})
-        score = float(np.mean([r.divergence(g) for r, g in zip(refs, got, strict=True)]))
-        ranked.append((name, score if np.isfinite(score) else float("inf")))  # non-finite: the worst error
-    bar.close()
+    try:
+        for name in candidates:
+            if name in weight_of:
+                wname = weight_of[name]
+                q = block_fake_quant(torch.from_numpy(weights[wname]), block_size=block_size, bits=bits).numpy()
+                got = run({**weights, wname: np.ascontiguousarray(q, dtype=np.float32)})
+                score = float(np.mean([r.divergence(g) for r, g in zip(refs, got, strict=True)]))
+                ranked.append((name, score if np.isfinite(score) else float("inf")))  # non-finite: the worst
+            bar.update(1)  # counts MatMuls done, so the time left is estimated from finished work
+    finally:
+        bar.close()
     return sorted(ranked, key=lambda t: -t[1])
