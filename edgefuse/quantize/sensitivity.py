@@ -88,10 +88,12 @@ class _Reference:
     ``exp`` and two over the whole vocabulary at every position."""
 
     def __init__(self, scores: Any, kind: str) -> None:
-        self.scores, self.kind = scores, kind
-        if kind == "kl":
+        self.kind = kind
+        if kind == "kl":  # the log-probabilities themselves are not needed again: only p and sum p log p
             self.probs = scores.exp()
             self.neg_entropy = (self.probs * scores).sum(-1)
+        else:
+            self.scores = scores
 
     def divergence(self, got: Any) -> float:
         """Mean KL(ref || got) over positions (``kl``: float64, exactly ``sum p (log p - log q)`` rearranged), or
